@@ -1,0 +1,327 @@
+"""The one configuration model of the registrar.
+
+The CLI options, the `MIDREG_*` environment variables, the `--config` YAML file and the operator's rendered
+ConfigMap all pass through :class:`Settings`, so a value is validated the same way wherever it comes from.
+Field names are the snake_case form of the CLI options (``--min-expires`` ↔ ``min_expires`` ↔
+``MIDREG_MIN_EXPIRES``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ENV_PREFIX = "MIDREG_"
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message is one line meant for the operator."""
+
+
+class Mode(StrEnum):
+    MIRROR = "mirror"
+    CONTACT = "contact"
+    AOR = "aor"
+
+
+class Insertion(StrEnum):
+    CONTACT = "contact"
+    PATH = "path"
+
+
+class ContactIdInsertion(StrEnum):
+    CT_PARAM = "ct-param"
+    CT_USERNAME = "ct-username"
+
+
+class PathMode(StrEnum):
+    """How Path headers sent by the phone side are kept (SPEC §8.4)."""
+
+    OFF = "off"
+    LAZY = "lazy"
+    STRICT = "strict"
+
+
+class StoreKind(StrEnum):
+    MEMORY = "memory"
+    ETCD = "etcd"
+
+
+class Transport(StrEnum):
+    UDP = "udp"
+    TCP = "tcp"
+
+
+class Listen(BaseModel):
+    """One listening socket, written ``udp:127.0.0.1:5060``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    transport: Transport
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+    @classmethod
+    def parse(cls, text: str) -> Listen:
+        proto, sep, rest = text.partition(":")
+        if not sep:
+            raise ValueError(f"listen address {text!r} must look like udp:HOST:PORT or tcp:HOST:PORT")
+        host, port = split_hostport(rest, default_port=5060)
+        return cls(transport=Transport(proto.lower()), host=host, port=port)
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.transport.value}:{host}:{self.port}"
+
+
+def split_hostport(text: str, default_port: int) -> tuple[str, int]:
+    """Split ``host``, ``host:port``, ``[v6]`` or ``[v6]:port``."""
+    text = text.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else ""
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+    else:
+        host, port_text = text, ""
+    if not host:
+        raise ValueError(f"missing host in {text!r}")
+    try:
+        port = int(port_text) if port_text else default_port
+    except ValueError:
+        raise ValueError(f"port in {text!r} is not a number") from None
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port {port} in {text!r} is out of range 1-65535")
+    return host, port
+
+
+class Settings(BaseModel):
+    """Every setting of ``midregistrar run`` with its default (SPEC.md §10 names kept where they fit)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # Network
+    listen: list[Listen] = Field(default_factory=lambda: [Listen.parse("udp:0.0.0.0:5060")], min_length=1)
+    advertise: str | None = None
+    main_registrar: str | None = None
+    record_route: bool = False
+    tcp_idle_timeout: float = Field(default=3600.0, gt=0)
+    http: str | None = None
+
+    # Mid-registrar behaviour
+    mode: Mode = Mode.MIRROR
+    insertion: Insertion = Insertion.CONTACT
+    contact_id_insertion: ContactIdInsertion = ContactIdInsertion.CT_PARAM
+    contact_id_param: str = "ctid"
+    at_escape_str: str = "%40"
+    extra_contact_params: str = ""
+    outgoing_expires: int = Field(default=3600, gt=0)
+    min_expires: int = Field(default=10, ge=0)
+    default_expires: int = Field(default=3600, ge=0)
+    max_expires: int = Field(default=3600, ge=0)
+    expires_max_deviation: int = Field(default=0, ge=0)
+    max_contacts: int = Field(default=0, ge=0)
+    force_registration: bool = False
+    retry_after: int = Field(default=0, ge=0)
+    received_param: str = "received"
+    use_domain: bool = True
+    realm_prefix: str = ""
+    case_sensitive: bool = True
+    allow_dup_cseq: bool = False
+    cseq_delay: int = Field(default=20, ge=0)
+    path_mode: PathMode = PathMode.OFF
+    path_received: bool = False
+
+    # SIP timers (RFC 3261 §17), seconds
+    t1: float = Field(default=0.5, gt=0)
+    t2: float = Field(default=4.0, gt=0)
+    t4: float = Field(default=5.0, gt=0)
+
+    # State
+    store: StoreKind = StoreKind.MEMORY
+    etcd_endpoints: list[str] = Field(default_factory=lambda: ["127.0.0.1:2379"])
+    etcd_prefix: str = "/midregistrar/default/default/"
+
+    # Logging
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("listen", mode="before")
+    @classmethod
+    def _parse_listen(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        if isinstance(value, list):
+            return [Listen.parse(v) if isinstance(v, str) else v for v in value]
+        return value
+
+    @field_validator("etcd_endpoints", mode="before")
+    @classmethod
+    def _parse_endpoints(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @field_validator("main_registrar")
+    @classmethod
+    def _check_main(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from registrar.sip.uri import URIError, parse_uri  # local: the SIP layer imports nothing from here
+
+        try:
+            uri = parse_uri(value)
+        except URIError as exc:
+            raise ValueError(f"not a SIP URI: {value!r} ({exc})") from None
+        if uri.scheme not in ("sip", "sips"):
+            raise ValueError(f"main registrar must be a sip: URI, got {value!r}")
+        return value
+
+    @field_validator("http")
+    @classmethod
+    def _check_http(cls, value: str | None) -> str | None:
+        if value:
+            split_hostport(value, default_port=9090)
+        return value or None
+
+    @field_validator("advertise")
+    @classmethod
+    def _check_advertise(cls, value: str | None) -> str | None:
+        if value:
+            split_hostport(value, default_port=5060)
+        return value or None
+
+    @field_validator("contact_id_param")
+    @classmethod
+    def _check_param(cls, value: str) -> str:
+        if not value or any(c not in _TOKEN_CHARS for c in value):
+            raise ValueError(f"{value!r} is not a valid URI parameter name")
+        return value
+
+    @field_validator("at_escape_str")
+    @classmethod
+    def _check_escape(cls, value: str) -> str:
+        if not value or any(c not in _USER_CHARS for c in value):
+            raise ValueError(f"{value!r} must be made of characters valid in a SIP URI user part")
+        return value
+
+    @field_validator("extra_contact_params")
+    @classmethod
+    def _check_extra(cls, value: str) -> str:
+        if value and not value.startswith(";"):
+            raise ValueError(f"extra contact params must start with ';', got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_expires(self) -> Settings:
+        if self.max_expires and self.min_expires > self.max_expires:
+            raise ValueError(f"min_expires {self.min_expires} is above max_expires {self.max_expires}")
+        if self.default_expires < self.min_expires or (
+            self.max_expires and self.default_expires > self.max_expires
+        ):
+            raise ValueError(
+                f"default_expires {self.default_expires} must lie within "
+                f"[min_expires {self.min_expires}, max_expires {self.max_expires}]"
+            )
+        return self
+
+    def to_file_dict(self) -> dict[str, Any]:
+        """The YAML form read back by ``--config`` (used by the operator's ConfigMap)."""
+        data = self.model_dump(mode="json", exclude_none=True)
+        data["listen"] = [str(item) for item in self.listen]
+        return data
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_file_dict(), sort_keys=True)
+
+    def advertised_host(self, listen: Listen) -> tuple[str, int]:
+        """The host and port written into Contact/Via/Record-Route for a socket."""
+        if self.advertise:
+            return split_hostport(self.advertise, default_port=listen.port)
+        host = listen.host
+        if host in ("0.0.0.0", "::"):
+            host = "127.0.0.1" if host == "0.0.0.0" else "::1"
+        return host, listen.port
+
+
+_TOKEN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~")
+_USER_CHARS = frozenset(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.!~*'()&=+$,;?/%"
+)
+
+
+def field_names() -> list[str]:
+    return list(Settings.model_fields)
+
+
+def env_settings(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Values from ``MIDREG_<OPTION>`` variables (strings; the model parses them)."""
+    known = set(field_names())
+    out: dict[str, Any] = {}
+    for key, value in environ.items():
+        if key.startswith(ENV_PREFIX):
+            name = key[len(ENV_PREFIX) :].lower()
+            if name in known:
+                out[name] = value
+    return out
+
+
+def file_settings(path: str | Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of settings")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def build_settings(
+    options: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    config_file: str | Path | None = None,
+) -> Settings:
+    """Merge file < environment < options and validate; raise ConfigError with a one-line reason."""
+    merged: dict[str, Any] = {}
+    env = dict(os.environ if environ is None else environ)
+    path = config_file or env.get(ENV_PREFIX + "CONFIG")
+    if path:
+        merged.update(file_settings(path))
+    merged.update(env_settings(env))
+    merged.update({k: v for k, v in (options or {}).items() if v is not None})
+    try:
+        return Settings.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(describe_error(exc)) from None
+
+
+def describe_error(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "settings"
+    message = first["msg"].removeprefix("Value error, ")
+    return f"invalid {where.replace('_', '-')}: {message}"
+
+
+__all__ = [
+    "ConfigError",
+    "ContactIdInsertion",
+    "Insertion",
+    "Listen",
+    "Mode",
+    "PathMode",
+    "Settings",
+    "StoreKind",
+    "Transport",
+    "build_settings",
+    "split_hostport",
+]
