@@ -1,0 +1,262 @@
+"""kopf handlers: thin glue between the API server and the pure renderers.
+
+Level-based: every handler runs the same `reconcile` (render everything, server-side apply it, compute
+status). create/update/resume only make convergence faster; the timer repairs drift on its own.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import datetime
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import kopf
+
+from . import render
+from .etcd import EtcdGateway, EtcdUnavailable
+from .kube import Kube, KubeError
+from .spec import GROUP, PLURAL, VERSION, MidRegistrarSpec, Ref, etcd_prefix, parse_spec
+from .status import Observed, Problem, compute_status, status_differs
+
+RESYNC_SECONDS = float(os.environ.get("MIDREG_OPERATOR_RESYNC_SECONDS", "30"))
+RETRY_SECONDS = float(os.environ.get("MIDREG_OPERATOR_RETRY_SECONDS", "10"))
+WATCH_SERVER_TIMEOUT = int(os.environ.get("MIDREG_OPERATOR_WATCH_SERVER_TIMEOUT", "300"))
+WATCH_CLIENT_TIMEOUT = int(
+    os.environ.get("MIDREG_OPERATOR_WATCH_CLIENT_TIMEOUT", str(WATCH_SERVER_TIMEOUT + 60))
+)
+FINALIZER = "sip.midregistrar.io/etcd-cleanup"
+SKIP_CLEANUP_ANNOTATION = "sip.midregistrar.io/skip-etcd-cleanup"
+ANNOTATION_PREFIX = "operator.sip.midregistrar.io"
+
+Logger = logging.Logger | logging.LoggerAdapter[Any]
+_kube: Kube | None = None
+
+
+def kube() -> Kube:
+    global _kube
+    if _kube is None:
+        _kube = Kube.from_environment()
+    return _kube
+
+
+def reset_client() -> None:
+    """Forget the API client (tests start operators with different identities in one process)."""
+    global _kube
+    _kube = None
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    reset_client()
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=ANNOTATION_PREFIX, key="last-handled-configuration"
+    )
+    # Watches that hang silently are a known kopf failure mode: bound them on both sides.
+    settings.watching.server_timeout = WATCH_SERVER_TIMEOUT
+    settings.watching.client_timeout = WATCH_CLIENT_TIMEOUT
+    settings.watching.connect_timeout = 30
+    settings.posting.level = logging.WARNING
+    settings.execution.max_workers = int(os.environ.get("MIDREG_OPERATOR_WORKERS", "8"))
+
+
+def _ref(meta: Any, namespace: str, name: str) -> Ref:
+    return Ref(
+        name=name,
+        namespace=namespace,
+        uid=str(meta.get("uid", "")),
+        generation=int(meta.get("generation", 0) or 0),
+    )
+
+
+def _secret(spec: MidRegistrarSpec, namespace: str) -> tuple[dict[str, str] | None, Problem | None]:
+    """The etcd credentials Secret's decoded data; a Problem (not an exception) when it is missing."""
+    if not spec.etcd.secret_name:
+        return {}, None
+    secret = kube().get("v1", "Secret", namespace, spec.etcd.secret_name)
+    if secret is None:
+        return None, Problem(
+            "SecretNotFound",
+            f"etcd Secret {namespace}/{spec.etcd.secret_name} (spec.etcd.secretName) does not exist",
+        )
+    data = {k: base64.b64decode(v).decode(errors="replace") for k, v in (secret.get("data") or {}).items()}
+    return data, None
+
+
+@contextlib.contextmanager
+def gateway(spec: MidRegistrarSpec, creds: dict[str, str] | None) -> Iterator[EtcdGateway]:
+    creds = creds or {}
+    with tempfile.TemporaryDirectory(prefix="midreg-etcd-") as tmp:
+        cert_file = key_file = None
+        if creds.get("tls.crt") and creds.get("tls.key"):
+            cert_file, key_file = os.path.join(tmp, "tls.crt"), os.path.join(tmp, "tls.key")
+            for path, key in ((cert_file, "tls.crt"), (key_file, "tls.key")):
+                with open(path, "w", opener=lambda p, f: os.open(p, f, 0o600)) as fh:
+                    fh.write(creds[key])
+        yield EtcdGateway(
+            endpoints=list(spec.etcd.endpoints),
+            ca_data=creds.get("ca.crt"),
+            cert_file=cert_file,
+            key_file=key_file,
+            username=creds.get("username"),
+            password=creds.get("password"),
+        )
+
+
+def observe_counts(
+    spec: MidRegistrarSpec, ref: Ref, creds: dict[str, str] | None
+) -> tuple[Any, str, Problem | None]:
+    if not spec.etcd.endpoints:
+        return None, "unknown: in-memory store (per-pod state, no shared count)", None
+    with gateway(spec, creds) as gw:
+        try:
+            counts = gw.counts(etcd_prefix(spec, ref))
+        except EtcdUnavailable as exc:
+            return None, "unknown: etcd unreachable", Problem("EtcdUnreachable", f"etcd unreachable: {exc}")
+    if counts is None:
+        return None, "unknown: too many keys to count", None
+    return counts, "etcd", None
+
+
+def reconcile(
+    spec_raw: Any, meta: Any, status: Any, namespace: str, name: str, logger: logging.Logger | Any
+) -> dict[str, Any]:
+    """Render, apply, observe; returns the status to write (the caller decides whether it changed)."""
+    spec = parse_spec(spec_raw)
+    ref = _ref(meta, namespace, name)
+    k = kube()
+    problems: list[Problem] = []
+    creds, problem = _secret(spec, namespace)
+    if problem:
+        problems.append(problem)
+    try:
+        for obj in render.render_all(spec, ref):
+            k.apply(obj)
+        for api_version, kind, obj_name in render.absent_objects(spec, ref):
+            if k.delete(api_version, kind, namespace, obj_name):
+                logger.info(f"deleted {kind} {obj_name}: no longer wanted by the spec")
+    except KubeError as exc:
+        current = dict(status or {})
+        failed = compute_status(
+            spec,
+            ref,
+            Observed(None, None, "unknown", (Problem("ApplyFailed", str(exc)),)),
+            render.selector_string(ref),
+            current,
+            _now(),
+            render.config_hash(spec, ref),
+        )
+        with contextlib.suppress(KubeError):
+            k.patch_status(namespace, name, failed)
+        raise kopf.TemporaryError(f"applying owned objects failed: {exc}", delay=RETRY_SECONDS) from exc
+    deployment = k.get("apps/v1", "Deployment", namespace, render.names(ref)["deployment"])
+    counts, source, problem = observe_counts(spec, ref, creds)
+    if problem:
+        problems.append(problem)
+    return compute_status(
+        spec,
+        ref,
+        Observed(deployment, counts, source, tuple(problems)),
+        render.selector_string(ref),
+        dict(status or {}),
+        _now(),
+        render.config_hash(spec, ref),
+    )
+
+
+def _converge(spec: Any, meta: Any, status: Any, namespace: str, name: str, patch: Any, logger: Any) -> None:
+    new = reconcile(spec, meta, status, namespace, name, logger)
+    if status_differs(dict(status or {}), new):
+        patch.status.update(new)
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL, backoff=RETRY_SECONDS)
+@kopf.on.create(GROUP, VERSION, PLURAL, backoff=RETRY_SECONDS)
+@kopf.on.update(GROUP, VERSION, PLURAL, backoff=RETRY_SECONDS)
+def converge(
+    *,
+    spec: kopf.Spec,
+    meta: kopf.Meta,
+    status: kopf.Status,
+    namespace: str | None,
+    name: str,
+    patch: kopf.Patch,
+    logger: Logger,
+    **_: Any,
+) -> None:
+    _converge(spec, meta, status, namespace or "", name, patch, logger)
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS / 2)
+def resync(
+    *,
+    spec: kopf.Spec,
+    meta: kopf.Meta,
+    status: kopf.Status,
+    namespace: str | None,
+    name: str,
+    patch: kopf.Patch,
+    logger: Logger,
+    **_: Any,
+) -> None:
+    _converge(spec, meta, status, namespace or "", name, patch, logger)
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL, backoff=RETRY_SECONDS)
+def cleanup(
+    *,
+    spec: kopf.Spec,
+    meta: kopf.Meta,
+    status: kopf.Status,
+    namespace: str | None,
+    name: str,
+    logger: Logger,
+    **_: Any,
+) -> None:
+    """Finalizer: remove the MidRegistrar's etcd prefix. Owned objects go by garbage collection."""
+    namespace = namespace or ""
+    parsed = parse_spec(spec)
+    ref = _ref(meta, namespace, name)
+    if not parsed.etcd.endpoints:
+        logger.info("in-memory store: no etcd prefix to remove")
+        return
+    prefix = etcd_prefix(parsed, ref)
+    if (meta.get("annotations") or {}).get(SKIP_CLEANUP_ANNOTATION) == "true":
+        logger.warning(f"etcd prefix {prefix} left in place ({SKIP_CLEANUP_ANNOTATION}=true)")
+        return
+    creds, _problem = _secret(parsed, namespace)
+    with gateway(parsed, creds) as gw:
+        try:
+            deleted = gw.delete_prefix(prefix)
+        except EtcdUnavailable as exc:
+            message = (
+                f"etcd prefix {prefix} not removed yet, etcd unreachable ({exc}); retrying every "
+                f"{RETRY_SECONDS:g}s (annotate {SKIP_CLEANUP_ANNOTATION}=true to give up)"
+            )
+            conditions = [
+                c for c in (dict(status or {}).get("conditions") or []) if c.get("type") != "Degraded"
+            ]
+            conditions.append(
+                {
+                    "type": "Degraded",
+                    "status": "True",
+                    "reason": "EtcdCleanupPending",
+                    "message": message,
+                    "lastTransitionTime": _now(),
+                    "observedGeneration": ref.generation,
+                }
+            )
+            with contextlib.suppress(KubeError):
+                kube().patch_status(namespace, name, {"conditions": conditions})
+            raise kopf.TemporaryError(message, delay=RETRY_SECONDS) from exc
+    logger.info(f"removed etcd prefix {prefix} ({deleted} keys)")

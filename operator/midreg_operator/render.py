@@ -1,0 +1,383 @@
+"""Pure functions: a MidRegistrar spec in, Kubernetes objects (plain dicts) out.
+
+Nothing here talks to the API server; the kopf handlers apply what these return.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from registrar.config import Settings, build_settings
+
+from .spec import API_VERSION, KIND, MidRegistrarSpec, Ref, etcd_prefix
+
+FIELD_MANAGER = "midreg-operator"
+MANAGED_BY = "midreg-operator"
+CONFIG_HASH_ANNOTATION = "sip.midregistrar.io/config-hash"
+CONFIG_DIR = "/etc/midregistrar"
+CONFIG_FILE = "config.yaml"
+ETCD_SECRET_DIR = "/etc/midregistrar/etcd"
+PRESTOP_SLEEP_SECONDS = 5
+
+Obj = dict[str, Any]
+
+
+def selector_labels(ref: Ref) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "midregistrar", "app.kubernetes.io/instance": ref.name}
+
+
+def labels(ref: Ref) -> dict[str, str]:
+    return {
+        **selector_labels(ref),
+        "app.kubernetes.io/component": "registrar",
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        "app.kubernetes.io/part-of": "kube-midregistrar",
+    }
+
+
+def selector_string(ref: Ref) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(selector_labels(ref).items()))
+
+
+def owner_reference(ref: Ref) -> Obj:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": ref.name,
+        "uid": ref.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _meta(ref: Ref, name: str, annotations: dict[str, str] | None = None) -> Obj:
+    meta: Obj = {
+        "name": name,
+        "namespace": ref.namespace,
+        "labels": labels(ref),
+        "ownerReferences": [owner_reference(ref)],
+    }
+    if annotations:
+        meta["annotations"] = dict(annotations)
+    return meta
+
+
+def names(ref: Ref) -> dict[str, str]:
+    base = ref.name
+    return {
+        "configmap": f"{base}-config",
+        "deployment": base,
+        "service": base,
+        "peers": f"{base}-peers",
+        "hpa": base,
+        "pdb": base,
+        "serviceaccount": f"{base}-registrar",
+    }
+
+
+def render_settings(spec: MidRegistrarSpec, ref: Ref) -> Settings:
+    """The registrar's configuration, built and validated through the shared model (registrar.config)."""
+    options: dict[str, Any] = {
+        "listen": [f"{t.protocol}:0.0.0.0:{t.port}" for t in spec.transports],
+        "main_registrar": spec.main_registrar,
+        "mode": spec.mode,
+        "insertion": spec.insertion,
+        "outgoing_expires": spec.outgoing_expires,
+        "min_expires": spec.expires.min,
+        "default_expires": spec.expires.default,
+        "max_expires": spec.expires.max,
+        "max_contacts": spec.max_contacts,
+        "http": f"0.0.0.0:{spec.http_port}",
+        "log_format": spec.log_format,
+        "store": "etcd" if spec.etcd.endpoints else "memory",
+        "etcd_prefix": etcd_prefix(spec, ref),
+    }
+    if spec.etcd.endpoints:
+        options["etcd_endpoints"] = list(spec.etcd.endpoints)
+    if spec.network.mode == "service" and spec.network.advertise:
+        options["advertise"] = spec.network.advertise
+    # environ={} : the operator's own environment must never leak into a rendered configuration.
+    return build_settings(options, environ={})
+
+
+def render_config_yaml(spec: MidRegistrarSpec, ref: Ref) -> str:
+    return render_settings(spec, ref).to_yaml()
+
+
+def config_hash(spec: MidRegistrarSpec, ref: Ref) -> str:
+    """Changes whenever what the pods read changes (config file or etcd Secret name): rolls the pods."""
+    h = hashlib.sha256(render_config_yaml(spec, ref).encode())
+    h.update(b"\0secret=" + (spec.etcd.secret_name or "").encode())
+    return h.hexdigest()[:16]
+
+
+def render_configmap(spec: MidRegistrarSpec, ref: Ref) -> Obj:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(ref, names(ref)["configmap"]),
+        "data": {CONFIG_FILE: render_config_yaml(spec, ref)},
+    }
+
+
+def render_service_account(spec: MidRegistrarSpec, ref: Ref) -> Obj:
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": _meta(ref, names(ref)["serviceaccount"]),
+        "automountServiceAccountToken": False,
+    }
+
+
+def _port_name(protocol: str, port: int) -> str:
+    return f"sip-{protocol}-{port}"[:15]
+
+
+def _container_ports(spec: MidRegistrarSpec) -> list[Obj]:
+    host = spec.network.mode == "hostNetwork"
+    ports: list[Obj] = []
+    for t in spec.transports:
+        p: Obj = {
+            "name": _port_name(t.protocol, t.port),
+            "containerPort": t.port,
+            "protocol": t.protocol.upper(),
+        }
+        if host:
+            p["hostPort"] = t.port
+        ports.append(p)
+    http: Obj = {"name": "http", "containerPort": spec.http_port, "protocol": "TCP"}
+    if host:
+        http["hostPort"] = spec.http_port
+    ports.append(http)
+    return ports
+
+
+def render_deployment(spec: MidRegistrarSpec, ref: Ref) -> Obj:
+    n = names(ref)
+    host = spec.network.mode == "hostNetwork"
+    env: list[Obj] = [
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        {"name": "NODE_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}},
+    ]
+    if host:
+        # Each hostNetwork pod advertises its own node's address (env wins over the config file).
+        env.append({"name": "MIDREG_ADVERTISE", "value": "$(NODE_IP)"})
+    volume_mounts: list[Obj] = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}]
+    volumes: list[Obj] = [{"name": "config", "configMap": {"name": n["configmap"]}}]
+    if spec.etcd.secret_name:
+        volume_mounts.append({"name": "etcd-credentials", "mountPath": ETCD_SECRET_DIR, "readOnly": True})
+        volumes.append({"name": "etcd-credentials", "secret": {"secretName": spec.etcd.secret_name}})
+    low_port = any(t.port < 1024 for t in spec.transports) or spec.http_port < 1024
+    container: Obj = {
+        "name": "registrar",
+        "image": spec.image,
+        "imagePullPolicy": spec.image_pull_policy,
+        "command": ["midregistrar"],
+        "args": ["run", "--config", f"{CONFIG_DIR}/{CONFIG_FILE}"],
+        "ports": _container_ports(spec),
+        "env": env,
+        "resources": dict(spec.resources),
+        "volumeMounts": volume_mounts,
+        "readinessProbe": {
+            "httpGet": {"path": "/readyz", "port": "http"},
+            "periodSeconds": 5,
+            "failureThreshold": 2,
+        },
+        "livenessProbe": {
+            "httpGet": {"path": "/healthz", "port": "http"},
+            "periodSeconds": 10,
+            "failureThreshold": 3,
+        },
+        "startupProbe": {
+            "httpGet": {"path": "/healthz", "port": "http"},
+            "periodSeconds": 2,
+            "failureThreshold": 30,
+        },
+        # Let endpoints drop the pod before SIGTERM starts the registrar's own drain.
+        "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SLEEP_SECONDS}}},
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"], **({"add": ["NET_BIND_SERVICE"]} if low_port else {})},
+        },
+    }
+    pod_spec: Obj = {
+        "serviceAccountName": n["serviceaccount"],
+        "automountServiceAccountToken": False,
+        "terminationGracePeriodSeconds": spec.termination_grace_period_seconds + PRESTOP_SLEEP_SECONDS,
+        "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}, "runAsNonRoot": True},
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if spec.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.node_selector)
+    if spec.tolerations:
+        pod_spec["tolerations"] = [dict(t) for t in spec.tolerations]
+    if host:
+        pod_spec["hostNetwork"] = True
+        pod_spec["dnsPolicy"] = "ClusterFirstWithHostNet"
+        pod_spec["affinity"] = {
+            "podAntiAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": [
+                    {
+                        "labelSelector": {"matchLabels": selector_labels(ref)},
+                        "topologyKey": "kubernetes.io/hostname",
+                    }
+                ]
+            }
+        }
+        # One pod per node: a surge pod could never be scheduled, so replace in place.
+        strategy: Obj = {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
+    else:
+        strategy = {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _meta(ref, n["deployment"]),
+        "spec": {
+            "replicas": spec.replicas,
+            "selector": {"matchLabels": selector_labels(ref)},
+            "strategy": strategy,
+            "template": {
+                "metadata": {
+                    "labels": labels(ref),
+                    "annotations": {CONFIG_HASH_ANNOTATION: config_hash(spec, ref)},
+                },
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+def _service_ports(spec: MidRegistrarSpec, with_http: bool) -> list[Obj]:
+    ports: list[Obj] = [
+        {
+            "name": _port_name(t.protocol, t.port),
+            "port": t.port,
+            "targetPort": t.port,
+            "protocol": t.protocol.upper(),
+        }
+        for t in spec.transports
+    ]
+    if with_http:
+        ports.append({"name": "http", "port": spec.http_port, "targetPort": "http", "protocol": "TCP"})
+    return ports
+
+
+def render_sip_service(spec: MidRegistrarSpec, ref: Ref) -> Obj:
+    """The SIP entry point. In hostNetwork mode phones reach nodes directly; the Service is ClusterIP."""
+    svc_type = spec.network.service_type if spec.network.mode == "service" else "ClusterIP"
+    svc_spec: Obj = {
+        "type": svc_type,
+        "selector": selector_labels(ref),
+        "ports": _service_ports(spec, with_http=False),
+        # A phone's NAT flow must keep landing on the pod that owns it.
+        "sessionAffinity": "ClientIP",
+    }
+    if svc_type != "ClusterIP":
+        # Keep the phone's source address (never SNAT the SIP path).
+        svc_spec["externalTrafficPolicy"] = "Local"
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(ref, names(ref)["service"], spec.network.annotations),
+        "spec": svc_spec,
+    }
+
+
+def render_peers_service(spec: MidRegistrarSpec, ref: Ref) -> Obj:
+    """Headless Service: stable DNS for pod-to-pod hand-off of requests to a flow's owner pod."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(ref, names(ref)["peers"]),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": selector_labels(ref),
+            "ports": _service_ports(spec, with_http=True),
+        },
+    }
+
+
+def render_hpa(spec: MidRegistrarSpec, ref: Ref) -> Obj | None:
+    a = spec.autoscaling
+    if not a.enabled:
+        return None
+    metrics: list[Obj] = []
+    if a.target_cpu_utilization_percentage:
+        metrics.append(
+            {
+                "type": "Resource",
+                "resource": {
+                    "name": "cpu",
+                    "target": {
+                        "type": "Utilization",
+                        "averageUtilization": a.target_cpu_utilization_percentage,
+                    },
+                },
+            }
+        )
+    if a.target_registers_per_second:
+        metrics.append(
+            {
+                "type": "Pods",
+                "pods": {
+                    "metric": {"name": "midregistrar_register_requests_per_second"},
+                    "target": {"type": "AverageValue", "averageValue": str(a.target_registers_per_second)},
+                },
+            }
+        )
+    hpa: Obj = {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": _meta(ref, names(ref)["hpa"]),
+        "spec": {
+            # Through the MidRegistrar's scale subresource: the operator carries replicas to the Deployment.
+            "scaleTargetRef": {"apiVersion": API_VERSION, "kind": KIND, "name": ref.name},
+            "minReplicas": a.min_replicas,
+            "maxReplicas": a.max_replicas,
+            "behavior": {
+                "scaleDown": {"stabilizationWindowSeconds": a.scale_down_stabilization_seconds},
+            },
+        },
+    }
+    if metrics:
+        hpa["spec"]["metrics"] = metrics
+    return hpa
+
+
+def render_pdb(spec: MidRegistrarSpec, ref: Ref) -> Obj:
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _meta(ref, names(ref)["pdb"]),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector_labels(ref)}},
+    }
+
+
+def render_all(spec: MidRegistrarSpec, ref: Ref) -> list[Obj]:
+    """Every owned object, in apply order (what the pods reference comes before the pods)."""
+    objs = [
+        render_service_account(spec, ref),
+        render_configmap(spec, ref),
+        render_peers_service(spec, ref),
+        render_sip_service(spec, ref),
+        render_deployment(spec, ref),
+        render_pdb(spec, ref),
+    ]
+    hpa = render_hpa(spec, ref)
+    if hpa is not None:
+        objs.append(hpa)
+    return objs
+
+
+def absent_objects(spec: MidRegistrarSpec, ref: Ref) -> list[tuple[str, str, str]]:
+    """(apiVersion, kind, name) of owned objects that this spec no longer wants (deleted if present)."""
+    if not spec.autoscaling.enabled:
+        return [("autoscaling/v2", "HorizontalPodAutoscaler", names(ref)["hpa"])]
+    return []

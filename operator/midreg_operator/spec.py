@@ -1,0 +1,107 @@
+"""The MidRegistrar spec as a typed model, with the same defaults as the CRD schema.
+
+The API server applies the CRD's defaults and validation before the operator sees an object; the model
+repeats the defaults so renderers can be unit-tested on partial specs and stay total.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+GROUP = "sip.midregistrar.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "MidRegistrar"
+PLURAL = "midregistrars"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(populate_by_name=True, extra="ignore", frozen=True)
+
+
+class Expires(_Model):
+    min: int = 60
+    default: int = 3600
+    max: int = 3600
+
+
+class Transport(_Model):
+    protocol: Literal["udp", "tcp"]
+    port: int = Field(ge=1, le=65535)
+
+
+class Network(_Model):
+    mode: Literal["hostNetwork", "service"] = "service"
+    service_type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = Field(
+        "LoadBalancer", alias="serviceType"
+    )
+    annotations: dict[str, str] = Field(default_factory=dict)
+    advertise: str | None = None
+
+
+class Etcd(_Model):
+    endpoints: list[str] = Field(default_factory=list)
+    secret_name: str | None = Field(None, alias="secretName")
+    prefix: str | None = None
+
+
+class Autoscaling(_Model):
+    enabled: bool = False
+    min_replicas: int = Field(2, alias="minReplicas")
+    max_replicas: int = Field(10, alias="maxReplicas")
+    target_registers_per_second: int | None = Field(None, alias="targetRegistersPerSecond")
+    target_cpu_utilization_percentage: int | None = Field(70, alias="targetCPUUtilizationPercentage")
+    scale_down_stabilization_seconds: int = Field(600, alias="scaleDownStabilizationSeconds")
+
+
+def _default_transports() -> list[Transport]:
+    return [Transport(protocol="udp", port=5060), Transport(protocol="tcp", port=5060)]
+
+
+class MidRegistrarSpec(_Model):
+    main_registrar: str = Field(alias="mainRegistrar")
+    mode: Literal["mirror", "contact", "aor"] = "mirror"
+    insertion: Literal["contact", "path"] = "contact"
+    outgoing_expires: int = Field(7200, alias="outgoingExpires")
+    expires: Expires = Field(default_factory=lambda: Expires())
+    max_contacts: int = Field(0, alias="maxContacts")
+    transports: list[Transport] = Field(default_factory=_default_transports, min_length=1)
+    http_port: int = Field(9090, alias="httpPort")
+    network: Network = Field(default_factory=lambda: Network.model_validate({}))
+    etcd: Etcd = Field(default_factory=lambda: Etcd.model_validate({}))
+    replicas: int = 2
+    autoscaling: Autoscaling = Field(default_factory=lambda: Autoscaling.model_validate({}))
+    image: str = "ghcr.io/kube-midregistrar/registrar:0.1.0"
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
+        "IfNotPresent", alias="imagePullPolicy"
+    )
+    log_format: Literal["text", "json"] = Field("json", alias="logFormat")
+    termination_grace_period_seconds: int = Field(60, alias="terminationGracePeriodSeconds")
+    resources: dict[str, Any] = Field(
+        default_factory=lambda: {
+            "requests": {"cpu": "100m", "memory": "128Mi"},
+            "limits": {"memory": "512Mi"},
+        }
+    )
+    node_selector: dict[str, str] = Field(default_factory=dict, alias="nodeSelector")
+    tolerations: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class Ref(_Model):
+    """Who a rendering is for: the MidRegistrar's identity (owner reference and names)."""
+
+    name: str
+    namespace: str
+    uid: str = ""
+    generation: int = 0
+
+
+def parse_spec(spec: Any) -> MidRegistrarSpec:
+    return MidRegistrarSpec.model_validate(dict(spec or {}))
+
+
+def etcd_prefix(spec: MidRegistrarSpec, ref: Ref) -> str:
+    """The registrar's etcd key prefix: DESIGN §5 `/midregistrar/<namespace>/<name>/` unless set."""
+    return spec.etcd.prefix or f"/midregistrar/{ref.namespace}/{ref.name}/"
