@@ -1,0 +1,359 @@
+"""Typed views of the header fields the engine reads: name-addr, Via, CSeq, Contact.
+
+The message keeps header values as text (so unchanged headers serialize byte-for-byte); these functions
+turn a value into a typed, immutable object and back. They raise :class:`ParseError` on bad syntax.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+
+from registrar.sip.errors import ParseError
+from registrar.sip.uri import URI, SipURI, URIError, parse_uri
+
+TOKEN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~")
+MAGIC_COOKIE = "z9hG4bK"
+
+Params = tuple[tuple[str, str | None], ...]
+
+
+_TOKEN_MATCH = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+\Z").match
+_DISPLAY_MATCH = re.compile(r"[A-Za-z0-9\-.!%*_+`'~ \t]*\Z").match
+_PARAM_VALUE_MATCH = re.compile(r"[A-Za-z0-9\-.!%*_+`'~\[\]:]*\Z").match
+
+
+def is_token(text: str) -> bool:
+    return _TOKEN_MATCH(text) is not None
+
+
+def split_commas(value: str) -> list[str]:
+    """Split a header value on commas that are outside quotes and angle brackets."""
+    if "," not in value:
+        return [value.strip()] if value.strip() else []
+    out: list[str] = []
+    depth = 0
+    quoted = False
+    start = 0
+    i = 0
+    n = len(value)
+    while i < n:
+        c = value[i]
+        if quoted:
+            if c == "\\":
+                i += 1
+            elif c == '"':
+                quoted = False
+        elif c == '"':
+            quoted = True
+        elif c == "<":
+            depth += 1
+        elif c == ">":
+            depth = max(0, depth - 1)
+        elif c == "," and depth == 0:
+            part = value[start:i].strip()
+            if part:
+                out.append(part)
+            start = i + 1
+        i += 1
+    part = value[start:].strip()
+    if part:
+        out.append(part)
+    return out
+
+
+_TOKEN = r"[A-Za-z0-9\-.!%*_+`'~]+"
+_QUOTED = r'"(?:[^"\\]|\\.)*"'
+_PARAM = rf"[ \t]*;[ \t]*({_TOKEN})(?:[ \t]*=[ \t]*({_QUOTED}|[A-Za-z0-9\-.!%*_+`'~\[\]:]*))?[ \t]*"
+_PARAMS_MATCH = re.compile(rf"(?:{_PARAM})*\Z").match
+_PARAM_FINDITER = re.compile(_PARAM).finditer
+
+
+def parse_params(text: str, where: str) -> Params:
+    """Parse ``a=b;c;d="q"`` (the text after the first ';'; empty gives no params)."""
+    if not text:
+        return ()
+    text = ";" + text
+    pos = 0
+    out: list[tuple[str, str | None]] = []
+    for m in _PARAM_FINDITER(text):
+        if m.start() != pos:
+            break
+        out.append((m.group(1), m.group(2)))
+        pos = m.end()
+    if pos != len(text):
+        raise ParseError(f"bad {where} parameters {text[1:60]!r}")
+    return tuple(out)
+
+
+def _param_value_ok(value: str) -> bool:
+    # token, host (incl. IPv6 reference) or empty
+    return _PARAM_VALUE_MATCH(value) is not None
+
+
+def _end_of_quoted(text: str, start: int) -> int:
+    i = start + 1
+    n = len(text)
+    while i < n:
+        c = text[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == '"':
+            return i
+        i += 1
+    return -1
+
+
+def get_param(params: Params, name: str) -> str | None:
+    lname = name.lower()
+    for key, value in params:
+        if key.lower() == lname:
+            return "" if value is None else value
+    return None
+
+
+def set_param(params: Params, name: str, value: str | None) -> Params:
+    lname = name.lower()
+    out = [(k, value) if k.lower() == lname else (k, v) for k, v in params]
+    if not any(k.lower() == lname for k, _ in params):
+        out.append((name, value))
+    return tuple(out)
+
+
+def drop_params(params: Params, *names: str) -> Params:
+    drop = {n.lower() for n in names}
+    return tuple((k, v) for k, v in params if k.lower() not in drop)
+
+
+def format_params(params: Params) -> str:
+    return "".join(f";{k}" if v is None else f";{k}={v}" for k, v in params)
+
+
+def unquote(value: str | None) -> str | None:
+    if value is None or len(value) < 2 or value[0] != '"' or value[-1] != '"':
+        return value
+    out = []
+    i = 1
+    while i < len(value) - 1:
+        c = value[i]
+        if c == "\\" and i + 1 < len(value) - 1:
+            i += 1
+            c = value[i]
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
+@dataclass(slots=True)
+class Address:
+    """A name-addr or addr-spec with its header parameters (From, To, Contact, Route, Path…)."""
+
+    uri: URI
+    display: str | None = None
+    params: Params = ()
+
+    def param(self, name: str) -> str | None:
+        return get_param(self.params, name)
+
+    @property
+    def tag(self) -> str | None:
+        return self.param("tag")
+
+    def with_param(self, name: str, value: str | None) -> Address:
+        return replace(self, params=set_param(self.params, name, value))
+
+    def without_params(self, *names: str) -> Address:
+        return replace(self, params=drop_params(self.params, *names))
+
+    def __str__(self) -> str:
+        head = f"{self.display} " if self.display else ""
+        return f"{head}<{self.uri}>{format_params(self.params)}"
+
+
+_NAME_ADDR_MATCH = re.compile(
+    rf"[ \t]*(?:({_QUOTED})|([A-Za-z0-9\-.!%*_+`'~ \t]*?))[ \t]*<([^<>]*)>[ \t]*(.*)\Z", re.S
+).match
+
+
+def parse_address(value: str, where: str = "address") -> Address:
+    """Parse name-addr / addr-spec followed by header params (RFC 3261 §20.10, §25.1)."""
+    if "<" in value:
+        m = _NAME_ADDR_MATCH(value)
+        if m is None:
+            if value.lstrip().startswith('"') and _end_of_quoted(value.lstrip(), 0) < 0:
+                raise ParseError(f"unterminated quoted display name in {where}")
+            raise ParseError(f"bad name-addr in {where}: display name must be tokens or a quoted string")
+        quoted, tokens, uri_text, rest = m.groups()
+        display = quoted or (tokens.strip() if tokens else None) or None
+        if rest and rest[0] != ";":
+            raise ParseError(f"junk after URI in {where}")
+        params = parse_params(rest[1:], where) if rest else ()
+    else:
+        uri_text, _, ptext = value.strip().partition(";")
+        uri_text = uri_text.rstrip()
+        if not uri_text or any(c in uri_text for c in ' \t,?>"') or uri_text.startswith('"'):
+            raise ParseError(f"{where} URI with spaces, commas or headers must be enclosed in <>")
+        params = parse_params(ptext, where)
+        display = None
+    try:
+        uri = parse_uri(uri_text)
+    except URIError as exc:
+        raise ParseError(f"bad URI in {where}: {exc}") from None
+    return Address(uri, display, params)
+
+
+@dataclass(slots=True)
+class Via:
+    """One Via value (RFC 3261 §20.42), with RFC 3581 rport."""
+
+    transport: str
+    host: str
+    port: int | None = None
+    params: Params = ()
+    protocol: str = "SIP/2.0"
+
+    @property
+    def branch(self) -> str | None:
+        return get_param(self.params, "branch")
+
+    @property
+    def received(self) -> str | None:
+        return get_param(self.params, "received")
+
+    @property
+    def rport(self) -> str | None:
+        """None when absent, '' when requested without a value, else the port text."""
+        return get_param(self.params, "rport")
+
+    @property
+    def sent_by(self) -> tuple[str, int | None]:
+        return self.host, self.port
+
+    def with_param(self, name: str, value: str | None) -> Via:
+        return replace(self, params=set_param(self.params, name, value))
+
+    def __str__(self) -> str:
+        hostport = self.host if self.port is None else f"{self.host}:{self.port}"
+        return f"{self.protocol}/{self.transport} {hostport}{format_params(self.params)}"
+
+
+_VIA_MATCH = re.compile(
+    rf"[ \t]*({_TOKEN})[ \t]*/[ \t]*({_TOKEN})[ \t]*/[ \t]*({_TOKEN})[ \t]+"
+    r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-.]+)(?:[ \t]*:[ \t]*([0-9]{1,5}))?[ \t]*(;.*)?\Z",
+    re.S,
+).match
+
+
+def parse_via(value: str) -> Via:
+    m = _VIA_MATCH(value)
+    if m is None:
+        raise ParseError("bad Via: expected 'SIP/2.0/<transport> <host>[:port][;params]'")
+    name, version, transport, host, port_text, ptext = m.groups()
+    port = None
+    if port_text is not None:
+        port = int(port_text)
+        if port > 65535:
+            raise ParseError("bad port in Via")
+    params = parse_params(ptext[1:], "Via") if ptext else ()
+    return Via(transport.upper(), host, port, params, f"{name}/{version}")
+
+
+def _parse_hostport(text: str, where: str) -> tuple[str, int | None]:
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ParseError(f"bad IPv6 reference in {where}")
+        host, rest = text[: end + 1], text[end + 1 :].strip()
+        if rest and not rest.startswith(":"):
+            raise ParseError(f"bad host in {where}")
+        port_text = rest[1:].strip() if rest else ""
+    else:
+        host, _, port_text = text.partition(":")
+        host = host.strip()
+        port_text = port_text.strip()
+    if not host or any(c in host for c in ' \t<>"@;'):
+        raise ParseError(f"bad host in {where}")
+    if port_text:
+        if not port_text.isdigit() or int(port_text) > 65535:
+            raise ParseError(f"bad port in {where}")
+        return host, int(port_text)
+    return host, None
+
+
+@dataclass(slots=True)
+class CSeq:
+    seq: int
+    method: str
+
+    def __str__(self) -> str:
+        return f"{self.seq} {self.method}"
+
+
+def parse_cseq(value: str) -> CSeq:
+    num, _, method = value.strip().partition(" ")
+    method = method.strip()
+    if not num.isdigit() or not is_token(method):
+        raise ParseError("bad CSeq")
+    seq = int(num)
+    if seq > 2**31 - 1:
+        raise ParseError("CSeq number too large")
+    return CSeq(seq, method)
+
+
+@dataclass(slots=True)
+class Contact:
+    """A Contact value; ``star`` for ``Contact: *``."""
+
+    address: Address | None
+
+    @property
+    def star(self) -> bool:
+        return self.address is None
+
+    @property
+    def uri(self) -> URI:
+        if self.address is None:
+            raise ValueError("Contact: * has no URI")
+        return self.address.uri
+
+    def param(self, name: str) -> str | None:
+        return None if self.address is None else self.address.param(name)
+
+    @property
+    def expires(self) -> str | None:
+        return self.param("expires")
+
+    @property
+    def q(self) -> float | None:
+        text = self.param("q")
+        if not text:
+            return None
+        try:
+            value = float(text)
+        except ValueError:
+            return None
+        return min(max(value, 0.0), 1.0)
+
+    @property
+    def instance(self) -> str | None:
+        return unquote(self.param("+sip.instance"))
+
+    @property
+    def reg_id(self) -> str | None:
+        return self.param("reg-id")
+
+
+def parse_contacts(values: list[str]) -> list[Contact]:
+    """Parse all Contact values of a message (already split on commas)."""
+    out: list[Contact] = []
+    for value in values:
+        if value.strip() == "*":
+            out.append(Contact(None))
+        else:
+            out.append(Contact(parse_address(value, "Contact")))
+    return out
+
+
+def sip_uri_of(address: Address) -> SipURI | None:
+    return address.uri if isinstance(address.uri, SipURI) else None

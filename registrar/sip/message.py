@@ -1,0 +1,599 @@
+"""SIP message model, parser and serializer (RFC 3261 §7, §18.3, §20).
+
+Header fields keep their original line: a message that is parsed and serialized again without changes to a
+header gives back that header byte-for-byte. Only changed, added or removed fields are rewritten.
+Text is decoded as UTF-8 with ``surrogateescape`` so that any byte sequence survives the round trip.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+from registrar.sip.errors import ParseError
+from registrar.sip.headers import (
+    _TOKEN_MATCH,
+    Address,
+    Contact,
+    CSeq,
+    Via,
+    parse_address,
+    parse_contacts,
+    parse_cseq,
+    parse_via,
+    split_commas,
+)
+from registrar.sip.uri import URI, SipURI, URIError, parse_uri
+
+COMPACT = {
+    "i": "call-id",
+    "m": "contact",
+    "f": "from",
+    "t": "to",
+    "v": "via",
+    "l": "content-length",
+    "c": "content-type",
+    "k": "supported",
+    "s": "subject",
+    "e": "content-encoding",
+    "o": "event",
+    "u": "allow-events",
+    "r": "refer-to",
+    "b": "referred-by",
+    "x": "session-expires",
+    "y": "identity",
+}
+
+_COMPACT_GET = COMPACT.get
+_T = TypeVar("_T")
+
+# Header fields whose value is a comma-separated list (RFC 3261 §7.3.1). Authorization-style fields are not.
+LIST_HEADERS = frozenset(
+    {
+        "via",
+        "contact",
+        "route",
+        "record-route",
+        "path",
+        "service-route",
+        "allow",
+        "supported",
+        "require",
+        "proxy-require",
+        "unsupported",
+        "accept",
+        "accept-encoding",
+        "accept-language",
+        "allow-events",
+        "content-encoding",
+        "in-reply-to",
+        "alert-info",
+        "call-info",
+        "error-info",
+    }
+)
+SINGLE_HEADERS = frozenset({"to", "from", "call-id", "cseq", "max-forwards", "content-length"})
+
+MAX_MESSAGE = 65535
+SIP_VERSION = "SIP/2.0"
+REASONS = {
+    100: "Trying",
+    180: "Ringing",
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    407: "Proxy Authentication Required",
+    408: "Request Timeout",
+    413: "Request Entity Too Large",
+    416: "Unsupported URI Scheme",
+    420: "Bad Extension",
+    423: "Interval Too Brief",
+    429: "Too Many Requests",
+    480: "Temporarily Unavailable",
+    481: "Call/Transaction Does Not Exist",
+    482: "Loop Detected",
+    483: "Too Many Hops",
+    487: "Request Terminated",
+    500: "Server Internal Error",
+    501: "Not Implemented",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Server Time-out",
+    505: "Version Not Supported",
+    513: "Message Too Large",
+    600: "Busy Everywhere",
+    603: "Decline",
+}
+
+
+def header_key(name: str) -> str:
+    """Canonical look-up key of a header name: lower-case, compact form expanded."""
+    key = name.lower()
+    return _COMPACT_GET(key, key)
+
+
+class Header:
+    """One header line. ``raw`` is the original text (folding included) while the value is unchanged."""
+
+    __slots__ = ("key", "name", "raw", "value")
+
+    def __init__(self, name: str, value: str, raw: str | None = None, key: str | None = None) -> None:
+        self.name = name
+        self.key = key or header_key(name)
+        self.value = value
+        self.raw = raw
+
+    def line(self) -> str:
+        return self.raw if self.raw is not None else f"{self.name}: {self.value}"
+
+    def __repr__(self) -> str:
+        return f"Header({self.name!r}, {self.value!r})"
+
+
+class Headers:
+    """Ordered, multi-valued, case-insensitive header fields."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: list[Header] | None = None) -> None:
+        self._items: list[Header] = items if items is not None else []
+
+    def __iter__(self) -> Iterator[Header]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, name: str) -> bool:
+        key = header_key(name)
+        return any(h.key == key for h in self._items)
+
+    def get(self, name: str) -> str | None:
+        key = header_key(name)
+        for h in self._items:
+            if h.key == key:
+                return h.value
+        return None
+
+    def count(self, name: str) -> int:
+        key = header_key(name)
+        return sum(1 for h in self._items if h.key == key)
+
+    def fields(self, name: str) -> list[str]:
+        """The value of every header line of that name, unsplit."""
+        key = header_key(name)
+        return [h.value for h in self._items if h.key == key]
+
+    def values(self, name: str) -> list[str]:
+        """All values of that name, list headers split on commas (RFC 3261 §7.3.1)."""
+        key = header_key(name)
+        out: list[str] = []
+        for h in self._items:
+            if h.key == key:
+                if key in LIST_HEADERS:
+                    out.extend(split_commas(h.value))
+                else:
+                    out.append(h.value)
+        return out
+
+    def set(self, name: str, value: str) -> None:
+        """Replace every line of that name by one (in place of the first), or append it."""
+        key = header_key(name)
+        for i, h in enumerate(self._items):
+            if h.key == key:
+                self._items[i] = Header(name, value, key=key)
+                self._items[i + 1 :] = [x for x in self._items[i + 1 :] if x.key != key]
+                return
+        self._items.append(Header(name, value, key=key))
+
+    def add(self, name: str, value: str) -> None:
+        """Append a line after the last line of that name (or at the end)."""
+        key = header_key(name)
+        last = -1
+        for i, h in enumerate(self._items):
+            if h.key == key:
+                last = i
+        header = Header(name, value, key=key)
+        if last < 0:
+            self._items.append(header)
+        else:
+            self._items.insert(last + 1, header)
+
+    def prepend(self, name: str, value: str) -> None:
+        """Insert a line before the first of that name (Via, Record-Route, Route), or at the top."""
+        key = header_key(name)
+        header = Header(name, value, key=key)
+        for i, h in enumerate(self._items):
+            if h.key == key:
+                self._items.insert(i, header)
+                return
+        self._items.insert(0, header)
+
+    def remove(self, name: str) -> int:
+        key = header_key(name)
+        before = len(self._items)
+        self._items = [h for h in self._items if h.key != key]
+        return before - len(self._items)
+
+    def pop_first_value(self, name: str) -> str | None:
+        """Remove and return the first value of a list header (the top Via, the first Route)."""
+        key = header_key(name)
+        for i, h in enumerate(self._items):
+            if h.key == key:
+                parts = split_commas(h.value)
+                if len(parts) <= 1:
+                    del self._items[i]
+                    return parts[0] if parts else None
+                self._items[i] = Header(h.name, ", ".join(parts[1:]), key=key)
+                return parts[0]
+        return None
+
+    def copy(self) -> Headers:
+        return Headers([Header(h.name, h.value, h.raw, h.key) for h in self._items])
+
+
+class Message:
+    """Common part of requests and responses.
+
+    Typed views (``to``, ``vias``, ``contacts``…) are parsed on first use and cached against the header text
+    they came from, so editing a header can never leave a stale parsed value behind.
+    """
+
+    __slots__ = ("_cache", "body", "headers", "version")
+
+    def __init__(self, headers: Headers | None = None, body: bytes = b"", version: str = SIP_VERSION) -> None:
+        self.headers = headers if headers is not None else Headers()
+        self.body = body
+        self.version = version
+        self._cache: dict[str, tuple[object, object]] = {}
+
+    def _cached(self, key: str, source: object, parse: Callable[[], _T]) -> _T:
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] == source:
+            return hit[1]  # type: ignore[return-value]
+        value = parse()
+        self._cache[key] = (source, value)
+        return value
+
+    @property
+    def call_id(self) -> str:
+        value = self.headers.get("call-id")
+        if not value:
+            raise ParseError("missing Call-ID")
+        return value
+
+    @property
+    def cseq(self) -> CSeq:
+        value = self.headers.get("cseq")
+        if value is None:
+            raise ParseError("missing CSeq")
+        return self._cached("cseq", value, lambda: parse_cseq(value))
+
+    @property
+    def from_(self) -> Address:
+        return self._address("from", "From")
+
+    @property
+    def to(self) -> Address:
+        return self._address("to", "To")
+
+    def _address(self, key: str, label: str) -> Address:
+        value = self.headers.get(key)
+        if value is None:
+            raise ParseError(f"missing {label}")
+        return self._cached(key, value, lambda: parse_address(value, label))
+
+    @property
+    def vias(self) -> list[Via]:
+        fields = self.headers.fields("via")
+        return self._cached("via", fields, lambda: [parse_via(v) for f in fields for v in split_commas(f)])
+
+    @property
+    def top_via(self) -> Via:
+        vias = self.vias
+        if not vias:
+            raise ParseError("missing Via")
+        return vias[0]
+
+    @property
+    def contacts(self) -> list[Contact]:
+        fields = self.headers.fields("contact")
+        return self._cached(
+            "contact", fields, lambda: parse_contacts([v for f in fields for v in split_commas(f)])
+        )
+
+    def addresses(self, name: str) -> list[Address]:
+        """Route, Record-Route, Path values as addresses."""
+        return [parse_address(v, name) for v in self.headers.values(name)]
+
+    def start_line(self) -> str:
+        raise NotImplementedError
+
+    def to_bytes(self, *, stream: bool = False) -> bytes:
+        """Serialize. Content-Length is corrected when present and always written for stream transports."""
+        length = len(self.body)
+        lines = [self.start_line()]
+        have_length = False
+        for h in self.headers:
+            if h.key == "content-length":
+                have_length = True
+                if h.value != str(length):
+                    lines.append(f"{h.name}: {length}")
+                    continue
+            lines.append(h.raw if h.raw is not None else f"{h.name}: {h.value}")
+        if not have_length and (stream or length):
+            lines.append(f"Content-Length: {length}")
+        lines.append("\r\n")
+        return "\r\n".join(lines).encode("utf-8", "surrogateescape") + self.body
+
+
+class Request(Message):
+    """A request. The Request-URI text is kept as received and parsed on first use of :attr:`uri`."""
+
+    __slots__ = ("_uri", "_uri_text", "method")
+
+    def __init__(
+        self,
+        method: str,
+        uri: URI | str,
+        headers: Headers | None = None,
+        body: bytes = b"",
+        version: str = SIP_VERSION,
+    ) -> None:
+        super().__init__(headers, body, version)
+        self.method = method
+        self._uri: URI | None = None if isinstance(uri, str) else uri
+        self._uri_text = uri if isinstance(uri, str) else None
+
+    @property
+    def uri(self) -> URI:
+        if self._uri is None:
+            assert self._uri_text is not None
+            try:
+                self._uri = parse_uri(self._uri_text)
+            except URIError as exc:
+                raise ParseError(f"bad Request-URI: {exc}") from None
+        return self._uri
+
+    @uri.setter
+    def uri(self, value: URI) -> None:
+        self._uri = value
+        self._uri_text = None
+
+    def start_line(self) -> str:
+        text = self._uri_text if self._uri_text is not None else str(self._uri)
+        return f"{self.method} {text} {self.version}"
+
+    def copy(self) -> Request:
+        req = Request(self.method, self._uri_text or self.uri, self.headers.copy(), self.body, self.version)
+        req._uri = self._uri
+        return req
+
+    @property
+    def max_forwards(self) -> int | None:
+        value = self.headers.get("max-forwards")
+        return None if value is None else int(value)
+
+    def __repr__(self) -> str:
+        return f"<Request {self.start_line()!r}>"
+
+
+class Response(Message):
+    __slots__ = ("reason", "status")
+
+    def __init__(
+        self,
+        status: int,
+        reason: str = "",
+        headers: Headers | None = None,
+        body: bytes = b"",
+        version: str = SIP_VERSION,
+    ) -> None:
+        super().__init__(headers, body, version)
+        self.status = status
+        self.reason = reason or REASONS.get(status, "")
+
+    def start_line(self) -> str:
+        return f"{self.version} {self.status} {self.reason}"
+
+    def copy(self) -> Response:
+        return Response(self.status, self.reason, self.headers.copy(), self.body, self.version)
+
+    def __repr__(self) -> str:
+        return f"<Response {self.status} {self.reason!r}>"
+
+
+def _split_head(data: bytes) -> tuple[str, bytes]:
+    idx = data.find(b"\r\n\r\n")
+    if idx >= 0:
+        return data[:idx].decode("utf-8", "surrogateescape"), data[idx + 4 :]
+    idx = data.find(b"\n\n")
+    if idx >= 0:  # bare-LF senders: tolerated
+        return data[:idx].decode("utf-8", "surrogateescape").replace("\r\n", "\n"), data[idx + 2 :]
+    raise ParseError("no empty line after the header fields", can_reply=False)
+
+
+def parse_message(data: bytes, *, stream: bool = False) -> Request | Response:
+    """Parse one datagram (or one framed stream message) and check its framing and mandatory fields.
+
+    Raises :class:`ParseError`; ``can_reply`` tells whether a 400 can be routed back. Header fields that are
+    not needed to route or match the message (From/To/Contact/Request-URI syntax) are checked on first use,
+    or all at once by :func:`check_fields`.
+    """
+    if len(data) > MAX_MESSAGE:
+        raise ParseError("message too large", status=513, can_reply=False)
+    head, rest = _split_head(data.lstrip(b"\r\n"))
+    sep = "\r\n" if "\r\n" in head else "\n"
+    lines = head.split(sep)
+    items: list[Header] = []
+    append = items.append
+    for line in lines[1:] if "\n " not in head and "\n\t" not in head else _unfold(lines[1:], sep):
+        name, colon, value = line.partition(":")
+        if not colon:
+            if not line:
+                continue
+            raise ParseError(f"header line without a colon: {line[:40]!r}")
+        name = name.rstrip(" \t")
+        key = name.lower()
+        if _TOKEN_MATCH(name) is None:
+            raise ParseError(f"bad header name {name[:40]!r}")
+        append(Header(name, value.strip(" \t\r\n").replace(sep, " "), line, _COMPACT_GET(key, key)))
+    headers = Headers(items)
+    start = lines[0]
+    msg: Request | Response
+    msg = (
+        _parse_status_line(start, headers)
+        if start.startswith("SIP/")
+        else _parse_request_line(start, headers)
+    )
+    msg.body = _body(headers, rest, stream)
+    validate(msg)
+    return msg
+
+
+def _unfold(lines: list[str], sep: str) -> list[str]:
+    """Join continuation lines onto their header line, keeping the fold in the raw text."""
+    out: list[str] = []
+    for line in lines:
+        if line[:1] in (" ", "\t"):
+            if not out:
+                raise ParseError("continuation line before any header field", can_reply=False)
+            out[-1] = out[-1] + sep + line
+        else:
+            out.append(line)
+    return out
+
+
+def _parse_status_line(start: str, headers: Headers) -> Response:
+    parts = start.split(" ", 2)
+    if len(parts) < 2 or parts[0] != SIP_VERSION:
+        raise ParseError("bad status line", can_reply=False)
+    code = parts[1]
+    if len(code) != 3 or not code.isdigit() or not 100 <= int(code) <= 699:
+        raise ParseError("bad status code", can_reply=False)
+    return Response(int(code), parts[2] if len(parts) > 2 else "", headers)
+
+
+def _parse_request_line(start: str, headers: Headers) -> Request:
+    parts = start.split(" ")
+    if len(parts) != 3 or not all(parts):
+        if len(parts) > 3 and parts[-1].startswith("SIP/") and all(parts):
+            raise ParseError("Request-URI contains whitespace")
+        raise ParseError("bad Request-Line: expected 'METHOD SP Request-URI SP SIP/2.0'")
+    method, uri_text, version = parts
+    if _TOKEN_MATCH(method) is None:
+        raise ParseError("bad method")
+    if version != SIP_VERSION:
+        if version.upper() == SIP_VERSION:
+            pass
+        elif version.upper().startswith("SIP/"):
+            raise ParseError("SIP version not supported", status=505)
+        else:
+            raise ParseError("bad Request-Line version")
+    if uri_text[0] == "<":
+        raise ParseError("Request-URI must not be enclosed in <>")
+    return Request(method, uri_text, headers)
+
+
+def _body(headers: Headers, rest: bytes, stream: bool) -> bytes:
+    value = headers.get("content-length")
+    if value is None:
+        if stream and rest:
+            raise ParseError("Content-Length is required on a stream transport")
+        return rest
+    if not value.isdigit():
+        raise ParseError("bad Content-Length")
+    length = int(value)
+    if length > MAX_MESSAGE:
+        raise ParseError("Content-Length too large")
+    if length > len(rest):
+        raise ParseError("Content-Length larger than the message body")
+    return rest[:length] if length != len(rest) else rest
+
+
+_CHECKED = SINGLE_HEADERS | {"via", "expires"}
+
+
+def validate(msg: Request | Response) -> None:
+    """Framing-level checks every message passes before a transaction sees it (RFC 3261 §8.2, §16.3)."""
+    is_request = isinstance(msg, Request)
+    seen: dict[str, str] = {}
+    for h in msg.headers:
+        key = h.key
+        if key in _CHECKED:
+            if key in seen and key in SINGLE_HEADERS:
+                raise ParseError(f"duplicate {key} header field", can_reply=is_request and key != "via")
+            seen.setdefault(key, h.value)
+    if "via" not in seen:
+        raise ParseError("missing Via", can_reply=False)
+    try:
+        msg.top_via  # noqa: B018 - parse it: replies are routed by it
+    except ParseError as exc:
+        raise ParseError(str(exc), can_reply=False) from None
+    for key in ("from", "to", "call-id", "cseq"):
+        if not seen.get(key):
+            raise ParseError(f"missing {key} header field", can_reply=is_request)
+    cseq = msg.cseq
+    if is_request:
+        assert isinstance(msg, Request)
+        if cseq.method != msg.method:
+            raise ParseError("CSeq method does not match the request method")
+        mf = seen.get("max-forwards")
+        if mf is not None and (not mf.isdigit() or int(mf) > 255):
+            raise ParseError("bad Max-Forwards")
+        expires = seen.get("expires")
+        if expires is not None and (not expires.isdigit() or int(expires) > 2**32 - 1):
+            raise ParseError("bad Expires")
+
+
+def check_fields(msg: Request | Response) -> None:
+    """Parse every typed field the engine may use (Request-URI, From, To, Contact, Route, Record-Route)."""
+    msg.from_  # noqa: B018
+    msg.to  # noqa: B018
+    msg.contacts  # noqa: B018
+    if isinstance(msg, Request):
+        msg.uri  # noqa: B018
+        if isinstance(msg.uri, SipURI) and msg.uri.headers:
+            raise ParseError("Request-URI must not carry header components")
+    for name in ("route", "record-route", "path"):
+        msg.addresses(name)
+
+
+def make_response(
+    request: Request, status: int, reason: str | None = None, *, to_tag: str | None = None
+) -> Response:
+    """Build a response to a request (RFC 3261 §8.2.6): Via, From, To (+tag), Call-ID, CSeq copied."""
+    items: list[Header] = []
+    for h in request.headers:
+        if h.key in ("via", "from", "call-id", "cseq"):
+            items.append(Header(h.name, h.value, h.raw, h.key))
+        elif h.key == "to":
+            if to_tag and status > 100 and "tag=" not in h.value.lower():
+                items.append(Header(h.name, f"{h.value};tag={to_tag}", None, h.key))
+            else:
+                items.append(Header(h.name, h.value, h.raw, h.key))
+        elif h.key == "record-route" and 100 < status < 300:
+            items.append(Header(h.name, h.value, h.raw, h.key))
+    return Response(status, reason or REASONS.get(status, ""), Headers(items))
+
+
+def branch_of(msg: Message) -> str:
+    return msg.top_via.branch or ""
+
+
+__all__ = [
+    "COMPACT",
+    "REASONS",
+    "Header",
+    "Headers",
+    "Message",
+    "Request",
+    "Response",
+    "branch_of",
+    "header_key",
+    "make_response",
+    "parse_message",
+]

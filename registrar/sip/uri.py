@@ -1,0 +1,251 @@
+"""SIP, SIPS and tel URIs (RFC 3261 §19.1, RFC 3966), with RFC 3261 §19.1.4 comparison.
+
+URIs are immutable values: rewriting a Contact builds a new one with :meth:`SipURI.replace`.
+Parameter names are kept as written (for serialization) and compared case-insensitively.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from urllib.parse import unquote
+
+from registrar.sip.errors import SipError
+
+
+class URIError(SipError):
+    """The text is not a URI this engine can use."""
+
+
+# RFC 3261 §25.1 character classes, as regex fragments.
+_UNRESERVED = r"A-Za-z0-9\-_.!~*'()"
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_IPV4 = rf"{_OCTET}(?:\.{_OCTET}){{3}}"
+_HOSTNAME = r"(?:[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?\.)*[A-Za-z](?:[A-Za-z0-9\-]*[A-Za-z0-9])?\.?"
+_SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+\-.]*$")
+_TEL_RE = re.compile(r"^[+]?[0-9A-Fa-f*#\-.()pPwW]+$")
+
+
+def _split_params(text: str, sep: str) -> tuple[tuple[str, str | None], ...]:
+    out: list[tuple[str, str | None]] = []
+    for part in text.split(sep):
+        if not part:
+            continue
+        name, eq, value = part.partition("=")
+        out.append((name, value if eq else None))
+    return tuple(out)
+
+
+@dataclass(slots=True)
+class SipURI:
+    """``sip:`` or ``sips:`` URI. ``params`` keep their order and spelling; look-ups ignore case.
+
+    Treated as immutable (change one with :meth:`replace`); not frozen only because frozen dataclasses
+    cost microseconds to build on the parse path.
+    """
+
+    scheme: str
+    user: str | None
+    host: str
+    port: int | None = None
+    password: str | None = None
+    params: tuple[tuple[str, str | None], ...] = ()
+    headers: tuple[tuple[str, str | None], ...] = ()
+    _text: str | None = field(default=None, compare=False, repr=False)
+
+    def param(self, name: str, default: str | None = None) -> str | None:
+        lname = name.lower()
+        for key, value in self.params:
+            if key.lower() == lname:
+                return value if value is not None else ""
+        return default
+
+    def has_param(self, name: str) -> bool:
+        lname = name.lower()
+        return any(key.lower() == lname for key, _ in self.params)
+
+    def with_params(self, **changes: str | None) -> SipURI:
+        """Set (value or None for a flag) parameters, keeping the others in place."""
+        return self.replace(params=_merge(self.params, changes))
+
+    def without_params(self, *names: str) -> SipURI:
+        drop = {n.lower() for n in names}
+        return self.replace(params=tuple(p for p in self.params if p[0].lower() not in drop))
+
+    def replace(self, **changes: object) -> SipURI:
+        changes.setdefault("_text", None)
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+    @property
+    def hostport(self) -> str:
+        return self.host if self.port is None else f"{self.host}:{self.port}"
+
+    @property
+    def transport(self) -> str:
+        value = self.param("transport")
+        if value:
+            return value.lower()
+        return "tls" if self.scheme == "sips" else "udp"
+
+    @property
+    def unescaped_user(self) -> str | None:
+        return None if self.user is None else unquote(self.user)
+
+    def __str__(self) -> str:
+        if self._text is not None:
+            return self._text
+        out = [self.scheme, ":"]
+        if self.user is not None:
+            out.append(self.user)
+            if self.password is not None:
+                out += [":", self.password]
+            out.append("@")
+        out.append(self.hostport)
+        for name, value in self.params:
+            out += [";", name] if value is None else [";", name, "=", value]
+        if self.headers:
+            out.append("?")
+            out.append("&".join(n if v is None else f"{n}={v}" for n, v in self.headers))
+        return "".join(out)
+
+    def equals(self, other: object) -> bool:
+        """RFC 3261 §19.1.4 comparison."""
+        if not isinstance(other, SipURI):
+            return False
+        if self.scheme.lower() != other.scheme.lower():
+            return False
+        if _unesc(self.user) != _unesc(other.user) or _unesc(self.password) != _unesc(other.password):
+            return False
+        if self.host.lower() != other.host.lower() or self.port != other.port:
+            return False
+        mine = {k.lower(): (v.lower() if v is not None else None) for k, v in self.params}
+        theirs = {k.lower(): (v.lower() if v is not None else None) for k, v in other.params}
+        for name in mine.keys() & theirs.keys():
+            if _unesc(mine[name]) != _unesc(theirs[name]):
+                return False
+        # user, ttl, method, maddr (and transport) must match when either side has them.
+        for name in ("user", "ttl", "method", "maddr", "transport"):
+            if (name in mine) != (name in theirs):
+                return False
+        hmine = {k.lower(): _unesc(v) for k, v in self.headers}
+        htheirs = {k.lower(): _unesc(v) for k, v in other.headers}
+        return hmine == htheirs
+
+
+@dataclass(slots=True)
+class TelURI:
+    """``tel:`` URI (RFC 3966), enough to carry it through and compare it."""
+
+    number: str
+    params: tuple[tuple[str, str | None], ...] = ()
+    scheme: str = "tel"
+
+    def __str__(self) -> str:
+        return "tel:" + self.number + "".join(f";{n}" if v is None else f";{n}={v}" for n, v in self.params)
+
+    def equals(self, other: object) -> bool:
+        if not isinstance(other, TelURI):
+            return False
+        strip = str.maketrans("", "", "-.()")
+        return self.number.translate(strip).lower() == other.number.translate(strip).lower() and {
+            k.lower(): v for k, v in self.params
+        } == {k.lower(): v for k, v in other.params}
+
+    def param(self, name: str, default: str | None = None) -> str | None:
+        for key, value in self.params:
+            if key.lower() == name.lower():
+                return value if value is not None else ""
+        return default
+
+
+@dataclass(slots=True)
+class AbsoluteURI:
+    """Any other scheme (``mailto:``, ``http:``, ``urn:``): carried as text."""
+
+    scheme: str
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
+
+    def equals(self, other: object) -> bool:
+        return isinstance(other, AbsoluteURI) and self.text == other.text
+
+    def param(self, name: str, default: str | None = None) -> str | None:
+        return default
+
+
+URI = SipURI | TelURI | AbsoluteURI
+
+
+def _unesc(value: str | None) -> str | None:
+    return None if value is None else unquote(value)
+
+
+def _merge(
+    params: tuple[tuple[str, str | None], ...], changes: dict[str, str | None]
+) -> tuple[tuple[str, str | None], ...]:
+    lower = {k.lower(): (k, v) for k, v in changes.items()}
+    out: list[tuple[str, str | None]] = []
+    for name, value in params:
+        hit = lower.pop(name.lower(), None)
+        out.append((name, hit[1]) if hit else (name, value))
+    out.extend(lower.values())
+    return tuple(out)
+
+
+def parse_uri(text: str) -> URI:
+    """Parse a URI; raise :class:`URIError` with the reason."""
+    scheme, colon, rest = text.partition(":")
+    if not colon or not _SCHEME_RE.match(scheme):
+        raise URIError(f"no scheme in URI {text!r}")
+    lscheme = scheme.lower()
+    if lscheme in ("sip", "sips"):
+        return _parse_sip(lscheme, rest, text)
+    if lscheme == "tel":
+        number, _, ptext = rest.partition(";")
+        if not _TEL_RE.match(number):
+            raise URIError(f"bad telephone number in {text!r}")
+        return TelURI(number=number, params=_split_params(ptext, ";"))
+    if not rest or any(c in rest for c in ' \t<>"') or any(ord(c) < 33 for c in rest):
+        raise URIError(f"bad URI {text!r}")
+    return AbsoluteURI(scheme=lscheme, text=text)
+
+
+_SIP_MATCH = re.compile(
+    rf"(?:(?P<user>(?:[{_UNRESERVED}&=+$,;?/]|%[0-9A-Fa-f]{{2}})+)"
+    rf"(?::(?P<password>(?:[{_UNRESERVED}&=+$,]|%[0-9A-Fa-f]{{2}})*))?@)?"
+    rf"(?P<host>\[[0-9A-Fa-f:.]+\]|{_IPV4}|{_HOSTNAME})(?::(?P<port>[0-9]{{1,5}}))?"
+    rf"(?P<params>(?:;(?:[{_UNRESERVED}\[\]/:&+$]|%[0-9A-Fa-f]{{2}})+"
+    rf"(?:=(?:[{_UNRESERVED}\[\]/:&+$]|%[0-9A-Fa-f]{{2}})*)?)*)"
+    r"(?:\?(?P<headers>[^\s]*))?\Z"
+).match
+
+
+def _parse_sip(scheme: str, rest: str, text: str) -> SipURI:
+    m = _SIP_MATCH(rest)
+    if m is None:
+        raise URIError(f"bad SIP URI {text!r}")
+    user, password, host, port_text, ptext, htext = m.groups()
+    port = None
+    if port_text is not None:
+        port = int(port_text)
+        if port > 65535:
+            raise URIError(f"bad port in {text!r}")
+    return SipURI(
+        scheme,
+        user,
+        host,
+        port,
+        password,
+        _split_params(ptext, ";") if ptext else (),
+        _split_params(htext, "&") if htext else (),
+        scheme + ":" + rest,
+    )
+
+
+def parse_sip_uri(text: str) -> SipURI:
+    uri = parse_uri(text)
+    if not isinstance(uri, SipURI):
+        raise URIError(f"not a sip/sips URI: {text!r}")
+    return uri

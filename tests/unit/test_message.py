@@ -1,0 +1,212 @@
+"""Parser and serializer: round trips, header model, typed views."""
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from registrar.sip.errors import ParseError
+from registrar.sip.headers import split_commas
+from registrar.sip.message import Headers, Request, Response, check_fields, make_response, parse_message
+from registrar.sip.uri import SipURI
+from tests.unit.sipdata import INVITE, REGISTER
+
+
+def test_register_round_trip_is_byte_exact() -> None:
+    msg = parse_message(REGISTER)
+    assert msg.to_bytes() == REGISTER
+
+
+def test_register_fields() -> None:
+    msg = parse_message(REGISTER)
+    assert isinstance(msg, Request)
+    assert msg.method == "REGISTER"
+    assert str(msg.uri) == "sip:example.com"
+    assert msg.call_id == "c1@192.0.2.10"
+    assert (msg.cseq.seq, msg.cseq.method) == (10, "REGISTER")
+    assert msg.from_.display == '"Alice"' and msg.from_.tag == "f1"
+    assert isinstance(msg.to.uri, SipURI) and msg.to.uri.user == "alice"
+    via = msg.top_via
+    assert (via.transport, via.host, via.port, via.branch, via.rport) == (
+        "UDP",
+        "192.0.2.10",
+        5062,
+        "z9hG4bK-a1",
+        "",
+    )
+    (contact,) = msg.contacts
+    assert contact.expires == "1800"
+    assert contact.instance == "<urn:uuid:1111>"
+    assert contact.uri.transport == "udp"
+    assert msg.headers.values("allow") == ["INVITE", "ACK", "CANCEL", "BYE", "OPTIONS"]
+
+
+def test_compact_forms_are_the_same_headers() -> None:
+    raw = (
+        b"OPTIONS sip:a@b.example SIP/2.0\r\nv: SIP/2.0/TCP h.example;branch=z9hG4bK1\r\n"
+        b"f: <sip:x@y.example>;tag=1\r\nt: sip:a@b.example\r\ni: abc\r\nCSeq: 1 OPTIONS\r\n"
+        b"m: <sip:x@1.2.3.4>\r\nk: path, gruu\r\nl: 0\r\ns: hi\r\ne: gzip\r\no: reg\r\nu: dialog\r\n"
+        b"r: <sip:c@d.example>\r\nb: <sip:e@f.example>\r\nx: 90\r\ny: abc\r\nc: text/plain\r\n\r\n"
+    )
+    msg = parse_message(raw)
+    assert msg.call_id == "abc"
+    assert msg.headers.get("Call-ID") == "abc"
+    assert msg.headers.values("Supported") == ["path", "gruu"]
+    for full in (
+        "Subject",
+        "Content-Encoding",
+        "Event",
+        "Allow-Events",
+        "Refer-To",
+        "Referred-By",
+        "Session-Expires",
+        "Identity",
+        "Content-Type",
+        "Contact",
+        "Content-Length",
+    ):
+        assert msg.headers.get(full) is not None, full
+    assert msg.to_bytes() == raw
+
+
+def test_comma_split_respects_quotes_and_brackets() -> None:
+    value = '"Doe, John" <sip:j@x.example;a=1,2>;q=0.5, <sip:k@y.example>, sip:z@w.example'
+    assert split_commas(value) == [
+        '"Doe, John" <sip:j@x.example;a=1,2>;q=0.5',
+        "<sip:k@y.example>",
+        "sip:z@w.example",
+    ]
+
+
+def test_multiple_contacts_and_star() -> None:
+    raw = REGISTER.replace(
+        b"Contact: <sip:alice@192.0.2.10:5062;transport=udp>",
+        b'Contact: <sip:a@1.2.3.4>;q=0.5, "B" <sip:b@1.2.3.5>\r\n'
+        b"m: <sip:c@1.2.3.6>;expires=0\r\nContact: <sip:d@1.2.3.7>",
+    )
+    msg = parse_message(raw)
+    uris = [str(c.uri) for c in msg.contacts]
+    assert uris == ["sip:a@1.2.3.4", "sip:b@1.2.3.5", "sip:c@1.2.3.6", "sip:d@1.2.3.7"]
+    assert msg.contacts[0].q == 0.5
+    star = parse_message(
+        REGISTER.replace(
+            b"Contact: <sip:alice@192.0.2.10:5062;transport=udp>;"
+            b'+sip.instance="<urn:uuid:1111>";expires=1800',
+            b"Contact: *",
+        )
+    )
+    assert star.contacts[0].star
+
+
+def test_editing_a_header_refreshes_its_typed_view() -> None:
+    msg = parse_message(REGISTER)
+    assert msg.contacts[0].expires == "1800"
+    msg.headers.set("Contact", "<sip:alice@10.0.0.2:5060;ctid=7>;expires=60")
+    assert msg.contacts[0].expires == "60"
+    assert b"Contact: <sip:alice@10.0.0.2:5060;ctid=7>;expires=60\r\n" in msg.to_bytes()
+    # untouched headers stay byte-exact
+    assert b'From: "Alice" <sip:alice@example.com>;tag=f1\r\n' in msg.to_bytes()
+
+
+def test_via_push_pop() -> None:
+    msg = parse_message(REGISTER)
+    msg.headers.prepend("Via", "SIP/2.0/UDP 10.0.0.2:5060;branch=z9hG4bKmid")
+    assert [v.host for v in msg.vias] == ["10.0.0.2", "192.0.2.10"]
+    assert msg.headers.pop_first_value("Via") == "SIP/2.0/UDP 10.0.0.2:5060;branch=z9hG4bKmid"
+    assert msg.to_bytes() == REGISTER
+    combined = Headers()
+    combined.add("Via", "SIP/2.0/UDP a.example;branch=z9hG4bK1, SIP/2.0/UDP b.example;branch=z9hG4bK2")
+    assert combined.pop_first_value("Via") == "SIP/2.0/UDP a.example;branch=z9hG4bK1"
+    assert combined.get("via") == "SIP/2.0/UDP b.example;branch=z9hG4bK2"
+
+
+def test_body_and_content_length() -> None:
+    msg = parse_message(INVITE)
+    assert msg.body == b"v=0\n"
+    msg.body = b"v=0\r\no=x\r\n"
+    assert b"Content-Length: 10\r\n\r\nv=0\r\no=x\r\n" in msg.to_bytes()
+
+
+def test_extra_bytes_after_body_on_udp_are_ignored() -> None:
+    msg = parse_message(INVITE + b"garbage")
+    assert msg.body == b"v=0\n"
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (INVITE.replace(b"Content-Length: 4", b"Content-Length: 40"), "Content-Length larger"),
+        (INVITE.replace(b"Content-Length: 4", b"Content-Length: -4"), "bad Content-Length"),
+        (REGISTER.replace(b"Call-ID: c1@192.0.2.10\r\n", b""), "missing call-id"),
+        (REGISTER.replace(b"CSeq: 10 REGISTER", b"CSeq: 10 INVITE"), "CSeq method"),
+        (REGISTER.replace(b"CSeq: 10 REGISTER", b"CSeq: 99999999999 REGISTER"), "CSeq number too large"),
+        (REGISTER.replace(b"Max-Forwards: 70", b"Max-Forwards: 300"), "Max-Forwards"),
+        (REGISTER.replace(b"SIP/2.0\r\n", b"SIP/7.0\r\n", 1), "version"),
+        (REGISTER.replace(b"REGISTER sip:example.com", b"REGISTER  sip:example.com"), "Request-Line"),
+        (
+            REGISTER.replace(
+                b"To: <sip:alice@example.com>\r\n", b"To: <sip:alice@example.com>\r\nTo: <sip:b@c>\r\n"
+            ),
+            "duplicate to",
+        ),
+    ],
+)
+def test_invalid_requests_give_specific_400(raw: bytes, reason: str) -> None:
+    with pytest.raises(ParseError) as info:
+        parse_message(raw)
+    assert reason.lower() in info.value.reason.lower()
+    assert info.value.can_reply
+    assert info.value.status in (400, 505)
+
+
+def test_no_via_cannot_be_answered() -> None:
+    with pytest.raises(ParseError) as info:
+        parse_message(REGISTER.replace(b"Via: SIP/2.0/UDP 192.0.2.10:5062;rport;branch=z9hG4bK-a1\r\n", b""))
+    assert not info.value.can_reply
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        b'From: "Alice <sip:alice@example.com>;tag=f1',
+        b"From: Al<ice <sip:alice@example.com>;tag=f1",
+        b"From: sip:alice@example.com?x=y;tag=f1",
+    ],
+)
+def test_bad_from_is_refused_on_use(field: bytes) -> None:
+    msg = parse_message(REGISTER.replace(b'From: "Alice" <sip:alice@example.com>;tag=f1', field))
+    with pytest.raises(ParseError):
+        check_fields(msg)
+
+
+def test_make_response_copies_dialog_headers() -> None:
+    req = parse_message(REGISTER)
+    assert isinstance(req, Request)
+    resp = make_response(req, 200, to_tag="tt")
+    data = resp.to_bytes()
+    assert data.startswith(b"SIP/2.0 200 OK\r\n")
+    assert b"Via: SIP/2.0/UDP 192.0.2.10:5062;rport;branch=z9hG4bK-a1\r\n" in data
+    assert b"To: <sip:alice@example.com>;tag=tt\r\n" in data
+    back = parse_message(data)
+    assert isinstance(back, Response) and back.status == 200 and back.to.tag == "tt"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=600))
+def test_parser_never_raises_anything_but_parse_error(data: bytes) -> None:
+    try:
+        msg = parse_message(data)
+        check_fields(msg)
+    except ParseError:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(min_value=0, max_value=len(REGISTER)), st.binary(min_size=1, max_size=8))
+def test_mutated_register_never_crashes(pos: int, junk: bytes) -> None:
+    data = REGISTER[:pos] + junk + REGISTER[pos:]
+    try:
+        msg = parse_message(data)
+        check_fields(msg)
+        msg.to_bytes()
+    except ParseError:
+        pass
