@@ -1,0 +1,181 @@
+"""Pure renderers: a MidRegistrar spec in, Kubernetes objects out (no cluster)."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from midreg_operator import render
+from midreg_operator.spec import Ref, parse_spec
+
+from registrar.config import build_settings
+
+REF = Ref(name="edge", namespace="voip", uid="uid-1", generation=3)
+BASE = {"mainRegistrar": "sip:pbx.example.com:5060"}
+
+
+def spec(**extra: object) -> object:
+    return parse_spec({**BASE, **extra})
+
+
+def by_kind(objs: list[dict[str, object]]) -> dict[str, list[dict[str, object]]]:
+    out: dict[str, list[dict[str, object]]] = {}
+    for o in objs:
+        out.setdefault(str(o["kind"]), []).append(o)
+    return out
+
+
+def test_render_all_owned_objects_with_owner_reference() -> None:
+    objs = render.render_all(parse_spec(BASE), REF)
+    kinds = by_kind(objs)
+    assert sorted(kinds) == ["ConfigMap", "Deployment", "PodDisruptionBudget", "Service", "ServiceAccount"]
+    assert len(kinds["Service"]) == 2
+    for o in objs:
+        meta = o["metadata"]
+        assert isinstance(meta, dict)
+        assert meta["namespace"] == "voip"
+        (owner,) = meta["ownerReferences"]
+        assert owner == {
+            "apiVersion": "sip.midregistrar.io/v1alpha1",
+            "kind": "MidRegistrar",
+            "name": "edge",
+            "uid": "uid-1",
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+        assert meta["labels"]["app.kubernetes.io/instance"] == "edge"
+
+
+def test_configmap_goes_through_the_shared_config_model(tmp_path: object) -> None:
+    s = parse_spec(
+        {
+            **BASE,
+            "mode": "aor",
+            "insertion": "path",
+            "outgoingExpires": 7200,
+            "expires": {"min": 30, "default": 600, "max": 1800},
+            "maxContacts": 5,
+            "transports": [{"protocol": "udp", "port": 5070}],
+            "etcd": {"endpoints": ["10.1.1.1:2379", "10.1.1.2:2379"]},
+        }
+    )
+    cm = render.render_configmap(s, REF)
+    text = cm["data"]["config.yaml"]
+    data = yaml.safe_load(text)
+    assert data["mode"] == "aor"
+    assert data["insertion"] == "path"
+    assert data["listen"] == ["udp:0.0.0.0:5070"]
+    assert (data["min_expires"], data["default_expires"], data["max_expires"]) == (30, 600, 1800)
+    assert data["outgoing_expires"] == 7200
+    assert data["max_contacts"] == 5
+    assert data["store"] == "etcd"
+    assert data["etcd_endpoints"] == ["10.1.1.1:2379", "10.1.1.2:2379"]
+    assert data["etcd_prefix"] == "/midregistrar/voip/edge/"
+    assert data["http"] == "0.0.0.0:9090"
+    # What the pod reads back validates through the same model.
+    path = __import__("pathlib").Path(str(tmp_path)) / "config.yaml"
+    path.write_text(text)
+    assert build_settings(environ={}, config_file=path).mode == "aor"
+
+
+def test_memory_store_without_etcd_and_custom_prefix() -> None:
+    assert yaml.safe_load(render.render_config_yaml(spec(), REF))["store"] == "memory"
+    s = spec(etcd={"endpoints": ["e:2379"], "prefix": "/custom/"})
+    assert yaml.safe_load(render.render_config_yaml(s, REF))["etcd_prefix"] == "/custom/"
+
+
+def test_operator_environment_never_leaks_into_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MIDREG_MODE", "aor")
+    assert yaml.safe_load(render.render_config_yaml(spec(), REF))["mode"] == "mirror"
+
+
+def test_deployment_probes_hash_drain_and_security() -> None:
+    d = render.render_deployment(spec(replicas=3, terminationGracePeriodSeconds=90), REF)
+    assert d["spec"]["replicas"] == 3
+    tpl = d["spec"]["template"]
+    assert tpl["metadata"]["annotations"][render.CONFIG_HASH_ANNOTATION] == render.config_hash(spec(), REF)
+    pod = tpl["spec"]
+    (c,) = pod["containers"]
+    assert c["args"] == ["run", "--config", "/etc/midregistrar/config.yaml"]
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert c["lifecycle"]["preStop"]["sleep"]["seconds"] == render.PRESTOP_SLEEP_SECONDS
+    assert pod["terminationGracePeriodSeconds"] == 90 + render.PRESTOP_SLEEP_SECONDS
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert c["securityContext"]["runAsNonRoot"] is True
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["serviceAccountName"] == "edge-registrar"
+    assert {p["name"] for p in c["ports"]} == {"sip-udp-5060", "sip-tcp-5060", "http"}
+    assert "hostNetwork" not in pod
+    assert d["spec"]["selector"]["matchLabels"] == render.selector_labels(REF)
+
+
+def test_config_change_changes_hash_and_replica_change_does_not() -> None:
+    h = render.config_hash(spec(), REF)
+    assert render.config_hash(spec(expires={"min": 60, "default": 1800, "max": 3600}), REF) != h
+    assert render.config_hash(spec(etcd={"secretName": "creds"}), REF) != h
+    assert render.config_hash(spec(replicas=7), REF) == h
+
+
+def test_host_network_mode_one_pod_per_node() -> None:
+    d = render.render_deployment(spec(network={"mode": "hostNetwork"}), REF)
+    pod = d["spec"]["template"]["spec"]
+    assert pod["hostNetwork"] is True
+    assert pod["dnsPolicy"] == "ClusterFirstWithHostNet"
+    term = pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0]
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+    assert d["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
+    (c,) = pod["containers"]
+    assert all(p["hostPort"] == p["containerPort"] for p in c["ports"])
+    assert {"name": "MIDREG_ADVERTISE", "value": "$(NODE_IP)"} in c["env"]
+    svc = render.render_sip_service(spec(network={"mode": "hostNetwork"}), REF)
+    assert svc["spec"]["type"] == "ClusterIP"
+    assert "externalTrafficPolicy" not in svc["spec"]
+
+
+def test_service_mode_keeps_source_address() -> None:
+    s = spec(network={"mode": "service", "serviceType": "LoadBalancer", "annotations": {"lb": "x"}})
+    svc = render.render_sip_service(s, REF)
+    assert svc["spec"]["type"] == "LoadBalancer"
+    assert svc["spec"]["externalTrafficPolicy"] == "Local"
+    assert svc["metadata"]["annotations"] == {"lb": "x"}
+    assert [(p["protocol"], p["port"]) for p in svc["spec"]["ports"]] == [("UDP", 5060), ("TCP", 5060)]
+
+
+def test_headless_peers_service() -> None:
+    svc = render.render_peers_service(spec(), REF)
+    assert svc["metadata"]["name"] == "edge-peers"
+    assert svc["spec"]["clusterIP"] == "None"
+    assert svc["spec"]["publishNotReadyAddresses"] is True
+    assert "http" in {p["name"] for p in svc["spec"]["ports"]}
+
+
+def test_hpa_targets_the_midregistrar_scale_subresource() -> None:
+    assert render.render_hpa(spec(), REF) is None
+    assert render.absent_objects(spec(), REF) == [("autoscaling/v2", "HorizontalPodAutoscaler", "edge")]
+    s = spec(
+        autoscaling={"enabled": True, "minReplicas": 2, "maxReplicas": 6, "targetRegistersPerSecond": 400}
+    )
+    hpa = render.render_hpa(s, REF)
+    assert hpa is not None
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "sip.midregistrar.io/v1alpha1",
+        "kind": "MidRegistrar",
+        "name": "edge",
+    }
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 6)
+    assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 600
+    types = [m["type"] for m in hpa["spec"]["metrics"]]
+    assert types == ["Resource", "Pods"]
+    assert render.absent_objects(s, REF) == []
+    assert "HorizontalPodAutoscaler" in by_kind(render.render_all(s, REF))
+
+
+def test_pdb_and_secret_volume() -> None:
+    assert render.render_pdb(spec(), REF)["spec"]["maxUnavailable"] == 1
+    d = render.render_deployment(spec(etcd={"endpoints": ["e:2379"], "secretName": "etcd-creds"}), REF)
+    vols = {v["name"]: v for v in d["spec"]["template"]["spec"]["volumes"]}
+    assert vols["etcd-credentials"]["secret"]["secretName"] == "etcd-creds"
+
+
+def test_rendering_is_deterministic() -> None:
+    assert render.render_all(spec(), REF) == render.render_all(spec(), REF)
