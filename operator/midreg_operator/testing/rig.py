@@ -390,7 +390,7 @@ class ControlPlane:
                 [
                     str(self.bindir / "kwok"),
                     f"--kubeconfig={kc}",
-                    "--manage-all-nodes=false",
+                   
                     f"--manage-nodes-with-annotation-selector={FAKE_NODE_ANNOTATION}=fake",
                     "--node-ip=127.0.0.1",
                     "--cidr=10.244.0.0/16",
