@@ -1,0 +1,540 @@
+"""The sans-IO SIP stack: transactions, proxy core and stateless error replies behind one object.
+
+Shaped like aioquic's ``QuicConnection``: the shell feeds it (:meth:`Stack.receive` for bytes from a peer,
+:meth:`Stack.handle_timers` when :meth:`Stack.next_deadline` passes) and drains it after every call
+(:meth:`Stack.pop_outgoing` for bytes to send, :meth:`Stack.pop_events` for what the application must act
+on). The application answers with commands (:meth:`respond`, :meth:`proxy`, :meth:`finish`,
+:meth:`send_request`). Time is always passed in, so every rule can be tested without sleeping.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from registrar.sip.errors import ParseError
+from registrar.sip.headers import Via, split_commas
+from registrar.sip.message import (
+    Header,
+    Headers,
+    Request,
+    Response,
+    header_key,
+    make_response,
+    parse_message,
+)
+from registrar.sip.proxy import (
+    Branch,
+    ResponseContext,
+    build_cancel,
+    forward_copy,
+    is_loop,
+    make_branch,
+    strip_top_via,
+)
+from registrar.sip.transaction import (
+    ClientTransaction,
+    ServerKey,
+    ServerTransaction,
+    State,
+    Timers,
+    Transaction,
+    client_key,
+    server_key,
+    timeout_response,
+)
+from registrar.sip.transport import Peer, response_peer
+from registrar.sip.uri import URI, SipURI
+
+
+@dataclass(frozen=True, slots=True)
+class LocalAddress:
+    """One listening socket as it is written in Via / Record-Route / Contact (the advertised address)."""
+
+    transport: str
+    host: str
+    port: int
+
+    @property
+    def hostport(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+# --- events handed to the application ---------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class IncomingRequest:
+    """A new request (not a retransmission, not an ACK/CANCEL the stack handled) for the application."""
+
+    txn: ServerTransaction
+    request: Request
+    peer: Peer
+
+
+@dataclass(slots=True)
+class ProxyFinal:
+    """The final response chosen for a proxied request held for the application (``hold_final``)."""
+
+    ctx: ResponseContext
+    response: Response
+
+
+@dataclass(slots=True)
+class ClientResult:
+    """Final response (or a synthesized 408) for a request the application originated."""
+
+    handle: int
+    request: Request
+    response: Response
+    timed_out: bool = False
+
+
+@dataclass(slots=True)
+class StrayAck:
+    """An ACK for a 2xx (its own transaction): routed end to end by the application."""
+
+    request: Request
+    peer: Peer
+
+
+Event = IncomingRequest | ProxyFinal | ClientResult | StrayAck
+
+
+@dataclass
+class StackStats:
+    """Counters the shell exports as metrics."""
+
+    requests_in: dict[str, int] = field(default_factory=dict)
+    responses_out: dict[int, int] = field(default_factory=dict)
+    parse_errors: int = 0
+    retransmissions_absorbed: int = 0
+    loops: int = 0
+
+
+@dataclass(order=True)
+class _Timer:
+    deadline: float
+    seq: int
+    txn: Transaction = field(compare=False)
+    name: str = field(compare=False)
+
+
+class Stack:
+    """Transactions + stateful proxy core for one process. One instance, driven by one event loop."""
+
+    def __init__(
+        self,
+        locals_: list[LocalAddress],
+        *,
+        timers: Timers | None = None,
+        record_route: bool = False,
+        unique: Callable[[], str],
+    ) -> None:
+        if not locals_:
+            raise ValueError("the stack needs at least one local address")
+        self.locals = locals_
+        self.timers = timers or Timers()
+        self.record_route = record_route
+        self._unique = unique
+        self.stats = StackStats()
+        self._now = 0.0
+        self._out: list[tuple[bytes, Peer]] = []
+        self._events: list[Event] = []
+        self._heap: list[_Timer] = []
+        self._armed: dict[tuple[int, str], int] = {}
+        self._seq = itertools.count()
+        self._servers: dict[ServerKey, ServerTransaction] = {}
+        self._clients: dict[tuple[str, str], ClientTransaction] = {}
+        self._ctx_of_server: dict[int, ResponseContext] = {}
+        self._ctx_of_client: dict[int, ResponseContext] = {}
+        self._handles: dict[int, int] = {}
+        self._handle_seq = itertools.count(1)
+        self._local_vias = {(a.host.lower(), a.port) for a in locals_}
+
+    # ------------------------------------------------------------------------------------ outputs
+
+    def pop_outgoing(self) -> list[tuple[bytes, Peer]]:
+        out, self._out = self._out, []
+        return out
+
+    def pop_events(self) -> list[Event]:
+        events, self._events = self._events, []
+        return events
+
+    def next_deadline(self) -> float | None:
+        while self._heap:
+            top = self._heap[0]
+            if self._armed.get((id(top.txn), top.name)) == top.seq:
+                return top.deadline
+            heapq.heappop(self._heap)
+        return None
+
+    @property
+    def active_transactions(self) -> int:
+        return len(self._servers) + len(self._clients)
+
+    # ------------------------------------------------------------------------------------ Outbox
+
+    def send(self, data: bytes, peer: Peer) -> None:
+        self._out.append((data, peer))
+
+    def arm(self, txn: Transaction, name: str, delay: float) -> None:
+        seq = next(self._seq)
+        self._armed[(id(txn), name)] = seq
+        heapq.heappush(self._heap, _Timer(self._now + delay, seq, txn, name))
+
+    def disarm(self, txn: Transaction, name: str) -> None:
+        self._armed.pop((id(txn), name), None)
+
+    def response_in(self, txn: ClientTransaction, response: Response) -> None:
+        ctx = self._ctx_of_client.get(id(txn))
+        if ctx is not None:
+            self._proxy_response(ctx, txn, response)
+        elif response.status >= 200 and id(txn) in self._handles:
+            handle = self._handles.pop(id(txn))
+            self._events.append(ClientResult(handle, txn.request, response))
+
+    def timed_out(self, txn: ClientTransaction) -> None:
+        response = timeout_response(txn.request)
+        ctx = self._ctx_of_client.get(id(txn))
+        if ctx is not None:
+            self._proxy_response(ctx, txn, response)
+        elif id(txn) in self._handles:
+            handle = self._handles.pop(id(txn))
+            self._events.append(ClientResult(handle, txn.request, response, timed_out=True))
+
+    def terminated(self, txn: Transaction) -> None:
+        for name in ("A", "B", "D", "E", "F", "G", "H", "I", "J", "K", "L"):
+            self._armed.pop((id(txn), name), None)
+        if isinstance(txn, ServerTransaction):
+            if self._servers.get(txn.key) is txn:
+                del self._servers[txn.key]
+            self._ctx_of_server.pop(id(txn), None)
+        elif isinstance(txn, ClientTransaction):
+            if self._clients.get(txn.key) is txn:
+                del self._clients[txn.key]
+            self._ctx_of_client.pop(id(txn), None)
+            self._handles.pop(id(txn), None)
+
+    # ------------------------------------------------------------------------------------ inputs
+
+    def handle_timers(self, now: float) -> None:
+        self._now = now
+        while self._heap and self._heap[0].deadline <= now:
+            entry = heapq.heappop(self._heap)
+            key = (id(entry.txn), entry.name)
+            if self._armed.get(key) != entry.seq:
+                continue
+            del self._armed[key]
+            entry.txn.on_timer(entry.name, now)
+
+    def receive(self, data: bytes, peer: Peer, now: float) -> None:
+        """Bytes of one datagram (or one framed stream message) arrived from a peer."""
+        self._now = now
+        if not data.strip(b"\r\n"):
+            return  # keep-alive
+        try:
+            msg = parse_message(data, stream=peer.reliable)
+        except ParseError as exc:
+            self.stats.parse_errors += 1
+            self._reject_unparsable(data, peer, exc)
+            return
+        if isinstance(msg, Response):
+            self._receive_response(msg)
+        else:
+            self._receive_request(msg, peer)
+
+    # ------------------------------------------------------------------------------------ requests
+
+    def _receive_request(self, request: Request, peer: Peer) -> None:
+        method = request.method
+        self.stats.requests_in[method] = self.stats.requests_in.get(method, 0) + 1
+        _stamp_received(request, peer)
+        try:
+            key = server_key(request)
+        except ParseError as exc:
+            self._stateless_reply(request, peer, exc.status, exc.reason)
+            return
+        if method == "CANCEL":
+            self._receive_cancel(request, peer, key)
+            return
+        txn = self._servers.get(key)
+        if txn is not None and (method != "ACK" or txn.last_status >= 300):
+            self.stats.retransmissions_absorbed += 1
+            txn.on_retransmission(request)
+            return
+        if method == "ACK":
+            self._events.append(StrayAck(request, peer))
+            return
+        txn = ServerTransaction(self, self.timers, request, peer, key)
+        self._servers[key] = txn
+        if request.headers.get("max-forwards") == "0" and method != "OPTIONS":
+            self.respond(txn, make_response(request, 483))
+            return
+        if is_loop(request, self._local_vias):
+            self.stats.loops += 1
+            self.respond(txn, make_response(request, 482))
+            return
+        if method == "INVITE":
+            self.respond(txn, make_response(request, 100))
+        self._events.append(IncomingRequest(txn, request, peer))
+
+    def _receive_cancel(self, request: Request, peer: Peer, key: ServerKey) -> None:
+        own = self._servers.get(key)
+        if own is not None:  # a retransmitted CANCEL
+            own.on_retransmission(request)
+            return
+        txn = ServerTransaction(self, self.timers, request, peer, key)
+        self._servers[key] = txn
+        invite = self._servers.get((*key[:-1], "INVITE"))
+        if invite is None or invite.state is State.TERMINATED:
+            self.respond(txn, make_response(request, 481))
+            return
+        self.respond(txn, make_response(request, 200, to_tag=invite.to_tag))
+        ctx = self._ctx_of_server.get(id(invite))
+        if ctx is None:
+            # Not proxied (yet): answer the INVITE ourselves.
+            if invite.last_status < 200:
+                self.respond(invite, make_response(invite.request, 487, to_tag=invite.to_tag))
+            return
+        ctx.cancelled = True
+        for branch in ctx.branches:
+            self._cancel_branch(branch)
+
+    def _stateless_reply(self, request: Request, peer: Peer, status: int, reason: str | None = None) -> None:
+        if request.method == "ACK":
+            return
+        response = make_response(request, status, to_tag=self._unique())
+        if reason:
+            response.headers.add("Warning", f'399 midregistrar "{_quote(reason)}"')
+        self._send_response(response, response_peer(request.top_via, peer))
+
+    def _reject_unparsable(self, data: bytes, peer: Peer, exc: ParseError) -> None:
+        """Answer 400 (or 505/513) when a reply can be routed; otherwise drop silently."""
+        if not exc.can_reply:
+            return
+        partial = _salvage_request(data)
+        if partial is None:
+            return
+        try:
+            via = partial.top_via
+        except ParseError:
+            return
+        response = Response(exc.status, "", _reply_headers(partial))
+        response.reason = f"{response.reason} ({exc.reason})" if exc.status == 400 else response.reason
+        if "to" in response.headers and "tag=" not in (response.headers.get("to") or ""):
+            response.headers.set("To", f"{response.headers.get('to')};tag={self._unique()}")
+        self._send_response(response, response_peer(via, peer))
+
+    # ------------------------------------------------------------------------------------ responses
+
+    def _receive_response(self, response: Response) -> None:
+        txn = self._clients.get(client_key(response))
+        if txn is not None:
+            txn.on_response(response)
+            return
+        # Not ours to match: a 2xx retransmission for an INVITE whose client transaction ended.
+        vias = response.vias
+        if len(vias) >= 2 and (vias[0].host.lower(), vias[0].port or 5060) in self._local_vias:
+            upstream = strip_top_via(response)
+            self._send_response(upstream, _via_peer(upstream.top_via))
+
+    def _send_response(self, response: Response, peer: Peer) -> None:
+        self.stats.responses_out[response.status] = self.stats.responses_out.get(response.status, 0) + 1
+        self.send(response.to_bytes(stream=peer.reliable), peer)
+
+    # ------------------------------------------------------------------------------------ commands
+
+    def respond(self, txn: ServerTransaction, response: Response) -> None:
+        """Send a response on a server transaction (adds a To tag to locally built final responses)."""
+        if response.status > 100:
+            to = response.headers.get("to") or ""
+            if "tag=" not in to:
+                txn.to_tag = txn.to_tag or self._unique()
+                response.headers.set("To", f"{to};tag={txn.to_tag}")
+        self.stats.responses_out[response.status] = self.stats.responses_out.get(response.status, 0) + 1
+        txn.send_response(response, response_peer(txn.request.top_via, txn.peer))
+
+    def proxy(
+        self,
+        txn: ServerTransaction,
+        targets: list[tuple[Request | URI | None, Peer]],
+        *,
+        hold_final: bool = False,
+    ) -> ResponseContext:
+        """Forward a request on one branch per target, in parallel (§16.5–16.6).
+
+        A target is (request to send, or just the new Request-URI, or None to keep it; next-hop peer). A
+        full request is used as the branch copy's base (the mid-registrar's rewritten REGISTER).
+        """
+        ctx = ResponseContext(txn, txn.request, txn.peer, hold_final=hold_final)
+        self._ctx_of_server[id(txn)] = ctx
+        for target, peer in targets:
+            base = target if isinstance(target, Request) else txn.request
+            uri = None if isinstance(target, Request) or target is None else target
+            local = self.local_for(peer)
+            branch = make_branch(txn.request, self._unique())
+            via = Via(local.transport.upper(), local.host, local.port, (("branch", branch), ("rport", None)))
+            rr = f"<sip:{local.hostport};lr>" if self.record_route else None
+            copy = forward_copy(base, uri=uri, via=via, record_route=rr, drop_top_route=False)
+            client = ClientTransaction(self, self.timers, copy, peer)
+            self._clients[client.key] = client
+            self._ctx_of_client[id(client)] = ctx
+            ctx.branches.append(Branch(client, peer))
+            client.start()
+        if not targets:
+            self.respond(txn, make_response(txn.request, 480))
+            ctx.finished = True
+        return ctx
+
+    def finish(self, ctx: ResponseContext, response: Response) -> None:
+        """Send the (possibly rewritten) held final response upstream."""
+        if ctx.finished:
+            return
+        ctx.finished = True
+        self.respond(ctx.server, response)
+
+    def send_request(self, request: Request, peer: Peer) -> int:
+        """Originate a request (a generated De-REGISTER, a keep-alive OPTIONS). Returns a handle that comes
+        back in a :class:`ClientResult`."""
+        local = self.local_for(peer)
+        via = Via(local.transport.upper(), local.host, local.port, (("branch", f"z9hG4bK-{self._unique()}"),))
+        request.headers.prepend("Via", str(via))
+        if "max-forwards" not in request.headers:
+            request.headers.add("Max-Forwards", "70")
+        client = ClientTransaction(self, self.timers, request, peer)
+        self._clients[client.key] = client
+        handle = next(self._handle_seq)
+        self._handles[id(client)] = handle
+        client.start()
+        return handle
+
+    def forward_stateless(self, request: Request, peer: Peer) -> None:
+        """Send a request on without a transaction (an ACK for a 2xx, §16.11)."""
+        local = self.local_for(peer)
+        via = Via(local.transport.upper(), local.host, local.port, (("branch", make_branch(request, "ack")),))
+        copy = forward_copy(request, uri=None, via=via)
+        self.send(copy.to_bytes(stream=peer.reliable), peer)
+
+    def local_for(self, peer: Peer) -> LocalAddress:
+        for address in self.locals:
+            if address.transport == peer.transport:
+                return address
+        return self.locals[0]
+
+    def is_local_uri(self, uri: URI) -> bool:
+        if not isinstance(uri, SipURI):
+            return False
+        return (uri.host.lower(), uri.port or 5060) in self._local_vias
+
+    # ------------------------------------------------------------------------------------ proxy internals
+
+    def _proxy_response(self, ctx: ResponseContext, txn: ClientTransaction, response: Response) -> None:
+        branch = ctx.branch_for(txn)
+        if branch is None:
+            return
+        status = response.status
+        if status < 200:
+            if branch.cancel_wanted and not branch.cancelled:
+                self._cancel_branch(branch)
+            if status > 100 and not ctx.finished and ctx.server.last_status < 200:
+                self._relay_upstream(ctx, response)
+            return
+        ctx.record_final(branch, response)
+        if 200 <= status < 300:
+            if ctx.invite:
+                # Every 2xx to an INVITE goes upstream at once; the others are cancelled.
+                ctx.sent_2xx = True
+                self._relay_upstream(ctx, response, force=True)
+                for other in ctx.branches:
+                    if other is not branch:
+                        self._cancel_branch(other)
+                ctx.finished = True
+                return
+        elif status >= 600 and ctx.invite:
+            for other in ctx.branches:
+                if other is not branch:
+                    self._cancel_branch(other)
+        if ctx.finished:
+            return
+        if 200 <= status < 300 or ctx.all_done():
+            final = response if 200 <= status < 300 else ctx.choose()
+            upstream = strip_top_via(final)
+            if ctx.hold_final:
+                self._events.append(ProxyFinal(ctx, upstream))
+            else:
+                ctx.finished = True
+                self.respond(ctx.server, upstream)
+
+    def _relay_upstream(self, ctx: ResponseContext, response: Response, *, force: bool = False) -> None:
+        upstream = strip_top_via(response)
+        if force and ctx.server.state is State.ACCEPTED:
+            ctx.server.send_response(upstream, response_peer(ctx.server.request.top_via, ctx.server.peer))
+            return
+        self.respond(ctx.server, upstream)
+
+    def _cancel_branch(self, branch: Branch) -> None:
+        if branch.done or branch.cancelled or branch.txn.request.method != "INVITE":
+            return
+        if not branch.txn.provisional_seen:
+            branch.cancel_wanted = True  # §9.1: wait for a provisional response before cancelling
+            return
+        branch.cancelled = True
+        cancel = build_cancel(branch.txn.request)
+        client = ClientTransaction(self, self.timers, cancel, branch.target)
+        self._clients[client.key] = client
+        client.start()
+
+
+def _stamp_received(request: Request, peer: Peer) -> None:
+    """Add received/rport to the top Via as RFC 3261 §18.2.1 and RFC 3581 ask."""
+    via = request.top_via
+    changed = via
+    if via.rport is not None and via.rport == "":
+        changed = changed.with_param("rport", str(peer.port)).with_param("received", peer.host)
+    elif via.host.strip("[]") != peer.host:
+        changed = changed.with_param("received", peer.host)
+    if changed is not via:
+        first = request.headers.fields("via")[0]
+        rest = split_commas(first)[1:]
+        new_value = ", ".join([str(changed), *rest])
+        for h in request.headers:
+            if h.key == "via":
+                h.value = new_value
+                h.raw = None
+                break
+
+
+def _via_peer(via: Via) -> Peer:
+    return response_peer(via, Peer(via.transport.lower(), via.host, via.port or 5060))
+
+
+def _quote(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def _reply_headers(request: Request) -> Headers:
+    items = [Header(h.name, h.value, h.raw, h.key) for h in request.headers if h.key in _REPLY_KEYS]
+    items.append(Header("Content-Length", "0"))
+    return Headers(items)
+
+
+_REPLY_KEYS = frozenset({"via", "from", "to", "call-id", "cseq"})
+
+
+def _salvage_request(data: bytes) -> Request | None:
+    """The parts of an unparsable request that a 400 needs (Via, From, To, Call-ID, CSeq), if any."""
+    head = data.split(b"\r\n\r\n", 1)[0].decode("utf-8", "surrogateescape")
+    lines = head.split("\r\n")
+    if not lines or lines[0].startswith("SIP/"):
+        return None
+    items = []
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        if colon and header_key(name.strip()) in _REPLY_KEYS:
+            items.append(Header(name.strip(), value.strip()))
+    request = Request(lines[0].split(" ", 1)[0] or "UNKNOWN", "sip:invalid", Headers(items))
+    return request if request.headers.get("via") else None

@@ -1,0 +1,68 @@
+"""Transport-level values shared by the sans-IO layers: where a message came from and where it goes.
+
+No sockets here: the asyncio shell turns a :class:`Peer` into a socket or a connection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from registrar.sip.headers import Via
+from registrar.sip.uri import URI, SipURI
+
+RELIABLE = frozenset({"tcp", "tls", "ws", "wss", "sctp"})
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """A remote address on a transport, optionally pinned to an existing connection (``conn``).
+
+    ``local`` is the index of the listening socket the message arrived on or must leave from.
+    """
+
+    transport: str
+    host: str
+    port: int
+    conn: int | None = None
+    local: int = 0
+
+    @property
+    def reliable(self) -> bool:
+        return self.transport in RELIABLE
+
+    def without_conn(self) -> Peer:
+        return Peer(self.transport, self.host, self.port, None, self.local)
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
+        return f"{self.transport}:{host}:{self.port}"
+
+
+def default_port(transport: str) -> int:
+    return 5061 if transport in ("tls", "wss") else 5060
+
+
+def peer_for_uri(uri: URI, local: int = 0) -> Peer:
+    """Next hop for a SIP URI (RFC 3263 without DNS: maddr, host, port and transport as written)."""
+    if not isinstance(uri, SipURI):
+        raise ValueError(f"cannot route to a non-SIP URI: {uri}")
+    host = uri.param("maddr") or uri.host
+    transport = uri.transport
+    port = uri.port or default_port(transport)
+    return Peer(transport, host.strip("[]"), port, None, local)
+
+
+def response_peer(via: Via, source: Peer) -> Peer:
+    """Where a response to a request with this top Via goes (RFC 3261 §18.2.2, RFC 3581)."""
+    transport = via.transport.lower()
+    if source.reliable and source.conn is not None:
+        return source
+    host = via.received or via.host
+    rport = via.rport
+    if rport:
+        port = int(rport)
+    elif rport == "":
+        port = source.port
+    else:
+        port = via.port or default_port(transport)
+    return Peer(transport, host.strip("[]"), port, None, source.local)

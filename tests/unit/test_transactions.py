@@ -1,0 +1,186 @@
+"""RFC 3261 §17 transactions through the sans-IO stack, on a virtual clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from registrar.sip.message import Request, Response, make_response
+from registrar.sip.stack import ClientResult, IncomingRequest, StrayAck
+from registrar.sip.transport import Peer
+from tests.unit.stackkit import MAIN, PHONE, make_rig, request_bytes, response_to
+
+
+def _incoming(rig) -> IncomingRequest:  # type: ignore[no-untyped-def]
+    events = rig.take_events()
+    assert len(events) == 1 and isinstance(events[0], IncomingRequest)
+    return events[0]
+
+
+def test_non_invite_server_absorbs_retransmissions_and_times_out_with_timer_j() -> None:
+    rig = make_rig()
+    data = request_bytes("REGISTER", "sip:example.com", via="SIP/2.0/UDP 192.0.2.10:5062")
+    rig.feed(data, PHONE)
+    ev = _incoming(rig)
+    rig.stack.respond(ev.txn, make_response(ev.request, 200))
+    rig.drain()
+    [(resp, peer)] = rig.take()
+    assert isinstance(resp, Response) and resp.status == 200 and peer.port == 5062
+    rig.feed(data, PHONE)  # retransmission: last response again, no new event
+    assert [r.status for r, _ in rig.take() if isinstance(r, Response)] == [200]
+    assert rig.take_events() == []
+    rig.advance(31.9)
+    assert rig.stack.active_transactions == 1
+    rig.advance(0.2)  # Timer J = 64*T1
+    assert rig.stack.active_transactions == 0
+    rig.feed(data, PHONE)  # after J a copy is a new request
+    assert isinstance(rig.take_events()[0], IncomingRequest)
+
+
+def test_non_invite_server_over_tcp_ends_at_once() -> None:
+    rig = make_rig()
+    peer = Peer("tcp", "192.0.2.10", 40000, conn=7)
+    rig.feed(request_bytes("REGISTER", "sip:example.com", via="SIP/2.0/TCP 192.0.2.10:5062"), peer)
+    ev = _incoming(rig)
+    rig.stack.respond(ev.txn, make_response(ev.request, 200))
+    rig.drain()
+    [(_, out_peer)] = rig.take()
+    assert out_peer.conn == 7  # the response goes back on the same connection
+    rig.advance(0)
+    assert rig.stack.active_transactions == 0
+
+
+def test_invite_server_sends_100_and_retransmits_final_with_timer_g_until_ack() -> None:
+    rig = make_rig()
+    rig.feed(request_bytes("INVITE"), MAIN)
+    [(trying, _)] = rig.take()
+    assert isinstance(trying, Response) and trying.status == 100
+    ev = _incoming(rig)
+    rig.stack.respond(ev.txn, make_response(ev.request, 486))
+    rig.drain()
+    assert [r.status for r, _ in rig.take() if isinstance(r, Response)] == [486]
+    rig.advance(0.5)
+    rig.advance(1.0)
+    rig.advance(2.0)
+    assert [r.status for r, _ in rig.take() if isinstance(r, Response)] == [486, 486, 486]
+    tag = ev.txn.to_tag
+    rig.feed(request_bytes("ACK", to_tag=tag), MAIN)  # same branch: the ACK of the non-2xx
+    assert rig.take_events() == []  # absorbed, hop by hop
+    rig.advance(10)
+    assert rig.take() == []
+    assert rig.stack.active_transactions == 0
+
+
+def test_invite_server_timer_h_gives_up_without_ack() -> None:
+    rig = make_rig()
+    rig.feed(request_bytes("INVITE"), MAIN)
+    ev = _incoming(rig)
+    rig.stack.respond(ev.txn, make_response(ev.request, 404))
+    rig.advance(40)
+    statuses = [r.status for r, _ in rig.take() if isinstance(r, Response)]
+    # 100, the 404 and its G retransmissions (0.5, 1, 2, 4, 4, ... capped at T2) until H at 32 s
+    assert statuses[0] == 100 and statuses[1] == 404
+    assert 8 <= len(statuses) - 2 <= 11
+    assert rig.stack.active_transactions == 0
+
+
+def test_non_invite_client_retransmits_with_timer_e_and_times_out_with_f() -> None:
+    rig = make_rig()
+    req = Request("OPTIONS", "sip:10.0.0.3:5070")
+    for name, value in [
+        ("From", "<sip:mid@10.0.0.2>;tag=x"),
+        ("To", "<sip:10.0.0.3>"),
+        ("Call-ID", "o1"),
+        ("CSeq", "1 OPTIONS"),
+    ]:
+        req.headers.add(name, value)
+    handle = rig.stack.send_request(req, MAIN)
+    rig.drain()
+    rig.advance(32.1)
+    sends = rig.take()
+    # t=0, 0.5, 1.5, 3.5, 7.5, 11.5, 15.5, 19.5, 23.5, 27.5, 31.5
+    assert len(sends) == 11
+    [result] = rig.take_events()
+    assert isinstance(result, ClientResult) and result.handle == handle
+    assert result.timed_out and result.response.status == 408
+
+
+def test_non_invite_client_over_tcp_does_not_retransmit() -> None:
+    rig = make_rig()
+    req = Request("OPTIONS", "sip:10.0.0.3:5070;transport=tcp")
+    for name, value in [
+        ("From", "<sip:mid@10.0.0.2>;tag=x"),
+        ("To", "<sip:10.0.0.3>"),
+        ("Call-ID", "o2"),
+        ("CSeq", "1 OPTIONS"),
+    ]:
+        req.headers.add(name, value)
+    rig.stack.send_request(req, Peer("tcp", "10.0.0.3", 5070))
+    rig.drain()
+    rig.advance(20)
+    assert len(rig.take()) == 1
+    [(sent, _)] = [(req, None)]
+    assert "TCP" in str(sent.top_via)
+
+
+def test_client_response_ends_transaction_and_reports_once() -> None:
+    rig = make_rig()
+    req = Request("OPTIONS", "sip:10.0.0.3:5070")
+    for name, value in [
+        ("From", "<sip:mid@10.0.0.2>;tag=x"),
+        ("To", "<sip:10.0.0.3>"),
+        ("Call-ID", "o3"),
+        ("CSeq", "1 OPTIONS"),
+    ]:
+        req.headers.add(name, value)
+    rig.stack.send_request(req, MAIN)
+    rig.drain()
+    [(sent, _)] = rig.take()
+    assert isinstance(sent, Request)
+    rig.feed(response_to(sent, 200), MAIN)
+    rig.feed(response_to(sent, 200), MAIN)  # retransmission absorbed (Timer K state)
+    results = [e for e in rig.take_events() if isinstance(e, ClientResult)]
+    assert len(results) == 1 and results[0].response.status == 200
+    rig.advance(5.1)
+    assert rig.stack.active_transactions == 0
+
+
+def test_rfc2543_branchless_retransmission_is_matched() -> None:
+    rig = make_rig()
+    data = request_bytes(
+        "REGISTER", "sip:example.com", branch="oldstyle-1", via="SIP/2.0/UDP 192.0.2.10:5062"
+    )
+    rig.feed(data, PHONE)
+    ev = _incoming(rig)
+    rig.stack.respond(ev.txn, make_response(ev.request, 200))
+    rig.drain()
+    rig.take()
+    rig.feed(data, PHONE)
+    assert rig.take_events() == []
+    assert [r.status for r, _ in rig.take() if isinstance(r, Response)] == [200]
+
+
+def test_ack_for_2xx_is_a_stray_ack_for_the_application() -> None:
+    rig = make_rig()
+    rig.feed(request_bytes("ACK", branch="z9hG4bK-ack2xx", to_tag="t9"), MAIN)
+    [ev] = rig.take_events()
+    assert isinstance(ev, StrayAck)
+
+
+@pytest.mark.parametrize("garbage", [b"hello world", b"\x00\xff" * 40, b"INVITE sip:x SIP/2.0\r\n\r\n"])
+def test_garbage_is_dropped_silently(garbage: bytes) -> None:
+    rig = make_rig()
+    rig.feed(garbage, PHONE)
+    assert rig.take() == [] and rig.take_events() == []
+    assert rig.stack.stats.parse_errors == 1
+
+
+def test_request_without_call_id_gets_400() -> None:
+    rig = make_rig()
+    data = request_bytes("REGISTER", "sip:example.com", via="SIP/2.0/UDP 192.0.2.10:5062").replace(
+        b"Call-ID: call-1\r\n", b""
+    )
+    rig.stack.receive(data, PHONE, 0.0)
+    [(raw, peer)] = rig.stack.pop_outgoing()
+    assert raw.startswith(b"SIP/2.0 400 Bad Request (missing call-id")
+    assert b"Via: SIP/2.0/UDP 192.0.2.10:5062;branch=z9hG4bK-1" in raw
+    assert peer.port == 5062
