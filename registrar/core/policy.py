@@ -1,0 +1,92 @@
+"""Registrar rules shared by every mode: AoR canonical form (SPEC §3.2) and lifetimes (SPEC §3.3)."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from urllib.parse import unquote
+
+from registrar.config import Settings
+from registrar.sip.headers import Contact
+from registrar.sip.uri import URI, SipURI, TelURI
+
+MAX_AOR_LEN = 256
+MAX_USERNAME_LEN = 64
+MAX_DOMAIN_LEN = 64
+MAX_CONTACT_LEN = 255
+
+
+class RegistrarError(Exception):
+    """A REGISTER is refused: ``status`` and the ``P-Registrar-Error`` text (SPEC §3.1, §3.5)."""
+
+    def __init__(self, status: int, text: str) -> None:
+        super().__init__(text)
+        self.status = status
+        self.text = text
+
+
+def canonical_aor(uri: URI, settings: Settings) -> str:
+    """The AoR of a To URI: user %-unescaped, realm prefix stripped, host lower-cased (SPEC §3.2, T06)."""
+    if isinstance(uri, TelURI):
+        user, host = uri.number, ""
+    elif isinstance(uri, SipURI):
+        user, host = unquote(uri.user or ""), uri.host
+    else:
+        raise RegistrarError(400, "Bad AoR URI scheme")
+    if not user:
+        raise RegistrarError(400, "Missing AoR username")
+    if len(user) > MAX_USERNAME_LEN or len(host) > MAX_DOMAIN_LEN:
+        raise RegistrarError(500, "Address Of Record too long")
+    if settings.use_domain and host:
+        prefix = settings.realm_prefix
+        # [REC] compare the prefix case-insensitively (T06).
+        if prefix and len(host) > len(prefix) and host.lower().startswith(prefix.lower()):
+            host = host[len(prefix) :]
+        aor = f"{user}@{host.lower()}"
+    else:
+        aor = user
+    if not settings.case_sensitive:
+        aor = aor.lower()
+    if len(aor) > MAX_AOR_LEN:
+        raise RegistrarError(500, "Address Of Record too long")
+    return aor
+
+
+@dataclass(frozen=True, slots=True)
+class Lifetimes:
+    requested: int  # e_req: what the UA asked (or the default)
+    local: int  # e: clamped and randomised local lifetime
+    outgoing: int  # what the relayed REGISTER carries
+
+
+def requested_expires(contact: Contact, header: int | None, settings: Settings) -> int:
+    """e_req: Contact ;expires, else the Expires header, else the default (SPEC §3.3)."""
+    value = contact.expires
+    if value:
+        return int(value) if value.isdigit() else settings.default_expires
+    if header is not None:
+        return header
+    return settings.default_expires
+
+
+def clamp(e: int, settings: Settings) -> int:
+    if e != 0 and settings.min_expires and e < settings.min_expires:
+        e = settings.min_expires
+    if e != 0 and settings.max_expires and e > settings.max_expires:
+        e = settings.max_expires
+    return e
+
+
+def lifetimes(
+    contact: Contact, header: int | None, settings: Settings, rng: random.Random | None = None
+) -> Lifetimes:
+    requested = requested_expires(contact, header, settings)
+    local = clamp(requested, settings)
+    if local and settings.expires_max_deviation and rng is not None:
+        d = settings.expires_max_deviation
+        local = clamp(max(1, local + rng.randint(-d, d)), settings)
+    if settings.mode.value == "mirror":
+        outgoing = requested
+    else:
+        outgoing = 0 if requested == 0 else settings.outgoing_expires
+    return Lifetimes(requested, local, outgoing)

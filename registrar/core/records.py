@@ -1,0 +1,78 @@
+"""The mid-registrar's state: an AoR record and its contact bindings (DESIGN.md §5, SPEC.md §2).
+
+Plain dataclasses with a JSON form (``to_dict``/``from_dict``, versioned with ``v``) so that every store
+backend keeps the same records.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from registrar.sip.transport import Peer
+
+RECORD_VERSION = 1
+
+
+@dataclass(slots=True)
+class Binding:
+    """One contact of an AoR, as the phone registered it."""
+
+    ctid: int
+    contact: str  # the UA's Contact URI exactly as sent
+    expires_at: float  # absolute, on the engine's clock
+    source: Peer  # where the REGISTER came from: the flow to reach the phone (received, RFC 3581)
+    call_id: str
+    cseq: int
+    q: float | None = None
+    path: list[str] = field(default_factory=list)
+    instance: str | None = None
+    reg_id: str | None = None
+    methods: list[str] | None = None
+    user_agent: str | None = None
+    updated_at: float = 0.0
+
+    def remaining(self, now: float) -> int:
+        return max(0, round(self.expires_at - now))
+
+    def valid(self, now: float) -> bool:
+        return self.expires_at > now
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["source"] = asdict(self.source)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Binding:
+        data = dict(data)
+        data["source"] = Peer(**data["source"])
+        return cls(**data)
+
+
+@dataclass(slots=True)
+class AorRecord:
+    """An AoR and its bindings, keyed by contact id."""
+
+    aor: str
+    bindings: dict[int, Binding] = field(default_factory=dict)
+    version: int = 0  # the store's revision when loaded (compare-and-swap on commit)
+
+    def valid_bindings(self, now: float) -> list[Binding]:
+        """Unexpired bindings in lookup order: descending q (no q counts lowest), then oldest first."""
+        found = [b for b in self.bindings.values() if b.valid(now)]
+        return sorted(found, key=lambda b: -(b.q if b.q is not None else -1.0))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "v": RECORD_VERSION,
+            "aor": self.aor,
+            "bindings": [b.to_dict() for b in self.bindings.values()],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AorRecord:
+        if data.get("v") != RECORD_VERSION:
+            raise ValueError(f"unsupported AoR record version {data.get('v')!r}")
+        bindings = [Binding.from_dict(b) for b in data.get("bindings", [])]
+        return cls(aor=data["aor"], bindings={b.ctid: b for b in bindings})

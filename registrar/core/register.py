@@ -1,0 +1,294 @@
+"""REGISTER handling as pure functions (SPEC.md §3, §4): validate, rewrite for the main registrar, apply
+its 2xx, build the replies. Nothing here awaits, sends or reads a clock: ``now`` and ids come in.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from registrar.config import ContactIdInsertion, Settings
+from registrar.core.policy import MAX_CONTACT_LEN, Lifetimes, RegistrarError, canonical_aor, lifetimes
+from registrar.core.records import AorRecord, Binding
+from registrar.sip.errors import ParseError
+from registrar.sip.headers import Contact, parse_address
+from registrar.sip.message import Request, Response, make_response
+from registrar.sip.transport import Peer
+from registrar.sip.uri import URI, SipURI, URIError, parse_uri
+
+
+@dataclass(slots=True)
+class RegisterView:
+    """A validated REGISTER: its AoR, contacts and the Expires header (SPEC §3.1)."""
+
+    request: Request
+    aor: str
+    contacts: list[Contact]
+    star: bool
+    expires_header: int | None
+    source: Peer
+    paths: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class PlannedContact:
+    ctid: int
+    contact: Contact
+    life: Lifetimes
+    known: bool
+
+
+@dataclass(slots=True)
+class PendingRegister:
+    """What a relayed REGISTER changes once the main registrar answers 2xx."""
+
+    view: RegisterView
+    planned: list[PlannedContact]
+
+
+def inspect(request: Request, source: Peer, settings: Settings) -> RegisterView:
+    """Validate a REGISTER (SPEC §3.1 items 2–4); raise :class:`RegistrarError` with the reply to send."""
+    try:
+        to = request.to
+        request.call_id  # noqa: B018
+        request.cseq  # noqa: B018
+    except ParseError as exc:
+        raise RegistrarError(400, f"Bad header: {exc.reason}") from None
+    expires_text = request.headers.get("expires")
+    expires_header: int | None = None
+    if expires_text is not None:
+        if not expires_text.isdigit():
+            raise RegistrarError(400, "Expires parse error")
+        expires_header = int(expires_text)
+    try:
+        contacts = request.contacts
+    except ParseError as exc:
+        raise RegistrarError(400, f"Bad Contact: {exc.reason}") from None
+    aor = canonical_aor(to.uri, settings)
+    star = any(c.star for c in contacts)
+    if star:
+        if len(contacts) > 1:
+            raise RegistrarError(400, "* used in contact and more than 1 contact")
+        if expires_header != 0:
+            raise RegistrarError(400, "* used in contact and expires is not zero")
+    for contact in contacts:
+        if not contact.star and len(str(contact.uri)) > MAX_CONTACT_LEN:
+            raise RegistrarError(400, "Contact URI too long")
+    paths = request.headers.values("path")
+    for value in paths:
+        try:
+            parse_address(value, "Path")
+        except ParseError as exc:
+            raise RegistrarError(400, f"Bad Path: {exc.reason}") from None
+    return RegisterView(request, aor, contacts, star, expires_header, source, paths)
+
+
+def find_binding(record: AorRecord | None, contact: Contact) -> Binding | None:
+    """Match by RFC 3261 URI comparison (usrloc matching_mode 0, SPEC §3.4)."""
+    if record is None:
+        return None
+    uri = contact.uri
+    for binding in record.bindings.values():
+        try:
+            stored = parse_uri(binding.contact)
+        except URIError:
+            continue
+        if stored.equals(uri):
+            return binding
+    return None
+
+
+def check_cseq(view: RegisterView, binding: Binding | None, now: float, settings: Settings) -> bool:
+    """SPEC §3.4. Returns True when the contact is a retransmission to skip; raises 400 when out of order."""
+    if binding is None or binding.call_id != view.request.call_id:
+        return False
+    n = view.request.cseq.seq + (1 if settings.allow_dup_cseq else 0)
+    if n > binding.cseq:
+        return False
+    if n == binding.cseq and now - binding.updated_at < settings.cseq_delay:
+        return True
+    raise RegistrarError(400, "Invalid CSeq number")
+
+
+def plan(
+    view: RegisterView,
+    record: AorRecord | None,
+    now: float,
+    settings: Settings,
+    new_id: Callable[[], int],
+    rng: random.Random | None = None,
+) -> PendingRegister:
+    """Decide each contact's id and lifetimes, re-using the id of a known binding (SPEC §4.2)."""
+    planned: list[PlannedContact] = []
+    if view.star:
+        return PendingRegister(view, planned)  # relayed unchanged (SPEC §3.1 item 5)
+    for contact in view.contacts:
+        binding = find_binding(record, contact)
+        if check_cseq(view, binding, now, settings):
+            continue
+        life = lifetimes(contact, view.expires_header, settings, rng)
+        ctid = binding.ctid if binding is not None else new_id()
+        planned.append(PlannedContact(ctid, contact, life, binding is not None))
+    return PendingRegister(view, planned)
+
+
+def rewritten_contact(pc: PlannedContact, hostport: str, settings: Settings) -> str:
+    """The Contact the main registrar sees: it points back at us and carries the contact id (SPEC §4.2)."""
+    extra = settings.extra_contact_params
+    if settings.contact_id_insertion is ContactIdInsertion.CT_USERNAME:
+        uri = f"sip:{pc.ctid}@{hostport}{extra}"
+    else:
+        user = pc.contact.uri.user if isinstance(pc.contact.uri, SipURI) else None
+        userinfo = f"{user}@" if user else ""
+        uri = f"sip:{userinfo}{hostport};{settings.contact_id_param}={pc.ctid}{extra}"
+    return f"<{uri}>;expires={pc.life.outgoing}"
+
+
+def relayed_request(pending: PendingRegister, main: URI, hostport: str, settings: Settings) -> Request:
+    """The REGISTER sent to the main registrar: new R-URI, rewritten contacts, no Path (SPEC §3.1, §4.2)."""
+    out = pending.view.request.copy()
+    out.uri = main
+    out.headers.remove("path")
+    if not pending.view.star:
+        out.headers.remove("contact")
+        for pc in pending.planned:
+            out.headers.add("Contact", rewritten_contact(pc, hostport, settings))
+    return out
+
+
+def reply_contact_id(uri: URI, settings: Settings) -> int | None:
+    """The contact id a URI from the main registrar carries, if any (SPEC §8.1)."""
+    if not isinstance(uri, SipURI):
+        return None
+    if settings.contact_id_insertion is ContactIdInsertion.CT_USERNAME:
+        text = uri.user
+    else:
+        text = uri.param(settings.contact_id_param)
+    if not text or not text.isdigit() or len(text) > 20:
+        return None
+    return int(text)
+
+
+def apply_2xx(
+    pending: PendingRegister, record: AorRecord | None, reply: Response, now: float, settings: Settings
+) -> AorRecord | None:
+    """Update the AoR from the main registrar's 2xx (SPEC §4.3 [REC]); returns the new record or None."""
+    view = pending.view
+    if view.star:
+        return None
+    header = reply.headers.get("expires")
+    header_expires = int(header) if header and header.isdigit() else None
+    granted: dict[int, int] = {}
+    for contact in _safe_contacts(reply):
+        if contact.star:
+            continue
+        ctid = reply_contact_id(contact.uri, settings)
+        if ctid is None:
+            continue  # a foreign contact (#1516): tolerated, ignored
+        value = contact.expires
+        if value and value.isdigit():
+            granted[ctid] = int(value)
+        elif header_expires is not None:
+            granted[ctid] = header_expires
+        else:
+            granted[ctid] = settings.default_expires
+    new = AorRecord(view.aor, dict(record.bindings) if record else {}, record.version if record else 0)
+    request = view.request
+    methods = _allow(request)
+    user_agent = request.headers.get("user-agent")
+    for pc in pending.planned:
+        e_out = granted.get(pc.ctid)
+        e = pc.life.local
+        if e == 0 or not e_out:
+            new.bindings.pop(pc.ctid, None)  # de-registered, or main no longer lists it
+            continue
+        e = min(e, e_out)
+        new.bindings[pc.ctid] = Binding(
+            ctid=pc.ctid,
+            contact=str(pc.contact.uri),
+            expires_at=now + e,
+            source=view.source,
+            call_id=request.call_id,
+            cseq=request.cseq.seq,
+            q=pc.contact.q,
+            path=list(view.paths),
+            instance=pc.contact.instance,
+            reg_id=pc.contact.reg_id,
+            methods=_contact_methods(pc.contact) or methods,
+            user_agent=user_agent,
+            updated_at=now,
+        )
+    return new if new.bindings else None
+
+
+def _safe_contacts(reply: Response) -> list[Contact]:
+    try:
+        return reply.contacts
+    except ParseError:
+        return []
+
+
+def _allow(request: Request) -> list[str] | None:
+    values = request.headers.values("allow")
+    return [v.upper() for v in values] if values else None
+
+
+def _contact_methods(contact: Contact) -> list[str] | None:
+    value = contact.param("methods")
+    if not value:
+        return None
+    return [m.strip().upper() for m in value.strip('"').split(",") if m.strip()]
+
+
+def format_binding(binding: Binding, now: float, settings: Settings) -> str:
+    """A Contact value for a 200 OK: UA URI, q, remaining expires, received when NATed (SPEC §3.5)."""
+    parts = [f"<{binding.contact}>"]
+    if binding.q is not None:
+        parts.append(f";q={binding.q:g}")
+    parts.append(f";expires={binding.remaining(now)}")
+    source = binding.source
+    try:
+        contact = parse_uri(binding.contact)
+    except URIError:
+        contact = None
+    if isinstance(contact, SipURI) and (
+        contact.host.strip("[]") != source.host or (contact.port or 5060) != source.port
+    ):
+        parts.append(f';{settings.received_param}="sip:{source.host}:{source.port}"')
+    return "".join(parts)
+
+
+def rewrite_reply(reply: Response, record: AorRecord | None, now: float, settings: Settings) -> Response:
+    """The main registrar's reply as the UA sees it: our bindings, no Expires (SPEC §4.3 steps 2, 5)."""
+    out = reply.copy()
+    out.headers.remove("contact")
+    out.headers.remove("expires")
+    _add_bindings(out, record, now, settings)
+    return out
+
+
+def binding_reply(
+    request: Request, record: AorRecord | None, now: float, settings: Settings, status: int = 200
+) -> Response:
+    """A locally built reply listing every valid binding of this AoR, never another's (SPEC §3.5 [REC])."""
+    out = make_response(request, status)
+    _add_bindings(out, record, now, settings)
+    return out
+
+
+def _add_bindings(response: Response, record: AorRecord | None, now: float, settings: Settings) -> None:
+    if record is None:
+        return
+    values = [format_binding(b, now, settings) for b in record.valid_bindings(now)]
+    if values:
+        response.headers.add("Contact", ", ".join(values))
+
+
+def error_reply(request: Request, error: RegistrarError, settings: Settings) -> Response:
+    """A locally built error with P-Registrar-Error, and Retry-After on 5xx when configured (SPEC §3.5)."""
+    out = make_response(request, error.status)
+    out.headers.add("P-Registrar-Error", error.text)
+    if error.status >= 500 and settings.retry_after:
+        out.headers.add("Retry-After", str(settings.retry_after))
+    return out
