@@ -176,6 +176,13 @@ class Stack:
     def active_transactions(self) -> int:
         return len(self._servers) + len(self._clients)
 
+    @property
+    def pending_transactions(self) -> int:
+        """Transactions still waiting for a final response (what a draining process must let finish)."""
+        open_states = (State.CALLING, State.TRYING, State.PROCEEDING)
+        servers = sum(1 for t in self._servers.values() if t.state in open_states)
+        return servers + sum(1 for t in self._clients.values() if t.state in open_states)
+
     # ------------------------------------------------------------------------------------ Outbox
 
     def send(self, data: bytes, peer: Peer) -> None:

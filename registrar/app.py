@@ -1,0 +1,105 @@
+"""Wires one registrar process together from :class:`Settings` and runs it until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from contextlib import suppress
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from registrar.config import Settings, StoreKind, split_hostport
+from registrar.core.service import MidRegistrar
+from registrar.http.app import EngineCollector, make_app
+from registrar.net.server import SipServer, build_stack
+from registrar.store.memory import MemoryStore
+
+log = logging.getLogger("midregistrar")
+
+PURGE_INTERVAL = 5.0
+DRAIN_TIMEOUT = 10.0
+
+
+class Registrar:
+    """One running process: SIP sockets, the core, the HTTP endpoints."""
+
+    def __init__(self, settings: Settings) -> None:
+        if settings.store is StoreKind.ETCD:
+            raise NotImplementedError("the etcd store is not built yet: use --store memory")
+        self.settings = settings
+        self.stack = build_stack(settings)
+        self.store = MemoryStore()
+        self.core = MidRegistrar(settings, self.stack, self.store)
+        self.ready = False
+        self.server: SipServer | None = None
+        self._http: web.AppRunner | None = None
+        self._stop = asyncio.Event()
+
+    async def start(self) -> None:
+        self.server = SipServer(self.settings, self.stack, self.core.handle)
+        await self.server.start()
+        if self.settings.http:
+            registry = CollectorRegistry()
+            registry.register(
+                EngineCollector(
+                    self.stack.stats,
+                    self.core.stats,
+                    lambda: self.stack.active_transactions,
+                    self.store.counts,
+                )
+            )
+            self._http = web.AppRunner(make_app(registry, lambda: self.ready), access_log=None)
+            await self._http.setup()
+            host, port = split_hostport(self.settings.http, default_port=9090)
+            await web.TCPSite(self._http, host, port).start()
+        self.ready = True
+        sockets = ", ".join(str(b) for b in self.server.bound())
+        log.info(
+            "midregistrar ready: listening on %s; main registrar %s; mode %s; store %s%s",
+            sockets,
+            self.settings.main_registrar,
+            self.settings.mode.value,
+            self.settings.store.value,
+            f"; http {self.settings.http}" if self.settings.http else "",
+        )
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def serve(self) -> None:
+        await self.start()
+        purge = asyncio.get_running_loop().create_task(self._purge())
+        await self._stop.wait()
+        purge.cancel()
+        await self.drain()
+
+    async def drain(self) -> None:
+        """Turn unready, let running transactions finish (bounded), then close everything."""
+        self.ready = False
+        log.info("draining: %d transactions waiting for a final response", self.stack.pending_transactions)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DRAIN_TIMEOUT
+        while self.stack.pending_transactions and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if self.server is not None:
+            await self.server.close()
+        if self._http is not None:
+            await self._http.cleanup()
+        log.info("stopped")
+
+    async def _purge(self) -> None:
+        assert self.server is not None
+        while True:
+            await asyncio.sleep(PURGE_INTERVAL)
+            self.store.purge_expired(self.server.now)
+
+
+async def run(settings: Settings) -> None:
+    registrar = Registrar(settings)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with suppress(NotImplementedError):
+            loop.add_signal_handler(sig, registrar.request_stop)
+    await registrar.serve()

@@ -1,0 +1,90 @@
+"""HTTP endpoints: /healthz, /readyz and /metrics (Prometheus, ``midregistrar_`` prefix)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from registrar.core.service import CoreStats
+from registrar.sip.stack import StackStats
+
+
+class EngineCollector(Collector):
+    """Reads the engine's plain counters at scrape time: the SIP path pays nothing for metrics."""
+
+    def __init__(
+        self,
+        stack_stats: StackStats,
+        core_stats: CoreStats,
+        active_transactions: Callable[[], int],
+        counts: Callable[[], tuple[int, int]],
+    ) -> None:
+        self.stack_stats = stack_stats
+        self.core_stats = core_stats
+        self.active_transactions = active_transactions
+        self.counts = counts
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        s = self.stack_stats
+        requests = CounterMetricFamily(
+            "midregistrar_requests", "SIP requests received, by method", labels=["method"]
+        )
+        for method, n in sorted(s.requests_in.items()):
+            requests.add_metric([method], n)
+        yield requests
+        register = CounterMetricFamily("midregistrar_register_requests", "REGISTER requests received")
+        register.add_metric([], s.requests_in.get("REGISTER", 0))
+        yield register
+        responses = CounterMetricFamily(
+            "midregistrar_responses", "SIP responses sent, by code", labels=["code"]
+        )
+        for code, n in sorted(s.responses_out.items()):
+            responses.add_metric([str(code)], n)
+        yield responses
+        yield CounterMetricFamily(
+            "midregistrar_parse_errors", "Messages refused as malformed", value=s.parse_errors
+        )
+        yield CounterMetricFamily(
+            "midregistrar_retransmissions_absorbed",
+            "Retransmitted requests answered by their transaction",
+            value=s.retransmissions_absorbed,
+        )
+        yield GaugeMetricFamily(
+            "midregistrar_transactions_active", "Live SIP transactions", value=self.active_transactions()
+        )
+        c = self.core_stats
+        registers = CounterMetricFamily("midregistrar_registers", "REGISTER outcomes", labels=["outcome"])
+        registers.add_metric(["relayed"], c.registers_relayed)
+        registers.add_metric(["answered"], c.registers_answered)
+        registers.add_metric(["refused"], c.register_errors)
+        yield registers
+        lookups = CounterMetricFamily("midregistrar_lookups", "Lookups by result", labels=["result"])
+        for outcome, n in sorted(c.lookups.items()):
+            lookups.add_metric([outcome], n)
+        yield lookups
+        aors, bindings = self.counts()
+        yield GaugeMetricFamily("midregistrar_aors", "AoRs held", value=aors)
+        yield GaugeMetricFamily("midregistrar_bindings", "Contact bindings held", value=bindings)
+
+
+def make_app(registry: CollectorRegistry, ready: Callable[[], bool]) -> web.Application:
+    async def healthz(_: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def readyz(_: web.Request) -> web.Response:
+        if ready():
+            return web.Response(text="ready\n")
+        return web.Response(status=503, text="not ready\n")
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(registry), content_type="text/plain", charset="utf-8")
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    return app

@@ -1,0 +1,290 @@
+"""The asyncio shell around the sans-IO stack: UDP and TCP sockets, timers, and draining the stack.
+
+Everything protocol-related happens in :class:`registrar.sip.stack.Stack` and the application core; this
+module only moves bytes between sockets and the stack, fires the stack's timers and hands its events to the
+core. After every input it drains the stack (``flush``): events first (the core may answer at once), then
+the bytes to send, then the next timer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from registrar.config import Listen, Settings, Transport
+from registrar.sip.errors import ParseError
+from registrar.sip.framing import FramingError, StreamFramer
+from registrar.sip.stack import Event, LocalAddress, Stack
+from registrar.sip.transaction import Timers
+from registrar.sip.transport import Peer
+
+log = logging.getLogger("midregistrar.net")
+
+Handler = Callable[[Event, float], None]
+
+
+def build_stack(settings: Settings) -> Stack:
+    """A stack whose local addresses are the advertised form of every listen socket."""
+    locals_ = []
+    for listen in settings.listen:
+        host, port = settings.advertised_host(listen)
+        locals_.append(LocalAddress(listen.transport.value, host, port))
+    return Stack(
+        locals_,
+        timers=Timers(settings.t1, settings.t2, settings.t4),
+        record_route=settings.record_route,
+        unique=lambda: secrets.token_hex(6),
+    )
+
+
+@dataclass
+class _Conn:
+    conn_id: int
+    transport: asyncio.Transport
+    peer: Peer
+    framer: StreamFramer
+    last_activity: float
+
+
+class SipServer:
+    """Listens on every configured socket and drives one stack."""
+
+    def __init__(self, settings: Settings, stack: Stack, handler: Handler) -> None:
+        self.settings = settings
+        self.stack = stack
+        self.handler = handler
+        self.loop = asyncio.get_running_loop()
+        self._udp: dict[int, asyncio.DatagramTransport] = {}
+        self._servers: list[asyncio.Server] = []
+        self._conns: dict[int, _Conn] = {}
+        self._by_addr: dict[tuple[str, int], int] = {}
+        self._pending: dict[tuple[str, int], list[bytes]] = {}
+        self._next_conn = 1
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._idle_task: asyncio.Task[None] | None = None
+
+    @property
+    def now(self) -> float:
+        return self.loop.time()
+
+    async def start(self) -> None:
+        for index, listen in enumerate(self.settings.listen):
+            if listen.transport is Transport.UDP:
+                transport, _ = await self.loop.create_datagram_endpoint(
+                    lambda i=index: _UdpProtocol(self, i),  # type: ignore[misc]
+                    local_addr=(listen.host, listen.port),
+                )
+                self._udp[index] = transport
+            else:
+                server = await self.loop.create_server(
+                    lambda i=index: _TcpProtocol(self, i),  # type: ignore[misc]
+                    listen.host,
+                    listen.port,
+                    reuse_address=True,
+                )
+                self._servers.append(server)
+        self._idle_task = self.loop.create_task(self._close_idle())
+
+    def bound(self) -> list[Listen]:
+        """The sockets actually bound (port 0 resolved)."""
+        out = []
+        udp = iter(sorted(self._udp.items()))
+        tcp = iter(self._servers)
+        for listen in self.settings.listen:
+            if listen.transport is Transport.UDP:
+                _, transport = next(udp)
+                host, port = transport.get_extra_info("sockname")[:2]
+            else:
+                server = next(tcp)
+                host, port = server.sockets[0].getsockname()[:2]
+            out.append(Listen(transport=listen.transport, host=host, port=port))
+        return out
+
+    async def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._idle_task is not None:
+            self._idle_task.cancel()
+        for server in self._servers:
+            server.close()
+        for conn in list(self._conns.values()):
+            conn.transport.close()
+        for transport in self._udp.values():
+            transport.close()
+        for server in self._servers:
+            await server.wait_closed()
+
+    # ------------------------------------------------------------------------------------ input
+
+    def datagram(self, data: bytes, addr: tuple[str, int], index: int) -> None:
+        self.stack.receive(data, Peer("udp", addr[0], addr[1], None, index), self.now)
+        self.flush()
+
+    def stream_data(self, conn: _Conn, data: bytes) -> None:
+        conn.last_activity = self.now
+        try:
+            items = conn.framer.feed(data)
+        except FramingError as exc:
+            log.info("closing %s: %s", conn.peer, exc)
+            conn.transport.close()
+            return
+        for item in items:
+            if isinstance(item, ParseError):
+                log.debug("stream from %s: %s", conn.peer, item.reason)
+                self.stack.stats.parse_errors += 1
+                continue
+            if item == b"\r\n\r\n":
+                conn.transport.write(b"\r\n")  # RFC 5626 keep-alive pong
+                continue
+            self.stack.receive(item, conn.peer, self.now)
+        self.flush()
+
+    def fire_timers(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        self.stack.handle_timers(self.now)
+        self.flush()
+
+    # ------------------------------------------------------------------------------------ output
+
+    def flush(self) -> None:
+        stack = self.stack
+        while True:
+            events = stack.pop_events()
+            if not events:
+                break
+            now = self.now
+            for event in events:
+                try:
+                    self.handler(event, now)
+                except Exception:  # a bug in one request must not stop the engine
+                    log.exception("handler failed for %s", type(event).__name__)
+        for data, peer in stack.pop_outgoing():
+            self.send(data, peer)
+        deadline = stack.next_deadline()
+        if deadline is not None and deadline != self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self.loop.call_at(deadline, self.fire_timers)
+            self._timer_at = deadline
+
+    def send(self, data: bytes, peer: Peer) -> None:
+        if peer.transport == "udp":
+            transport = self._udp.get(peer.local) or next(iter(self._udp.values()), None)
+            if transport is None:
+                log.warning("no UDP socket to reach %s", peer)
+                return
+            if _is_ip(peer.host):
+                transport.sendto(data, (peer.host, peer.port))
+            else:
+                self.loop.create_task(self._resolve_and_send(transport, data, peer))
+            return
+        conn = self._conns.get(peer.conn) if peer.conn is not None else None
+        if conn is None:
+            conn_id = self._by_addr.get((peer.host, peer.port))
+            conn = self._conns.get(conn_id) if conn_id is not None else None
+        if conn is not None and not conn.transport.is_closing():
+            conn.transport.write(data)
+            conn.last_activity = self.now
+            return
+        key = (peer.host, peer.port)
+        queue = self._pending.get(key)
+        if queue is not None:
+            queue.append(data)
+            return
+        self._pending[key] = [data]
+        self.loop.create_task(self._connect(peer))
+
+    async def _resolve_and_send(self, transport: asyncio.DatagramTransport, data: bytes, peer: Peer) -> None:
+        try:
+            infos = await self.loop.getaddrinfo(peer.host, peer.port, type=2)  # SOCK_DGRAM
+        except OSError as exc:
+            log.warning("cannot resolve %s: %s", peer.host, exc)
+            return
+        transport.sendto(data, infos[0][4][:2])
+
+    async def _connect(self, peer: Peer) -> None:
+        key = (peer.host, peer.port)
+        index = next((i for i, lst in enumerate(self.settings.listen) if lst.transport.value == "tcp"), 0)
+        try:
+            await self.loop.create_connection(lambda: _TcpProtocol(self, index), peer.host, peer.port)
+        except OSError as exc:
+            log.warning("cannot connect to %s: %s", peer, exc)
+            self._pending.pop(key, None)
+            return
+
+    # ------------------------------------------------------------------------------------ connections
+
+    def connection_made(self, transport: asyncio.Transport, index: int) -> _Conn:
+        host, port = transport.get_extra_info("peername")[:2]
+        conn_id = self._next_conn
+        self._next_conn += 1
+        conn = _Conn(conn_id, transport, Peer("tcp", host, port, conn_id, index), StreamFramer(), self.now)
+        self._conns[conn_id] = conn
+        self._by_addr[(host, port)] = conn_id
+        for data in self._pending.pop((host, port), []):
+            transport.write(data)
+        return conn
+
+    def connection_lost(self, conn: _Conn) -> None:
+        self._conns.pop(conn.conn_id, None)
+        if self._by_addr.get((conn.peer.host, conn.peer.port)) == conn.conn_id:
+            del self._by_addr[(conn.peer.host, conn.peer.port)]
+
+    @property
+    def connections(self) -> int:
+        return len(self._conns)
+
+    async def _close_idle(self) -> None:
+        timeout = self.settings.tcp_idle_timeout
+        while True:
+            await asyncio.sleep(min(timeout / 4, 30.0))
+            limit = self.now - timeout
+            for conn in list(self._conns.values()):
+                if conn.last_activity < limit:
+                    log.debug("closing idle connection %s", conn.peer)
+                    conn.transport.close()
+
+
+class _UdpProtocol(asyncio.DatagramProtocol):
+    def __init__(self, server: SipServer, index: int) -> None:
+        self.server = server
+        self.index = index
+
+    def datagram_received(self, data: bytes, addr: tuple[str | object, int]) -> None:
+        self.server.datagram(data, (str(addr[0]), int(addr[1])), self.index)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("UDP error: %s", exc)
+
+
+class _TcpProtocol(asyncio.Protocol):
+    def __init__(self, server: SipServer, index: int) -> None:
+        self.server = server
+        self.index = index
+        self.conn: _Conn | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.conn = self.server.connection_made(transport, self.index)
+
+    def data_received(self, data: bytes) -> None:
+        if self.conn is not None:
+            self.server.stream_data(self.conn, data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.conn is not None:
+            self.server.connection_lost(self.conn)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
