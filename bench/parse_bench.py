@@ -19,12 +19,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from registrar.config import Settings  # noqa: E402
-from registrar.core.service import MidRegistrar  # noqa: E402
-from registrar.sip.message import parse_message  # noqa: E402
-from registrar.sip.stack import LocalAddress, Stack  # noqa: E402
-from registrar.sip.transport import Peer  # noqa: E402
-from registrar.store.memory import MemoryStore  # noqa: E402
+from registrar.config import Settings
+from registrar.core.service import MidRegistrar
+from registrar.sip.message import parse_message
+from registrar.sip.stack import LocalAddress, Stack
+from registrar.sip.transport import Peer
+from registrar.store.memory import MemoryStore
 
 REGISTER = (
     b"REGISTER sip:example.com SIP/2.0\r\n"
