@@ -6,6 +6,7 @@ turn a value into a typed, immutable object and back. They raise :class:`ParseEr
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, replace
 
@@ -82,6 +83,8 @@ def parse_params(text: str, where: str) -> Params:
         out.append((m.group(1), m.group(2)))
         pos = m.end()
     if pos != len(text):
+        if text[pos] == ";" and text[pos + 1 :].lstrip(" \t")[:1] in ("", ";", ","):
+            raise ParseError(f"empty {where} parameter")
         raise ParseError(f"bad {where} parameters {text[1:60]!r}")
     return tuple(out)
 
@@ -185,6 +188,8 @@ def parse_address(value: str, where: str = "address") -> Address:
                 raise ParseError(f"unterminated quoted display name in {where}")
             raise ParseError(f"bad name-addr in {where}: display name must be tokens or a quoted string")
         quoted, tokens, uri_text, rest = m.groups()
+        if uri_text != uri_text.strip(" \t"):
+            raise ParseError(f"whitespace inside <> around the URI in {where}")
         display = quoted or (tokens.strip() if tokens else None) or None
         if rest and rest[0] != ";":
             raise ParseError(f"junk after URI in {where}")
@@ -255,8 +260,38 @@ def parse_via(value: str) -> Via:
         port = int(port_text)
         if port > 65535:
             raise ParseError("bad port in Via")
+    if host[0] == "[" and not _valid_ipv6(host[1:-1]):
+        raise ParseError("bad IPv6 reference in Via")
     params = parse_params(ptext[1:], "Via") if ptext else ()
     return Via(transport.upper(), host, port, params, f"{name}/{version}")
+
+
+def parse_via_sent_by(value: str) -> Via:
+    """Parse a Via whose parameters may be malformed, keeping only the parameters that parse.
+
+    For routing a 400 back to the sender of a request whose top Via has broken parameters (RFC 4475
+    §3.1.2.1): the sent-protocol and sent-by must still parse, or :class:`ParseError` is raised.
+    """
+    head, semi, ptext = value.partition(";")
+    via = parse_via(head)
+    if not semi:
+        return via
+    kept: list[tuple[str, str | None]] = []
+    for part in ptext.split(";"):
+        if part.strip(" \t"):
+            try:
+                kept.extend(parse_params(part, "Via"))
+            except ParseError:
+                continue
+    return replace(via, params=tuple(kept))
+
+
+def _valid_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _parse_hostport(text: str, where: str) -> tuple[str, int | None]:

@@ -7,6 +7,7 @@ Text is decoded as UTF-8 with ``surrogateescape`` so that any byte sequence surv
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
@@ -21,6 +22,7 @@ from registrar.sip.headers import (
     parse_contacts,
     parse_cseq,
     parse_via,
+    parse_via_sent_by,
     split_commas,
 )
 from registrar.sip.uri import URI, SipURI, URIError, parse_uri
@@ -419,9 +421,10 @@ def _split_head(data: bytes) -> tuple[str, bytes]:
 def parse_message(data: bytes, *, stream: bool = False) -> Request | Response:
     """Parse one datagram (or one framed stream message) and check its framing and mandatory fields.
 
-    Raises :class:`ParseError`; ``can_reply`` tells whether a 400 can be routed back. Header fields that are
-    not needed to route or match the message (From/To/Contact/Request-URI syntax) are checked on first use,
-    or all at once by :func:`check_fields`.
+    Raises :class:`ParseError`; ``can_reply`` tells whether a 400 can be routed back, and ``message`` carries
+    the partly parsed message once the header fields are split. Header fields that are not needed to route
+    or match the message (From/To/Contact/Request-URI syntax) are checked on first use, or all at once by
+    :func:`check_fields`.
     """
     if len(data) > MAX_MESSAGE:
         raise ParseError("message too large", status=513, can_reply=False)
@@ -430,28 +433,69 @@ def parse_message(data: bytes, *, stream: bool = False) -> Request | Response:
     lines = head.split(sep)
     items: list[Header] = []
     append = items.append
-    for line in lines[1:] if "\n " not in head and "\n\t" not in head else _unfold(lines[1:], sep):
+    folded = "\n " in head or "\n\t" in head
+    for line in _unfold(lines[1:], sep) if folded else lines[1:]:
         name, colon, value = line.partition(":")
         if not colon:
             if not line:
                 continue
-            raise ParseError(f"header line without a colon: {line[:40]!r}")
+            raise ParseError(f"header line without a colon: {line[:40]!r}", can_reply=False)
         name = name.rstrip(" \t")
         key = name.lower()
         if _TOKEN_MATCH(name) is None:
-            raise ParseError(f"bad header name {name[:40]!r}")
-        append(Header(name, value.strip(" \t\r\n").replace(sep, " "), line, _COMPACT_GET(key, key)))
+            raise ParseError(f"bad header name {name[:40]!r}", can_reply=False)
+        value = value.strip(" \t\r\n")
+        if folded and "\n" in value:
+            value = _FOLD_SUB(" ", value)
+        append(Header(name, value, line, _COMPACT_GET(key, key)))
     headers = Headers(items)
     start = lines[0]
     msg: Request | Response
-    msg = (
-        _parse_status_line(start, headers)
-        if start.startswith("SIP/")
-        else _parse_request_line(start, headers)
-    )
-    msg.body = _body(headers, rest, stream)
-    validate(msg)
+    try:
+        msg = (
+            _parse_status_line(start, headers)
+            if start.startswith("SIP/")
+            else _parse_request_line(start, headers)
+        )
+    except ParseError as exc:
+        if exc.can_reply and not start.startswith("SIP/"):
+            method = start.partition(" ")[0]
+            exc.message = Request(method if _TOKEN_MATCH(method) else "UNKNOWN", "sip:invalid", headers)
+            exc.can_reply = method != "ACK" and _routable(headers)
+        raise
+    try:
+        validate(msg)
+        msg.body = _body(headers, rest, stream)
+    except ParseError as exc:
+        _blame(exc, msg)
+        raise
     return msg
+
+
+_FOLD_SUB = re.compile(r"[ \t]*\r?\n[ \t]+").sub
+
+
+def _blame(exc: ParseError, msg: Request | Response) -> None:
+    """Attach the message to an error about it; no reply can go to a response or an ACK."""
+    if exc.message is None:
+        exc.message = msg
+    if not isinstance(msg, Request) or msg.method == "ACK":
+        exc.can_reply = False
+
+
+def _routable(headers: Headers) -> bool:
+    """Whether the top Via names a sent-by a response could be sent to (parameters may be broken)."""
+    fields = headers.fields("via")
+    if not fields:
+        return False
+    values = split_commas(fields[0])
+    if not values:
+        return False
+    try:
+        parse_via_sent_by(values[0])
+    except ParseError:
+        return False
+    return True
 
 
 def _unfold(lines: list[str], sep: str) -> list[str]:
@@ -470,16 +514,24 @@ def _unfold(lines: list[str], sep: str) -> list[str]:
 def _parse_status_line(start: str, headers: Headers) -> Response:
     parts = start.split(" ", 2)
     if len(parts) < 2 or parts[0] != SIP_VERSION:
-        raise ParseError("bad status line", can_reply=False)
+        raise ParseError(
+            "bad Status-Line: expected 'SIP/2.0 SP Status-Code SP Reason-Phrase'", can_reply=False
+        )
     code = parts[1]
     if len(code) != 3 or not code.isdigit() or not 100 <= int(code) <= 699:
-        raise ParseError("bad status code", can_reply=False)
-    return Response(int(code), parts[2] if len(parts) > 2 else "", headers)
+        raise ParseError(f"bad Status-Code {code[:20]!r}: expected three digits 100-699", can_reply=False)
+    response = Response(int(code), "", headers)
+    response.reason = parts[2] if len(parts) > 2 else ""  # kept as received, even when empty
+    return response
 
 
 def _parse_request_line(start: str, headers: Headers) -> Request:
     parts = start.split(" ")
     if len(parts) != 3 or not all(parts):
+        if start != start.rstrip(" \t"):
+            raise ParseError("whitespace at the end of the Request-Line")
+        if "  " in start or "\t" in start:
+            raise ParseError("Request-Line elements must be separated by a single SP")
         if len(parts) > 3 and parts[-1].startswith("SIP/") and all(parts):
             raise ParseError("Request-URI contains whitespace")
         raise ParseError("bad Request-Line: expected 'METHOD SP Request-URI SP SIP/2.0'")
@@ -490,7 +542,7 @@ def _parse_request_line(start: str, headers: Headers) -> Request:
         if version.upper() == SIP_VERSION:
             pass
         elif version.upper().startswith("SIP/"):
-            raise ParseError("SIP version not supported", status=505)
+            raise ParseError(f"SIP version {version[:20]!r} not supported", status=505)
         else:
             raise ParseError("bad Request-Line version")
     if uri_text[0] == "<":
@@ -505,10 +557,12 @@ def _body(headers: Headers, rest: bytes, stream: bool) -> bytes:
             raise ParseError("Content-Length is required on a stream transport")
         return rest
     if not value.isdigit():
-        raise ParseError("bad Content-Length")
+        if value[:1] == "-" and value[1:].isdigit():
+            raise ParseError(f"bad Content-Length {value[:20]!r}: negative")
+        raise ParseError(f"bad Content-Length {value[:20]!r}: not a decimal number")
     length = int(value)
     if length > MAX_MESSAGE:
-        raise ParseError("Content-Length too large")
+        raise ParseError("Content-Length too large", status=513)
     if length > len(rest):
         raise ParseError("Content-Length larger than the message body")
     return rest[:length] if length != len(rest) else rest
@@ -525,17 +579,19 @@ def validate(msg: Request | Response) -> None:
         key = h.key
         if key in _CHECKED:
             if key in seen and key in SINGLE_HEADERS:
-                raise ParseError(f"duplicate {key} header field", can_reply=is_request and key != "via")
+                raise ParseError(f"duplicate {key} header field")
             seen.setdefault(key, h.value)
     if "via" not in seen:
         raise ParseError("missing Via", can_reply=False)
     try:
         msg.top_via  # noqa: B018 - parse it: replies are routed by it
     except ParseError as exc:
-        raise ParseError(str(exc), can_reply=False) from None
-    for key in ("from", "to", "call-id", "cseq"):
-        if not seen.get(key):
-            raise ParseError(f"missing {key} header field", can_reply=is_request)
+        # Still answerable when the sent-by parses and only the parameters are broken (RFC 4475 §3.1.2.1).
+        raise ParseError(exc.reason, can_reply=_routable(msg.headers)) from None
+    # Reasons keep the lower-case keys: other layers match on "missing call-id" etc.
+    missing = [key for key in ("from", "to", "call-id", "cseq") if not seen.get(key)]
+    if missing:
+        raise ParseError(f"missing {', '.join(missing)} header field{'s' if len(missing) > 1 else ''}")
     cseq = msg.cseq
     if is_request:
         assert isinstance(msg, Request)
@@ -543,23 +599,38 @@ def validate(msg: Request | Response) -> None:
             raise ParseError("CSeq method does not match the request method")
         mf = seen.get("max-forwards")
         if mf is not None and (not mf.isdigit() or int(mf) > 255):
-            raise ParseError("bad Max-Forwards")
+            raise ParseError(f"bad Max-Forwards {mf[:20]!r}: expected 0-255")
         expires = seen.get("expires")
         if expires is not None and (not expires.isdigit() or int(expires) > 2**32 - 1):
-            raise ParseError("bad Expires")
+            raise ParseError(f"bad Expires {expires[:20]!r}: expected 0-4294967295")
+
+
+# RFC 3261 §25.1 SIP-date: an RFC 1123 date, always in GMT.
+_DATE_MATCH = re.compile(
+    r"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun), [0-9]{2} (?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) "
+    r"[0-9]{4} [0-9]{2}:[0-9]{2}:[0-9]{2} GMT\Z"
+).match
 
 
 def check_fields(msg: Request | Response) -> None:
-    """Parse every typed field the engine may use (Request-URI, From, To, Contact, Route, Record-Route)."""
-    msg.from_  # noqa: B018
-    msg.to  # noqa: B018
-    msg.contacts  # noqa: B018
-    if isinstance(msg, Request):
-        msg.uri  # noqa: B018
-        if isinstance(msg.uri, SipURI) and msg.uri.headers:
-            raise ParseError("Request-URI must not carry header components")
-    for name in ("route", "record-route", "path"):
-        msg.addresses(name)
+    """Parse every typed field the engine may use (Request-URI, From, To, Contact, Route, Record-Route, Path)
+    and check the syntax of Date; raise :class:`ParseError` (with ``message`` set) on the first bad one."""
+    try:
+        msg.from_  # noqa: B018
+        msg.to  # noqa: B018
+        msg.contacts  # noqa: B018
+        if isinstance(msg, Request):
+            uri = msg.uri
+            if isinstance(uri, SipURI) and uri.headers:
+                raise ParseError("Request-URI must not carry header components")
+        for name in ("route", "record-route", "path"):
+            msg.addresses(name)
+        date = msg.headers.get("date")
+        if date is not None and _DATE_MATCH(date) is None:
+            raise ParseError("bad Date: expected an RFC 1123 date in GMT")
+    except ParseError as exc:
+        _blame(exc, msg)
+        raise
 
 
 def make_response(

@@ -6,6 +6,7 @@ Parameter names are kept as written (for serialization) and compared case-insens
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field, replace
 from urllib.parse import unquote
@@ -24,6 +25,7 @@ _IPV4 = rf"{_OCTET}(?:\.{_OCTET}){{3}}"
 _HOSTNAME = r"(?:[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?\.)*[A-Za-z](?:[A-Za-z0-9\-]*[A-Za-z0-9])?\.?"
 _SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+\-.]*$")
 _TEL_RE = re.compile(r"^[+]?[0-9A-Fa-f*#\-.()pPwW]+$")
+_TEL_DIGITS = frozenset("0123456789abcdefABCDEF*#")
 
 
 def _split_params(text: str, sep: str) -> tuple[tuple[str, str | None], ...]:
@@ -109,27 +111,31 @@ class SipURI:
         return "".join(out)
 
     def equals(self, other: object) -> bool:
-        """RFC 3261 §19.1.4 comparison."""
+        """RFC 3261 §19.1.4 comparison.
+
+        Scheme, host, parameter names and values compare case-insensitively, user and password
+        case-sensitively; an escaped character equals its unescaped form unless it is reserved; a port,
+        a transport, user, ttl, method or maddr parameter present in only one URI makes them differ (a
+        default is not the same as an explicit value); other parameters count only when both URIs carry
+        them; header components must all match.
+        """
         if not isinstance(other, SipURI):
             return False
-        if self.scheme.lower() != other.scheme.lower():
+        if self.scheme.lower() != other.scheme.lower() or self.port != other.port:
             return False
-        if _unesc(self.user) != _unesc(other.user) or _unesc(self.password) != _unesc(other.password):
+        if _canon(self.user) != _canon(other.user) or _canon(self.password) != _canon(other.password):
             return False
-        if self.host.lower() != other.host.lower() or self.port != other.port:
+        if _canon_host(self.host) != _canon_host(other.host):
             return False
-        mine = {k.lower(): (v.lower() if v is not None else None) for k, v in self.params}
-        theirs = {k.lower(): (v.lower() if v is not None else None) for k, v in other.params}
+        mine = _canon_params(self.params)
+        theirs = _canon_params(other.params)
         for name in mine.keys() & theirs.keys():
-            if _unesc(mine[name]) != _unesc(theirs[name]):
+            if mine[name] != theirs[name]:
                 return False
-        # user, ttl, method, maddr (and transport) must match when either side has them.
-        for name in ("user", "ttl", "method", "maddr", "transport"):
+        for name in _MUST_MATCH:
             if (name in mine) != (name in theirs):
                 return False
-        hmine = {k.lower(): _unesc(v) for k, v in self.headers}
-        htheirs = {k.lower(): _unesc(v) for k, v in other.headers}
-        return hmine == htheirs
+        return _canon_headers(self.headers) == _canon_headers(other.headers)
 
 
 @dataclass(slots=True)
@@ -146,16 +152,35 @@ class TelURI:
     def equals(self, other: object) -> bool:
         if not isinstance(other, TelURI):
             return False
-        strip = str.maketrans("", "", "-.()")
-        return self.number.translate(strip).lower() == other.number.translate(strip).lower() and {
-            k.lower(): v for k, v in self.params
-        } == {k.lower(): v for k, v in other.params}
+        return _tel_digits(self.number) == _tel_digits(other.number) and _tel_params(
+            self.params
+        ) == _tel_params(other.params)
 
     def param(self, name: str, default: str | None = None) -> str | None:
         for key, value in self.params:
             if key.lower() == name.lower():
                 return value if value is not None else ""
         return default
+
+
+_VISUAL = str.maketrans("", "", "-.()")
+
+
+def _tel_digits(number: str) -> str:
+    """RFC 3966 §4: visual separators do not count and hex digits are case-insensitive."""
+    return number.translate(_VISUAL).lower()
+
+
+def _tel_params(params: tuple[tuple[str, str | None], ...]) -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for name, value in params:
+        key = name.lower()
+        if value is not None and key == "phone-context":
+            value = _tel_digits(value) if value.startswith("+") else value.lower()
+        elif value is not None:
+            value = value.lower()
+        out[key] = value
+    return out
 
 
 @dataclass(slots=True)
@@ -178,8 +203,43 @@ class AbsoluteURI:
 URI = SipURI | TelURI | AbsoluteURI
 
 
-def _unesc(value: str | None) -> str | None:
-    return None if value is None else unquote(value)
+_RESERVED = frozenset(";/?:@&=+$,")
+_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
+_MUST_MATCH = ("user", "ttl", "method", "maddr", "transport")
+
+
+def _unescape_one(m: re.Match[str]) -> str:
+    char = chr(int(m.group(1), 16))
+    # RFC 3261 §19.1.4: only characters outside the reserved set equal their escaped form.
+    return "%" + m.group(1).upper() if char in _RESERVED else char
+
+
+def _canon(value: str | None) -> str | None:
+    """The form in which two URI components compare: unreserved escapes decoded, the rest upper-cased."""
+    if value is None or "%" not in value:
+        return value
+    return _ESCAPE.sub(_unescape_one, value)
+
+
+def _canon_host(host: str) -> str:
+    if host.startswith("["):
+        try:
+            return "[" + ipaddress.IPv6Address(host[1:-1]).compressed + "]"
+        except ValueError:
+            pass
+    return host.lower()
+
+
+def _canon_params(params: tuple[tuple[str, str | None], ...]) -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for name, value in params:
+        key = (_canon(name) or "").lower()
+        out[key] = None if value is None else (_canon(value) or "").lower()
+    return out
+
+
+def _canon_headers(headers: tuple[tuple[str, str | None], ...]) -> dict[str, str | None]:
+    return {(_canon(name) or "").lower(): _canon(value) for name, value in headers}
 
 
 def _merge(
@@ -204,7 +264,7 @@ def parse_uri(text: str) -> URI:
         return _parse_sip(lscheme, rest, text)
     if lscheme == "tel":
         number, _, ptext = rest.partition(";")
-        if not _TEL_RE.match(number):
+        if not _TEL_RE.match(number) or not any(c in _TEL_DIGITS for c in number):
             raise URIError(f"bad telephone number in {text!r}")
         return TelURI(number=number, params=_split_params(ptext, ";"))
     if not rest or any(c in rest for c in ' \t<>"') or any(ord(c) < 33 for c in rest):
@@ -227,6 +287,8 @@ def _parse_sip(scheme: str, rest: str, text: str) -> SipURI:
     if m is None:
         raise URIError(f"bad SIP URI {text!r}")
     user, password, host, port_text, ptext, htext = m.groups()
+    if host[0] == "[" and not _valid_ipv6_reference(host):
+        raise URIError(f"bad IPv6 reference in {text!r}")
     port = None
     if port_text is not None:
         port = int(port_text)
@@ -242,6 +304,14 @@ def _parse_sip(scheme: str, rest: str, text: str) -> SipURI:
         _split_params(htext, "&") if htext else (),
         scheme + ":" + rest,
     )
+
+
+def _valid_ipv6_reference(host: str) -> bool:
+    try:
+        ipaddress.IPv6Address(host[1:-1])
+    except ValueError:
+        return False
+    return True
 
 
 def parse_sip_uri(text: str) -> SipURI:
