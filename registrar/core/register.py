@@ -255,7 +255,8 @@ def format_binding(binding: Binding, now: float, settings: Settings) -> str:
     if isinstance(contact, SipURI) and (
         contact.host.strip("[]") != source.host or (contact.port or 5060) != source.port
     ):
-        parts.append(f';{settings.received_param}="sip:{source.host}:{source.port}"')
+        transport = "" if source.transport == "udp" else f";transport={source.transport}"
+        parts.append(f';{settings.received_param}="sip:{source.host}:{source.port}{transport}"')
     return "".join(parts)
 
 

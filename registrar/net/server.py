@@ -12,12 +12,12 @@ import asyncio
 import ipaddress
 import logging
 import secrets
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from registrar.config import Listen, Settings, Transport
-from registrar.sip.errors import ParseError
-from registrar.sip.framing import FramingError, StreamFramer
+from registrar.sip.framing import PING, PONG, FramingError, StreamFramer
 from registrar.sip.stack import Event, LocalAddress, Stack
 from registrar.sip.transaction import Timers
 from registrar.sip.transport import Peer
@@ -127,21 +127,17 @@ class SipServer:
 
     def stream_data(self, conn: _Conn, data: bytes) -> None:
         conn.last_activity = self.now
-        try:
-            items = conn.framer.feed(data)
-        except FramingError as exc:
-            log.info("closing %s: %s", conn.peer, exc)
-            conn.transport.close()
-            return
-        for item in items:
-            if isinstance(item, ParseError):
-                log.debug("stream from %s: %s", conn.peer, item.reason)
+        for item in conn.framer.feed(data):
+            if item is PING:
+                conn.transport.write(PONG)  # RFC 5626 keep-alive
+            elif isinstance(item, FramingError):
+                # The stream cannot be split any more (e.g. a wrong Content-Length): drop the connection.
+                log.info("closing %s: %s", conn.peer, item)
                 self.stack.stats.parse_errors += 1
-                continue
-            if item == b"\r\n\r\n":
-                conn.transport.write(b"\r\n")  # RFC 5626 keep-alive pong
-                continue
-            self.stack.receive(item, conn.peer, self.now)
+                conn.transport.close()
+                break
+            elif isinstance(item, bytes):
+                self.stack.receive(item, conn.peer, self.now)
         self.flush()
 
     def fire_timers(self) -> None:
@@ -270,8 +266,8 @@ class _TcpProtocol(asyncio.Protocol):
         self.conn: _Conn | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.conn = self.server.connection_made(transport, self.index)
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.conn = self.server.connection_made(typing.cast(asyncio.Transport, transport), self.index)
 
     def data_received(self, data: bytes) -> None:
         if self.conn is not None:
