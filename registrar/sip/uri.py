@@ -210,8 +210,9 @@ _MUST_MATCH = ("user", "ttl", "method", "maddr", "transport")
 
 def _unescape_one(m: re.Match[str]) -> str:
     char = chr(int(m.group(1), 16))
-    # RFC 3261 §19.1.4: only characters outside the reserved set equal their escaped form.
-    return "%" + m.group(1).upper() if char in _RESERVED else char
+    # RFC 3261 §19.1.4: only characters outside the reserved set equal their escaped form; "%" itself
+    # stays escaped so that a decoded "%41" can never pass for an escape.
+    return "%" + m.group(1).upper() if char in _RESERVED or char == "%" else char
 
 
 def _canon(value: str | None) -> str | None:

@@ -210,3 +210,132 @@ def test_mutated_register_never_crashes(pos: int, junk: bytes) -> None:
         msg.to_bytes()
     except ParseError:
         pass
+
+
+# ------------------------------------------------------------------ folding, compact forms, IPv6, errors
+
+
+def test_folded_headers_unfold_to_one_space_and_serialize_as_received() -> None:
+    raw = REGISTER.replace(
+        b"User-Agent: Foo/1.0\r\n",
+        b"User-Agent: Foo/1.0\r\n   (folded\r\n\tagain)\r\nSubject:\r\n hi\r\n",
+    ).replace(b"To: <sip:alice@example.com>", b"To:\r\n <sip:alice@example.com>\r\n ;tag=x")
+    msg = parse_message(raw)
+    assert msg.headers.get("user-agent") == "Foo/1.0 (folded again)"
+    assert msg.headers.get("subject") == "hi"
+    assert msg.to.tag == "x" and str(msg.to.uri) == "sip:alice@example.com"
+    assert msg.to_bytes() == raw
+
+
+def test_continuation_before_any_header_is_refused() -> None:
+    raw = REGISTER.replace(b"SIP/2.0\r\nVia:", b"SIP/2.0\r\n folded\r\nVia:", 1)
+    with pytest.raises(ParseError, match="continuation line before any header"):
+        parse_message(raw)
+
+
+def test_upper_case_compact_forms() -> None:
+    raw = (
+        b"OPTIONS sip:a@b.example SIP/2.0\r\nV: SIP/2.0/UDP h.example;branch=z9hG4bK1\r\n"
+        b"F: <sip:x@y.example>;tag=1\r\nT: <sip:a@b.example>\r\nI: abc\r\nCSeq: 1 OPTIONS\r\n"
+        b"M: <sip:x@1.2.3.4>\r\nL: 0\r\n\r\n"
+    )
+    msg = parse_message(raw)
+    assert msg.call_id == "abc" and msg.top_via.host == "h.example" and msg.contacts[0].uri.host == "1.2.3.4"
+    assert msg.headers.get("content-length") == "0"
+
+
+def test_ipv6_via_contact_and_request_uri() -> None:
+    raw = (
+        b"REGISTER sip:[2001:db8::10] SIP/2.0\r\n"
+        b"Via: SIP/2.0/UDP [2001:db8::9:1]:5070;branch=z9hG4bKas3-111;received=[2001:db8::9:255];rport\r\n"
+        b"Max-Forwards: 70\r\n"
+        b"From: <sip:user@[2001:db8::10]>;tag=81x2\r\n"
+        b"To: <sip:user@[2001:db8::10]>\r\n"
+        b"Call-ID: SSG9559905523997077@hlau_4100\r\n"
+        b"CSeq: 1 REGISTER\r\n"
+        b'Contact: "Caller" <sip:caller@[2001:db8::9:1]:5070;transport=udp>\r\n'
+        b"Content-Length: 0\r\n\r\n"
+    )
+    msg = parse_message(raw)
+    check_fields(msg)
+    via = msg.top_via
+    assert (via.host, via.port, via.received, via.rport) == ("[2001:db8::9:1]", 5070, "[2001:db8::9:255]", "")
+    assert isinstance(msg.uri, SipURI) and msg.uri.host == "[2001:db8::10]"
+    assert msg.contacts[0].uri.port == 5070
+    assert msg.to_bytes() == raw
+    with pytest.raises(ParseError, match="IPv6"):
+        parse_message(raw.replace(b"[2001:db8::9:1]:5070;branch", b"[2001:db8:::9:1]:5070;branch"))
+
+
+def test_empty_reason_phrase_is_kept() -> None:
+    raw = b"SIP/2.0 180 \r\n" + make_response(parse_message(REGISTER), 180).to_bytes().split(b"\r\n", 1)[1]
+    msg = parse_message(raw)
+    assert isinstance(msg, Response) and msg.reason == ""
+    assert msg.to_bytes() == raw
+    assert Response(180).reason == "Ringing"  # a new response still gets the standard phrase
+
+
+def test_parse_error_carries_the_partial_request() -> None:
+    raw = REGISTER.replace(b"CSeq: 10 REGISTER", b"CSeq: 10 INVITE")
+    with pytest.raises(ParseError) as info:
+        parse_message(raw)
+    partial = info.value.message
+    assert isinstance(partial, Request) and partial.call_id == "c1@192.0.2.10"
+    reply = make_response(partial, 400, to_tag="x").to_bytes()
+    assert b"Via: SIP/2.0/UDP 192.0.2.10:5062;rport;branch=z9hG4bK-a1\r\n" in reply
+    # start-line errors too, as long as the header fields split
+    with pytest.raises(ParseError) as info:
+        parse_message(REGISTER.replace(b"REGISTER sip:example.com", b"REGISTER <sip:example.com>", 1))
+    assert info.value.can_reply and isinstance(info.value.message, Request)
+    assert info.value.message.method == "REGISTER"
+
+
+@pytest.mark.parametrize(
+    ("raw", "can_reply"),
+    [
+        # a response is never answered
+        (b"SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP h.example;branch=z9hG4bK1\r\nCSeq: 1 INVITE\r\n\r\n", False),
+        # an ACK is never answered
+        (REGISTER.replace(b"REGISTER sip:", b"ACK sip:", 1), False),
+        # no Via, or one without a usable sent-by: nowhere to send it
+        (REGISTER.replace(b"Via: SIP/2.0/UDP 192.0.2.10:5062;", b"Via: junk;"), False),
+        (
+            REGISTER.replace(b"REGISTER sip:example.com", b"REGISTER  sip:example.com").replace(
+                b"Via:", b"X:"
+            ),
+            False,
+        ),
+        # broken Via parameters, but a sent-by to answer to
+        (REGISTER.replace(b";rport;branch=z9hG4bK-a1", b";;branch=z9hG4bK-a1"), True),
+        (REGISTER.replace(b"REGISTER sip:example.com", b"REGISTER  sip:example.com"), True),
+    ],
+)
+def test_can_reply(raw: bytes, can_reply: bool) -> None:
+    with pytest.raises(ParseError) as info:
+        parse_message(raw)
+    assert info.value.can_reply is can_reply
+
+
+def test_check_fields_errors_on_responses_cannot_be_answered() -> None:
+    data = make_response(parse_message(REGISTER), 200).to_bytes().replace(b"To: <sip:", b"To: <sip: ")
+    msg = parse_message(data)
+    with pytest.raises(ParseError) as info:
+        check_fields(msg)
+    assert not info.value.can_reply and info.value.message is msg
+
+
+def test_date_is_checked_by_check_fields_only() -> None:
+    good = REGISTER.replace(b"User-Agent", b"Date: Sat, 13 Nov 2010 23:29:00 GMT\r\nUser-Agent")
+    check_fields(parse_message(good))
+    bad = parse_message(good.replace(b"GMT", b"EST"))  # parse_message lets a proxy forward it
+    with pytest.raises(ParseError, match="bad Date"):
+        check_fields(bad)
+
+
+def test_lenient_via_for_routing_replies() -> None:
+    from registrar.sip.headers import parse_via_sent_by
+
+    via = parse_via_sent_by("SIP/2.0/UDP 192.0.2.15:5062;;rport;=x;branch=z9hG4bK1;")
+    assert (via.host, via.port, via.rport, via.branch) == ("192.0.2.15", 5062, "", "z9hG4bK1")
+    with pytest.raises(ParseError):
+        parse_via_sent_by("SIP/2.0/UDP ;branch=z9hG4bK1")
