@@ -339,3 +339,27 @@ def test_lenient_via_for_routing_replies() -> None:
     assert (via.host, via.port, via.rport, via.branch) == ("192.0.2.15", 5062, "", "z9hG4bK1")
     with pytest.raises(ParseError):
         parse_via_sent_by("SIP/2.0/UDP ;branch=z9hG4bK1")
+
+
+def test_outbound_contact_path_route_and_authorization() -> None:
+    raw = REGISTER.replace(
+        b"User-Agent: Foo/1.0\r\n",
+        b'Contact: <sip:line1@192.0.2.10;ob>;+sip.instance="<urn:uuid:00000000-0000-1000-8000-AABBCCDDEEFF>"'
+        b";reg-id=1;q=0.7;expires=600\r\n"
+        b"Path: <sip:p1.example.com;lr>, <sip:p2.example.com;lr>\r\n"
+        b"Route: <sip:r1.example.com;lr>\r\nRecord-Route: <sip:rr.example.com;lr>\r\n"
+        b'Authorization: Digest username="alice", realm="example.com", nonce="a,b",'
+        b' uri="sip:example.com", response="0123456789abcdef"\r\n'
+        b"Expires: 3600\r\n",
+    )
+    msg = parse_message(raw)
+    check_fields(msg)
+    ob = msg.contacts[1]
+    assert ob.instance == "<urn:uuid:00000000-0000-1000-8000-AABBCCDDEEFF>"
+    assert (ob.reg_id, ob.q, ob.expires) == ("1", 0.7, "600")
+    assert [str(a.uri) for a in msg.addresses("path")] == ["sip:p1.example.com;lr", "sip:p2.example.com;lr"]
+    assert [str(a.uri) for a in msg.addresses("record-route")] == ["sip:rr.example.com;lr"]
+    # Authorization is one value, commas and all, and goes out as it came in
+    assert msg.headers.values("authorization") == [msg.headers.get("authorization")]
+    assert msg.headers.get("expires") == "3600"
+    assert msg.to_bytes() == raw
