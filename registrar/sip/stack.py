@@ -15,13 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from registrar.sip.errors import ParseError
-from registrar.sip.headers import Via, split_commas
+from registrar.sip.headers import Via, parse_via_sent_by, split_commas
 from registrar.sip.message import (
     Header,
     Headers,
     Request,
     Response,
-    header_key,
     make_response,
     parse_message,
 )
@@ -321,19 +320,19 @@ class Stack:
 
     def _reject_unparsable(self, data: bytes, peer: Peer, exc: ParseError) -> None:
         """Answer 400 (or 505/513) when a reply can be routed; otherwise drop silently."""
-        if not exc.can_reply:
-            return
-        partial = _salvage_request(data)
-        if partial is None:
+        request = exc.message
+        if not exc.can_reply or not isinstance(request, Request) or request.method == "ACK":
             return
         try:
-            via = partial.top_via
-        except ParseError:
+            via = parse_via_sent_by(request.headers.values("via")[0])
+        except (ParseError, IndexError):
             return
-        response = Response(exc.status, "", _reply_headers(partial))
-        response.reason = f"{response.reason} ({exc.reason})" if exc.status == 400 else response.reason
-        if "to" in response.headers and "tag=" not in (response.headers.get("to") or ""):
-            response.headers.set("To", f"{response.headers.get('to')};tag={self._unique()}")
+        response = Response(exc.status, "", _reply_headers(request))
+        if exc.status == 400:
+            response.reason = f"Bad Request ({exc.reason})"
+        to = response.headers.get("to")
+        if to is not None and "tag=" not in to:
+            response.headers.set("To", f"{to};tag={self._unique()}")
         self._send_response(response, response_peer(via, peer))
 
     # ------------------------------------------------------------------------------------ responses
@@ -530,18 +529,3 @@ def _reply_headers(request: Request) -> Headers:
 
 
 _REPLY_KEYS = frozenset({"via", "from", "to", "call-id", "cseq"})
-
-
-def _salvage_request(data: bytes) -> Request | None:
-    """The parts of an unparsable request that a 400 needs (Via, From, To, Call-ID, CSeq), if any."""
-    head = data.split(b"\r\n\r\n", 1)[0].decode("utf-8", "surrogateescape")
-    lines = head.split("\r\n")
-    if not lines or lines[0].startswith("SIP/"):
-        return None
-    items = []
-    for line in lines[1:]:
-        name, colon, value = line.partition(":")
-        if colon and header_key(name.strip()) in _REPLY_KEYS:
-            items.append(Header(name.strip(), value.strip()))
-    request = Request(lines[0].split(" ", 1)[0] or "UNKNOWN", "sip:invalid", Headers(items))
-    return request if request.headers.get("via") else None

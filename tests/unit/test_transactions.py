@@ -184,3 +184,17 @@ def test_request_without_call_id_gets_400() -> None:
     assert raw.startswith(b"SIP/2.0 400 Bad Request (missing call-id")
     assert b"Via: SIP/2.0/UDP 192.0.2.10:5062;branch=z9hG4bK-1" in raw
     assert peer.port == 5062
+
+
+def test_request_with_broken_via_params_still_gets_its_400_routed() -> None:
+    """RFC 4475 §3.1.2.1 badinv01: the Via parameters are garbage but its sent-by is enough to reply."""
+    from pathlib import Path
+
+    data = (Path(__file__).parent / "rfc4475" / "badinv01.dat").read_bytes()
+    rig = make_rig()
+    rig.stack.receive(data, Peer("udp", "192.0.2.200", 5060), 0.0)
+    out = rig.stack.pop_outgoing()
+    assert len(out) == 1
+    raw, _ = out[0]
+    assert raw.startswith(b"SIP/2.0 400 ")
+    assert rig.stack.stats.parse_errors == 1
