@@ -19,6 +19,7 @@ import csv
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -767,7 +768,11 @@ class Kamailio:
 
 
 def registrar_argv() -> list[str]:
-    """How to start the CLI: the venv's console script when present, else `python -m registrar`."""
+    """How to start the CLI: $MIDREG_TEST_CLI (a command line, to test another build) when set, else the
+    venv's console script when present, else `python -m registrar`."""
+    override = os.environ.get("MIDREG_TEST_CLI")
+    if override:
+        return shlex.split(override)
     exe = Path(sys.executable).with_name("midregistrar")
     if exe.exists():
         return [str(exe)]
