@@ -70,6 +70,15 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.execution.max_workers = int(os.environ.get("MIDREG_OPERATOR_WORKERS", "8"))
 
 
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """In a pod: the ServiceAccount token; elsewhere: $KUBECONFIG as it is when the operator starts."""
+    info: kopf.ConnectionInfo | None = kopf.login_with_service_account(
+        **kwargs
+    ) or kopf.login_with_kubeconfig(**kwargs)
+    return info
+
+
 def _ref(meta: Any, namespace: str, name: str) -> Ref:
     return Ref(
         name=name,

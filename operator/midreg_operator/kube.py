@@ -7,6 +7,7 @@ of kinds, so it speaks the REST paths directly (auth, TLS and kubeconfig handlin
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,7 +57,8 @@ class Kube:
         try:
             kubernetes.config.load_incluster_config()  # type: ignore[no-untyped-call]
         except kubernetes.config.ConfigException:
-            kubernetes.config.load_kube_config()  # type: ignore[no-untyped-call]
+            # Read $KUBECONFIG now: the client library captures it once, when it is first imported.
+            kubernetes.config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))  # type: ignore[no-untyped-call]
         return cls(kubernetes.client.ApiClient())
 
     def request(

