@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import signal
 from contextlib import suppress
 
@@ -11,6 +12,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from registrar.config import Settings, StoreKind, split_hostport
+from registrar.core import digest
 from registrar.core.service import MidRegistrar
 from registrar.http.app import EngineCollector, make_app
 from registrar.net.server import SipServer, build_stack
@@ -18,7 +20,6 @@ from registrar.store.memory import MemoryStore
 
 log = logging.getLogger("midregistrar")
 
-PURGE_INTERVAL = 5.0
 DRAIN_TIMEOUT = 10.0
 
 
@@ -31,14 +32,20 @@ class Registrar:
         self.settings = settings
         self.stack = build_stack(settings)
         self.store = MemoryStore()
-        self.core = MidRegistrar(settings, self.stack, self.store)
+        gate = None
+        if settings.auth_file:
+            gate = digest.DigestGate(
+                settings.auth_realm, digest.load_passwords(settings.auth_file), secrets.token_bytes(32)
+            )
+        credentials = [digest.Credentials(*c.split(":", 2)) for c in settings.main_credentials]
+        self.core = MidRegistrar(settings, self.stack, self.store, gate=gate, credentials=credentials)
         self.ready = False
         self.server: SipServer | None = None
         self._http: web.AppRunner | None = None
         self._stop = asyncio.Event()
 
     async def start(self) -> None:
-        self.server = SipServer(self.settings, self.stack, self.core.handle)
+        self.server = SipServer(self.settings, self.stack, self.core)
         await self.server.start()
         if self.settings.http:
             registry = CollectorRegistry()
@@ -70,9 +77,7 @@ class Registrar:
 
     async def serve(self) -> None:
         await self.start()
-        purge = asyncio.get_running_loop().create_task(self._purge())
         await self._stop.wait()
-        purge.cancel()
         await self.drain()
 
     async def drain(self) -> None:
@@ -88,12 +93,6 @@ class Registrar:
         if self._http is not None:
             await self._http.cleanup()
         log.info("stopped")
-
-    async def _purge(self) -> None:
-        assert self.server is not None
-        while True:
-            await asyncio.sleep(PURGE_INTERVAL)
-            self.store.purge_expired(self.server.now)
 
 
 async def run(settings: Settings) -> None:

@@ -137,6 +137,11 @@ class Settings(BaseModel):
     cseq_delay: int = Field(default=20, ge=0)
     path_mode: PathMode = PathMode.OFF
     path_received: bool = False
+    method_filtering: bool = False
+    register_rate_limit: float = Field(default=0.0, ge=0)  # locally answered REGISTERs/s per source; 0 = off
+    auth_file: str | None = None  # user:password lines: digest gate in front of absorbed REGISTERs
+    auth_realm: str = "midregistrar"
+    main_credentials: list[str] = Field(default_factory=list)  # realm:user:password for De-REGISTERs
 
     # SIP timers (RFC 3261 §17), seconds
     t1: float = Field(default=0.5, gt=0)
@@ -159,6 +164,16 @@ class Settings(BaseModel):
             value = [v for v in value.split(",") if v.strip()]
         if isinstance(value, list):
             return [Listen.parse(v) if isinstance(v, str) else v for v in value]
+        return value
+
+    @field_validator("main_credentials", mode="before")
+    @classmethod
+    def _parse_credentials(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        for item in value or []:
+            if isinstance(item, str) and item.count(":") < 2:
+                raise ValueError(f"credentials {item.split(':')[0]!r}… must look like realm:user:password")
         return value
 
     @field_validator("etcd_endpoints", mode="before")

@@ -1,14 +1,21 @@
-"""Lookup of requests from the main registrar (SPEC.md §9.1): contact id in the Request-URI → one
-binding → the phone's Contact as the new Request-URI, sent over the flow the phone registered from."""
+"""Lookup of requests from the main registrar (SPEC.md §9).
+
+Modes mirror and contact: the contact id in the Request-URI names exactly one binding. Mode aor: the
+Request-URI's user part is the escaped AoR, and every valid contact becomes a parallel branch in q order.
+Either way a branch goes to the phone's Contact over the flow it registered from (or its Path).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from registrar.config import Settings
+from registrar.core.records import Binding
 from registrar.core.register import reply_contact_id
+from registrar.core.throttle import aor_from_uri
 from registrar.sip.errors import ParseError
 from registrar.sip.headers import parse_address
+from registrar.sip.message import Request
 from registrar.sip.transport import Peer, peer_for_uri
 from registrar.sip.uri import URI, URIError, parse_uri
 from registrar.store.base import Store
@@ -16,12 +23,12 @@ from registrar.store.base import Store
 
 @dataclass(frozen=True, slots=True)
 class LookupResult:
-    outcome: str  # "found", "no_id", "unknown", "expired"
-    uri: URI | None = None
-    target: Peer | None = None
+    outcome: str  # found, no_id, unknown, expired, method_filtered
+    targets: tuple[tuple[URI, Peer], ...] = ()
 
 
 def lookup(request_uri: URI, store: Store, now: float, settings: Settings) -> LookupResult:
+    """Modes mirror/contact: exactly one binding by contact id, never an expired one (§9.1 [REC])."""
     ctid = reply_contact_id(request_uri, settings)
     if ctid is None:
         return LookupResult("no_id")
@@ -30,15 +37,38 @@ def lookup(request_uri: URI, store: Store, now: float, settings: Settings) -> Lo
     if binding is None:
         return LookupResult("unknown")
     if not binding.valid(now):
-        return LookupResult("expired")  # [REC] an expired binding is never routed (SPEC §9.1 step 2)
+        return LookupResult("expired")
+    target = branch_target(binding)
+    return LookupResult("found", (target,)) if target is not None else LookupResult("unknown")
+
+
+def lookup_aor(request: Request, store: Store, now: float, settings: Settings) -> LookupResult:
+    """Mode aor: every valid contact of the AoR, q order, optionally filtered by method (§9.2)."""
+    aor = aor_from_uri(request.uri, settings)
+    record = store.load(aor) if aor else None
+    if record is None:
+        return LookupResult("unknown")
+    bindings = record.valid_bindings(now)
+    if not bindings:
+        return LookupResult("expired")
+    if settings.method_filtering:
+        bindings = [b for b in bindings if b.methods is None or request.method in b.methods]
+        if not bindings:
+            return LookupResult("method_filtered")
+    targets = tuple(t for t in (branch_target(b) for b in bindings) if t is not None)
+    return LookupResult("found", targets) if targets else LookupResult("unknown")
+
+
+def branch_target(binding: Binding) -> tuple[URI, Peer] | None:
+    """The phone's Contact as Request-URI; next hop its first Path URI, else its flow (SPEC §8.4, §8.5)."""
     try:
         uri = parse_uri(binding.contact)
     except URIError:
-        return LookupResult("unknown")
+        return None
     if binding.path:
         try:
             first = parse_address(binding.path[0], "Path").uri
-            return LookupResult("found", uri, peer_for_uri(first, binding.source.local))
+            return uri, peer_for_uri(first, binding.source.local)
         except (ParseError, ValueError):
             pass
-    return LookupResult("found", uri, binding.source)
+    return uri, binding.source

@@ -6,7 +6,7 @@ backend keeps the same records.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from registrar.sip.transport import Peer
@@ -31,6 +31,13 @@ class Binding:
     methods: list[str] | None = None
     user_agent: str | None = None
     updated_at: float = 0.0
+    # What the main registrar holds for this contact (mode contact; SPEC §2.2 exp, expO, LRTs, Con, CID).
+    local_expires: int = 0  # exp: lifetime granted to the UA at the last relayed registration
+    main_expires: int | None = None  # expO: lifetime the main registrar granted
+    relayed_at: float | None = None  # LRTs: time of the last 2xx from the main registrar
+    main_contact: str | None = None  # Con: our contact as the main registrar echoed it
+    relayed_call_id: str | None = None  # CID of the last relayed REGISTER
+    relayed_cseq: int = 0  # highest CSeq relayed with that Call-ID ([REC] T60)
 
     def remaining(self, now: float) -> int:
         return max(0, round(self.expires_at - now))
@@ -51,12 +58,41 @@ class Binding:
 
 
 @dataclass(slots=True)
+class MainMeta:
+    """How to reach the main registrar for this AoR, and (mode aor) what it holds (SPEC §2.3)."""
+
+    from_uri: str
+    to_uri: str
+    ruri: str
+    hop: str | None = None
+    call_id: str | None = None  # CID of the last relayed REGISTER (mode aor)
+    cseq: int = 0  # highest CSeq relayed with that Call-ID
+    main_expires: int | None = None  # expO of the aggregated contact
+    relayed_at: float | None = None  # LRTs
+    main_contact: str | None = None  # Con: the aggregated contact as echoed
+    no_dr: bool = False  # the UA de-registered: never send a De-REGISTER
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(slots=True)
 class AorRecord:
     """An AoR and its bindings, keyed by contact id."""
 
     aor: str
     bindings: dict[int, Binding] = field(default_factory=dict)
     version: int = 0  # the store's revision when loaded (compare-and-swap on commit)
+    meta: MainMeta | None = None
+
+    def copy(self) -> AorRecord:
+        """A copy whose bindings and meta can be changed without touching this one."""
+        return AorRecord(
+            self.aor,
+            {k: replace(b) for k, b in self.bindings.items()},
+            self.version,
+            replace(self.meta) if self.meta is not None else None,
+        )
 
     def valid_bindings(self, now: float) -> list[Binding]:
         """Unexpired bindings in lookup order: descending q (no q counts lowest), then oldest first."""
@@ -68,6 +104,7 @@ class AorRecord:
             "v": RECORD_VERSION,
             "aor": self.aor,
             "bindings": [b.to_dict() for b in self.bindings.values()],
+            "meta": self.meta.to_dict() if self.meta is not None else None,
         }
 
     @classmethod
@@ -75,4 +112,5 @@ class AorRecord:
         if data.get("v") != RECORD_VERSION:
             raise ValueError(f"unsupported AoR record version {data.get('v')!r}")
         bindings = [Binding.from_dict(b) for b in data.get("bindings", [])]
-        return cls(aor=data["aor"], bindings={b.ctid: b for b in bindings})
+        meta = MainMeta(**data["meta"]) if data.get("meta") else None
+        return cls(aor=data["aor"], bindings={b.ctid: b for b in bindings}, meta=meta)

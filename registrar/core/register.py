@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from registrar.config import ContactIdInsertion, Settings
+from registrar.config import ContactIdInsertion, Mode, Settings
 from registrar.core.policy import MAX_CONTACT_LEN, Lifetimes, RegistrarError, canonical_aor, lifetimes
-from registrar.core.records import AorRecord, Binding
+from registrar.core.records import AorRecord, Binding, MainMeta
 from registrar.sip.errors import ParseError
 from registrar.sip.headers import Contact, parse_address
 from registrar.sip.message import Request, Response, make_response
@@ -45,6 +45,7 @@ class PendingRegister:
 
     view: RegisterView
     planned: list[PlannedContact]
+    ruri: str = ""  # the Request-URI it was relayed with (SPEC §2.2 ru)
 
 
 def inspect(request: Request, source: Peer, settings: Settings) -> RegisterView:
@@ -146,14 +147,23 @@ def rewritten_contact(pc: PlannedContact, hostport: str, settings: Settings) -> 
 
 
 def relayed_request(pending: PendingRegister, main: URI, hostport: str, settings: Settings) -> Request:
-    """The REGISTER sent to the main registrar: new R-URI, rewritten contacts, no Path (SPEC §3.1, §4.2)."""
+    """The REGISTER sent to the main registrar in modes mirror and contact: new R-URI, rewritten contacts,
+    no Path (SPEC §3.1, §4.2, §5.1)."""
     out = pending.view.request.copy()
     out.uri = main
+    pending.ruri = str(main)
     out.headers.remove("path")
-    if not pending.view.star:
-        out.headers.remove("contact")
+    if pending.view.star:
+        return out
+    out.headers.remove("contact")
+    for pc in pending.planned:
+        out.headers.add("Contact", rewritten_contact(pc, hostport, settings))
+    if settings.mode is not Mode.MIRROR and pending.view.expires_header is not None:
+        # The Expires header takes the outgoing value of the first contact whose value changes (§5.1).
         for pc in pending.planned:
-            out.headers.add("Contact", rewritten_contact(pc, hostport, settings))
+            if pc.life.outgoing != pc.life.requested:
+                out.headers.set("Expires", str(pc.life.outgoing))
+                break
     return out
 
 
@@ -170,16 +180,11 @@ def reply_contact_id(uri: URI, settings: Settings) -> int | None:
     return int(text)
 
 
-def apply_2xx(
-    pending: PendingRegister, record: AorRecord | None, reply: Response, now: float, settings: Settings
-) -> AorRecord | None:
-    """Update the AoR from the main registrar's 2xx (SPEC §4.3 [REC]); returns the new record or None."""
-    view = pending.view
-    if view.star:
-        return None
+def granted_expires(reply: Response, settings: Settings) -> dict[int, tuple[int, str]]:
+    """Contact id → (lifetime granted, our contact URI as echoed) in a main registrar's 2xx (SPEC §4.3)."""
     header = reply.headers.get("expires")
     header_expires = int(header) if header and header.isdigit() else None
-    granted: dict[int, int] = {}
+    granted: dict[int, tuple[int, str]] = {}
     for contact in _safe_contacts(reply):
         if contact.star:
             continue
@@ -188,22 +193,52 @@ def apply_2xx(
             continue  # a foreign contact (#1516): tolerated, ignored
         value = contact.expires
         if value and value.isdigit():
-            granted[ctid] = int(value)
+            granted[ctid] = (int(value), str(contact.uri))
         elif header_expires is not None:
-            granted[ctid] = header_expires
+            granted[ctid] = (header_expires, str(contact.uri))
         else:
-            granted[ctid] = settings.default_expires
-    new = AorRecord(view.aor, dict(record.bindings) if record else {}, record.version if record else 0)
+            granted[ctid] = (settings.default_expires, str(contact.uri))
+    return granted
+
+
+def main_meta(pending: PendingRegister, old: MainMeta | None) -> MainMeta:
+    """From/To/R-URI of the last relayed REGISTER, kept to build De-REGISTERs (SPEC §2.2 F, T, ru)."""
+    request = pending.view.request
+    meta = replace(old) if old is not None else MainMeta("", "", "")
+    meta.from_uri = str(request.from_.uri)
+    meta.to_uri = str(request.to.uri)
+    meta.ruri = pending.ruri
+    return meta
+
+
+def apply_2xx(
+    pending: PendingRegister, record: AorRecord | None, reply: Response, now: float, settings: Settings
+) -> tuple[AorRecord | None, list[Binding]]:
+    """Update the AoR from the main registrar's 2xx in modes mirror and contact (SPEC §4.3 [REC], §5.3).
+
+    Returns the new record (None when nothing is left) and the bindings evicted to respect max_contacts
+    with force-registration (mode contact sends them a De-REGISTER).
+    """
+    view = pending.view
+    if view.star:
+        return None, []
+    granted = granted_expires(reply, settings)
+    new = record.copy() if record is not None else AorRecord(view.aor)
+    new.meta = main_meta(pending, new.meta)
     request = view.request
     methods = _allow(request)
     user_agent = request.headers.get("user-agent")
+    touched: set[int] = set()
     for pc in pending.planned:
-        e_out = granted.get(pc.ctid)
+        hit = granted.get(pc.ctid)
         e = pc.life.local
-        if e == 0 or not e_out:
-            new.bindings.pop(pc.ctid, None)  # de-registered, or main no longer lists it
+        if e == 0 or hit is None or hit[0] == 0:
+            new.bindings.pop(pc.ctid, None)  # de-registered, or main no longer lists it: no De-REGISTER
             continue
+        e_out, echoed = hit
         e = min(e, e_out)
+        old = new.bindings.get(pc.ctid)
+        same_call = old is not None and old.relayed_call_id == request.call_id
         new.bindings[pc.ctid] = Binding(
             ctid=pc.ctid,
             contact=str(pc.contact.uri),
@@ -218,8 +253,51 @@ def apply_2xx(
             methods=_contact_methods(pc.contact) or methods,
             user_agent=user_agent,
             updated_at=now,
+            local_expires=e,
+            main_expires=e_out,
+            relayed_at=now,
+            main_contact=echoed,
+            relayed_call_id=request.call_id,
+            relayed_cseq=max(request.cseq.seq, old.relayed_cseq if old and same_call else 0),
         )
-    return new if new.bindings else None
+        touched.add(pc.ctid)
+    evicted = enforce_max_contacts(new, touched, now, settings)
+    return (new if new.bindings else None), evicted
+
+
+def enforce_max_contacts(record: AorRecord, keep: set[int], now: float, settings: Settings) -> list[Binding]:
+    """With force-registration, evict the oldest other valid contacts beyond max_contacts (SPEC §10.3)."""
+    limit = settings.max_contacts
+    valid = [b for b in record.bindings.values() if b.valid(now)]
+    if not limit or len(valid) <= limit:
+        return []
+    victims = sorted((b for b in valid if b.ctid not in keep), key=lambda b: b.updated_at)
+    evicted = victims[: len(valid) - limit]
+    for b in evicted:
+        del record.bindings[b.ctid]
+    return evicted
+
+
+def check_max_contacts(
+    pending: PendingRegister, record: AorRecord | None, now: float, settings: Settings
+) -> None:
+    """[REC] decided before relaying: too many contacts → 503 unless force-registration (SPEC §10.3, T35)."""
+    limit = settings.max_contacts
+    if not limit or settings.force_registration:
+        return
+    valid = {b.ctid for b in record.valid_bindings(now)} if record is not None else set()
+    for pc in pending.planned:
+        if pc.life.local == 0:
+            valid.discard(pc.ctid)
+        else:
+            valid.add(pc.ctid)
+    if len(valid) > limit:
+        raise RegistrarError(503, "Too many registered contacts")
+
+
+def same_flow(a: Peer, b: Peer) -> bool:
+    """Same transport, source address and (for TCP) connection: a refresh that may be absorbed ([REC] §11)."""
+    return a.transport == b.transport and a.host == b.host and a.port == b.port and a.conn == b.conn
 
 
 def _safe_contacts(reply: Response) -> list[Contact]:

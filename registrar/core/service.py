@@ -13,9 +13,11 @@ import random
 from dataclasses import dataclass, field
 
 from registrar.config import Mode, Settings
+from registrar.core import deregister, digest, throttle
 from registrar.core import register as reg
-from registrar.core.lookup import LookupResult, lookup
+from registrar.core.lookup import lookup, lookup_aor
 from registrar.core.policy import RegistrarError
+from registrar.core.records import AorRecord, Binding
 from registrar.sip.errors import ParseError
 from registrar.sip.headers import parse_address
 from registrar.sip.message import Request, Response, make_response
@@ -35,14 +37,43 @@ class CoreStats:
     registers_relayed: int = 0
     registers_answered: int = 0
     register_errors: int = 0
+    deregisters_sent: int = 0
+    expired: int = 0
     lookups: dict[str, int] = field(default_factory=dict)
+
+
+class RateLimiter:
+    """Token bucket per source address for locally answered REGISTERs (SPEC §11 [REC] mitigation 5)."""
+
+    def __init__(self, rate: float, burst: float | None = None) -> None:
+        self.rate = rate
+        self.burst = burst if burst is not None else max(1.0, rate * 2)
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def allow(self, source: str, now: float) -> bool:
+        tokens, last = self._buckets.get(source, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        if len(self._buckets) > 100_000:
+            self._buckets.clear()  # bounded memory under a spray of sources: start afresh
+        if tokens < 1.0:
+            self._buckets[source] = (tokens, now)
+            return False
+        self._buckets[source] = (tokens - 1.0, now)
+        return True
 
 
 class MidRegistrar:
     """One process's mid-registrar logic."""
 
     def __init__(
-        self, settings: Settings, stack: Stack, store: Store, rng: random.Random | None = None
+        self,
+        settings: Settings,
+        stack: Stack,
+        store: Store,
+        rng: random.Random | None = None,
+        *,
+        gate: digest.DigestGate | None = None,
+        credentials: list[digest.Credentials] | None = None,
     ) -> None:
         if settings.main_registrar is None:
             raise ValueError("a main registrar URI is required")
@@ -53,7 +84,12 @@ class MidRegistrar:
         self.main_uri: URI = parse_uri(settings.main_registrar)
         self.main_peer = peer_for_uri(self.main_uri)
         self.stats = CoreStats()
+        self.expiry = deregister.ExpirySchedule()
+        self.gate = gate
+        self.limiter = RateLimiter(settings.register_rate_limit) if settings.register_rate_limit else None
+        self.credentials = {c.realm: c for c in credentials or []}
         self._pending: dict[int, reg.PendingRegister] = {}
+        self._originated: dict[int, Request] = {}
 
     def handle(self, event: Event, now: float) -> None:
         if isinstance(event, IncomingRequest):
@@ -63,7 +99,7 @@ class MidRegistrar:
         elif isinstance(event, StrayAck):
             self._ack(event.request, now)
         elif isinstance(event, ClientResult):
-            log.debug("originated %s got %s", event.request.method, event.response.status)
+            self._client_result(event)
 
     # ------------------------------------------------------------------------------------ requests
 
@@ -80,9 +116,12 @@ class MidRegistrar:
             self.stack.respond(event.txn, _bad_request(request, exc.reason))
 
     def _addressed_to_us(self, request: Request) -> bool:
+        """OPTIONS to our own address, or (mode aor) a qualify ping to an aggregated contact (SPEC §9.2)."""
         uri = request.uri
         if not isinstance(uri, SipURI) or not self.stack.is_local_uri(uri):
             return False
+        if self.settings.mode is Mode.AOR:
+            return True
         return uri.user is None and reg.reply_contact_id(uri, self.settings) is None
 
     def _options(self, event: IncomingRequest) -> None:
@@ -103,23 +142,65 @@ class MidRegistrar:
                 self.stack.respond(event.txn, reg.binding_reply(request, record, now, settings))
                 return
             pending = reg.plan(view, record, now, settings, self.store.new_contact_id, self.rng)
+            if not view.star and not pending.planned:
+                # every contact repeats the last CSeq seen: a retransmission, answered from state (§3.4)
+                self.stats.registers_answered += 1
+                self.stack.respond(event.txn, reg.binding_reply(request, record, now, settings))
+                return
+            reg.check_max_contacts(pending, record, now, settings)
+            decision = self._decide(pending, record, now)
         except RegistrarError as err:
             self.stats.register_errors += 1
-            log.debug("REGISTER refused with %s: %s", err.status, err.text)
+            log.debug("REGISTER for %s refused with %s: %s", request.to.uri, err.status, err.text)
             self.stack.respond(event.txn, reg.error_reply(request, err, settings))
             return
-        if not view.star and not pending.planned:
-            # every contact was a retransmission of the last one we saw: answer from state (SPEC §3.4)
+        if decision is not None and not decision.relay:
+            if not self._gate_passes(event, view, now):
+                return
+            log.debug("REGISTER for %s absorbed: %s", view.aor, decision.reason)
+            self._commit(view.aor, decision.record)
             self.stats.registers_answered += 1
-            self.stack.respond(event.txn, reg.binding_reply(request, record, now, settings))
+            self.stack.respond(event.txn, reg.binding_reply(request, decision.record, now, settings))
             return
-        if settings.mode is not Mode.MIRROR:
-            log.debug("mode %s not built yet: relaying like mirror", settings.mode.value)
+        log.debug("REGISTER for %s relayed: %s", view.aor, decision.reason if decision else "mirror")
         local = self.stack.local_for(self.main_peer)
-        relayed = reg.relayed_request(pending, self.main_uri, local.hostport, settings)
+        if settings.mode is Mode.AOR:
+            relayed = throttle.relayed_aor_request(pending, self.main_uri, local.hostport, settings)
+        else:
+            relayed = reg.relayed_request(pending, self.main_uri, local.hostport, settings)
         ctx = self.stack.proxy(event.txn, [(relayed, self.main_peer)], hold_final=True)
         self._pending[id(ctx)] = pending
         self.stats.registers_relayed += 1
+
+    def _decide(
+        self, pending: reg.PendingRegister, record: AorRecord | None, now: float
+    ) -> throttle.Decision | None:
+        mode = self.settings.mode
+        if mode is Mode.MIRROR or pending.view.star:
+            return None  # mirror relays everything; `Contact: *` is relayed in every mode (§3.1 item 5)
+        if mode is Mode.CONTACT:
+            return throttle.decide_contact(pending, record, now)
+        return throttle.decide_aor(pending, record, now)
+
+    def _gate_passes(self, event: IncomingRequest, view: reg.RegisterView, now: float) -> bool:
+        """Local digest check and per-source rate limit in front of absorption (SPEC §11 [REC], T55)."""
+        request = event.request
+        if self.gate is not None:
+            to_user = view.request.to.uri.user if isinstance(view.request.to.uri, SipURI) else None
+            if not self.gate.verify(request.headers.get("authorization"), "REGISTER", to_user or "", now):
+                response = make_response(request, 401)
+                response.headers.add("WWW-Authenticate", self.gate.challenge(now))
+                self.stack.respond(event.txn, response)
+                return False
+        if self.limiter is not None and not self.limiter.allow(event.peer.host, now):
+            self.stats.register_errors += 1
+            err = RegistrarError(503, "Too many REGISTERs from this source")
+            response = reg.error_reply(request, err, self.settings)
+            if "retry-after" not in response.headers:
+                response.headers.add("Retry-After", str(max(1, self.settings.retry_after or 5)))
+            self.stack.respond(event.txn, response)
+            return False
+        return True
 
     def _final(self, ctx: ResponseContext, event: ProxyFinal, now: float) -> None:
         pending = self._pending.pop(id(ctx), None)
@@ -130,12 +211,100 @@ class MidRegistrar:
             return
         aor = pending.view.aor
         record = self.store.load(aor)
-        updated = reg.apply_2xx(pending, record, response, now, self.settings)
+        if self.settings.mode is Mode.AOR:
+            updated, evicted = throttle.apply_aor_2xx(pending, record, response, now, self.settings)
+        else:
+            updated, evicted = reg.apply_2xx(pending, record, response, now, self.settings)
         if updated is None:
             self.store.delete(aor)
         else:
-            self.store.commit(updated)
+            self._commit(aor, updated)
+        if self.settings.mode is Mode.CONTACT and updated is not None and updated.meta is not None:
+            for binding in evicted:
+                self._send_deregister(deregister.contact_deregister(updated.meta, binding, self._tag()))
         self.stack.finish(ctx, reg.rewrite_reply(response, updated, now, self.settings))
+
+    def _commit(self, aor: str, record: AorRecord | None) -> None:
+        if record is None or not record.bindings:
+            self.store.delete(aor)
+            return
+        self.store.commit(record)
+        for binding in record.bindings.values():
+            self.expiry.schedule(aor, binding)
+
+    # ------------------------------------------------------------------------------------ expiry
+
+    def next_deadline(self) -> float | None:
+        return self.expiry.next_deadline()
+
+    def on_timer(self, now: float) -> None:
+        """Remove bindings that expired and send the De-REGISTERs they call for (SPEC §5.4, §6.4)."""
+        by_aor: dict[str, list[int]] = {}
+        for aor, ctid in self.expiry.due(now):
+            by_aor.setdefault(aor, []).append(ctid)
+        for aor, ctids in by_aor.items():
+            record = self.store.load(aor)
+            if record is None:
+                continue
+            gone: list[Binding] = []
+            for ctid in ctids:
+                binding = record.bindings.get(ctid)
+                if binding is None:
+                    continue
+                if binding.valid(now):
+                    self.expiry.schedule(aor, binding)  # refreshed meanwhile: look again later
+                else:
+                    gone.append(binding)
+            if not gone:
+                continue
+            left = record.copy()
+            for binding in gone:
+                del left.bindings[binding.ctid]
+            self.stats.expired += len(gone)
+            self._commit(aor, left)
+            meta = record.meta
+            if meta is None:
+                continue
+            if self.settings.mode is Mode.CONTACT:
+                for binding in gone:
+                    self._send_deregister(deregister.contact_deregister(meta, binding, self._tag()))
+            elif self.settings.mode is Mode.AOR and not left.valid_bindings(now):
+                self._send_deregister(deregister.aor_deregister(meta, self._tag()))
+
+    def _send_deregister(self, request: Request | None) -> None:
+        if request is None:
+            return
+        original = request.copy()  # before the stack adds its Via: a retry starts from this
+        handle = self.stack.send_request(request, self.main_peer)
+        self._originated[handle] = original
+        self.stats.deregisters_sent += 1
+        log.debug("De-REGISTER sent for %s", request.headers.get("contact"))
+
+    def _client_result(self, event: ClientResult) -> None:
+        """A challenged De-REGISTER is sent once more with credentials and CSeq+1 (SPEC T57)."""
+        original = self._originated.pop(event.handle, None)
+        status = event.response.status
+        if original is None or status not in (401, 407) or original.headers.get("authorization"):
+            if status >= 300:
+                log.info("De-REGISTER answered %s %s", status, event.response.reason)
+            return
+        name = "www-authenticate" if status == 401 else "proxy-authenticate"
+        value = event.response.headers.get(name)
+        challenge = digest.parse_challenge(value or "")
+        creds = self.credentials.get(challenge.get("realm", ""))
+        if creds is None:
+            log.warning(
+                "De-REGISTER challenged by realm %r without configured credentials", challenge.get("realm")
+            )
+            return
+        retry = original.copy()
+        retry.headers.set("CSeq", f"{original.cseq.seq + 1} REGISTER")
+        answer = digest.authorization(challenge, creds, "REGISTER", str(original.uri), self._tag())
+        retry.headers.add("Authorization" if status == 401 else "Proxy-Authorization", answer)
+        self._send_deregister(retry)
+
+    def _tag(self) -> str:
+        return f"{self.rng.getrandbits(48):012x}"
 
     # ------------------------------------------------------------------------------------ routing
 
@@ -145,12 +314,15 @@ class MidRegistrar:
         if routes:
             self._loose_route(event, routes)
             return
-        result = lookup(request.uri, self.store, now, self.settings)
+        if self.settings.mode is Mode.AOR:
+            result = lookup_aor(request, self.store, now, self.settings)
+        else:
+            result = lookup(request.uri, self.store, now, self.settings)
         self.stats.lookups[result.outcome] = self.stats.lookups.get(result.outcome, 0) + 1
-        if result.target is None:
+        if not result.targets:
             self.stack.respond(event.txn, make_response(request, 404))
             return
-        self.stack.proxy(event.txn, [_branch(result)])
+        self.stack.proxy(event.txn, list(result.targets))
 
     def _loose_route(self, event: IncomingRequest, routes: list[str]) -> None:
         """Pre-routed (in-dialog) requests: pop our own Route, forward to the next hop (RFC 3261 §16.4)."""
@@ -169,15 +341,10 @@ class MidRegistrar:
             self.stack.forward_stateless(request, self._next_hop(request, routes))
             return
         result = lookup(request.uri, self.store, now, self.settings)
-        if result.target is not None:
-            uri, peer = _branch(result)
+        if result.targets:
+            uri, peer = result.targets[0]
             request.uri = uri
             self.stack.forward_stateless(request, peer)
-
-
-def _branch(result: LookupResult) -> tuple[URI, Peer]:
-    assert result.target is not None and result.uri is not None
-    return result.uri, result.target
 
 
 def _bad_request(request: Request, reason: str) -> Response:

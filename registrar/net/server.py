@@ -13,8 +13,8 @@ import ipaddress
 import logging
 import secrets
 import typing
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from registrar.config import Listen, Settings, Transport
 from registrar.sip.framing import PING, PONG, FramingError, StreamFramer
@@ -24,7 +24,15 @@ from registrar.sip.transport import Peer
 
 log = logging.getLogger("midregistrar.net")
 
-Handler = Callable[[Event, float], None]
+
+class Application(Protocol):
+    """What the shell drives besides the stack: the core's event handler and its own timers."""
+
+    def handle(self, event: Event, now: float) -> None: ...
+
+    def next_deadline(self) -> float | None: ...
+
+    def on_timer(self, now: float) -> None: ...
 
 
 def build_stack(settings: Settings) -> Stack:
@@ -53,10 +61,10 @@ class _Conn:
 class SipServer:
     """Listens on every configured socket and drives one stack."""
 
-    def __init__(self, settings: Settings, stack: Stack, handler: Handler) -> None:
+    def __init__(self, settings: Settings, stack: Stack, app: Application) -> None:
         self.settings = settings
         self.stack = stack
-        self.handler = handler
+        self.app = app
         self.loop = asyncio.get_running_loop()
         self._udp: dict[int, asyncio.DatagramTransport] = {}
         self._servers: list[asyncio.Server] = []
@@ -143,7 +151,12 @@ class SipServer:
     def fire_timers(self) -> None:
         self._timer = None
         self._timer_at = None
-        self.stack.handle_timers(self.now)
+        now = self.now
+        self.stack.handle_timers(now)
+        try:
+            self.app.on_timer(now)
+        except Exception:
+            log.exception("timer handler failed")
         self.flush()
 
     # ------------------------------------------------------------------------------------ output
@@ -157,12 +170,12 @@ class SipServer:
             now = self.now
             for event in events:
                 try:
-                    self.handler(event, now)
+                    self.app.handle(event, now)
                 except Exception:  # a bug in one request must not stop the engine
                     log.exception("handler failed for %s", type(event).__name__)
         for data, peer in stack.pop_outgoing():
             self.send(data, peer)
-        deadline = stack.next_deadline()
+        deadline = _earliest(stack.next_deadline(), self.app.next_deadline())
         if deadline is not None and deadline != self._timer_at:
             if self._timer is not None:
                 self._timer.cancel()
@@ -276,6 +289,12 @@ class _TcpProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.conn is not None:
             self.server.connection_lost(self.conn)
+
+
+def _earliest(a: float | None, b: float | None) -> float | None:
+    if a is None:
+        return b
+    return a if b is None else min(a, b)
 
 
 def _is_ip(host: str) -> bool:

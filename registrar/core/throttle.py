@@ -1,0 +1,249 @@
+"""Absorb or relay: the throttling decisions of modes contact (SPEC §5) and aor (SPEC §6), with the
+safe-absorption rules of SPEC §11 [REC], plus mode aor's aggregated contact and its 2xx processing.
+
+Pure functions: a decision takes the request, the AoR as stored and ``now`` and returns what to do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from urllib.parse import quote, unquote
+
+from registrar.config import Settings
+from registrar.core.policy import RegistrarError
+from registrar.core.records import AorRecord, Binding, MainMeta
+from registrar.core.register import (
+    PendingRegister,
+    _allow,
+    _contact_methods,
+    _safe_contacts,
+    enforce_max_contacts,
+    main_meta,
+    same_flow,
+)
+from registrar.sip.message import Request, Response
+from registrar.sip.uri import URI, SipURI
+
+
+@dataclass(slots=True)
+class Decision:
+    """``relay`` with the reason, or absorb with the record to commit."""
+
+    relay: bool
+    reason: str
+    record: AorRecord | None = None
+    evicted: list[Binding] = field(default_factory=list)
+
+
+def _relay(reason: str) -> Decision:
+    return Decision(True, reason)
+
+
+# ------------------------------------------------------------------------------------------- mode contact
+
+
+def decide_contact(pending: PendingRegister, record: AorRecord | None, now: float) -> Decision:
+    """SPEC §5.2: absorb only when every contact is a known, unchanged refresh inside the window."""
+    view = pending.view
+    if record is None or not record.bindings:
+        return _relay("AoR unknown")
+    request = view.request
+    updated = record.copy()
+    for pc in pending.planned:
+        e = pc.life.local
+        if e == 0:
+            return _relay("de-registration")
+        binding = updated.bindings.get(pc.ctid) if pc.known else None
+        if binding is None or not binding.valid(now):
+            return _relay("new contact")
+        if binding.relayed_at is None or binding.main_expires is None:
+            return _relay("no relay state")
+        if not same_flow(binding.source, view.source):
+            return _relay("source address, transport or connection changed")
+        if binding.call_id != request.call_id:
+            return _relay("Call-ID changed")
+        if now - binding.relayed_at >= binding.main_expires - e:
+            return _relay("main registrar's copy is due")
+        _refresh(binding, pending, pc.contact.q, e, now)
+    return Decision(False, "refresh inside the window", updated)
+
+
+def _refresh(binding: Binding, pending: PendingRegister, q: float | None, e: int, now: float) -> None:
+    """An absorbed refresh: new local expiry and per-request fields; relay state untouched (§5.2 step 5)."""
+    request = pending.view.request
+    binding.expires_at = now + e
+    binding.cseq = request.cseq.seq
+    if binding.call_id == binding.relayed_call_id:
+        binding.relayed_cseq = max(binding.relayed_cseq, binding.cseq)
+    binding.q = q
+    binding.path = list(pending.view.paths)
+    binding.user_agent = request.headers.get("user-agent")
+    binding.updated_at = now
+
+
+# ------------------------------------------------------------------------------------------- mode aor
+
+
+def escape_aor(aor: str, settings: Settings) -> str:
+    """The user part of the aggregated contact (SPEC §6.1): %-escaped AoR, '@' as at_escape_str."""
+    if not aor.isascii():
+        raise RegistrarError(500, "AoR cannot be escaped into a contact")
+    user, at, host = aor.partition("@")
+    escaped = quote(user, safe="-_.!~*'()&=+$,;?/")
+    if at and settings.use_domain:
+        escaped += settings.at_escape_str + quote(host, safe="-_.!~*'()&=+$,;?/")
+    return escaped
+
+
+def aor_from_uri(uri: URI, settings: Settings) -> str | None:
+    """The AoR an aggregated contact stands for: user part un-escaped (SPEC §9.2 step 1)."""
+    if not isinstance(uri, SipURI) or not uri.user:
+        return None
+    user = uri.user
+    if settings.at_escape_str != "%40" and settings.at_escape_str in user:
+        head, _, tail = user.partition(settings.at_escape_str)
+        user = f"{head}%40{tail}"
+    aor = unquote(user)
+    return aor if settings.case_sensitive else aor.lower()
+
+
+def aggregated_uri(aor: str, hostport: str, settings: Settings) -> str:
+    return f"sip:{escape_aor(aor, settings)}@{hostport}{settings.extra_contact_params}"
+
+
+def decide_aor(pending: PendingRegister, record: AorRecord | None, now: float) -> Decision:
+    """SPEC §6.2 with changes staged (T53 [REC]) and new devices relayed (§11 [REC])."""
+    view = pending.view
+    valid = record.valid_bindings(now) if record is not None else []
+    if record is None or not valid:
+        return _relay("AoR unknown or empty")
+    meta = record.meta
+    if meta is None or meta.relayed_at is None or meta.main_expires is None:
+        return _relay("no relay state")
+    ctno = len(valid)
+    staged = record.copy()
+    request = view.request
+    refreshed = False
+    for pc in pending.planned:
+        e = min(pc.life.local, meta.main_expires)
+        binding = staged.bindings.get(pc.ctid) if pc.known else None
+        if binding is not None and not binding.valid(now):
+            binding = None
+        if binding is not None and e == 0:
+            if ctno == 1:
+                return _relay("last device leaves")
+            del staged.bindings[pc.ctid]
+            continue
+        if binding is None:
+            if e == 0:
+                continue
+            return _relay("new contact")
+        if not same_flow(binding.source, view.source):
+            return _relay("source address, transport or connection changed")
+        if binding.call_id != request.call_id:
+            return _relay("Call-ID changed")
+        _refresh(binding, pending, pc.contact.q, e, now)
+        binding.local_expires = e
+        binding.main_expires = meta.main_expires
+        refreshed = True
+    left = staged.valid_bindings(now)
+    if refreshed:
+        if any(b.main_expires is None for b in left):
+            return _relay("no relay state")
+        max_diff = max((b.main_expires or 0) - b.local_expires for b in left)
+        if now >= meta.relayed_at + max_diff:
+            return _relay("main registrar's copy is due")
+        return Decision(False, "refresh inside the window", staged)
+    if ctno >= 2 and not left:
+        return _relay("every device leaves")
+    return Decision(False, "de-registration of one of several devices", staged)
+
+
+def relayed_aor_request(pending: PendingRegister, main: URI, hostport: str, settings: Settings) -> Request:
+    """All contacts replaced by one aggregated contact (SPEC §6.1; [REC] expires 0 for de-registrations)."""
+    view = pending.view
+    out = view.request.copy()
+    out.uri = main
+    pending.ruri = str(main)
+    out.headers.remove("path")
+    if view.star:
+        return out
+    out.headers.remove("contact")
+    leaving = all(pc.life.local == 0 for pc in pending.planned)
+    value = 0 if leaving else settings.outgoing_expires
+    contact = f"<{aggregated_uri(view.aor, hostport, settings)}>"
+    if view.expires_header is not None:
+        out.headers.set("Expires", str(value))
+        out.headers.add("Contact", contact)
+    else:
+        out.headers.add("Contact", f"{contact};expires={value}")
+    return out
+
+
+def apply_aor_2xx(
+    pending: PendingRegister, record: AorRecord | None, reply: Response, now: float, settings: Settings
+) -> tuple[AorRecord | None, list[Binding]]:
+    """SPEC §6.3: find the aggregated contact by its escaped AoR, update the AoR meta, then the contacts."""
+    view = pending.view
+    if view.star:
+        return None, []
+    escaped = escape_aor(view.aor, settings)
+    e_out: int | None = None
+    echoed: str | None = None
+    header = reply.headers.get("expires")
+    for contact in _safe_contacts(reply):
+        if not contact.star and escaped in str(contact.uri):
+            value = contact.expires
+            if value and value.isdigit():
+                e_out = int(value)
+            elif header and header.isdigit():
+                e_out = int(header)
+            else:
+                e_out = settings.default_expires
+            echoed = str(contact.uri)
+            break
+    new = record.copy() if record is not None else AorRecord(view.aor)
+    meta: MainMeta = main_meta(pending, new.meta)
+    request = view.request
+    if meta.call_id != request.call_id:
+        meta.call_id, meta.cseq = request.call_id, request.cseq.seq
+    else:
+        meta.cseq = max(meta.cseq, request.cseq.seq)
+    if echoed is None or not e_out:
+        meta.no_dr, meta.relayed_at = True, 0.0  # main dropped the aggregated binding
+    else:
+        meta.no_dr = False
+        meta.relayed_at = now
+        meta.main_expires = e_out  # [REC] refreshed on every 2xx (SPEC §12, §6.3 [OBS])
+        meta.main_contact = echoed
+    new.meta = meta
+    methods = _allow(request)
+    touched: set[int] = set()
+    for pc in pending.planned:
+        e = pc.life.local if e_out is None else min(pc.life.local, e_out)
+        if e == 0 or echoed is None:
+            new.bindings.pop(pc.ctid, None)
+            continue
+        new.bindings[pc.ctid] = Binding(
+            ctid=pc.ctid,
+            contact=str(pc.contact.uri),
+            expires_at=now + e,
+            source=view.source,
+            call_id=request.call_id,
+            cseq=request.cseq.seq,
+            q=pc.contact.q,
+            path=list(view.paths),
+            instance=pc.contact.instance,
+            reg_id=pc.contact.reg_id,
+            methods=_contact_methods(pc.contact) or methods,
+            user_agent=request.headers.get("user-agent"),
+            updated_at=now,
+            local_expires=e,
+            main_expires=e_out,
+            relayed_at=now,
+        )
+        touched.add(pc.ctid)
+    evicted = enforce_max_contacts(new, touched, now, settings)
+    if not new.bindings:
+        return None, evicted
+    return new, evicted
