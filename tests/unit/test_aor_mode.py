@@ -1,0 +1,314 @@
+"""Mode aor (AoR throttling), SPEC.md §6 and §9.2, test list §15 D, on the virtual clock.
+
+Where SPEC gives [OBS] and [REC], these tests pin [REC]: a new device is relayed (never absorbed
+unauthenticated, §11), changes are staged and committed only on the main registrar's 2xx (T53), the UA never
+sees the main registrar's Expires header (T52) and expO is refreshed on every 2xx.
+"""
+
+from __future__ import annotations
+
+from registrar.sip.message import Request, Response
+from registrar.sip.transport import Peer
+from tests.unit.corekit import Core, register
+from tests.unit.stackkit import MAIN, response_to
+
+A = Peer("udp", "192.0.2.10", 5062)
+B = Peer("udp", "198.51.100.7", 5060)
+C = Peer("udp", "203.0.113.9", 5064)
+CONTACTS = {
+    A: "<sip:alice@192.0.2.10:5062>",
+    B: "<sip:alice@198.51.100.7:5060>",
+    C: "<sip:alice@203.0.113.9:5064>",
+}
+AGG = "sip:alice%40example.com@10.0.0.2:5060"
+
+
+def Aor(**settings: object) -> Core:
+    base: dict[str, object] = {"mode": "aor", "outgoing_expires": 7200, "max_expires": 7200}
+    base.update(settings)
+    return Core(**base)
+
+
+def _send(m: Core, peer: Peer, contact: str | None = None, *, cseq: int = 1, **kw: object) -> None:
+    m.feed(
+        register(
+            contact or CONTACTS[peer],
+            cseq=cseq,
+            call_id=f"cid-{peer.host}",
+            branch=f"z9hG4bK-{peer.host}-{cseq}",
+            via_host=f"{peer.host}:{peer.port}",
+            **kw,
+        ),
+        peer,
+    )  # type: ignore[arg-type]
+
+
+def _split(m: Core, peer: Peer) -> tuple[list[Request], list[Response]]:
+    sent = m.take()
+    return (
+        [x for x, p in sent if isinstance(x, Request) and p == MAIN],
+        [x for x, p in sent if isinstance(x, Response) and p == peer],
+    )
+
+
+def _main_ok(relayed: Request, expires: int = 7200, extra: str = "") -> bytes:
+    value = relayed.contacts[0].expires or str(expires)
+    more = (
+        f"Contact: <{relayed.contacts[0].uri}>;expires={expires if value != '0' else 0}\r\nExpires: {expires}"
+    )
+    if extra:
+        more = extra + "\r\n" + more
+    return response_to(relayed, 200, extra=more)
+
+
+def _register_a(m: Core, e: int = 120) -> Request:
+    _send(m, A, f"{CONTACTS[A]};expires={e}")
+    relayed, _ = _split(m, A)
+    m.feed(_main_ok(relayed[0]), MAIN)
+    _, replies = _split(m, A)
+    assert replies[0].status == 200
+    return relayed[0]
+
+
+def test_t39_one_aggregated_contact_use_domain_on() -> None:
+    m = Aor()
+    _send(m, A, f"{CONTACTS[A]};expires=120, <sip:alice@192.0.2.10:5064>;expires=120")
+    [relayed], _ = _split(m, A)
+    assert [str(c.uri) for c in relayed.contacts] == [AGG] and relayed.contacts[0].expires == "7200"
+    m.feed(_main_ok(relayed), MAIN)
+    _, [reply] = _split(m, A)
+    assert sorted(c.expires for c in reply.contacts) == ["120", "120"]
+
+
+def test_t39_use_domain_off() -> None:
+    m = Aor(use_domain=False)
+    _send(m, A, f"{CONTACTS[A]};expires=120")
+    [relayed], _ = _split(m, A)
+    assert str(relayed.contacts[0].uri) == "sip:alice@10.0.0.2:5060"
+
+
+def test_t40_at_escape_str_and_lookup() -> None:
+    m = Aor(at_escape_str="___")
+    _send(m, A, f"{CONTACTS[A]};expires=120")
+    [relayed], _ = _split(m, A)
+    assert str(relayed.contacts[0].uri) == "sip:alice___example.com@10.0.0.2:5060"
+    m.feed(_main_ok(relayed), MAIN)
+    m.take()
+    m.feed(_invite("sip:alice___example.com@10.0.0.2:5060"), MAIN)
+    assert [p for x, p in m.take() if isinstance(x, Request) and x.method == "INVITE"] == [A]
+
+
+def test_t41_expires_header_is_rewritten_and_no_param_added() -> None:
+    m = Aor()
+    _send(m, A, f"{CONTACTS[A]};expires=120", expires=120)
+    [relayed], _ = _split(m, A)
+    assert relayed.headers.get("expires") == "7200" and relayed.contacts[0].expires is None
+
+
+def test_t42_new_device_is_relayed_not_absorbed() -> None:
+    m = Aor()
+    _register_a(m)
+    m.advance(30)
+    _send(m, B, f"{CONTACTS[B]};expires=600")
+    relayed, _ = _split(m, B)
+    assert len(relayed) == 1  # [REC] §11: a new device is seen by the main registrar
+    m.feed(_main_ok(relayed[0]), MAIN)
+    _, [reply] = _split(m, B)
+    got = {str(c.uri): c.expires for c in reply.contacts}
+    assert got == {"sip:alice@192.0.2.10:5062": "90", "sip:alice@198.51.100.7:5060": "600"}
+
+
+def _two_devices(m: Core) -> None:
+    _register_a(m)
+    m.advance(30)
+    _send(m, B, f"{CONTACTS[B]};expires=600")
+    relayed, _ = _split(m, B)
+    m.feed(_main_ok(relayed[0]), MAIN)
+    m.take()
+
+
+def test_t43_aor_refresh_timing() -> None:
+    m = Aor()
+    _two_devices(m)  # A 120 at 0, B 600 at 30 (relayed: LRTs=30), expO 7200 → max_diff 7080
+    cseq = 2
+    while m.now + 60 < 30 + 7080:
+        m.advance(60)
+        _send(m, A, f"{CONTACTS[A]};expires=120", cseq=cseq)
+        _send(m, B, f"{CONTACTS[B]};expires=600", cseq=cseq)
+        relayed, _ = _split(m, A)
+        assert relayed == [], m.now
+        cseq += 1
+    m.advance(30 + 7080 - m.now)
+    _send(m, A, f"{CONTACTS[A]};expires=120", cseq=cseq)
+    relayed, _ = _split(m, A)
+    assert len(relayed) == 1 and relayed[0].contacts[0].expires == "7200"
+    m.feed(_main_ok(relayed[0]), MAIN)
+    record = m.store.load("alice@example.com")
+    assert record is not None and record.meta is not None and record.meta.relayed_at == m.now
+
+
+def test_t44_non_last_device_leaving_is_absorbed() -> None:
+    m = Aor()
+    _two_devices(m)
+    m.advance(10)
+    _send(m, B, f"{CONTACTS[B]};expires=0", cseq=2)
+    relayed, [reply] = _split(m, B)
+    assert relayed == [] and [str(c.uri) for c in reply.contacts] == ["sip:alice@192.0.2.10:5062"]
+    m.feed(_invite(AGG), MAIN)
+    assert [p for x, p in m.take() if isinstance(x, Request) and x.method == "INVITE"] == [A]
+
+
+def test_t45_last_device_leaving_is_relayed_and_never_deregistered() -> None:
+    m = Aor()
+    _register_a(m)
+    m.advance(10)
+    _send(m, A, f"{CONTACTS[A]};expires=0", cseq=2)
+    [relayed], _ = _split(m, A)
+    assert str(relayed.contacts[0].uri) == AGG and relayed.contacts[0].expires == "0"
+    m.feed(response_to(relayed, 200), MAIN)
+    m.take()
+    assert m.store.counts() == (0, 0)
+    m.advance(8000)
+    assert [x for x, p in m.take() if p == MAIN] == []
+
+
+def test_t46_one_register_removing_all_is_relayed_with_expires_0() -> None:
+    m = Aor()
+    _send(m, A, f"{CONTACTS[A]};expires=120, <sip:alice@192.0.2.10:5064>;expires=120")
+    [relayed], _ = _split(m, A)
+    m.feed(_main_ok(relayed), MAIN)
+    m.take()
+    m.advance(10)
+    _send(m, A, f"{CONTACTS[A]};expires=0, <sip:alice@192.0.2.10:5064>;expires=0", cseq=2)
+    [relayed], _ = _split(m, A)
+    assert relayed.contacts[0].expires == "0"
+
+
+def test_t47_aor_expiry_sends_one_deregister() -> None:
+    m = Aor()
+    _two_devices(m)
+    m.advance(100)  # A (120 from t=0) expired at 120: nothing sent
+    assert [x for x, p in m.take() if p == MAIN] == []
+    m.advance(600 + 30 - m.now + 1)  # B expires at 630
+    deregs = {x.top_via.branch: x for x, p in m.take() if isinstance(x, Request) and p == MAIN}
+    [dereg] = deregs.values()
+    assert str(dereg.contacts[0].uri) == AGG and dereg.contacts[0].expires == "0"
+    assert dereg.call_id == "cid-198.51.100.7" and dereg.cseq.seq == 2
+    assert str(dereg.to.uri) == "sip:alice@example.com" and dereg.to.tag is None
+
+
+def _invite(ruri: str, method: str = "INVITE", branch: str = "z9hG4bK-inv") -> bytes:
+    return (
+        f"{method} {ruri} SIP/2.0\r\nVia: SIP/2.0/UDP 10.0.0.3:5070;branch={branch}\r\nMax-Forwards: 70\r\n"
+        f"From: <sip:bob@example.com>;tag=b1\r\nTo: <sip:alice@example.com>\r\nCall-ID: {branch}\r\n"
+        f"CSeq: 1 {method}\r\nContact: <sip:bob@10.0.0.3:5070>\r\nContent-Length: 0\r\n\r\n"
+    ).encode()
+
+
+def test_t48_parallel_forking_in_q_order() -> None:
+    m = Aor()
+    _send(
+        m, A, f"{CONTACTS[A]};q=0.5;expires=600, {CONTACTS[B]};q=1.0;expires=600, {CONTACTS[C]};expires=600"
+    )
+    [relayed], _ = _split(m, A)
+    m.feed(_main_ok(relayed), MAIN)
+    m.take()
+    m.feed(_invite(AGG), MAIN)
+    invites = [(x, p) for x, p in m.take() if isinstance(x, Request) and x.method == "INVITE"]
+    assert [str(x.uri) for x, _ in invites] == [CONTACTS[B][1:-1], CONTACTS[A][1:-1], CONTACTS[C][1:-1]]
+    assert {p for _, p in invites} == {A}  # all registered from A's flow
+    first, _ = invites[0]
+    m.feed(response_to(first, 200), A)
+    sent = m.take()
+    assert [x.status for x, p in sent if isinstance(x, Response) and p == MAIN] == [200]
+    assert (
+        len([x for x, _ in sent if isinstance(x, Request) and x.method == "CANCEL"]) == 0
+    )  # no 1xx yet: wait
+    for other, _ in invites[1:]:
+        m.feed(response_to(other, 180), A)
+    assert len([x for x, _ in m.take() if isinstance(x, Request) and x.method == "CANCEL"]) == 2
+
+
+def test_t49_method_filtering() -> None:
+    m = Aor(method_filtering=True)
+    _send(m, A, f"{CONTACTS[A]};expires=600", extra="Allow: INVITE, ACK, BYE, CANCEL")
+    [relayed], _ = _split(m, A)
+    m.feed(_main_ok(relayed), MAIN)
+    m.take()
+    m.feed(_invite(AGG, "MESSAGE", "z9hG4bK-m1"), MAIN)
+    assert [x.status for x, _ in m.take() if isinstance(x, Response)] == [404]  # only A, filtered: -2 → 404
+    _send(m, B, f"{CONTACTS[B]};expires=600")
+    [relayed], _ = _split(m, B)
+    m.feed(_main_ok(relayed), MAIN)
+    m.take()
+    m.feed(_invite(AGG, "MESSAGE", "z9hG4bK-m2"), MAIN)
+    assert [p for x, p in m.take() if isinstance(x, Request) and x.method == "MESSAGE"] == [B]
+
+
+def test_t50_nothing_registered_gives_404() -> None:
+    m = Aor()
+    m.feed(_invite("sip:nobody%40example.com@10.0.0.2:5060"), MAIN)
+    assert [x.status for x, _ in m.take() if isinstance(x, Response)] == [100, 404]
+
+
+def test_t51_extra_contacts_in_mains_reply() -> None:
+    m = Aor()
+    _send(m, A, f"{CONTACTS[A]};expires=120")
+    [relayed], _ = _split(m, A)
+    m.feed(_main_ok(relayed, extra="Contact: <sip:bob@203.0.113.9>;expires=50"), MAIN)
+    _, [reply] = _split(m, A)
+    assert [(str(c.uri), c.expires) for c in reply.contacts] == [("sip:alice@192.0.2.10:5062", "120")]
+
+
+def test_t52_reply_to_the_ua_has_no_expires_header() -> None:
+    m = Aor()
+    _send(m, A, f"{CONTACTS[A]};expires=120")
+    [relayed], _ = _split(m, A)
+    m.feed(_main_ok(relayed), MAIN)
+    _, [reply] = _split(m, A)
+    assert reply.headers.get("expires") is None
+
+
+def test_t53_rejected_device_is_not_stored() -> None:
+    m = Aor()
+    _register_a(m)
+    m.advance(10)
+    _send(m, B, f"{CONTACTS[B]};expires=600")
+    [relayed], _ = _split(m, B)
+    m.feed(response_to(relayed, 403), MAIN)
+    _, [reply] = _split(m, B)
+    assert reply.status == 403
+    record = m.store.load("alice@example.com")
+    assert record is not None and [b.contact for b in record.bindings.values()] == [
+        "sip:alice@192.0.2.10:5062"
+    ]
+
+
+def test_t54_max_contacts_503_locally() -> None:
+    m = Aor(max_contacts=1)
+    _register_a(m)
+    _send(m, B, f"{CONTACTS[B]};expires=600")
+    relayed, [reply] = _split(m, B)
+    assert relayed == [] and reply.status == 503
+
+
+def test_t54_force_registration_evicts_the_old_device() -> None:
+    m = Aor(max_contacts=1, force_registration=True)
+    _register_a(m)
+    _send(m, B, f"{CONTACTS[B]};expires=600")
+    [relayed], _ = _split(m, B)
+    m.feed(_main_ok(relayed), MAIN)
+    m.take()
+    record = m.store.load("alice@example.com")
+    assert record is not None and [b.contact for b in record.bindings.values()] == [
+        "sip:alice@198.51.100.7:5060"
+    ]
+
+
+def test_qualify_options_to_the_aggregated_contact_is_answered_locally() -> None:
+    m = Aor()
+    _register_a(m)
+    m.feed(_invite(AGG, "OPTIONS", "z9hG4bK-q"), MAIN)
+    sent = m.take()
+    assert [x.status for x, _ in sent if isinstance(x, Response)] == [200]
+    assert [x for x, p in sent if isinstance(x, Request)] == []
