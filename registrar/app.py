@@ -57,7 +57,9 @@ class Registrar:
                     self.store.counts,
                 )
             )
-            self._http = web.AppRunner(make_app(registry, lambda: self.ready), access_log=None)
+            server = self.server
+            app = make_app(registry, lambda: self.ready, lambda aor: self.core.aor_view(aor, server.now))
+            self._http = web.AppRunner(app, access_log=None)
             await self._http.setup()
             host, port = split_hostport(self.settings.http, default_port=9090)
             await web.TCPSite(self._http, host, port).start()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass, field
+from typing import Any
 
 from registrar.config import Mode, Settings
 from registrar.core import deregister, digest, throttle
@@ -231,6 +232,53 @@ class MidRegistrar:
         self.store.commit(record)
         for binding in record.bindings.values():
             self.expiry.schedule(aor, binding)
+
+    def aor_view(self, aor: str, now: float) -> dict[str, Any] | None:
+        """JSON-ready view of one AoR for ``GET /v1/aors/{aor}``: valid bindings, remaining expires, meta."""
+        record = self.store.load(aor)
+        if record is None:
+            return None
+        bindings = []
+        for b in record.valid_bindings(now):
+            bindings.append(
+                {
+                    "ctid": str(b.ctid),
+                    "contact": b.contact,
+                    "expires": b.remaining(now),
+                    "received": str(b.source),
+                    "q": b.q,
+                    "call_id": b.call_id,
+                    "cseq": b.cseq,
+                    "path": b.path,
+                    "instance": b.instance,
+                    "reg_id": b.reg_id,
+                    "user_agent": b.user_agent,
+                    "main": {
+                        "expires": b.main_expires,
+                        "relayed_ago": None if b.relayed_at is None else round(now - b.relayed_at, 3),
+                        "contact": b.main_contact,
+                    },
+                }
+            )
+        meta = record.meta
+        return {
+            "aor": record.aor,
+            "mode": self.settings.mode.value,
+            "bindings": bindings,
+            "main": None
+            if meta is None
+            else {
+                "ruri": meta.ruri,
+                "from": meta.from_uri,
+                "to": meta.to_uri,
+                "call_id": meta.call_id,
+                "cseq": meta.cseq,
+                "expires": meta.main_expires,
+                "relayed_ago": None if meta.relayed_at is None else round(now - meta.relayed_at, 3),
+                "contact": meta.main_contact,
+                "no_deregister": meta.no_dr,
+            },
+        }
 
     # ------------------------------------------------------------------------------------ expiry
 

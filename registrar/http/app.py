@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
@@ -59,9 +60,15 @@ class EngineCollector(Collector):
         c = self.core_stats
         registers = CounterMetricFamily("midregistrar_registers", "REGISTER outcomes", labels=["outcome"])
         registers.add_metric(["relayed"], c.registers_relayed)
-        registers.add_metric(["answered"], c.registers_answered)
+        registers.add_metric(["absorbed"], c.registers_answered)
         registers.add_metric(["refused"], c.register_errors)
         yield registers
+        yield CounterMetricFamily(
+            "midregistrar_deregisters_sent", "Generated De-REGISTERs sent", value=c.deregisters_sent
+        )
+        yield CounterMetricFamily(
+            "midregistrar_bindings_expired", "Bindings removed on expiry", value=c.expired
+        )
         lookups = CounterMetricFamily("midregistrar_lookups", "Lookups by result", labels=["result"])
         for outcome, n in sorted(c.lookups.items()):
             lookups.add_metric([outcome], n)
@@ -71,7 +78,11 @@ class EngineCollector(Collector):
         yield GaugeMetricFamily("midregistrar_bindings", "Contact bindings held", value=bindings)
 
 
-def make_app(registry: CollectorRegistry, ready: Callable[[], bool]) -> web.Application:
+def make_app(
+    registry: CollectorRegistry,
+    ready: Callable[[], bool],
+    aor_view: Callable[[str], dict[str, Any] | None] | None = None,
+) -> web.Application:
     async def healthz(_: web.Request) -> web.Response:
         return web.Response(text="ok\n")
 
@@ -83,7 +94,17 @@ def make_app(registry: CollectorRegistry, ready: Callable[[], bool]) -> web.Appl
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(body=generate_latest(registry), content_type="text/plain", charset="utf-8")
 
+    async def aor(request: web.Request) -> web.Response:
+        """Read-only view of one AoR: bindings with remaining expires and main-registrar meta."""
+        if aor_view is None:
+            raise web.HTTPNotFound()
+        data = aor_view(request.match_info["aor"])
+        if data is None:
+            return web.json_response({"error": "no such AoR"}, status=404)
+        return web.json_response(data)
+
     app = web.Application()
+    app.router.add_get("/v1/aors/{aor}", aor)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
