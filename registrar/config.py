@@ -234,6 +234,14 @@ class Settings(BaseModel):
         return value
 
     @model_validator(mode="after")
+    def _check_insertion(self) -> Settings:
+        if self.insertion is Insertion.PATH and self.mode is Mode.AOR:
+            raise ValueError(
+                "insertion path keeps each phone's Contact: it works with modes mirror and contact"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _check_expires(self) -> Settings:
         if self.max_expires and self.min_expires > self.max_expires:
             raise ValueError(f"min_expires {self.min_expires} is above max_expires {self.max_expires}")

@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from registrar.config import Settings
+from registrar.core.policy import aor_from_uri
 from registrar.core.records import Binding
 from registrar.core.register import reply_contact_id
-from registrar.core.throttle import aor_from_uri
 from registrar.sip.errors import ParseError
 from registrar.sip.headers import parse_address
 from registrar.sip.message import Request
@@ -22,9 +22,18 @@ from registrar.store.base import Store
 
 
 @dataclass(frozen=True, slots=True)
+class Target:
+    """One branch: the phone's Contact, the next hop, and the Route set its Path asks for (SPEC §8.4)."""
+
+    uri: URI
+    peer: Peer
+    routes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class LookupResult:
     outcome: str  # found, no_id, unknown, expired, method_filtered
-    targets: tuple[tuple[URI, Peer], ...] = ()
+    targets: tuple[Target, ...] = ()
 
 
 def lookup(request_uri: URI, store: Store, now: float, settings: Settings) -> LookupResult:
@@ -59,8 +68,9 @@ def lookup_aor(request: Request, store: Store, now: float, settings: Settings) -
     return LookupResult("found", targets) if targets else LookupResult("unknown")
 
 
-def branch_target(binding: Binding) -> tuple[URI, Peer] | None:
-    """The phone's Contact as Request-URI; next hop its first Path URI, else its flow (SPEC §8.4, §8.5)."""
+def branch_target(binding: Binding) -> Target | None:
+    """The phone's Contact as Request-URI; next hop its first Path URI (with the Path as Route set), else
+    the flow it registered from (SPEC §8.4, §8.5)."""
     try:
         uri = parse_uri(binding.contact)
     except URIError:
@@ -68,7 +78,21 @@ def branch_target(binding: Binding) -> tuple[URI, Peer] | None:
     if binding.path:
         try:
             first = parse_address(binding.path[0], "Path").uri
-            return uri, peer_for_uri(first, binding.source.local)
+            return Target(uri, peer_for_uri(first, binding.source.local), tuple(binding.path))
         except (ParseError, ValueError):
             pass
-    return uri, binding.source
+    return Target(uri, binding.source)
+
+
+def lookup_by_contact(aor: str | None, request_uri: URI, store: Store, now: float) -> Target | None:
+    """Path insertion: a request routed back through us targets the phone's own Contact (SPEC §8.2 [REC])."""
+    record = store.load(aor) if aor else None
+    if record is None:
+        return None
+    for binding in record.valid_bindings(now):
+        try:
+            if parse_uri(binding.contact).equals(request_uri):
+                return branch_target(binding)
+        except URIError:
+            continue
+    return None

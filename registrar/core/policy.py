@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 from registrar.config import Settings
 from registrar.sip.headers import Contact
@@ -90,3 +90,26 @@ def lifetimes(
     else:
         outgoing = 0 if requested == 0 else settings.outgoing_expires
     return Lifetimes(requested, local, outgoing)
+
+
+def escape_aor(aor: str, settings: Settings) -> str:
+    """The user part of the aggregated contact (SPEC §6.1): %-escaped AoR, '@' as at_escape_str."""
+    if not aor.isascii():
+        raise RegistrarError(500, "AoR cannot be escaped into a contact")
+    user, at, host = aor.partition("@")
+    escaped = quote(user, safe="-_.!~*'()&=+$,;?/")
+    if at and settings.use_domain:
+        escaped += settings.at_escape_str + quote(host, safe="-_.!~*'()&=+$,;?/")
+    return escaped
+
+
+def aor_from_uri(uri: URI, settings: Settings) -> str | None:
+    """The AoR an aggregated contact stands for: user part un-escaped (SPEC §9.2 step 1)."""
+    if not isinstance(uri, SipURI) or not uri.user:
+        return None
+    user = uri.user
+    if settings.at_escape_str != "%40" and settings.at_escape_str in user:
+        head, _, tail = user.partition(settings.at_escape_str)
+        user = f"{head}%40{tail}"
+    aor = unquote(user)
+    return aor if settings.case_sensitive else aor.lower()

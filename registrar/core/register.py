@@ -8,8 +8,15 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from registrar.config import ContactIdInsertion, Mode, Settings
-from registrar.core.policy import MAX_CONTACT_LEN, Lifetimes, RegistrarError, canonical_aor, lifetimes
+from registrar.config import ContactIdInsertion, Insertion, Mode, PathMode, Settings
+from registrar.core.policy import (
+    MAX_CONTACT_LEN,
+    Lifetimes,
+    RegistrarError,
+    canonical_aor,
+    escape_aor,
+    lifetimes,
+)
 from registrar.core.records import AorRecord, Binding, MainMeta
 from registrar.sip.errors import ParseError
 from registrar.sip.headers import Contact, parse_address
@@ -77,12 +84,45 @@ def inspect(request: Request, source: Peer, settings: Settings) -> RegisterView:
         if not contact.star and len(str(contact.uri)) > MAX_CONTACT_LEN:
             raise RegistrarError(400, "Contact URI too long")
     paths = request.headers.values("path")
-    for value in paths:
-        try:
-            parse_address(value, "Path")
-        except ParseError as exc:
-            raise RegistrarError(400, f"Bad Path: {exc.reason}") from None
+    if paths:
+        check_path(request, paths, settings)
     return RegisterView(request, aor, contacts, star, expires_header, source, paths)
+
+
+def supports_path(request: Request) -> bool:
+    return any(v.lower() == "path" for v in request.headers.values("supported"))
+
+
+def check_path(request: Request, paths: list[str], settings: Settings) -> None:
+    """Path from the phone side (SPEC §8.4): syntax, a loose-routing first hop, path-strict's 420."""
+    try:
+        first = parse_address(paths[0], "Path")
+        for value in paths[1:]:
+            parse_address(value, "Path")
+    except ParseError as exc:
+        raise RegistrarError(400, f"Bad Path: {exc.reason}") from None
+    if not isinstance(first.uri, SipURI) or not first.uri.has_param("lr"):
+        raise RegistrarError(400, "Path: first hop is not a loose router (;lr)")
+    if settings.path_mode is PathMode.STRICT and not supports_path(request):
+        raise RegistrarError(420, "Path not supported by the UA")
+
+
+def echo_path(view: RegisterView, settings: Settings) -> bool:
+    """Whether a 200 OK repeats the REGISTER's Path (path-lazy/strict with `Supported: path`, §8.4)."""
+    return bool(view.paths) and settings.path_mode is not PathMode.OFF and supports_path(view.request)
+
+
+def path_received(paths: list[str]) -> str | None:
+    """path-received: the `received` of the first Path URI, or the second's when the first has `r2`."""
+    try:
+        uris = [parse_address(v, "Path").uri for v in paths[:2]]
+    except ParseError:
+        return None
+    if not uris or not isinstance(uris[0], SipURI):
+        return None
+    pick = uris[1] if uris[0].has_param("r2") and len(uris) > 1 else uris[0]
+    value = pick.param("received") if isinstance(pick, SipURI) else None
+    return value.strip('"') if value else None
 
 
 def find_binding(record: AorRecord | None, contact: Contact) -> Binding | None:
@@ -146,6 +186,19 @@ def rewritten_contact(pc: PlannedContact, hostport: str, settings: Settings) -> 
     return f"<{uri}>;expires={pc.life.outgoing}"
 
 
+def kept_contact(pc: PlannedContact) -> str:
+    """Path insertion: the phone's own Contact, with the outgoing lifetime as its expires (SPEC §8.2)."""
+    address = pc.contact.address
+    assert address is not None
+    return str(address.without_params("expires").with_param("expires", str(pc.life.outgoing)))
+
+
+def path_uri(aor: str, hostport: str, settings: Settings) -> str:
+    """Our Path entry: a loose route whose user part names the AoR, so a request routed back through us
+    finds its binding without a scan."""
+    return f"sip:{escape_aor(aor, settings)}@{hostport};lr"
+
+
 def relayed_request(pending: PendingRegister, main: URI, hostport: str, settings: Settings) -> Request:
     """The REGISTER sent to the main registrar in modes mirror and contact: new R-URI, rewritten contacts,
     no Path (SPEC §3.1, §4.2, §5.1)."""
@@ -157,7 +210,15 @@ def relayed_request(pending: PendingRegister, main: URI, hostport: str, settings
         return out
     out.headers.remove("contact")
     for pc in pending.planned:
-        out.headers.add("Contact", rewritten_contact(pc, hostport, settings))
+        if settings.insertion is Insertion.PATH:
+            out.headers.add("Contact", kept_contact(pc))
+        else:
+            out.headers.add("Contact", rewritten_contact(pc, hostport, settings))
+    if settings.insertion is Insertion.PATH:
+        # RFC 3327: we stay on the path of requests to these contacts; the main registrar must know Path.
+        out.headers.add("Path", f"<{path_uri(pending.view.aor, hostport, settings)}>")
+        if not supports_path(out):
+            out.headers.add("Supported", "path")
     if settings.mode is not Mode.MIRROR and pending.view.expires_header is not None:
         # The Expires header takes the outgoing value of the first contact whose value changes (§5.1).
         for pc in pending.planned:
@@ -180,15 +241,22 @@ def reply_contact_id(uri: URI, settings: Settings) -> int | None:
     return int(text)
 
 
-def granted_expires(reply: Response, settings: Settings) -> dict[int, tuple[int, str]]:
-    """Contact id → (lifetime granted, our contact URI as echoed) in a main registrar's 2xx (SPEC §4.3)."""
+def granted_expires(
+    reply: Response, settings: Settings, planned: list[PlannedContact] | None = None
+) -> dict[int, tuple[int, str]]:
+    """Contact id → (lifetime granted, our contact URI as echoed) in a main registrar's 2xx (SPEC §4.3).
+
+    With Path insertion the main registrar holds the phone's own contacts: they are matched by URI."""
     header = reply.headers.get("expires")
     header_expires = int(header) if header and header.isdigit() else None
     granted: dict[int, tuple[int, str]] = {}
     for contact in _safe_contacts(reply):
         if contact.star:
             continue
-        ctid = reply_contact_id(contact.uri, settings)
+        if settings.insertion is Insertion.PATH:
+            ctid = next((pc.ctid for pc in planned or [] if pc.contact.uri.equals(contact.uri)), None)
+        else:
+            ctid = reply_contact_id(contact.uri, settings)
         if ctid is None:
             continue  # a foreign contact (#1516): tolerated, ignored
         value = contact.expires
@@ -222,7 +290,7 @@ def apply_2xx(
     view = pending.view
     if view.star:
         return None, []
-    granted = granted_expires(reply, settings)
+    granted = granted_expires(reply, settings, pending.planned)
     new = record.copy() if record is not None else AorRecord(view.aor)
     new.meta = main_meta(pending, new.meta)
     request = view.request
@@ -326,6 +394,11 @@ def format_binding(binding: Binding, now: float, settings: Settings) -> str:
         parts.append(f";q={binding.q:g}")
     parts.append(f";expires={binding.remaining(now)}")
     source = binding.source
+    if settings.path_received and binding.path:
+        received = path_received(binding.path)
+        if received:
+            parts.append(f';{settings.received_param}="{received}"')
+            return "".join(parts)
     try:
         contact = parse_uri(binding.contact)
     except URIError:
@@ -338,21 +411,32 @@ def format_binding(binding: Binding, now: float, settings: Settings) -> str:
     return "".join(parts)
 
 
-def rewrite_reply(reply: Response, record: AorRecord | None, now: float, settings: Settings) -> Response:
+def rewrite_reply(
+    reply: Response, record: AorRecord | None, now: float, settings: Settings, paths: list[str] | None = None
+) -> Response:
     """The main registrar's reply as the UA sees it: our bindings, no Expires (SPEC §4.3 steps 2, 5)."""
     out = reply.copy()
     out.headers.remove("contact")
     out.headers.remove("expires")
+    out.headers.remove("path")
     _add_bindings(out, record, now, settings)
+    for value in paths or []:
+        out.headers.add("Path", value)
     return out
 
 
 def binding_reply(
-    request: Request, record: AorRecord | None, now: float, settings: Settings, status: int = 200
+    request: Request,
+    record: AorRecord | None,
+    now: float,
+    settings: Settings,
+    paths: list[str] | None = None,
 ) -> Response:
     """A locally built reply listing every valid binding of this AoR, never another's (SPEC §3.5 [REC])."""
-    out = make_response(request, status)
+    out = make_response(request, 200)
     _add_bindings(out, record, now, settings)
+    for value in paths or []:
+        out.headers.add("Path", value)
     return out
 
 
@@ -368,6 +452,10 @@ def error_reply(request: Request, error: RegistrarError, settings: Settings) -> 
     """A locally built error with P-Registrar-Error, and Retry-After on 5xx when configured (SPEC §3.5)."""
     out = make_response(request, error.status)
     out.headers.add("P-Registrar-Error", error.text)
+    if error.status == 420:
+        out.headers.add("Unsupported", "path")
+        for value in request.headers.values("path"):
+            out.headers.add("Path", value)
     if error.status >= 500 and settings.retry_after:
         out.headers.add("Retry-After", str(settings.retry_after))
     return out

@@ -13,11 +13,11 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from registrar.config import Mode, Settings
+from registrar.config import Insertion, Mode, Settings
 from registrar.core import deregister, digest, throttle
 from registrar.core import register as reg
-from registrar.core.lookup import lookup, lookup_aor
-from registrar.core.policy import RegistrarError
+from registrar.core.lookup import Target, lookup, lookup_aor, lookup_by_contact
+from registrar.core.policy import RegistrarError, aor_from_uri
 from registrar.core.records import AorRecord, Binding
 from registrar.sip.errors import ParseError
 from registrar.sip.headers import parse_address
@@ -161,7 +161,8 @@ class MidRegistrar:
             log.debug("REGISTER for %s absorbed: %s", view.aor, decision.reason)
             self._commit(view.aor, decision.record)
             self.stats.registers_answered += 1
-            self.stack.respond(event.txn, reg.binding_reply(request, decision.record, now, settings))
+            paths = view.paths if reg.echo_path(view, settings) else None
+            self.stack.respond(event.txn, reg.binding_reply(request, decision.record, now, settings, paths))
             return
         log.debug("REGISTER for %s relayed: %s", view.aor, decision.reason if decision else "mirror")
         local = self.stack.local_for(self.main_peer)
@@ -223,7 +224,8 @@ class MidRegistrar:
         if self.settings.mode is Mode.CONTACT and updated is not None and updated.meta is not None:
             for binding in evicted:
                 self._send_deregister(deregister.contact_deregister(updated.meta, binding, self._tag()))
-        self.stack.finish(ctx, reg.rewrite_reply(response, updated, now, self.settings))
+        paths = pending.view.paths if reg.echo_path(pending.view, self.settings) else None
+        self.stack.finish(ctx, reg.rewrite_reply(response, updated, now, self.settings, paths))
 
     def _commit(self, aor: str, record: AorRecord | None) -> None:
         if record is None or not record.bindings:
@@ -360,7 +362,7 @@ class MidRegistrar:
         request = event.request
         routes = request.headers.values("route")
         if routes:
-            self._loose_route(event, routes)
+            self._loose_route(event, routes, now)
             return
         if self.settings.mode is Mode.AOR:
             result = lookup_aor(request, self.store, now, self.settings)
@@ -370,11 +372,20 @@ class MidRegistrar:
         if not result.targets:
             self.stack.respond(event.txn, make_response(request, 404))
             return
-        self.stack.proxy(event.txn, list(result.targets))
+        self.stack.proxy(event.txn, [_branch(request, t) for t in result.targets])
 
-    def _loose_route(self, event: IncomingRequest, routes: list[str]) -> None:
-        """Pre-routed (in-dialog) requests: pop our own Route, forward to the next hop (RFC 3261 §16.4)."""
-        self.stack.proxy(event.txn, [(None, self._next_hop(event.request, routes))])
+    def _loose_route(self, event: IncomingRequest, routes: list[str], now: float) -> None:
+        """Pre-routed requests: pop our own Route, forward to the next hop (RFC 3261 §16.4). With Path
+        insertion, a request from the main registrar to a phone's Contact goes over that phone's flow."""
+        request = event.request
+        top = parse_address(routes[0], "Route").uri
+        if len(routes) == 1 and self.settings.insertion is Insertion.PATH and self.stack.is_local_uri(top):
+            target = lookup_by_contact(aor_from_uri(top, self.settings), request.uri, self.store, now)
+            if target is not None:
+                request.headers.pop_first_value("route")
+                self.stack.proxy(event.txn, [_branch(request, target)])
+                return
+        self.stack.proxy(event.txn, [(None, self._next_hop(request, routes))])
 
     def _next_hop(self, request: Request, routes: list[str]) -> Peer:
         if self.stack.is_local_uri(parse_address(routes[0], "Route").uri):
@@ -390,9 +401,20 @@ class MidRegistrar:
             return
         result = lookup(request.uri, self.store, now, self.settings)
         if result.targets:
-            uri, peer = result.targets[0]
-            request.uri = uri
-            self.stack.forward_stateless(request, peer)
+            target = result.targets[0]
+            request.uri = target.uri
+            self.stack.forward_stateless(request, target.peer)
+
+
+def _branch(request: Request, target: Target) -> tuple[Request | URI, Peer]:
+    """A branch for the stack: just the new Request-URI, or a copy carrying the Path's Route set."""
+    if not target.routes:
+        return target.uri, target.peer
+    copy = request.copy()
+    copy.uri = target.uri
+    for route in reversed(target.routes):
+        copy.headers.prepend("Route", route)
+    return copy, target.peer
 
 
 def _bad_request(request: Request, reason: str) -> Response:

@@ -7,10 +7,9 @@ Pure functions: a decision takes the request, the AoR as stored and ``now`` and 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from urllib.parse import quote, unquote
 
 from registrar.config import Settings
-from registrar.core.policy import RegistrarError
+from registrar.core.policy import escape_aor
 from registrar.core.records import AorRecord, Binding, MainMeta
 from registrar.core.register import (
     PendingRegister,
@@ -22,7 +21,7 @@ from registrar.core.register import (
     same_flow,
 )
 from registrar.sip.message import Request, Response
-from registrar.sip.uri import URI, SipURI
+from registrar.sip.uri import URI
 
 
 @dataclass(slots=True)
@@ -82,29 +81,6 @@ def _refresh(binding: Binding, pending: PendingRegister, q: float | None, e: int
 
 
 # ------------------------------------------------------------------------------------------- mode aor
-
-
-def escape_aor(aor: str, settings: Settings) -> str:
-    """The user part of the aggregated contact (SPEC §6.1): %-escaped AoR, '@' as at_escape_str."""
-    if not aor.isascii():
-        raise RegistrarError(500, "AoR cannot be escaped into a contact")
-    user, at, host = aor.partition("@")
-    escaped = quote(user, safe="-_.!~*'()&=+$,;?/")
-    if at and settings.use_domain:
-        escaped += settings.at_escape_str + quote(host, safe="-_.!~*'()&=+$,;?/")
-    return escaped
-
-
-def aor_from_uri(uri: URI, settings: Settings) -> str | None:
-    """The AoR an aggregated contact stands for: user part un-escaped (SPEC §9.2 step 1)."""
-    if not isinstance(uri, SipURI) or not uri.user:
-        return None
-    user = uri.user
-    if settings.at_escape_str != "%40" and settings.at_escape_str in user:
-        head, _, tail = user.partition(settings.at_escape_str)
-        user = f"{head}%40{tail}"
-    aor = unquote(user)
-    return aor if settings.case_sensitive else aor.lower()
 
 
 def aggregated_uri(aor: str, hostport: str, settings: Settings) -> str:

@@ -49,7 +49,7 @@ def test_configmap_goes_through_the_shared_config_model(tmp_path: object) -> Non
     s = parse_spec(
         {
             **BASE,
-            "mode": "aor",
+            "mode": "contact",
             "insertion": "path",
             "outgoingExpires": 7200,
             "expires": {"min": 30, "default": 600, "max": 1800},
@@ -61,7 +61,7 @@ def test_configmap_goes_through_the_shared_config_model(tmp_path: object) -> Non
     cm = render.render_configmap(s, REF)
     text = cm["data"]["config.yaml"]
     data = yaml.safe_load(text)
-    assert data["mode"] == "aor"
+    assert data["mode"] == "contact"
     assert data["insertion"] == "path"
     assert data["listen"] == ["udp:0.0.0.0:5070"]
     assert (data["min_expires"], data["default_expires"], data["max_expires"]) == (30, 600, 1800)
@@ -74,7 +74,7 @@ def test_configmap_goes_through_the_shared_config_model(tmp_path: object) -> Non
     # What the pod reads back validates through the same model.
     path = __import__("pathlib").Path(str(tmp_path)) / "config.yaml"
     path.write_text(text)
-    assert build_settings(environ={}, config_file=path).mode == "aor"
+    assert build_settings(environ={}, config_file=path).mode == "contact"
 
 
 def test_memory_store_without_etcd_and_custom_prefix() -> None:
