@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from urllib.parse import unquote
 
 from registrar.config import ContactIdInsertion, Insertion, Mode, PathMode, Settings
 from registrar.core.policy import (
@@ -122,7 +123,7 @@ def path_received(paths: list[str]) -> str | None:
         return None
     pick = uris[1] if uris[0].has_param("r2") and len(uris) > 1 else uris[0]
     value = pick.param("received") if isinstance(pick, SipURI) else None
-    return value.strip('"') if value else None
+    return unquote(value.strip('"')) if value else None
 
 
 def find_binding(record: AorRecord | None, contact: Contact) -> Binding | None:
