@@ -108,4 +108,5 @@ def test_path_insertion_keeps_the_contact_and_routes_calls_back_over_the_flow() 
     )
     sent = m.take()
     assert [x for x, p in sent if p == MAIN] == []
-    assert re.match(r"sip:alice@192\.0\.2\.10:5062", str([x for x, _ in sent][0].contacts[0].uri))
+    [reply] = [x for x, _ in sent if isinstance(x, Response)]
+    assert reply.status == 200 and re.match(r"sip:alice@192\.0\.2\.10:5062", str(reply.contacts[0].uri))
