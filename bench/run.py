@@ -339,6 +339,16 @@ class _UasCpu:
 _UAS_CPU = _UasCpu()
 
 
+def wait_idle(pid: int, limit: float = 45.0) -> None:
+    """After an overload, let the target finish its backlog (its CPU use < 5 % over 1 s; at most `limit`)."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        c0 = sipkit.tree_cpu_seconds(pid)
+        time.sleep(1.0)
+        if sipkit.tree_cpu_seconds(pid) - c0 < 0.05:
+            return
+
+
 def step_rates(start: int, factor: float, max_rate: int) -> list[int]:
     rates, r = [], float(start)
     while r <= max_rate:
@@ -358,27 +368,44 @@ def ramp(
 ) -> tuple[list[Step], str]:
     steps: list[Step] = []
     cmd = ""
-    last_pass, first_fail = None, None
-    for rate in step_rates(args.start, args.factor, args.max_rate):
+    last_pass: int | None = None
+    first_fail: int | None = None
+
+    def one(rate: int) -> bool:
+        nonlocal cmd
         step, cmd = run_step(name, target, pid, rate, args.step, users, work, args.probe_rate)
         steps.append(step)
         print(fmt_step(step), flush=True)
         if not alive():
             step.note += " (target died)"
-            return steps, cmd
-        if step.passed:
-            last_pass = rate
-        else:
-            first_fail = rate
-            break
+            raise RuntimeError(f"{name} died")
         time.sleep(args.rest)
-    if last_pass and first_fail and args.bisect:
-        mid = int(round((last_pass + first_fail) / 2 / 100.0) * 100)
-        if last_pass < mid < first_fail:
-            time.sleep(args.rest)
-            step, cmd = run_step(name, target, pid, mid, args.step, users, work, args.probe_rate)
-            steps.append(step)
-            print(fmt_step(step), flush=True)
+        if not step.passed:
+            wait_idle(pid)
+        return step.passed
+
+    try:
+        for rate in step_rates(args.start, args.factor, args.max_rate):
+            if one(rate):
+                last_pass = rate
+            else:
+                first_fail = rate
+                break
+        # The first step already failed: halve (at most 4 times, not below 50/s) until one passes.
+        rate = args.start
+        while last_pass is None and first_fail is not None and rate > 100 and len(steps) < 5:
+            rate = max(50, rate // 2)
+            if one(rate):
+                last_pass = rate
+            else:
+                first_fail = rate
+        if last_pass and first_fail and args.bisect:
+            mid = (last_pass + first_fail) // 2
+            mid = int(round(mid / 100.0) * 100) if mid >= 1000 else int(round(mid / 10.0) * 10)
+            if last_pass < mid < first_fail:
+                one(mid)
+    except RuntimeError as e:
+        print(f"stopped: {e}", flush=True)
     return steps, cmd
 
 
@@ -407,6 +434,7 @@ def bench_target(kind: str, args: argparse.Namespace, work: Path, users: Path) -
             kam = sipkit.Kamailio(
                 REPO / "bench" / "kamailio" / "proxy.cfg",
                 children=args.kamailio_children,
+                shm_mb=1024,
                 defines={"NEXT_HOP": f'"sip:{LOOP}:{uas.port}"'},
                 workdir=work / "kamailio",
             )

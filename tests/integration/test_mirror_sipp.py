@@ -376,6 +376,10 @@ def test_tcp_wrong_content_length_then_still_serving(main_uas, registrar, name):
             if msg is None:
                 break
             codes.append(sipkit.status_code(msg))
+    if name == "content-length-too-small":
+        # The REGISTER with a 4-byte body is a valid message and may be relayed (any answer to it is fine);
+        # the bytes after it are garbage: only 400 or a closed connection.
+        codes = codes[1:] if codes and codes[0] != 400 else codes
     assert all(c == 400 for c in codes), f"{name}: only 400 (or a closed connection) allowed, got {codes}"
     assert reg.proc is not None and reg.proc.poll() is None, "the process died\n" + diag(reg)
     assert sipkit.options(reg.addr, transport="TCP") == 200, f"after {name}: TCP OPTIONS\n" + diag(reg)
