@@ -110,6 +110,7 @@ class Settings(BaseModel):
     listen: list[Listen] = Field(default_factory=lambda: [Listen.parse("udp:0.0.0.0:5060")], min_length=1)
     advertise: str | None = None
     main_registrar: str | None = None
+    main_proxy: str | None = None  # outbound proxy toward the main registrar (SPEC §2.2 hop)
     record_route: bool = False
     tcp_idle_timeout: float = Field(default=3600.0, gt=0)
     http: str | None = None
@@ -142,6 +143,7 @@ class Settings(BaseModel):
     auth_file: str | None = None  # user:password lines: digest gate in front of absorbed REGISTERs
     auth_realm: str = "midregistrar"
     main_credentials: list[str] = Field(default_factory=list)  # realm:user:password for De-REGISTERs
+    raise_on_423: bool = False  # a 423 above outgoing_expires: raise it for the AoR and retry once (§7)
 
     # SIP timers (RFC 3261 §17), seconds
     t1: float = Field(default=0.5, gt=0)
@@ -183,7 +185,7 @@ class Settings(BaseModel):
             return [v.strip() for v in value.split(",") if v.strip()]
         return value
 
-    @field_validator("main_registrar")
+    @field_validator("main_registrar", "main_proxy")
     @classmethod
     def _check_main(cls, value: str | None) -> str | None:
         if value is None:

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 from registrar.core.records import Binding, MainMeta
 from registrar.sip.message import Header, Headers, Request
+from registrar.sip.transport import Peer, peer_for_uri
+from registrar.sip.uri import parse_uri
 
 
 def deregister_request(meta: MainMeta, call_id: str, cseq: int, contact: str, tag: str) -> Request:
@@ -25,6 +27,11 @@ def deregister_request(meta: MainMeta, call_id: str, cseq: int, contact: str, ta
         Header("Content-Length", "0"),
     ]
     return Request("REGISTER", meta.ruri, Headers(items))
+
+
+def next_hop(meta: MainMeta) -> Peer:
+    """The stored next hop, else the stored R-URI (SPEC §5.4, T31)."""
+    return peer_for_uri(parse_uri(meta.hop or meta.ruri))
 
 
 def contact_deregister(meta: MainMeta, binding: Binding, tag: str) -> Request | None:

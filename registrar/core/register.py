@@ -54,6 +54,8 @@ class PendingRegister:
     view: RegisterView
     planned: list[PlannedContact]
     ruri: str = ""  # the Request-URI it was relayed with (SPEC §2.2 ru)
+    hop: str | None = None  # the outbound proxy it went through (SPEC §2.2 hop)
+    retried_423: bool = False
 
 
 def inspect(request: Request, source: Peer, settings: Settings) -> RegisterView:
@@ -277,6 +279,7 @@ def main_meta(pending: PendingRegister, old: MainMeta | None) -> MainMeta:
     meta.from_uri = str(request.from_.uri)
     meta.to_uri = str(request.to.uri)
     meta.ruri = pending.ruri
+    meta.hop = pending.hop
     return meta
 
 

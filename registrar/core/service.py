@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from registrar.config import Insertion, Mode, Settings
@@ -24,6 +24,7 @@ from registrar.sip.headers import parse_address
 from registrar.sip.message import Request, Response, make_response
 from registrar.sip.proxy import ResponseContext
 from registrar.sip.stack import ClientResult, Event, IncomingRequest, ProxyFinal, Stack, StrayAck
+from registrar.sip.transaction import ServerTransaction
 from registrar.sip.transport import Peer, peer_for_uri
 from registrar.sip.uri import URI, SipURI, parse_uri
 from registrar.store.base import Store
@@ -83,14 +84,17 @@ class MidRegistrar:
         self.store = store
         self.rng = rng or random.Random()
         self.main_uri: URI = parse_uri(settings.main_registrar)
-        self.main_peer = peer_for_uri(self.main_uri)
+        self.main_peer = peer_for_uri(
+            parse_uri(settings.main_proxy) if settings.main_proxy else self.main_uri
+        )
+        self._outgoing_floor: dict[str, int] = {}  # AoR → Min-Expires the main registrar insisted on
         self.stats = CoreStats()
         self.expiry = deregister.ExpirySchedule()
         self.gate = gate
         self.limiter = RateLimiter(settings.register_rate_limit) if settings.register_rate_limit else None
         self.credentials = {c.realm: c for c in credentials or []}
         self._pending: dict[int, reg.PendingRegister] = {}
-        self._originated: dict[int, Request] = {}
+        self._originated: dict[int, tuple[Request, Peer]] = {}
 
     def handle(self, event: Event, now: float) -> None:
         if isinstance(event, IncomingRequest):
@@ -142,6 +146,7 @@ class MidRegistrar:
                 self.stats.registers_answered += 1
                 self.stack.respond(event.txn, reg.binding_reply(request, record, now, settings))
                 return
+            settings = self._settings_for(view.aor)
             pending = reg.plan(view, record, now, settings, self.store.new_contact_id, self.rng)
             if not view.star and not pending.planned:
                 # every contact repeats the last CSeq seen: a retransmission, answered from state (§3.4)
@@ -165,14 +170,45 @@ class MidRegistrar:
             self.stack.respond(event.txn, reg.binding_reply(request, decision.record, now, settings, paths))
             return
         log.debug("REGISTER for %s relayed: %s", view.aor, decision.reason if decision else "mirror")
+        self._relay(event.txn, pending, settings)
+
+    def _relay(self, txn: ServerTransaction, pending: reg.PendingRegister, settings: Settings) -> None:
         local = self.stack.local_for(self.main_peer)
         if settings.mode is Mode.AOR:
             relayed = throttle.relayed_aor_request(pending, self.main_uri, local.hostport, settings)
         else:
             relayed = reg.relayed_request(pending, self.main_uri, local.hostport, settings)
-        ctx = self.stack.proxy(event.txn, [(relayed, self.main_peer)], hold_final=True)
+        pending.hop = settings.main_proxy
+        ctx = self.stack.proxy(txn, [(relayed, self.main_peer)], hold_final=True)
         self._pending[id(ctx)] = pending
         self.stats.registers_relayed += 1
+
+    def _settings_for(self, aor: str) -> Settings:
+        """Settings for one AoR: outgoing_expires raised where the main registrar asked (SPEC §7 [REC])."""
+        floor = self._outgoing_floor.get(aor)
+        if floor is None or floor <= self.settings.outgoing_expires:
+            return self.settings
+        return self.settings.model_copy(update={"outgoing_expires": floor})
+
+    def _retry_423(self, ctx: ResponseContext, pending: reg.PendingRegister, response: Response) -> bool:
+        """A 423 whose Min-Expires is above what we sent: raise it for this AoR and relay once more."""
+        value = response.headers.get("min-expires") or ""
+        if not (self.settings.raise_on_423 and value.isdigit()) or pending.retried_423:
+            return False
+        floor = int(value)
+        settings = self._settings_for(pending.view.aor)
+        if floor <= settings.outgoing_expires or self.settings.mode is Mode.MIRROR:
+            return False
+        self._outgoing_floor[pending.view.aor] = floor
+        settings = self._settings_for(pending.view.aor)
+        planned = [
+            replace(pc, life=replace(pc.life, outgoing=floor if pc.life.outgoing else 0))
+            for pc in pending.planned
+        ]
+        retry = reg.PendingRegister(pending.view, planned, retried_423=True)
+        log.info("main registrar wants at least %ss for %s: relaying once more", floor, pending.view.aor)
+        self._relay(ctx.server, retry, settings)
+        return True
 
     def _decide(
         self, pending: reg.PendingRegister, record: AorRecord | None, now: float
@@ -207,6 +243,8 @@ class MidRegistrar:
     def _final(self, ctx: ResponseContext, event: ProxyFinal, now: float) -> None:
         pending = self._pending.pop(id(ctx), None)
         response = event.response
+        if pending is not None and response.status == 423 and self._retry_423(ctx, pending, response):
+            return
         if pending is None or not 200 <= response.status < 300:
             # 401/407/403/423/5xx/408 reach the UA unchanged; nothing local changes (SPEC §7).
             self.stack.finish(ctx, response)
@@ -223,7 +261,8 @@ class MidRegistrar:
             self._commit(aor, updated)
         if self.settings.mode is Mode.CONTACT and updated is not None and updated.meta is not None:
             for binding in evicted:
-                self._send_deregister(deregister.contact_deregister(updated.meta, binding, self._tag()))
+                request = deregister.contact_deregister(updated.meta, binding, self._tag())
+                self._send_deregister(request, deregister.next_hop(updated.meta))
         paths = pending.view.paths if reg.echo_path(pending.view, self.settings) else None
         self.stack.finish(ctx, reg.rewrite_reply(response, updated, now, self.settings, paths))
 
@@ -317,24 +356,28 @@ class MidRegistrar:
                 continue
             if self.settings.mode is Mode.CONTACT:
                 for binding in gone:
-                    self._send_deregister(deregister.contact_deregister(meta, binding, self._tag()))
+                    request = deregister.contact_deregister(meta, binding, self._tag())
+                    self._send_deregister(request, deregister.next_hop(meta))
             elif self.settings.mode is Mode.AOR and not left.valid_bindings(now):
-                self._send_deregister(deregister.aor_deregister(meta, self._tag()))
+                self._send_deregister(deregister.aor_deregister(meta, self._tag()), deregister.next_hop(meta))
 
-    def _send_deregister(self, request: Request | None) -> None:
+    def _send_deregister(self, request: Request | None, peer: Peer) -> None:
         if request is None:
             return
         original = request.copy()  # before the stack adds its Via: a retry starts from this
-        handle = self.stack.send_request(request, self.main_peer)
-        self._originated[handle] = original
+        handle = self.stack.send_request(request, peer)
+        self._originated[handle] = (original, peer)
         self.stats.deregisters_sent += 1
         log.debug("De-REGISTER sent for %s", request.headers.get("contact"))
 
     def _client_result(self, event: ClientResult) -> None:
         """A challenged De-REGISTER is sent once more with credentials and CSeq+1 (SPEC T57)."""
-        original = self._originated.pop(event.handle, None)
+        sent = self._originated.pop(event.handle, None)
         status = event.response.status
-        if original is None or status not in (401, 407) or original.headers.get("authorization"):
+        if sent is None:
+            return
+        original, peer = sent
+        if status not in (401, 407) or original.headers.get("authorization"):
             if status >= 300:
                 log.info("De-REGISTER answered %s %s", status, event.response.reason)
             return
@@ -351,7 +394,7 @@ class MidRegistrar:
         retry.headers.set("CSeq", f"{original.cseq.seq + 1} REGISTER")
         answer = digest.authorization(challenge, creds, "REGISTER", str(original.uri), self._tag())
         retry.headers.add("Authorization" if status == 401 else "Proxy-Authorization", answer)
-        self._send_deregister(retry)
+        self._send_deregister(retry, peer)
 
     def _tag(self) -> str:
         return f"{self.rng.getrandbits(48):012x}"

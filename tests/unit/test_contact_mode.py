@@ -15,7 +15,7 @@ CONTACT = "<sip:alice@192.0.2.10:5062>"
 
 
 def Contact(**settings: object) -> Core:
-    return Core(mode="contact", outgoing_expires=3600, **settings)
+    return Core(**{"mode": "contact", "outgoing_expires": 3600, **settings})  # type: ignore[arg-type]
 
 
 def _to_main(m: Core) -> list[Request]:
@@ -408,3 +408,37 @@ def test_rate_limit_on_locally_answered_registers() -> None:
     assert statuses[:2] == [200, 200] and 503 in statuses
     m.advance(5)
     assert _refresh(m, 30)[1][0].status == 200
+
+
+def test_t31_deregister_uses_the_stored_ruri_and_next_hop() -> None:
+    m = Contact(main_registrar="sip:registrar.example.com", main_proxy="sip:10.0.0.3:5070")
+    m.feed(register(CONTACT, expires=60), PHONE)
+    relayed = m.to_main()  # sent to the proxy's address
+    assert str(relayed.uri) == "sip:registrar.example.com"
+    m.feed(main_ok(relayed), MAIN)
+    m.take()
+    m.advance(61)
+    [dereg] = _to_main(m)
+    assert str(dereg.uri) == "sip:registrar.example.com"
+
+
+def test_423_above_outgoing_is_raised_and_retried_once() -> None:
+    m = Contact(raise_on_423=True, outgoing_expires=600)
+    m.feed(register(CONTACT, expires=60), PHONE)
+    first = m.to_main()
+    assert first.contacts[0].expires == "600"
+    m.feed(response_to(first, 423, extra="Min-Expires: 1800"), MAIN)
+    retry = m.to_main()
+    assert retry.contacts[0].expires == "1800" and retry.headers.get("expires") == "1800"
+    m.feed(response_to(retry, 423, extra="Min-Expires: 3600"), MAIN)
+    reply = m.to_phone()
+    assert reply.status == 423  # only once
+    assert [x for x, p in m.take() if p == MAIN] == []
+
+
+def test_423_is_relayed_unchanged_by_default() -> None:
+    m = Contact(outgoing_expires=600)
+    m.feed(register(CONTACT, expires=60), PHONE)
+    m.feed(response_to(m.to_main(), 423, extra="Min-Expires: 1800"), MAIN)
+    reply = m.to_phone()
+    assert reply.status == 423 and reply.headers.get("min-expires") == "1800"
