@@ -31,6 +31,7 @@ from registrar.store.base import Store
 
 log = logging.getLogger("midregistrar.core")
 
+FLOW_GRACE = 10.0
 ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, MESSAGE, REGISTER, SUBSCRIBE, NOTIFY, REFER, INFO, UPDATE, PRACK"
 
 
@@ -95,6 +96,7 @@ class MidRegistrar:
         self.credentials = {c.realm: c for c in credentials or []}
         self._pending: dict[int, reg.PendingRegister] = {}
         self._originated: dict[int, tuple[Request, Peer]] = {}
+        self._flows: dict[int, float] = {}  # TCP connection id → keep open until
 
     def handle(self, event: Event, now: float) -> None:
         if isinstance(event, IncomingRequest):
@@ -273,6 +275,9 @@ class MidRegistrar:
         self.store.commit(record)
         for binding in record.bindings.values():
             self.expiry.schedule(aor, binding)
+            conn = binding.source.conn
+            if conn is not None and self._flows.get(conn, 0.0) < binding.expires_at + FLOW_GRACE:
+                self._flows[conn] = binding.expires_at + FLOW_GRACE
 
     def aor_view(self, aor: str, now: float) -> dict[str, Any] | None:
         """JSON-ready view of one AoR for ``GET /v1/aors/{aor}``: valid bindings, remaining expires, meta."""
@@ -325,6 +330,13 @@ class MidRegistrar:
 
     def next_deadline(self) -> float | None:
         return self.expiry.next_deadline()
+
+    def keep_flow_until(self, conn: int) -> float:
+        """A TCP connection that carries a binding stays open until it expires plus 10 s (SPEC §4.3, T64)."""
+        return self._flows.get(conn, 0.0)
+
+    def flow_closed(self, conn: int) -> None:
+        self._flows.pop(conn, None)
 
     def on_timer(self, now: float) -> None:
         """Remove bindings that expired and send the De-REGISTERs they call for (SPEC §5.4, §6.4)."""

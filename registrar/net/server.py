@@ -34,6 +34,10 @@ class Application(Protocol):
 
     def on_timer(self, now: float) -> None: ...
 
+    def keep_flow_until(self, conn: int) -> float: ...
+
+    def flow_closed(self, conn: int) -> None: ...
+
 
 def build_stack(settings: Settings) -> Stack:
     """A stack whose local addresses are the advertised form of every listen socket."""
@@ -242,6 +246,7 @@ class SipServer:
 
     def connection_lost(self, conn: _Conn) -> None:
         self._conns.pop(conn.conn_id, None)
+        self.app.flow_closed(conn.conn_id)
         if self._by_addr.get((conn.peer.host, conn.peer.port)) == conn.conn_id:
             del self._by_addr[(conn.peer.host, conn.peer.port)]
 
@@ -252,10 +257,11 @@ class SipServer:
     async def _close_idle(self) -> None:
         timeout = self.settings.tcp_idle_timeout
         while True:
-            await asyncio.sleep(min(timeout / 4, 30.0))
-            limit = self.now - timeout
+            await asyncio.sleep(min(timeout / 4, 5.0))
+            now = self.now
+            limit = now - timeout
             for conn in list(self._conns.values()):
-                if conn.last_activity < limit:
+                if conn.last_activity < limit and self.app.keep_flow_until(conn.conn_id) < now:
                     log.debug("closing idle connection %s", conn.peer)
                     conn.transport.close()
 

@@ -442,3 +442,19 @@ def test_423_is_relayed_unchanged_by_default() -> None:
     m.feed(response_to(m.to_main(), 423, extra="Min-Expires: 1800"), MAIN)
     reply = m.to_phone()
     assert reply.status == 423 and reply.headers.get("min-expires") == "1800"
+
+
+def test_t64_a_tcp_flow_is_kept_for_the_binding_lifetime_plus_10s() -> None:
+    m = Contact()
+    flow = Peer("tcp", "192.0.2.10", 40001, conn=7)
+    m.feed(
+        register(
+            "<sip:alice@192.0.2.10:5062;transport=tcp>", expires=600, via_host="192.0.2.10:5062"
+        ).replace(b"SIP/2.0/UDP", b"SIP/2.0/TCP"),
+        flow,
+    )
+    relayed = m.to_main()
+    m.feed(main_ok(relayed), MAIN)
+    assert m.core.keep_flow_until(7) >= m.now + 610
+    m.core.flow_closed(7)
+    assert m.core.keep_flow_until(7) == 0.0
