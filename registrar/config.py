@@ -143,6 +143,8 @@ class Settings(BaseModel):
     auth_file: str | None = None  # user:password lines: digest gate in front of absorbed REGISTERs
     auth_realm: str = "midregistrar"
     main_credentials: list[str] = Field(default_factory=list)  # realm:user:password for De-REGISTERs
+    gruu: bool = False  # issue GRUUs (RFC 5627) to UAs that send Supported: gruu (OpenSIPS disable_gruu=0)
+    gruu_secret: str = Field(default="0p3nS1pS", min_length=1)
     raise_on_423: bool = False  # a 423 above outgoing_expires: raise it for the AoR and retry once (§7)
 
     # SIP timers (RFC 3261 §17), seconds

@@ -10,14 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from registrar.config import Settings
-from registrar.core.policy import aor_from_uri
+from registrar.core.gruu import decode_temp_gruu, instance_id
+from registrar.core.policy import RegistrarError, aor_from_uri, canonical_aor
 from registrar.core.records import Binding
 from registrar.core.register import reply_contact_id
 from registrar.sip.errors import ParseError
 from registrar.sip.headers import parse_address
 from registrar.sip.message import Request
 from registrar.sip.transport import Peer, peer_for_uri
-from registrar.sip.uri import URI, URIError, parse_uri
+from registrar.sip.uri import URI, SipURI, URIError, parse_uri
 from registrar.store.base import Store
 
 
@@ -52,12 +53,29 @@ def lookup(request_uri: URI, store: Store, now: float, settings: Settings) -> Lo
 
 
 def lookup_aor(request: Request, store: Store, now: float, settings: Settings) -> LookupResult:
-    """Mode aor: every valid contact of the AoR, q order, optionally filtered by method (§9.2)."""
-    aor = aor_from_uri(request.uri, settings)
+    """Mode aor: every valid contact of the AoR, q order, optionally filtered by method (§9.2); a GRUU
+    selects its one instance (§8.6)."""
+    uri = request.uri
+    temp = decode_temp_gruu(uri, settings) if settings.gruu else None
+    pub = settings.gruu and temp is None and isinstance(uri, SipURI) and bool(uri.param("gr"))
+    if temp is not None:
+        aor: str | None = temp[0]
+    elif pub:
+        try:
+            aor = canonical_aor(uri, settings)  # a public GRUU is the AoR itself plus ;gr
+        except RegistrarError:
+            aor = None
+    else:
+        aor = aor_from_uri(uri, settings)
     record = store.load(aor) if aor else None
     if record is None:
         return LookupResult("unknown")
     bindings = record.valid_bindings(now)
+    if temp is not None:
+        bindings = [b for b in bindings if b.instance == temp[1] and b.call_id == temp[2]]
+    elif pub and isinstance(uri, SipURI):
+        wanted = uri.param("gr")
+        bindings = [b for b in bindings if b.instance and instance_id(b.instance) == wanted]
     if not bindings:
         return LookupResult("expired")
     if settings.method_filtering:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 from urllib.parse import unquote
 
 from registrar.config import ContactIdInsertion, Insertion, Mode, PathMode, Settings
+from registrar.core.gruu import GruuContext, gruu_params
 from registrar.core.policy import (
     MAX_CONTACT_LEN,
     Lifetimes,
@@ -108,6 +109,13 @@ def check_path(request: Request, paths: list[str], settings: Settings) -> None:
         raise RegistrarError(400, "Path: first hop is not a loose router (;lr)")
     if settings.path_mode is PathMode.STRICT and not supports_path(request):
         raise RegistrarError(420, "Path not supported by the UA")
+
+
+def gruu_context(view: RegisterView, hostport: str, now: float, settings: Settings) -> GruuContext | None:
+    """GRUUs go to UAs that ask for them with `Supported: gruu` when enabled (SPEC §8.6)."""
+    if not settings.gruu or not any(v.lower() == "gruu" for v in view.request.headers.values("supported")):
+        return None
+    return GruuContext(view.aor, hostport, now)
 
 
 def echo_path(view: RegisterView, settings: Settings) -> bool:
@@ -391,12 +399,14 @@ def _contact_methods(contact: Contact) -> list[str] | None:
     return [m.strip().upper() for m in value.strip('"').split(",") if m.strip()]
 
 
-def format_binding(binding: Binding, now: float, settings: Settings) -> str:
-    """A Contact value for a 200 OK: UA URI, q, remaining expires, received when NATed (SPEC §3.5)."""
+def format_binding(binding: Binding, now: float, settings: Settings, gruu: GruuContext | None = None) -> str:
+    """A Contact value for a 200 OK: UA URI, q, remaining expires, GRUUs, received when NATed (SPEC §3.5)."""
     parts = [f"<{binding.contact}>"]
     if binding.q is not None:
         parts.append(f";q={binding.q:g}")
     parts.append(f";expires={binding.remaining(now)}")
+    if gruu is not None:
+        parts.append(gruu_params(binding, gruu, settings))
     source = binding.source
     if settings.path_received and binding.path:
         received = path_received(binding.path)
@@ -416,14 +426,19 @@ def format_binding(binding: Binding, now: float, settings: Settings) -> str:
 
 
 def rewrite_reply(
-    reply: Response, record: AorRecord | None, now: float, settings: Settings, paths: list[str] | None = None
+    reply: Response,
+    record: AorRecord | None,
+    now: float,
+    settings: Settings,
+    paths: list[str] | None = None,
+    gruu: GruuContext | None = None,
 ) -> Response:
     """The main registrar's reply as the UA sees it: our bindings, no Expires (SPEC §4.3 steps 2, 5)."""
     out = reply.copy()
     out.headers.remove("contact")
     out.headers.remove("expires")
     out.headers.remove("path")
-    _add_bindings(out, record, now, settings)
+    _add_bindings(out, record, now, settings, gruu)
     for value in paths or []:
         out.headers.add("Path", value)
     return out
@@ -435,19 +450,22 @@ def binding_reply(
     now: float,
     settings: Settings,
     paths: list[str] | None = None,
+    gruu: GruuContext | None = None,
 ) -> Response:
     """A locally built reply listing every valid binding of this AoR, never another's (SPEC §3.5 [REC])."""
     out = make_response(request, 200)
-    _add_bindings(out, record, now, settings)
+    _add_bindings(out, record, now, settings, gruu)
     for value in paths or []:
         out.headers.add("Path", value)
     return out
 
 
-def _add_bindings(response: Response, record: AorRecord | None, now: float, settings: Settings) -> None:
+def _add_bindings(
+    response: Response, record: AorRecord | None, now: float, settings: Settings, gruu: GruuContext | None
+) -> None:
     if record is None:
         return
-    values = [format_binding(b, now, settings) for b in record.valid_bindings(now)]
+    values = [format_binding(b, now, settings, gruu) for b in record.valid_bindings(now)]
     if values:
         response.headers.add("Contact", ", ".join(values))
 

@@ -169,7 +169,9 @@ class MidRegistrar:
             self._commit(view.aor, decision.record)
             self.stats.registers_answered += 1
             paths = view.paths if reg.echo_path(view, settings) else None
-            self.stack.respond(event.txn, reg.binding_reply(request, decision.record, now, settings, paths))
+            gruu = reg.gruu_context(view, self.stack.local_for(event.peer).hostport, now, settings)
+            reply = reg.binding_reply(request, decision.record, now, settings, paths, gruu)
+            self.stack.respond(event.txn, reply)
             return
         log.debug("REGISTER for %s relayed: %s", view.aor, decision.reason if decision else "mirror")
         self._relay(event.txn, pending, settings)
@@ -266,7 +268,8 @@ class MidRegistrar:
                 request = deregister.contact_deregister(updated.meta, binding, self._tag())
                 self._send_deregister(request, deregister.next_hop(updated.meta))
         paths = pending.view.paths if reg.echo_path(pending.view, self.settings) else None
-        self.stack.finish(ctx, reg.rewrite_reply(response, updated, now, self.settings, paths))
+        gruu = reg.gruu_context(pending.view, self.stack.local_for(ctx.source).hostport, now, self.settings)
+        self.stack.finish(ctx, reg.rewrite_reply(response, updated, now, self.settings, paths, gruu))
 
     def _commit(self, aor: str, record: AorRecord | None) -> None:
         if record is None or not record.bindings:

@@ -312,3 +312,37 @@ def test_qualify_options_to_the_aggregated_contact_is_answered_locally() -> None
     sent = m.take()
     assert [x.status for x, _ in sent if isinstance(x, Response)] == [200]
     assert [x for x, p in sent if isinstance(x, Request)] == []
+
+
+def test_t62_gruus_issued_and_a_pub_gruu_reaches_only_its_instance() -> None:
+    m = Aor(gruu=True)
+    contacts = (
+        f'{CONTACTS[A]};+sip.instance="<urn:uuid:1>";expires=600, '
+        f'<sip:alice@192.0.2.10:5064>;+sip.instance="<urn:uuid:2>";expires=600'
+    )
+    _send(m, A, contacts, extra="Supported: gruu")
+    [relayed], _ = _split(m, A)
+    m.feed(_main_ok(relayed), MAIN)
+    _, [reply] = _split(m, A)
+    first = reply.contacts[0]
+    assert first.param("pub-gruu") == '"sip:alice@example.com;gr=urn:uuid:1"'
+    temp = (first.param("temp-gruu") or "").strip('"')
+    assert temp.startswith("sip:tgruu.") and temp.endswith("@10.0.0.2:5060;gr")
+    assert first.param("+sip.instance") == '"<urn:uuid:1>"'
+    m.feed(_invite("sip:alice@example.com;gr=urn:uuid:2"), MAIN)
+    assert [str(x.uri) for x, _ in m.take() if isinstance(x, Request) and x.method == "INVITE"] == [
+        "sip:alice@192.0.2.10:5064"
+    ]
+    m.feed(_invite(temp, branch="z9hG4bK-t"), MAIN)
+    assert [str(x.uri) for x, _ in m.take() if isinstance(x, Request) and x.method == "INVITE"] == [
+        "sip:alice@192.0.2.10:5062"
+    ]
+
+
+def test_no_gruus_without_supported_gruu() -> None:
+    m = Aor(gruu=True)
+    _send(m, A, f'{CONTACTS[A]};+sip.instance="<urn:uuid:1>";expires=600')
+    [relayed], _ = _split(m, A)
+    m.feed(_main_ok(relayed), MAIN)
+    _, [reply] = _split(m, A)
+    assert reply.contacts[0].param("pub-gruu") is None
