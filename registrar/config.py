@@ -107,59 +107,97 @@ class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     # Network
-    listen: list[Listen] = Field(default_factory=lambda: [Listen.parse("udp:0.0.0.0:5060")], min_length=1)
-    advertise: str | None = None
-    main_registrar: str | None = None
-    main_proxy: str | None = None  # outbound proxy toward the main registrar (SPEC §2.2 hop)
-    record_route: bool = False
-    tcp_idle_timeout: float = Field(default=3600.0, gt=0)
-    http: str | None = None
+    listen: list[Listen] = Field(
+        default_factory=lambda: [Listen.parse("udp:0.0.0.0:5060")],
+        min_length=1,
+        description="Socket to listen on, TRANSPORT:HOST:PORT (udp or tcp); repeat for several.",
+    )
+    advertise: str | None = Field(
+        None, description="Host[:port] written into Via, Contact and Path (NAT, pods)."
+    )
+    main_registrar: str | None = Field(None, description="SIP URI of the main registrar/PBX (required).")
+    main_proxy: str | None = Field(
+        None, description="Outbound proxy toward the main registrar (SPEC §2.2 hop)."
+    )
+    record_route: bool = Field(
+        False, description="Record-Route proxied dialogs so in-dialog requests come back."
+    )
+    tcp_idle_timeout: float = Field(
+        3600.0, gt=0, description="Seconds before an idle TCP connection is closed."
+    )
+    http: str | None = Field(
+        None, description="HOST:PORT for /healthz, /readyz, /metrics and /v1/aors/{aor}."
+    )
 
-    # Mid-registrar behaviour
-    mode: Mode = Mode.MIRROR
-    insertion: Insertion = Insertion.CONTACT
-    contact_id_insertion: ContactIdInsertion = ContactIdInsertion.CT_PARAM
-    contact_id_param: str = "ctid"
-    at_escape_str: str = "%40"
-    extra_contact_params: str = ""
-    outgoing_expires: int = Field(default=3600, gt=0)
-    min_expires: int = Field(default=10, ge=0)
-    default_expires: int = Field(default=3600, ge=0)
-    max_expires: int = Field(default=3600, ge=0)
-    expires_max_deviation: int = Field(default=0, ge=0)
-    max_contacts: int = Field(default=0, ge=0)
-    force_registration: bool = False
-    retry_after: int = Field(default=0, ge=0)
-    received_param: str = "received"
-    use_domain: bool = True
-    realm_prefix: str = ""
-    case_sensitive: bool = True
-    allow_dup_cseq: bool = False
-    cseq_delay: int = Field(default=20, ge=0)
-    path_mode: PathMode = PathMode.OFF
-    path_received: bool = False
-    method_filtering: bool = False
-    register_rate_limit: float = Field(default=0.0, ge=0)  # locally answered REGISTERs/s per source; 0 = off
-    auth_file: str | None = None  # user:password lines: digest gate in front of absorbed REGISTERs
-    auth_realm: str = "midregistrar"
-    main_credentials: list[str] = Field(default_factory=list)  # realm:user:password for De-REGISTERs
-    gruu: bool = False  # issue GRUUs (RFC 5627) to UAs that send Supported: gruu (OpenSIPS disable_gruu=0)
-    gruu_secret: str = Field(default="0p3nS1pS", min_length=1)
-    raise_on_423: bool = False  # a 423 above outgoing_expires: raise it for the AoR and retry once (§7)
+    # Mid-registrar behaviour (SPEC.md §10)
+    mode: Mode = Field(Mode.MIRROR, description="mirror (relay all), contact (per-contact) or aor (per-AoR).")
+    insertion: Insertion = Field(
+        Insertion.CONTACT, description="contact: rewrite Contacts to point here; path: keep them, add Path."
+    )
+    contact_id_insertion: ContactIdInsertion = Field(
+        ContactIdInsertion.CT_PARAM, description="ct-param (sip:user@mid;ctid=N) or ct-username (sip:N@mid)."
+    )
+    contact_id_param: str = Field("ctid", description="URI parameter that carries the contact id.")
+    at_escape_str: str = Field("%40", description="How '@' of the AoR is written in mode aor's contact.")
+    extra_contact_params: str = Field(
+        "", description="Appended to rewritten Contact URIs, e.g. ;transport=tcp."
+    )
+    outgoing_expires: int = Field(
+        3600, gt=0, description="Lifetime written into relayed REGISTERs (contact/aor)."
+    )
+    min_expires: int = Field(10, ge=0, description="Shorter non-zero lifetimes are raised to this (0 = off).")
+    default_expires: int = Field(3600, ge=0, description="Lifetime when the REGISTER gives none.")
+    max_expires: int = Field(3600, ge=0, description="Longer lifetimes are lowered to this (0 = off).")
+    expires_max_deviation: int = Field(0, ge=0, description="Random ± spread of local lifetimes, seconds.")
+    max_contacts: int = Field(0, ge=0, description="Contacts per AoR (0 = no limit); beyond: 503.")
+    force_registration: bool = Field(False, description="With max-contacts: evict the oldest instead of 503.")
+    retry_after: int = Field(0, ge=0, description="Retry-After on locally generated 5xx (0 = none).")
+    received_param: str = Field("received", description="Contact parameter that shows a NATed source.")
+    use_domain: bool = Field(True, description="The AoR is user@domain (else the user part only).")
+    realm_prefix: str = Field("", description="Prefix stripped from the AoR's domain, e.g. 'sip.'.")
+    case_sensitive: bool = Field(True, description="Keep the AoR user's case (the domain is always lowered).")
+    allow_dup_cseq: bool = Field(False, description="Accept an equal CSeq on the same Call-ID as a refresh.")
+    cseq_delay: int = Field(
+        20, ge=0, description="An equal CSeq within this many seconds is a retransmission."
+    )
+    path_mode: PathMode = Field(
+        PathMode.OFF, description="Path from the phone side: off, lazy or strict (420)."
+    )
+    path_received: bool = Field(False, description="Show the first Path URI's received as the binding's.")
+    method_filtering: bool = Field(
+        False, description="Mode aor: fork only to contacts that allow the method."
+    )
+    register_rate_limit: float = Field(
+        0.0, ge=0, description="Locally answered REGISTERs per second per source address (0 = no limit)."
+    )
+    auth_file: str | None = Field(
+        None, description="user:password file: digest-authenticate REGISTERs before absorbing them."
+    )
+    auth_realm: str = Field("midregistrar", description="Realm of the local digest challenge.")
+    main_credentials: list[str] = Field(
+        default_factory=list, description="realm:user:password answering challenges to De-REGISTERs; repeat."
+    )
+    gruu: bool = Field(False, description="Issue GRUUs (RFC 5627) to UAs that send Supported: gruu.")
+    gruu_secret: str = Field("0p3nS1pS", min_length=1, description="Key for temporary GRUUs.")
+    raise_on_423: bool = Field(False, description="On 423 above outgoing-expires: raise it and retry once.")
 
     # SIP timers (RFC 3261 §17), seconds
-    t1: float = Field(default=0.5, gt=0)
-    t2: float = Field(default=4.0, gt=0)
-    t4: float = Field(default=5.0, gt=0)
+    t1: float = Field(0.5, gt=0, description="RFC 3261 T1 (retransmission base; timeouts are 64*T1).")
+    t2: float = Field(4.0, gt=0, description="RFC 3261 T2 (retransmission cap).")
+    t4: float = Field(5.0, gt=0, description="RFC 3261 T4 (how long a message lingers in the network).")
 
     # State
-    store: StoreKind = StoreKind.MEMORY
-    etcd_endpoints: list[str] = Field(default_factory=lambda: ["127.0.0.1:2379"])
-    etcd_prefix: str = "/midregistrar/default/default/"
+    store: StoreKind = Field(StoreKind.MEMORY, description="memory (one process) or etcd (shared by pods).")
+    etcd_endpoints: list[str] = Field(
+        default_factory=lambda: ["127.0.0.1:2379"], description="etcd HOST:PORT; repeat or comma-separate."
+    )
+    etcd_prefix: str = Field(
+        "/midregistrar/default/default/", description="Key prefix of this registrar in etcd."
+    )
 
     # Logging
-    log_format: Literal["text", "json"] = "text"
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = Field("text", description="text or json (one object per line).")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
 
     @field_validator("listen", mode="before")
     @classmethod
