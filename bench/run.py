@@ -226,11 +226,13 @@ def run_step(
     users: Path,
     work: Path,
     probe_rate: float,
+    port: int | None = None,
 ) -> tuple[Step, str]:
     calls = max(1, int(rate * seconds))
     uac = sipkit.Sipp(
         "load_register",
         target,
+        port=port,
         keys={"expires": 3600},
         calls=calls,
         rate=rate,
@@ -370,10 +372,13 @@ def ramp(
     cmd = ""
     last_pass: int | None = None
     first_fail: int | None = None
+    # One SIPp port for every step: each user keeps one contact (a new port per step would add a binding
+    # per user per step and grow every reply).
+    port = sipkit.free_port()
 
     def one(rate: int) -> bool:
         nonlocal cmd
-        step, cmd = run_step(name, target, pid, rate, args.step, users, work, args.probe_rate)
+        step, cmd = run_step(name, target, pid, rate, args.step, users, work, args.probe_rate, port)
         steps.append(step)
         print(fmt_step(step), flush=True)
         if not alive():

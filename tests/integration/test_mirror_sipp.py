@@ -430,3 +430,58 @@ def test_bad_option_exits_2_with_one_line(bad):
     err = p.stderr.strip()
     assert p.returncode == 2, f"{bad}: exit code {p.returncode}, stderr:\n{p.stderr}"
     assert err and "\n" not in err, f"{bad}: want a one-line reason on stderr, got:\n{p.stderr}"
+
+
+# ----------------------------------------------------------------------------------- more of mode 0
+
+
+def test_second_device_gets_own_ctid_and_both_listed(main_uas, registrar, tmp_path):
+    uas = main_uas("main_uas")
+    reg = registrar(uas)
+    a = sipp_phone("phone_register_once", reg, tmp_path, expires=300)
+    b = sipp_phone("phone_register_once", reg, tmp_path, expires=300)
+    assert reply_code(a) == 200 and reply_code(b) == 200, diag(a, b, reg)
+    got = received_registers(uas)
+    ctids = [m["ctid"] for r in got if (m := CT_RE.match(r["contact"]))]
+    assert len(ctids) == 2 and ctids[0] != ctids[1], f"two devices need two contact ids: {got}"
+    final = b.messages[b.messages.rfind("SIP/2.0 200 ") :]
+    for port in (phone_port(a), phone_port(b)):
+        assert f"<sip:alice@127.0.0.1:{port}>" in final, f"the 200 must list both devices:\n{final[:1500]}"
+
+
+def test_retransmitted_register_is_absorbed(main_uas, registrar):
+    uas = main_uas("main_uas")
+    reg = registrar(uas)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((LOOP, 0))
+        msg = _register_bytes(s.getsockname())
+        s.sendto(msg, reg.addr)
+        time.sleep(0.05)
+        s.sendto(msg, reg.addr)
+        codes = []
+        deadline = time.monotonic() + 2.0
+        while (left := deadline - time.monotonic()) > 0:
+            s.settimeout(left)
+            try:
+                codes.append(sipkit.status_code(s.recvfrom(65535)[0]))
+            except TimeoutError:
+                break
+    assert 200 in codes, f"the REGISTER must be answered 200: {codes}\n" + diag(reg)
+    assert len(received_registers(uas)) == 1, (
+        "a retransmission must not be relayed again (server transaction)"
+    )
+
+
+def test_http_endpoints(main_uas, registrar, tmp_path):
+    import urllib.request
+
+    reg = registrar(main_uas("main_uas"))
+    phone = sipp_phone("phone_register_once", reg, tmp_path)
+    assert reply_code(phone) == 200, diag(phone, reg)
+    base = f"http://{LOOP}:{reg.http_port}"
+    with urllib.request.urlopen(base + "/healthz", timeout=3) as r:
+        assert r.status == 200
+    with urllib.request.urlopen(base + "/metrics", timeout=3) as r:
+        body = r.read().decode()
+    assert "midregistrar_" in body, "metrics use the midregistrar_ prefix"
+    assert "REGISTER" in body, "requests are counted by method"
