@@ -20,8 +20,6 @@ from registrar.store.memory import MemoryStore
 
 log = logging.getLogger("midregistrar")
 
-DRAIN_TIMEOUT = 10.0
-
 
 class Registrar:
     """One running process: SIP sockets, the core, the HTTP endpoints."""
@@ -83,12 +81,23 @@ class Registrar:
         await self.drain()
 
     async def drain(self) -> None:
-        """Turn unready, let running transactions finish (bounded), then close everything."""
+        """Turn unready and keep serving for ``drain_grace`` seconds, telling phones to come back soon
+        (short expires) so they move to another instance; then let running transactions finish (bounded by
+        ``drain_timeout``) and close everything."""
         self.ready = False
-        log.info("draining: %d transactions waiting for a final response", self.stack.pending_transactions)
+        self.core.draining = True
+        settings = self.settings
+        log.info(
+            "draining: %.0f s grace, %d transactions waiting for a final response",
+            settings.drain_grace,
+            self.stack.pending_transactions,
+        )
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + DRAIN_TIMEOUT
-        while self.stack.pending_transactions and loop.time() < deadline:
+        start = loop.time()
+        deadline = start + max(settings.drain_grace, settings.drain_timeout)
+        while loop.time() < deadline:
+            if loop.time() - start >= settings.drain_grace and not self.stack.pending_transactions:
+                break
             await asyncio.sleep(0.05)
         if self.server is not None:
             await self.server.close()

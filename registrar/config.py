@@ -181,6 +181,17 @@ class Settings(BaseModel):
     gruu_secret: str = Field("0p3nS1pS", min_length=1, description="Key for temporary GRUUs.")
     raise_on_423: bool = Field(False, description="On 423 above outgoing-expires: raise it and retry once.")
 
+    # Shutdown
+    drain_grace: float = Field(
+        0.0, ge=0, description="Seconds to keep serving after SIGTERM, answering with drain-expires."
+    )
+    drain_expires: int = Field(
+        30, ge=1, description="Lifetime shown to phones while draining, so they re-register elsewhere."
+    )
+    drain_timeout: float = Field(
+        10.0, ge=0, description="Longest wait for transactions still open after the grace period."
+    )
+
     # SIP timers (RFC 3261 §17), seconds
     t1: float = Field(0.5, gt=0, description="RFC 3261 T1 (retransmission base; timeouts are 64*T1).")
     t2: float = Field(4.0, gt=0, description="RFC 3261 T2 (retransmission cap).")

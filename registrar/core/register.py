@@ -399,12 +399,17 @@ def _contact_methods(contact: Contact) -> list[str] | None:
     return [m.strip().upper() for m in value.strip('"').split(",") if m.strip()]
 
 
-def format_binding(binding: Binding, now: float, settings: Settings, gruu: GruuContext | None = None) -> str:
+def format_binding(
+    binding: Binding, now: float, settings: Settings, gruu: GruuContext | None = None, cap: int | None = None
+) -> str:
     """A Contact value for a 200 OK: UA URI, q, remaining expires, GRUUs, received when NATed (SPEC §3.5)."""
     parts = [f"<{binding.contact}>"]
     if binding.q is not None:
         parts.append(f";q={binding.q:g}")
-    parts.append(f";expires={binding.remaining(now)}")
+    remaining = binding.remaining(now)
+    if cap is not None:
+        remaining = min(remaining, cap)
+    parts.append(f";expires={remaining}")
     if gruu is not None:
         parts.append(gruu_params(binding, gruu, settings))
     source = binding.source
@@ -432,13 +437,14 @@ def rewrite_reply(
     settings: Settings,
     paths: list[str] | None = None,
     gruu: GruuContext | None = None,
+    cap: int | None = None,
 ) -> Response:
     """The main registrar's reply as the UA sees it: our bindings, no Expires (SPEC §4.3 steps 2, 5)."""
     out = reply.copy()
     out.headers.remove("contact")
     out.headers.remove("expires")
     out.headers.remove("path")
-    _add_bindings(out, record, now, settings, gruu)
+    _add_bindings(out, record, now, settings, gruu, cap)
     for value in paths or []:
         out.headers.add("Path", value)
     return out
@@ -451,21 +457,28 @@ def binding_reply(
     settings: Settings,
     paths: list[str] | None = None,
     gruu: GruuContext | None = None,
+    cap: int | None = None,
 ) -> Response:
     """A locally built reply listing every valid binding of this AoR, never another's (SPEC §3.5 [REC])."""
     out = make_response(request, 200)
-    _add_bindings(out, record, now, settings, gruu)
+    _add_bindings(out, record, now, settings, gruu, cap)
     for value in paths or []:
         out.headers.add("Path", value)
     return out
 
 
 def _add_bindings(
-    response: Response, record: AorRecord | None, now: float, settings: Settings, gruu: GruuContext | None
+    response: Response,
+    record: AorRecord | None,
+    now: float,
+    settings: Settings,
+    gruu: GruuContext | None,
+    cap: int | None,
 ) -> None:
+    """List every valid binding; ``cap`` bounds the lifetimes shown (a draining process, §6 of DESIGN)."""
     if record is None:
         return
-    values = [format_binding(b, now, settings, gruu) for b in record.valid_bindings(now)]
+    values = [format_binding(b, now, settings, gruu, cap) for b in record.valid_bindings(now)]
     if values:
         response.headers.add("Contact", ", ".join(values))
 

@@ -97,6 +97,7 @@ class MidRegistrar:
         self._pending: dict[int, reg.PendingRegister] = {}
         self._originated: dict[int, tuple[Request, Peer]] = {}
         self._flows: dict[int, float] = {}  # TCP connection id → keep open until
+        self.draining = False
 
     def handle(self, event: Event, now: float) -> None:
         if isinstance(event, IncomingRequest):
@@ -170,7 +171,7 @@ class MidRegistrar:
             self.stats.registers_answered += 1
             paths = view.paths if reg.echo_path(view, settings) else None
             gruu = reg.gruu_context(view, self.stack.local_for(event.peer).hostport, now, settings)
-            reply = reg.binding_reply(request, decision.record, now, settings, paths, gruu)
+            reply = reg.binding_reply(request, decision.record, now, settings, paths, gruu, self._cap())
             self.stack.respond(event.txn, reply)
             return
         log.debug("REGISTER for %s relayed: %s", view.aor, decision.reason if decision else "mirror")
@@ -269,7 +270,8 @@ class MidRegistrar:
                 self._send_deregister(request, deregister.next_hop(updated.meta))
         paths = pending.view.paths if reg.echo_path(pending.view, self.settings) else None
         gruu = reg.gruu_context(pending.view, self.stack.local_for(ctx.source).hostport, now, self.settings)
-        self.stack.finish(ctx, reg.rewrite_reply(response, updated, now, self.settings, paths, gruu))
+        reply = reg.rewrite_reply(response, updated, now, self.settings, paths, gruu, self._cap())
+        self.stack.finish(ctx, reply)
 
     def _commit(self, aor: str, record: AorRecord | None) -> None:
         if record is None or not record.bindings:
@@ -410,6 +412,10 @@ class MidRegistrar:
         answer = digest.authorization(challenge, creds, "REGISTER", str(original.uri), self._tag())
         retry.headers.add("Authorization" if status == 401 else "Proxy-Authorization", answer)
         self._send_deregister(retry, peer)
+
+    def _cap(self) -> int | None:
+        """While draining, phones are told to come back within drain_expires (DESIGN §6)."""
+        return self.settings.drain_expires if self.draining else None
 
     def _tag(self) -> str:
         return f"{self.rng.getrandbits(48):012x}"

@@ -458,3 +458,14 @@ def test_t64_a_tcp_flow_is_kept_for_the_binding_lifetime_plus_10s() -> None:
     assert m.core.keep_flow_until(7) >= m.now + 610
     m.core.flow_closed(7)
     assert m.core.keep_flow_until(7) == 0.0
+
+
+def test_draining_process_tells_phones_to_come_back_soon() -> None:
+    m = Contact(drain_expires=30)
+    _initial(m)
+    m.core.draining = True
+    m.advance(10)
+    relayed, replies = _refresh(m, 11)
+    assert relayed == [] and replies[0].contacts[0].expires == "30"
+    (b,) = m.store.load("alice@example.com").bindings.values()  # type: ignore[union-attr]
+    assert b.expires_at == 70  # the binding itself keeps its lifetime
