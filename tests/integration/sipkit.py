@@ -3,7 +3,7 @@
 Used by the integration tests and by `bench/run.py`. Everything here is plain subprocess and socket code:
 - `free_port()` / `free_ports()`: loopback ports free for both UDP and TCP;
 - `Proc`: a child process with its output in files, stopped by PID (terminate, then kill);
-- `Sipp`: one SIPp run with its traces (message log, `<log>` actions, statistics CSV, response times)
+- `Sipp`: one SIPp run (stopped with SIGINT, which keeps its traces) with its traces (message log, `<log>` actions, statistics CSV, response times)
   collected in a private work directory; `SippResult` parses them;
 - `Kamailio`: Kamailio in the foreground (`-DD -E`) with its own runtime dir, a config file written to a
   temporary directory, loopback only;
@@ -635,18 +635,15 @@ class Sipp:
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.proc.stop(first=signal.SIGUSR1)
+            self.proc.stop(first=signal.SIGINT)
         return self._collect()
 
     def stop(self, timeout: float = 5.0) -> SippResult:
-        """Ask SIPp to quit (SIGUSR1, like pressing q: traces are flushed), then SIGTERM/SIGKILL."""
+        """Stop SIPp now: SIGINT (SIPp exits at once and still writes its traces and statistics; SIGUSR1
+        would wait for running calls, which a looping UAS never ends), then SIGKILL after `timeout`."""
         assert self.proc is not None
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGUSR1)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.stop(timeout=2.0)
+            self.proc.stop(timeout=timeout, first=signal.SIGINT)
         return self._collect()
 
     def __enter__(self) -> Sipp:
