@@ -485,3 +485,58 @@ def test_http_endpoints(main_uas, registrar, tmp_path):
         body = r.read().decode()
     assert "midregistrar_" in body, "metrics use the midregistrar_ prefix"
     assert "REGISTER" in body, "requests are counted by method"
+
+
+# ------------------------------------------------------------------ Kamailio as the main registrar
+
+
+def test_kamailio_main_registrar_with_digest_and_call(registrar, tmp_path):
+    """Phone → mid-registrar → Kamailio registrar (digest auth); then Kamailio routes a call to the phone."""
+    kam = sipkit.Kamailio(
+        sipkit.REPO / "bench" / "kamailio" / "registrar.cfg",
+        defines={"WITH_AUTH": 1, "AUTH_PASSWORD": '"s3cret"'},
+        workdir=tmp_path / "kamailio",
+    ).start()
+    try:
+        reg = registrar((LOOP, kam.port))
+        phone = sipkit.Sipp(
+            "phone_register_auth",
+            reg.addr,
+            keys={"user": "alice", "password": "s3cret", "domain": "example.test", "expires": 300},
+            calls=1,
+            extra=["-oocsf", str(sipkit.SCENARIOS / "phone_answer_ooc.xml"), "-d", "30000"],
+            workdir=tmp_path / "phone",
+        ).start()
+        logs = phone.workdir / "logs.log"
+        try:
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline and "REPLY code=200" not in (
+                logs.read_text() if logs.exists() else ""
+            ):
+                time.sleep(0.1)
+            assert "REPLY code=200" in (logs.read_text() if logs.exists() else ""), (
+                "digest REGISTER through the mid-registrar to Kamailio failed\n"
+                + diag(reg, kam.log()[-3000:])
+            )
+            caller = sipkit.run_sipp(
+                "main_invite_uac",
+                (LOOP, kam.port),
+                keys={"ruri": "sip:alice@example.test", "caller": "pbx"},
+                calls=1,
+                wait=40,
+                workdir=tmp_path / "caller",
+                extra=["-recv_timeout", "20000"],
+            )
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and "CALL done" not in logs.read_text():
+                time.sleep(0.1)
+        finally:
+            ph = phone.stop()
+    finally:
+        kam.stop()
+    info = diag(caller, ph, reg, "--- kamailio ---", kam.log()[-3000:])
+    assert any(line.startswith("CHALLENGE code=401") for line in ph.logs), (
+        "Kamailio's 401 must reach the phone"
+    )
+    assert caller.returncode == 0, "call from the main registrar to the phone must complete\n" + info
+    assert any(line.startswith("CALL done") for line in ph.logs), info
