@@ -7,6 +7,7 @@ Nothing here skips: when the binaries are missing, the fixture builds them (scri
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -77,6 +78,12 @@ def operator(rig: ControlPlane, operator_kubeconfig: Path) -> Iterator[KopfRunne
         os.environ["KUBECONFIG"] = old
     assert runner.exception is None, runner.exception
     assert runner.exit_code == 0, runner.output[-3000:]
+    # Everything the operator did, it did with the chart's RBAC alone: no request was refused.
+    refused = [
+        line for line in runner.output.splitlines() if re.search(r'HTTP/1\.1" 403 |[Ff]orbidden', line)
+    ]
+    assert not refused, "\n".join(refused[:10])
+    assert "Timer 'resync' succeeded" in runner.output, "the operator's log was not captured"
 
 
 @pytest.fixture
