@@ -15,6 +15,25 @@ from registrar.sip.uri import URI, SipURI, URIError, parse_uri
 
 TOKEN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~")
 MAGIC_COOKIE = "z9hG4bK"
+# Methods in common use: tokens by definition, so the token check can be skipped for them.
+KNOWN_METHODS = frozenset(
+    {
+        "REGISTER",
+        "INVITE",
+        "ACK",
+        "CANCEL",
+        "BYE",
+        "OPTIONS",
+        "MESSAGE",
+        "SUBSCRIBE",
+        "NOTIFY",
+        "REFER",
+        "INFO",
+        "UPDATE",
+        "PRACK",
+        "PUBLISH",
+    }
+)
 
 Params = tuple[tuple[str, str | None], ...]
 
@@ -32,6 +51,8 @@ def split_commas(value: str) -> list[str]:
     """Split a header value on commas that are outside quotes and angle brackets."""
     if "," not in value:
         return [value.strip()] if value.strip() else []
+    if '"' not in value and "<" not in value:  # nothing to skip over: every comma separates (Allow, Via)
+        return [part for part in (p.strip() for p in value.split(",")) if part]
     out: list[str] = []
     depth = 0
     quoted = False
@@ -66,17 +87,29 @@ def split_commas(value: str) -> list[str]:
 _TOKEN = r"[A-Za-z0-9\-.!%*_+`'~]+"
 _QUOTED = r'"(?:[^"\\]|\\.)*"'
 _PARAM = rf"[ \t]*;[ \t]*({_TOKEN})(?:[ \t]*=[ \t]*({_QUOTED}|[A-Za-z0-9\-.!%*_+`'~\[\]:]*))?[ \t]*"
-_PARAMS_MATCH = re.compile(rf"(?:{_PARAM})*\Z").match
 _PARAM_FINDITER = re.compile(_PARAM).finditer
+# The usual case, ``rport;branch=z9hG4bK-1`` or ``+sip.instance="<urn:uuid:1>";expires=60``: no whitespace,
+# no ';' or '\\' inside quotes. One capture-free regex checks it all and str.split takes it apart, twice as
+# fast as matching every parameter with groups.
+_SIMPLE_VALUE = r"""(?:[A-Za-z0-9\-.!%*_+`'~\[\]:]*+|"[^"\\;]*+")"""
+_SIMPLE_PARAMS_MATCH = re.compile(
+    rf"{_TOKEN}+(?:={_SIMPLE_VALUE})?+(?:;{_TOKEN}+(?:={_SIMPLE_VALUE})?+)*+\Z"
+).match
 
 
 def parse_params(text: str, where: str) -> Params:
     """Parse ``a=b;c;d="q"`` (the text after the first ';'; empty gives no params)."""
     if not text:
         return ()
+    if " " not in text and "\t" not in text and _SIMPLE_PARAMS_MATCH(text) is not None:
+        out: list[tuple[str, str | None]] = []
+        for part in text.split(";"):
+            name, eq, value = part.partition("=")
+            out.append((name, value if eq else None))
+        return tuple(out)
     text = ";" + text
     pos = 0
-    out: list[tuple[str, str | None]] = []
+    out = []
     for m in _PARAM_FINDITER(text):
         if m.start() != pos:
             break
@@ -136,6 +169,8 @@ def format_params(params: Params) -> str:
 def unquote(value: str | None) -> str | None:
     if value is None or len(value) < 2 or value[0] != '"' or value[-1] != '"':
         return value
+    if "\\" not in value:
+        return value[1:-1]
     out = []
     i = 1
     while i < len(value) - 1:
@@ -182,15 +217,19 @@ _NAME_ADDR_MATCH = re.compile(
 def parse_address(value: str, where: str = "address") -> Address:
     """Parse name-addr / addr-spec followed by header params (RFC 3261 §20.10, §25.1)."""
     if "<" in value:
-        m = _NAME_ADDR_MATCH(value)
-        if m is None:
-            if value.lstrip().startswith('"') and _end_of_quoted(value.lstrip(), 0) < 0:
-                raise ParseError(f"unterminated quoted display name in {where}")
-            raise ParseError(f"bad name-addr in {where}: display name must be tokens or a quoted string")
-        quoted, tokens, uri_text, rest = m.groups()
+        end = value.find(">") if value[0] == "<" else -1
+        if end > 0 and "<" not in value[1:end]:  # ``<uri>;params`` without a display name: no regex needed
+            display, uri_text, rest = None, value[1:end], value[end + 1 :].lstrip(" \t")
+        else:
+            m = _NAME_ADDR_MATCH(value)
+            if m is None:
+                if value.lstrip().startswith('"') and _end_of_quoted(value.lstrip(), 0) < 0:
+                    raise ParseError(f"unterminated quoted display name in {where}")
+                raise ParseError(f"bad name-addr in {where}: display name must be tokens or a quoted string")
+            quoted, tokens, uri_text, rest = m.groups()
+            display = quoted or (tokens.strip() if tokens else None) or None
         if uri_text != uri_text.strip(" \t"):
             raise ParseError(f"whitespace inside <> around the URI in {where}")
-        display = quoted or (tokens.strip() if tokens else None) or None
         if rest and rest[0] != ";":
             raise ParseError(f"junk after URI in {where}")
         params = parse_params(rest[1:], where) if rest else ()
@@ -328,7 +367,7 @@ class CSeq:
 def parse_cseq(value: str) -> CSeq:
     num, _, method = value.strip().partition(" ")
     method = method.strip()
-    if not num.isdigit() or not is_token(method):
+    if not num.isdigit() or (method not in KNOWN_METHODS and not is_token(method)):
         raise ParseError("bad CSeq")
     seq = int(num)
     if seq > 2**31 - 1:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from registrar.sip.errors import ParseError
 from registrar.sip.headers import (
     _TOKEN_MATCH,
+    KNOWN_METHODS,
     Address,
     Contact,
     CSeq,
@@ -111,28 +112,119 @@ REASONS = {
 }
 
 
-def header_key(name: str) -> str:
-    """Canonical look-up key of a header name: lower-case, compact form expanded."""
+def _slow_key(name: str) -> str:
     key = name.lower()
     return _COMPACT_GET(key, key)
 
 
-class Header:
-    """One header line. ``raw`` is the original text (folding included) while the value is unchanged."""
+# Spellings of the common header names, as written on the wire and as the code asks for them, mapped to their
+# key: one dict look-up instead of lower() + compact expansion on every parsed line and every get().
+_COMMON_NAMES = (
+    "Via",
+    "From",
+    "To",
+    "Call-ID",
+    "Call-Id",
+    "CSeq",
+    "Contact",
+    "Max-Forwards",
+    "Content-Length",
+    "Content-Type",
+    "Expires",
+    "User-Agent",
+    "Server",
+    "Allow",
+    "Supported",
+    "Require",
+    "Route",
+    "Record-Route",
+    "Path",
+    "Authorization",
+    "WWW-Authenticate",
+    "Proxy-Authenticate",
+    "Proxy-Authorization",
+    "Proxy-Require",
+    "Date",
+    "Event",
+    "Allow-Events",
+    "Accept",
+    "Min-Expires",
+    "Retry-After",
+    "Warning",
+    "Unsupported",
+    "Service-Route",
+    "Timestamp",
+    "Organization",
+    "Subject",
+)
+_KEY_OF = {spelling: _slow_key(spelling) for name in _COMMON_NAMES for spelling in (name, name.lower())}
+_KEY_OF |= COMPACT
+_KEY_GET = _KEY_OF.get
 
-    __slots__ = ("key", "name", "raw", "value")
+
+def header_key(name: str) -> str:
+    """Canonical look-up key of a header name: lower-case, compact form expanded."""
+    return _KEY_GET(name) or _slow_key(name)
+
+
+class Header:
+    """One header line, immutable: ``raw`` is the original text (folding included), ``None`` once rewritten.
+
+    Never change a Header in place; put a new one in its place. That lets copies of a message share their
+    Header objects, and lets each one keep the typed view parsed from its value (:meth:`parsed`), which can
+    then never go stale.
+    """
+
+    __slots__ = ("_parsed", "key", "name", "raw", "value")
 
     def __init__(self, name: str, value: str, raw: str | None = None, key: str | None = None) -> None:
         self.name = name
         self.key = key or header_key(name)
         self.value = value
         self.raw = raw
+        self._parsed: tuple[Callable[[str], object], object] | None = None
+
+    def parsed(self, parse: Callable[[str], _T]) -> _T:
+        """``parse(value)``, computed once per Header (failures are not kept: they raise every time)."""
+        hit = self._parsed
+        if hit is not None and hit[0] is parse:
+            return cast(_T, hit[1])
+        result = parse(self.value)
+        self._parsed = (parse, result)
+        return result
 
     def line(self) -> str:
         return self.raw if self.raw is not None else f"{self.name}: {self.value}"
 
     def __repr__(self) -> str:
         return f"Header({self.name!r}, {self.value!r})"
+
+
+def typed_header(name: str, value: str, parse: Callable[[str], _T], result: _T) -> Header:
+    """A new header whose typed view is already known (a Via we built): it is not parsed back from text."""
+    header = Header(name, value)
+    header._parsed = (parse, result)
+    return header
+
+
+def parse_via_list(value: str) -> list[Via]:
+    """The Via values of one header line."""
+    value = value.strip()
+    if "," not in value:  # one value, the usual case
+        return [parse_via(value)] if value else []
+    return [parse_via(v) for v in split_commas(value)]
+
+
+def _parse_contact_list(value: str) -> list[Contact]:
+    return parse_contacts(split_commas(value))
+
+
+def _parse_from(value: str) -> Address:
+    return parse_address(value, "From")
+
+
+def _parse_to(value: str) -> Address:
+    return parse_address(value, "To")
 
 
 class Headers:
@@ -206,8 +298,11 @@ class Headers:
 
     def prepend(self, name: str, value: str) -> None:
         """Insert a line before the first of that name (Via, Record-Route, Route), or at the top."""
-        key = header_key(name)
-        header = Header(name, value, key=key)
+        self.prepend_header(Header(name, value))
+
+    def prepend_header(self, header: Header) -> None:
+        """:meth:`prepend` for a ready-made line (one built with :func:`typed_header`)."""
+        key = header.key
         for i, h in enumerate(self._items):
             if h.key == key:
                 self._items.insert(i, header)
@@ -233,32 +328,49 @@ class Headers:
                 return parts[0]
         return None
 
+    def first(self, name: str) -> Header | None:
+        """The first line of that name."""
+        key = header_key(name)
+        for h in self._items:
+            if h.key == key:
+                return h
+        return None
+
+    def replace(self, old: Header, new: Header) -> None:
+        """Put ``new`` where ``old`` is (the way to change a line: Header objects are never edited)."""
+        for i, h in enumerate(self._items):
+            if h is old:
+                self._items[i] = new
+                return
+        raise ValueError("no such header line")
+
     def copy(self) -> Headers:
-        return Headers([Header(h.name, h.value, h.raw, h.key) for h in self._items])
+        """A new list of the same (immutable) Header objects: editing either list leaves the other alone."""
+        return Headers(self._items.copy())
 
 
 class Message:
     """Common part of requests and responses.
 
-    Typed views (``to``, ``vias``, ``contacts``…) are parsed on first use and cached against the header text
-    they came from, so editing a header can never leave a stale parsed value behind.
+    Typed views (``to``, ``vias``, ``contacts``…) are parsed on first use and kept by the Header they come
+    from (see :meth:`Header.parsed`), so editing a header can never leave a stale parsed value behind, and
+    copies of a message share what was already parsed. The typed values are shared too: treat them as
+    immutable.
     """
 
-    __slots__ = ("_cache", "body", "headers", "version")
+    __slots__ = ("body", "headers", "version")
 
     def __init__(self, headers: Headers | None = None, body: bytes = b"", version: str = SIP_VERSION) -> None:
         self.headers = headers if headers is not None else Headers()
         self.body = body
         self.version = version
-        self._cache: dict[str, tuple[object, object]] = {}
 
-    def _cached(self, key: str, source: object, parse: Callable[[], _T]) -> _T:
-        hit = self._cache.get(key)
-        if hit is not None and hit[0] == source:
-            return hit[1]  # type: ignore[return-value]
-        value = parse()
-        self._cache[key] = (source, value)
-        return value
+    def _typed_list(self, key: str, parse: Callable[[str], list[_T]]) -> list[_T]:
+        out: list[_T] = []
+        for h in self.headers:
+            if h.key == key:
+                out += h.parsed(parse)
+        return out
 
     @property
     def call_id(self) -> str:
@@ -269,29 +381,28 @@ class Message:
 
     @property
     def cseq(self) -> CSeq:
-        value = self.headers.get("cseq")
-        if value is None:
+        header = self.headers.first("cseq")
+        if header is None:
             raise ParseError("missing CSeq")
-        return self._cached("cseq", value, lambda: parse_cseq(value))
+        return header.parsed(parse_cseq)
 
     @property
     def from_(self) -> Address:
-        return self._address("from", "From")
+        header = self.headers.first("from")
+        if header is None:
+            raise ParseError("missing From")
+        return header.parsed(_parse_from)
 
     @property
     def to(self) -> Address:
-        return self._address("to", "To")
-
-    def _address(self, key: str, label: str) -> Address:
-        value = self.headers.get(key)
-        if value is None:
-            raise ParseError(f"missing {label}")
-        return self._cached(key, value, lambda: parse_address(value, label))
+        header = self.headers.first("to")
+        if header is None:
+            raise ParseError("missing To")
+        return header.parsed(_parse_to)
 
     @property
     def vias(self) -> list[Via]:
-        fields = self.headers.fields("via")
-        return self._cached("via", fields, lambda: [parse_via(v) for f in fields for v in split_commas(f)])
+        return self._typed_list("via", parse_via_list)
 
     @property
     def top_via(self) -> Via:
@@ -302,10 +413,7 @@ class Message:
 
     @property
     def contacts(self) -> list[Contact]:
-        fields = self.headers.fields("contact")
-        return self._cached(
-            "contact", fields, lambda: parse_contacts([v for f in fields for v in split_commas(f)])
-        )
+        return self._typed_list("contact", _parse_contact_list)
 
     def addresses(self, name: str) -> list[Address]:
         """Route, Record-Route, Path values as addresses."""
@@ -365,9 +473,13 @@ class Request(Message):
         self._uri = value
         self._uri_text = None
 
+    @property
+    def uri_text(self) -> str:
+        """The Request-URI as it is written in the start line (as received until :attr:`uri` is set)."""
+        return self._uri_text if self._uri_text is not None else str(self._uri)
+
     def start_line(self) -> str:
-        text = self._uri_text if self._uri_text is not None else str(self._uri)
-        return f"{self.method} {text} {self.version}"
+        return f"{self.method} {self.uri_text} {self.version}"
 
     def copy(self) -> Request:
         req = Request(self.method, self._uri_text or self.uri, self.headers.copy(), self.body, self.version)
@@ -440,14 +552,16 @@ def parse_message(data: bytes, *, stream: bool = False) -> Request | Response:
             if not line:
                 continue
             raise ParseError(f"header line without a colon: {line[:40]!r}", can_reply=False)
-        name = name.rstrip(" \t")
-        key = name.lower()
-        if _TOKEN_MATCH(name) is None:
-            raise ParseError(f"bad header name {name[:40]!r}", can_reply=False)
+        key = _KEY_GET(name)
+        if key is None:  # not one of the common spellings: check and normalise it
+            name = name.rstrip(" \t")
+            if _TOKEN_MATCH(name) is None:
+                raise ParseError(f"bad header name {name[:40]!r}", can_reply=False)
+            key = _slow_key(name)
         value = value.strip(" \t\r\n")
         if folded and "\n" in value:
             value = _FOLD_SUB(" ", value)
-        append(Header(name, value, line, _COMPACT_GET(key, key)))
+        append(Header(name, value, line, key))
     headers = Headers(items)
     start = lines[0]
     msg: Request | Response
@@ -536,7 +650,7 @@ def _parse_request_line(start: str, headers: Headers) -> Request:
             raise ParseError("Request-URI contains whitespace")
         raise ParseError("bad Request-Line: expected 'METHOD SP Request-URI SP SIP/2.0'")
     method, uri_text, version = parts
-    if _TOKEN_MATCH(method) is None:
+    if method not in KNOWN_METHODS and _TOKEN_MATCH(method) is None:
         raise ParseError("bad method")
     if version != SIP_VERSION:
         if version.upper() == SIP_VERSION:
@@ -640,14 +754,14 @@ def make_response(
     items: list[Header] = []
     for h in request.headers:
         if h.key in ("via", "from", "call-id", "cseq"):
-            items.append(Header(h.name, h.value, h.raw, h.key))
+            items.append(h)
         elif h.key == "to":
             if to_tag and status > 100 and "tag=" not in h.value.lower():
                 items.append(Header(h.name, f"{h.value};tag={to_tag}", None, h.key))
             else:
-                items.append(Header(h.name, h.value, h.raw, h.key))
+                items.append(h)
         elif h.key == "record-route" and 100 < status < 300:
-            items.append(Header(h.name, h.value, h.raw, h.key))
+            items.append(h)
     return Response(status, reason or REASONS.get(status, ""), Headers(items))
 
 
@@ -667,4 +781,6 @@ __all__ = [
     "header_key",
     "make_response",
     "parse_message",
+    "parse_via_list",
+    "typed_header",
 ]

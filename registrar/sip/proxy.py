@@ -11,7 +11,7 @@ import hashlib
 from dataclasses import dataclass, field
 
 from registrar.sip.headers import MAGIC_COOKIE, Via
-from registrar.sip.message import Header, Headers, Request, Response
+from registrar.sip.message import Header, Headers, Request, Response, parse_via_list, typed_header
 from registrar.sip.transaction import ClientTransaction, ServerTransaction
 from registrar.sip.transport import Peer
 from registrar.sip.uri import URI
@@ -23,15 +23,16 @@ _PREFERRED = (401, 407, 415, 420, 484)
 
 def loop_hash(request: Request) -> str:
     """Hash of the fields whose change makes a returning request a spiral, not a loop (§16.6 step 8)."""
-    parts = [
-        request.start_line().split(" ")[1],
+    headers = request.headers
+    parts = (
+        request.uri_text,
         request.from_.tag or "",
         request.to.tag or "",
         request.call_id,
         str(request.cseq.seq),
-        ",".join(request.headers.fields("proxy-require")),
-        ",".join(request.headers.fields("route")),
-    ]
+        ",".join(headers.fields("proxy-require")),
+        ",".join(headers.fields("route")),
+    )
     return hashlib.blake2s("\x00".join(parts).encode("utf-8", "surrogateescape"), digest_size=6).hexdigest()
 
 
@@ -66,7 +67,8 @@ def forward_copy(
     out.headers.set("Max-Forwards", str(int(mf) - 1) if mf is not None else str(DEFAULT_MAX_FORWARDS))
     if record_route and out.method not in ("REGISTER", "ACK", "CANCEL"):
         out.headers.prepend("Record-Route", record_route)
-    out.headers.prepend("Via", str(via))
+    # The new top Via is the one the client transaction matches on: keep it typed, not parsed back.
+    out.headers.prepend_header(typed_header("Via", str(via), parse_via_list, [via]))
     return out
 
 
@@ -82,7 +84,7 @@ def build_cancel(branch_request: Request) -> Request:
     items: list[Header] = [Header("Via", branch_request.headers.values("via")[0])]
     for h in branch_request.headers:
         if h.key in ("from", "to", "call-id", "route", "max-forwards"):
-            items.append(Header(h.name, h.value, h.raw, h.key))
+            items.append(h)
     items.append(Header("CSeq", f"{branch_request.cseq.seq} CANCEL"))
     items.append(Header("Content-Length", "0"))
     return Request("CANCEL", branch_request.uri, Headers(items))

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from registrar.sip.errors import ParseError
-from registrar.sip.headers import Via, parse_via_sent_by, split_commas
+from registrar.sip.headers import Via, parse_via_sent_by, set_param, split_commas
 from registrar.sip.message import (
     Header,
     Headers,
@@ -23,6 +23,8 @@ from registrar.sip.message import (
     Response,
     make_response,
     parse_message,
+    parse_via_list,
+    typed_header,
 )
 from registrar.sip.proxy import (
     Branch,
@@ -113,12 +115,9 @@ class StackStats:
     loops: int = 0
 
 
-@dataclass(order=True)
-class _Timer:
-    deadline: float
-    seq: int
-    txn: Transaction = field(compare=False)
-    name: str = field(compare=False)
+# A timer in the heap: (deadline, unique sequence number, transaction, timer name). Plain tuples compare in C;
+# the unique sequence number settles ties, so the transaction is never compared.
+_Timer = tuple[float, int, Transaction, str]
 
 
 class Stack:
@@ -143,7 +142,9 @@ class Stack:
         self._out: list[tuple[bytes, Peer]] = []
         self._events: list[Event] = []
         self._heap: list[_Timer] = []
-        self._armed: dict[tuple[int, str], int] = {}
+        # The live timers of each transaction (name -> sequence number): a heap entry whose number is not
+        # there any more was disarmed or re-armed, and a terminated transaction drops them all at once.
+        self._armed: dict[Transaction, dict[str, int]] = {}
         self._seq = itertools.count()
         self._servers: dict[ServerKey, ServerTransaction] = {}
         self._clients: dict[tuple[str, str], ClientTransaction] = {}
@@ -165,9 +166,9 @@ class Stack:
 
     def next_deadline(self) -> float | None:
         while self._heap:
-            top = self._heap[0]
-            if self._armed.get((id(top.txn), top.name)) == top.seq:
-                return top.deadline
+            deadline, seq, txn, name = self._heap[0]
+            if self._live(txn, name, seq):
+                return deadline
             heapq.heappop(self._heap)
         return None
 
@@ -189,11 +190,20 @@ class Stack:
 
     def arm(self, txn: Transaction, name: str, delay: float) -> None:
         seq = next(self._seq)
-        self._armed[(id(txn), name)] = seq
-        heapq.heappush(self._heap, _Timer(self._now + delay, seq, txn, name))
+        armed = self._armed.get(txn)
+        if armed is None:
+            armed = self._armed[txn] = {}
+        armed[name] = seq
+        heapq.heappush(self._heap, (self._now + delay, seq, txn, name))
 
     def disarm(self, txn: Transaction, name: str) -> None:
-        self._armed.pop((id(txn), name), None)
+        armed = self._armed.get(txn)
+        if armed is not None:
+            armed.pop(name, None)
+
+    def _live(self, txn: Transaction, name: str, seq: int) -> bool:
+        armed = self._armed.get(txn)
+        return armed is not None and armed.get(name) == seq
 
     def response_in(self, txn: ClientTransaction, response: Response) -> None:
         ctx = self._ctx_of_client.get(id(txn))
@@ -213,8 +223,7 @@ class Stack:
             self._events.append(ClientResult(handle, txn.request, response, timed_out=True))
 
     def terminated(self, txn: Transaction) -> None:
-        for name in ("A", "B", "D", "E", "F", "G", "H", "I", "J", "K", "L"):
-            self._armed.pop((id(txn), name), None)
+        self._armed.pop(txn, None)
         if isinstance(txn, ServerTransaction):
             if self._servers.get(txn.key) is txn:
                 del self._servers[txn.key]
@@ -229,13 +238,12 @@ class Stack:
 
     def handle_timers(self, now: float) -> None:
         self._now = now
-        while self._heap and self._heap[0].deadline <= now:
-            entry = heapq.heappop(self._heap)
-            key = (id(entry.txn), entry.name)
-            if self._armed.get(key) != entry.seq:
+        while self._heap and self._heap[0][0] <= now:
+            _, seq, txn, name = heapq.heappop(self._heap)
+            if not self._live(txn, name, seq):
                 continue
-            del self._armed[key]
-            entry.txn.on_timer(entry.name, now)
+            del self._armed[txn][name]
+            txn.on_timer(name, now)
 
     def receive(self, data: bytes, peer: Peer, now: float) -> None:
         """Bytes of one datagram (or one framed stream message) arrived from a peer."""
@@ -498,20 +506,19 @@ class Stack:
 def _stamp_received(request: Request, peer: Peer) -> None:
     """Add received/rport to the top Via as RFC 3261 §18.2.1 and RFC 3581 ask."""
     via = request.top_via
-    changed = via
-    if via.rport is not None and via.rport == "":
-        changed = changed.with_param("rport", str(peer.port)).with_param("received", peer.host)
+    params = via.params
+    if via.rport == "":
+        params = set_param(set_param(params, "rport", str(peer.port)), "received", peer.host)
     elif via.host.strip("[]") != peer.host:
-        changed = changed.with_param("received", peer.host)
-    if changed is not via:
-        first = request.headers.fields("via")[0]
-        rest = split_commas(first)[1:]
-        new_value = ", ".join([str(changed), *rest])
-        for h in request.headers:
-            if h.key == "via":
-                h.value = new_value
-                h.raw = None
-                break
+        params = set_param(params, "received", peer.host)
+    else:
+        return
+    stamped = Via(via.transport, via.host, via.port, params, via.protocol)
+    first = request.headers.first("via")
+    assert first is not None  # the top Via parsed
+    vias = [stamped, *first.parsed(parse_via_list)[1:]]
+    value = ", ".join([str(stamped), *split_commas(first.value)[1:]])
+    request.headers.replace(first, typed_header(first.name, value, parse_via_list, vias))
 
 
 def _via_peer(via: Via) -> Peer:
@@ -523,7 +530,7 @@ def _quote(text: str) -> str:
 
 
 def _reply_headers(request: Request) -> Headers:
-    items = [Header(h.name, h.value, h.raw, h.key) for h in request.headers if h.key in _REPLY_KEYS]
+    items = [h for h in request.headers if h.key in _REPLY_KEYS]
     items.append(Header("Content-Length", "0"))
     return Headers(items)
 

@@ -74,7 +74,7 @@ def server_key(request: Request) -> ServerKey:
     # RFC 2543: Request-URI, From tag, Call-ID, CSeq number, top Via (the To tag differs on the ACK).
     return (
         "2543",
-        request.start_line().split(" ")[1],
+        request.uri_text,
         request.from_.tag or "",
         request.call_id,
         str(request.cseq.seq),
@@ -287,7 +287,7 @@ def build_ack(invite: Request, response: Response) -> Request:
     items.append(Header("Via", top_via))
     for h in invite.headers:
         if h.key in ("from", "call-id", "route", "max-forwards"):
-            items.append(Header(h.name, h.value, h.raw, h.key))
+            items.append(h)
     to_value = response.headers.get("to")
     if to_value is None:
         raise ParseError("response without To")
