@@ -439,3 +439,59 @@ def test_operator_rbac_is_least_privilege(cluster: Cluster, operator_kubeconfig:
         assert can(*args), f"operator should be allowed: {args}"
     for args in denied:
         assert not can(*args), f"operator must not be allowed: {args}"
+
+
+def test_operator_process_serves_liveness_and_logs_json(
+    cluster: Cluster, rig: ControlPlane, operator_kubeconfig: Any, ns: str
+) -> None:
+    """The shipped entry point (`midregistrar-operator`), namespace-scoped, as the Deployment would run it."""
+    import os
+    import sys
+    import urllib.request
+    from pathlib import Path
+
+    from midreg_operator.testing.rig import start
+
+    port = free_port()
+    exe = Path(sys.executable).parent / "midregistrar-operator"
+    env_kc = os.environ.get("KUBECONFIG")
+    os.environ["KUBECONFIG"] = str(operator_kubeconfig)
+    try:
+        proc = start(
+            f"operator-{ns}",
+            [
+                str(exe),
+                "--namespace",
+                ns,
+                "--liveness",
+                f"http://127.0.0.1:{port}/healthz",
+                "--log-format",
+                "json",
+            ],
+            rig.workdir,
+        )
+    finally:
+        if env_kc is None:
+            os.environ.pop("KUBECONFIG", None)
+        else:
+            os.environ["KUBECONFIG"] = env_kc
+    try:
+
+        def live() -> bool:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as resp:
+                    return bool(resp.status == 200)
+            except OSError:
+                return False
+
+        wait_until(live, 30, "operator liveness endpoint")
+        cluster.apply(midregistrar("scoped", ns, replicas=1))
+        wait_until(
+            lambda: cluster.get("deployment", "scoped", ns), 30, "Deployment from the namespaced operator"
+        )
+    finally:
+        proc.stop()
+    lines = [line for line in proc.log.read_text().splitlines() if line.strip()]
+    assert lines
+    for line in lines:
+        assert isinstance(json.loads(line), dict), line
