@@ -15,7 +15,8 @@ SIPp saw 0 failed calls, 0 unexpected messages and achieved at least 95 % of the
 SIPp's own response times (-trace_rtt: every REGISTER, millisecond resolution) and a Python probe that sends
 `--probe-rate` extra REGISTERs/s through the same target, timed with perf_counter (microseconds). CPU per
 REGISTER: utime+stime from /proc/<pid>/stat of the target process and its children over the step, divided
-by the REGISTERs it relayed. "other" is the CPU (in cores) used during the step by processes outside this
+by the REGISTERs it relayed. "drops": datagrams the kernel dropped at the target's UDP socket (receive buffer
+full: the target fell behind). "other" is the CPU (in cores) used during the step by processes outside this
 benchmark (e.g. a build running at the same time): figures with other > 0.1 are not comparable.
 Every loop is bounded (SIPp -m and -timeout; a maximum rate); only 127.0.0.1 is used.
 """
@@ -179,6 +180,7 @@ class Step:
     probe_p99_us: float | None
     probe_lost: int
     cpu_us_per_reg: float | None
+    drops: int
     target_cores: float
     other_cores: float
     passed: bool
@@ -250,6 +252,7 @@ def run_step(
         name="load_register",
     )
     cpu0 = sipkit.tree_cpu_seconds(pid)
+    drops0 = sipkit.udp_drops(target[1])
     busy0 = busy_jiffies()
     own0 = sipkit.cpu_seconds(os.getpid())
     probe = Probe(target, probe_rate)
@@ -265,6 +268,7 @@ def run_step(
     probe.stop()
     elapsed = time.monotonic() - t0
     cpu1 = sipkit.tree_cpu_seconds(pid)
+    drops = sipkit.udp_drops(target[1]) - drops0
     busy1 = busy_jiffies()
     own1 = sipkit.cpu_seconds(os.getpid())
     ok, failed = res.successful, res.failed
@@ -311,6 +315,7 @@ def run_step(
         probe_p99_us=sipkit.percentile(probe.rtts_us, 99),
         probe_lost=probe.lost,
         cpu_us_per_reg=(target_cpu / relayed * 1e6) if relayed else None,
+        drops=drops,
         target_cores=target_cpu / elapsed if elapsed else 0.0,
         other_cores=other,
         passed=passed,
@@ -508,8 +513,8 @@ def _f(v: float | None, digits: int = 1) -> str:
 
 STEP_HEADER = (
     "| target | offered/s | achieved/s | OK | failed | retrans | p50 ms | p99 ms | mean ms "
-    "| probe p50 µs | probe p99 µs | CPU µs/REG | target cores | other cores | pass | note |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "| probe p50 µs | probe p99 µs | CPU µs/REG | drops | target cores | other cores | pass | note |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -517,7 +522,7 @@ def fmt_step(s: Step) -> str:
     return (
         f"| {s.target} | {s.rate} | {s.achieved:.0f} | {s.ok} | {s.failed} | {s.retrans} | {_f(s.p50_ms, 0)} "
         f"| {_f(s.p99_ms, 0)} | {_f(s.mean_ms, 2)} | {_f(s.probe_p50_us, 0)} | {_f(s.probe_p99_us, 0)} "
-        f"| {_f(s.cpu_us_per_reg)} | {s.target_cores:.2f} | {s.other_cores:.2f} "
+        f"| {_f(s.cpu_us_per_reg)} | {s.drops} | {s.target_cores:.2f} | {s.other_cores:.2f} "
         f"| {'yes' if s.passed else 'no'} | {s.note} |"
     )
 

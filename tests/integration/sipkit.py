@@ -107,6 +107,20 @@ def _proc_net_ports(kind: str) -> set[int]:
     return ports
 
 
+def udp_drops(port: int) -> int:
+    """Datagrams the kernel dropped on the IPv4 UDP socket(s) bound to `port` (receive buffer full)."""
+    total = 0
+    try:
+        lines = Path("/proc/net/udp").read_text().splitlines()[1:]
+    except OSError:
+        return 0
+    for line in lines:
+        parts = line.split()
+        if len(parts) >= 13 and int(parts[1].rsplit(":", 1)[1], 16) == port:
+            total += int(parts[-1])
+    return total
+
+
 def port_bound(port: int, kind: str = "udp") -> bool:
     return port in _proc_net_ports(kind)
 
