@@ -6,7 +6,7 @@ backend keeps the same records.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from registrar.sip.transport import Peer
@@ -16,7 +16,8 @@ RECORD_VERSION = 1
 
 @dataclass(slots=True)
 class Binding:
-    """One contact of an AoR, as the phone registered it."""
+    """One contact of an AoR, as the phone registered it. Never edited in place once stored: records share
+    bindings between copies, so a change is a new Binding (``dataclasses.replace``)."""
 
     ctid: int
     contact: str  # the UA's Contact URI exactly as sent
@@ -86,13 +87,9 @@ class AorRecord:
     meta: MainMeta | None = None
 
     def copy(self) -> AorRecord:
-        """A copy whose bindings and meta can be changed without touching this one."""
-        return AorRecord(
-            self.aor,
-            {k: replace(b) for k, b in self.bindings.items()},
-            self.version,
-            replace(self.meta) if self.meta is not None else None,
-        )
+        """A copy whose set of bindings can change without touching this one. Bindings and meta are
+        shared: they are never edited in place, only replaced (``dataclasses.replace``)."""
+        return AorRecord(self.aor, dict(self.bindings), self.version, self.meta)
 
     def valid_bindings(self, now: float) -> list[Binding]:
         """Unexpired bindings in lookup order: descending q (no q counts lowest), then oldest first."""

@@ -141,7 +141,10 @@ def find_binding(record: AorRecord | None, contact: Contact) -> Binding | None:
     if record is None:
         return None
     uri = contact.uri
+    text = str(uri)
     for binding in record.bindings.values():
+        if binding.contact == text:
+            return binding
         try:
             stored = parse_uri(binding.contact)
         except URIError:
@@ -283,12 +286,10 @@ def granted_expires(
 def main_meta(pending: PendingRegister, old: MainMeta | None) -> MainMeta:
     """From/To/R-URI of the last relayed REGISTER, kept to build De-REGISTERs (SPEC §2.2 F, T, ru)."""
     request = pending.view.request
-    meta = replace(old) if old is not None else MainMeta("", "", "")
-    meta.from_uri = str(request.from_.uri)
-    meta.to_uri = str(request.to.uri)
-    meta.ruri = pending.ruri
-    meta.hop = pending.hop
-    return meta
+    from_uri, to_uri = str(request.from_.uri), str(request.to.uri)
+    if old is None:
+        return MainMeta(from_uri, to_uri, pending.ruri, pending.hop)
+    return replace(old, from_uri=from_uri, to_uri=to_uri, ruri=pending.ruri, hop=pending.hop)
 
 
 def apply_2xx(

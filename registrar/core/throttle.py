@@ -6,7 +6,7 @@ Pure functions: a decision takes the request, the AoR as stored and ``now`` and 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from registrar.config import Settings
 from registrar.core.policy import escape_aor
@@ -63,21 +63,30 @@ def decide_contact(pending: PendingRegister, record: AorRecord | None, now: floa
             return _relay("Call-ID changed")
         if now - binding.relayed_at >= binding.main_expires - e:
             return _relay("main registrar's copy is due")
-        _refresh(binding, pending, pc.contact.q, e, now)
+        updated.bindings[pc.ctid] = _refreshed(binding, pending, pc.contact.q, e, now)
     return Decision(False, "refresh inside the window", updated)
 
 
-def _refresh(binding: Binding, pending: PendingRegister, q: float | None, e: int, now: float) -> None:
+def _refreshed(
+    binding: Binding, pending: PendingRegister, q: float | None, e: int, now: float, **more: object
+) -> Binding:
     """An absorbed refresh: new local expiry and per-request fields; relay state untouched (§5.2 step 5)."""
     request = pending.view.request
-    binding.expires_at = now + e
-    binding.cseq = request.cseq.seq
+    cseq = request.cseq.seq
+    relayed_cseq = binding.relayed_cseq
     if binding.call_id == binding.relayed_call_id:
-        binding.relayed_cseq = max(binding.relayed_cseq, binding.cseq)
-    binding.q = q
-    binding.path = list(pending.view.paths)
-    binding.user_agent = request.headers.get("user-agent")
-    binding.updated_at = now
+        relayed_cseq = max(relayed_cseq, cseq)
+    return replace(
+        binding,
+        expires_at=now + e,
+        cseq=cseq,
+        relayed_cseq=relayed_cseq,
+        q=q,
+        path=list(pending.view.paths),
+        user_agent=request.headers.get("user-agent"),
+        updated_at=now,
+        **more,  # type: ignore[arg-type]
+    )
 
 
 # ------------------------------------------------------------------------------------------- mode aor
@@ -118,9 +127,9 @@ def decide_aor(pending: PendingRegister, record: AorRecord | None, now: float) -
             return _relay("source address, transport or connection changed")
         if binding.call_id != request.call_id:
             return _relay("Call-ID changed")
-        _refresh(binding, pending, pc.contact.q, e, now)
-        binding.local_expires = e
-        binding.main_expires = meta.main_expires
+        staged.bindings[pc.ctid] = _refreshed(
+            binding, pending, pc.contact.q, e, now, local_expires=e, main_expires=meta.main_expires
+        )
         refreshed = True
     left = staged.valid_bindings(now)
     if refreshed:
@@ -179,19 +188,24 @@ def apply_aor_2xx(
             echoed = str(contact.uri)
             break
     new = record.copy() if record is not None else AorRecord(view.aor)
-    meta: MainMeta = main_meta(pending, new.meta)
     request = view.request
-    if meta.call_id != request.call_id:
-        meta.call_id, meta.cseq = request.call_id, request.cseq.seq
-    else:
-        meta.cseq = max(meta.cseq, request.cseq.seq)
+    meta: MainMeta = main_meta(pending, new.meta)
+    cseq = request.cseq.seq if meta.call_id != request.call_id else max(meta.cseq, request.cseq.seq)
     if echoed is None or not e_out:
-        meta.no_dr, meta.relayed_at = True, 0.0  # main dropped the aggregated binding
+        meta = replace(
+            meta, call_id=request.call_id, cseq=cseq, no_dr=True, relayed_at=0.0
+        )  # main dropped it
     else:
-        meta.no_dr = False
-        meta.relayed_at = now
-        meta.main_expires = e_out  # [REC] refreshed on every 2xx (SPEC §12, §6.3 [OBS])
-        meta.main_contact = echoed
+        # [REC] expO is refreshed on every 2xx (SPEC §12, §6.3 [OBS])
+        meta = replace(
+            meta,
+            call_id=request.call_id,
+            cseq=cseq,
+            no_dr=False,
+            relayed_at=now,
+            main_expires=e_out,
+            main_contact=echoed,
+        )
     new.meta = meta
     methods = _allow(request)
     touched: set[int] = set()

@@ -469,3 +469,17 @@ def test_draining_process_tells_phones_to_come_back_soon() -> None:
     assert relayed == [] and replies[0].contacts[0].expires == "30"
     (b,) = m.store.load("alice@example.com").bindings.values()  # type: ignore[union-attr]
     assert b.expires_at == 70  # the binding itself keeps its lifetime
+
+
+def test_absorbing_never_edits_the_stored_record_in_place() -> None:
+    m = Contact()
+    _initial(m)
+    before = m.store.load("alice@example.com")
+    assert before is not None
+    (old,) = before.bindings.values()
+    snapshot = old.to_dict()
+    m.advance(30)
+    assert _refresh(m, 11)[0] == []
+    assert old.to_dict() == snapshot  # the absorbed refresh replaced the binding, it did not edit it
+    after = m.store.load("alice@example.com")
+    assert after is not None and next(iter(after.bindings.values())).expires_at == 90
