@@ -88,6 +88,7 @@ check_modules() {
     rm -rf "$dir"
     if ((${#missing[@]})); then
         log "not served by the Go module proxy: ${missing[*]}"
+        log "(the build needs only the modules the three commands import; it does not need these)"
         return 1
     fi
     log "k8s.io/kubernetes@$K8S_VERSION and every staging module are served"
