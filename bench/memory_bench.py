@@ -1,0 +1,104 @@
+"""Memory per registered contact (issue 3 goal: ≤ 1 KB per contact with 100,000 contacts).
+
+Run: ``.venv/bin/python bench/memory_bench.py [--contacts 100000] [--mode contact]``. Registers N distinct
+phones (one contact each) through the real sans-IO pipeline — the stack, the mode's core and the in-memory
+store, with the main registrar's 200 OK fed back — lets the transactions end, and reports the growth of the
+process's resident set size (RSS from /proc) divided by N, with the store's own count as a check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import random
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from registrar.config import Settings  # noqa: E402
+from registrar.core.service import MidRegistrar  # noqa: E402
+from registrar.sip.stack import LocalAddress, Stack  # noqa: E402
+from registrar.sip.transport import Peer  # noqa: E402
+from registrar.store.memory import MemoryStore  # noqa: E402
+
+TEMPLATE = (
+    "REGISTER sip:example.com SIP/2.0\r\n"
+    "Via: SIP/2.0/UDP 10.{a}.{b}.{c}:5060;rport;branch=z9hG4bK-{i}\r\n"
+    "Max-Forwards: 70\r\n"
+    "From: <sip:user{i}@example.com>;tag=f{i}\r\n"
+    "To: <sip:user{i}@example.com>\r\n"
+    "Call-ID: reg-{i}@10.{a}.{b}.{c}\r\n"
+    "CSeq: 1 REGISTER\r\n"
+    'Contact: <sip:user{i}@10.{a}.{b}.{c}:5060;transport=udp>;+sip.instance="<urn:uuid:{i:08d}-0000>"\r\n'
+    "Expires: 3600\r\n"
+    "User-Agent: Phone/1.0\r\n"
+    "Allow: INVITE, ACK, CANCEL, BYE, OPTIONS, MESSAGE\r\n"
+    "Content-Length: 0\r\n\r\n"
+)
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+def ok_for(relayed: bytes) -> bytes:
+    head = relayed.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+    keep = [
+        h for h in head[1:] if h.split(b":", 1)[0].lower() in (b"via", b"from", b"to", b"call-id", b"cseq")
+    ]
+    contact = next(h for h in head if h.lower().startswith(b"contact:")).split(b";expires=")[0]
+    return (
+        b"\r\n".join([b"SIP/2.0 200 OK", *keep, contact + b";expires=3600", b"Content-Length: 0"])
+        + b"\r\n\r\n"
+    )
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--contacts", type=int, default=100_000)
+    ap.add_argument("--mode", default="contact", choices=["mirror", "contact", "aor"])
+    args = ap.parse_args()
+    settings = Settings(main_registrar="sip:10.0.0.3:5070", listen=["udp:10.0.0.2:5060"], mode=args.mode)
+    counter = itertools.count()
+    stack = Stack([LocalAddress("udp", "10.0.0.2", 5060)], unique=lambda: str(next(counter)))
+    store = MemoryStore(random.Random(1))
+    core = MidRegistrar(settings, stack, store, random.Random(2))
+    main_peer = Peer("udp", "10.0.0.3", 5070)
+    gc.collect()
+    before = rss_bytes()
+    now = 0.0
+    for i in range(args.contacts):
+        a, b, c = (i >> 16) & 255, (i >> 8) & 255, i & 255
+        data = TEMPLATE.format(i=i, a=a, b=b, c=c).encode()
+        phone = Peer("udp", f"10.{a}.{b}.{c}", 5060)
+        stack.receive(data, phone, now)
+        for event in stack.pop_events():
+            core.handle(event, now)
+        out = stack.pop_outgoing()
+        stack.receive(ok_for(out[0][0]), main_peer, now)
+        for event in stack.pop_events():
+            core.handle(event, now)
+        stack.pop_outgoing()
+        if i % 1000 == 999:
+            now += 0.001
+            stack.handle_timers(now + 40)  # let transactions end as they would in real time
+    stack.handle_timers(now + 40)
+    gc.collect()
+    after = rss_bytes()
+    aors, bindings = store.counts()
+    per = (after - before) / max(bindings, 1)
+    print(
+        f"mode {args.mode}: {bindings:,} contacts in {aors:,} AoRs; transactions left {stack.active_transactions}"
+    )
+    print(f"RSS {before / 2**20:.1f} MiB → {after / 2**20:.1f} MiB: {per:,.0f} bytes per contact")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
