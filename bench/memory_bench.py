@@ -17,11 +17,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from registrar.config import Settings  # noqa: E402
-from registrar.core.service import MidRegistrar  # noqa: E402
-from registrar.sip.stack import LocalAddress, Stack  # noqa: E402
-from registrar.sip.transport import Peer  # noqa: E402
-from registrar.store.memory import MemoryStore  # noqa: E402
+from registrar.config import Settings
+from registrar.core.service import MidRegistrar
+from registrar.sip.stack import LocalAddress, Stack
+from registrar.sip.transport import Peer
+from registrar.store.memory import MemoryStore
 
 TEMPLATE = (
     "REGISTER sip:example.com SIP/2.0\r\n"
