@@ -93,9 +93,8 @@ def main() -> int:
     after = rss_bytes()
     aors, bindings = store.counts()
     per = (after - before) / max(bindings, 1)
-    print(
-        f"mode {args.mode}: {bindings:,} contacts in {aors:,} AoRs; transactions left {stack.active_transactions}"
-    )
+    left = stack.active_transactions
+    print(f"mode {args.mode}: {bindings:,} contacts in {aors:,} AoRs; transactions left {left}")
     print(f"RSS {before / 2**20:.1f} MiB → {after / 2**20:.1f} MiB: {per:,.0f} bytes per contact")
     return 0
 
