@@ -62,6 +62,21 @@ def find_etcd_binary(name: str = "etcd") -> str | None:
     return shutil.which(name)
 
 
+def _all_threads_stopped(pid: int) -> bool:
+    """Every thread of ``pid`` in state T (stopped), per /proc; True where /proc is missing."""
+    tasks = Path(f"/proc/{pid}/task")
+    if not tasks.is_dir():
+        return True
+    try:
+        for task in tasks.iterdir():
+            state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            if state not in ("T", "t"):
+                return False
+    except (OSError, IndexError):
+        return True
+    return True
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -272,6 +287,10 @@ class EtcdServer:
         if pid is None:
             raise EtcdKitError("etcd is not running")
         os.kill(pid, signal.SIGSTOP)
+        # kill() returns before every thread has stopped: a request sent right away could still be served.
+        deadline = time.monotonic() + 5
+        while not _all_threads_stopped(pid) and time.monotonic() < deadline:
+            time.sleep(0.005)
 
     def resume(self) -> None:
         pid = self.pid

@@ -93,7 +93,10 @@ class EtcdError(Exception):
 
 
 class EtcdUnavailable(EtcdError):
-    """etcd cannot be reached or has no quorum: a write's outcome is unknown, state must not be guessed."""
+    """etcd cannot be reached or has no quorum: state must not be guessed.
+
+    A write that raised this has an unknown outcome: it may never apply, or apply later, even after a
+    write sent once etcd came back (seen in the network-cut test). Guard writes with a compare."""
 
 
 class LeaseNotFound(EtcdError):
