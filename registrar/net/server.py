@@ -12,6 +12,7 @@ import asyncio
 import ipaddress
 import logging
 import secrets
+import time
 import typing
 from dataclasses import dataclass
 from typing import Protocol
@@ -82,7 +83,9 @@ class SipServer:
 
     @property
     def now(self) -> float:
-        return self.loop.time()
+        """Wall-clock seconds: binding expiries are absolute times that other processes (sharing a store)
+        must read the same way; timers are converted to the loop's clock when armed."""
+        return time.time()
 
     async def start(self) -> None:
         for index, listen in enumerate(self.settings.listen):
@@ -183,7 +186,7 @@ class SipServer:
         if deadline is not None and deadline != self._timer_at:
             if self._timer is not None:
                 self._timer.cancel()
-            self._timer = self.loop.call_at(deadline, self.fire_timers)
+            self._timer = self.loop.call_later(max(0.0, deadline - self.now), self.fire_timers)
             self._timer_at = deadline
 
     def send(self, data: bytes, peer: Peer) -> None:
