@@ -82,7 +82,7 @@ class Rig:
 
     def stop(self) -> None:
         for p in self.phones:
-            if p.result is None and p.proc is not None:
+            if p.proc is not None and p.proc.poll() is None:
                 p.stop()
         if self.reg is not None:
             self.reg.stop()
@@ -94,8 +94,8 @@ class Rig:
         if self.reg is not None:
             parts.append(f"--- midregistrar: {self.reg.command}\n{self.reg.log()}")
         for p in self.phones:
-            res = p.result or p._collect() if p.proc is not None else None
-            if res is not None:
+            if p.proc is not None:
+                res = sipkit.SippResult(p.proc.returncode, p.workdir, p.argv, stderr=p.proc.stderr())
                 parts.append(f"--- phone {p.name}\n" + res.describe()[-4000:])
         if self.kam is not None:
             parts.append("--- kamailio\n" + self.kam.log()[-4000:])
