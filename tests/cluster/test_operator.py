@@ -65,9 +65,6 @@ def test_invalid_midregistrar_is_rejected_by_the_api_server(
 
 
 def test_defaults_are_applied_by_the_api_server(cluster: Cluster, ns: str) -> None:
-    cluster.kubectl(
-        "create", "--dry-run=server", "-o", "json", "-f", "-", input=json.dumps(midregistrar("d", ns))
-    )
     out = cluster.kubectl(
         "create", "--dry-run=server", "-o", "json", "-f", "-", input=json.dumps(midregistrar("d", ns))
     ).stdout
