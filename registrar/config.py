@@ -205,6 +205,13 @@ class Settings(BaseModel):
     etcd_prefix: str = Field(
         "/midregistrar/default/default/", description="Key prefix of this registrar in etcd."
     )
+    etcd_ca_file: str | None = Field(
+        None, description="CA bundle that signs etcd's server certificate (TLS)."
+    )
+    etcd_cert_file: str | None = Field(None, description="Client certificate for etcd (mutual TLS).")
+    etcd_key_file: str | None = Field(None, description="Private key of the etcd client certificate.")
+    etcd_username: str | None = Field(None, description="etcd user (etcd authentication).")
+    etcd_password: str | None = Field(None, description="Password of the etcd user.")
 
     # Logging
     log_format: Literal["text", "json"] = Field("text", description="text or json (one object per line).")

@@ -20,6 +20,7 @@ os.environ.setdefault("MIDREG_OPERATOR_RETRY_SECONDS", "2")
 
 from cluster_helpers import Cluster
 from kopf.testing import KopfRunner
+
 from midreg_operator.testing.rig import ControlPlane, Etcd, control_plane
 
 REPO = Path(__file__).resolve().parents[2]

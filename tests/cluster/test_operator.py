@@ -13,6 +13,7 @@ import pytest
 import yaml
 from cluster_helpers import Cluster, condition, midregistrar, wait_until
 from kopf.testing import KopfRunner
+
 from midreg_operator.etcd import EtcdGateway
 from midreg_operator.render import CONFIG_HASH_ANNOTATION
 from midreg_operator.testing.rig import ControlPlane, Etcd, free_port

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from midreg_operator.__main__ import parse_args
 
 RBAC = Path(__file__).resolve().parents[3] / "operator" / "deploy" / "rbac.yaml"

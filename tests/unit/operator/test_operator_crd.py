@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from midreg_operator.spec import parse_spec
 
 CRD = Path(__file__).resolve().parents[3] / "crds" / "midregistrar.yaml"

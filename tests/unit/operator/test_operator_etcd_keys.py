@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from midreg_operator.etcd import EtcdGateway, EtcdUnavailable, count_keys, endpoint_url, prefix_range_end
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import yaml
+
 from midreg_operator import render
 from midreg_operator.spec import Ref, parse_spec
-
 from registrar.config import build_settings
 
 REF = Ref(name="edge", namespace="voip", uid="uid-1", generation=3)
