@@ -1,0 +1,87 @@
+{{/* Names and labels shared by the templates. */}}
+{{- define "midreg.name" -}}
+{{- .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "midreg.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "midreg.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "midreg.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "midreg.labels" -}}
+{{ include "midreg.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: kube-midregistrar
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{- end -}}
+
+{{- define "midreg.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "midreg.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "midreg.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{/*
+The operator's namespaced rules: exactly those of operator/deploy/rbac.yaml (tests/cluster/test_chart.py
+compares them). Without watchNamespaces they go into the ClusterRole; with them, into a Role per namespace.
+*/}}
+{{- define "midreg.namespacedRules" -}}
+# The MidRegistrar resources: watch, annotate (kopf progress, finalizer), write status.
+- apiGroups: [sip.midregistrar.io]
+  resources: [midregistrars]
+  verbs: [get, list, watch, patch, update]
+- apiGroups: [sip.midregistrar.io]
+  resources: [midregistrars/status]
+  verbs: [get, patch, update]
+# Owner references with blockOwnerDeletion need update on the owner's finalizers subresource.
+- apiGroups: [sip.midregistrar.io]
+  resources: [midregistrars/finalizers]
+  verbs: [update]
+# Owned objects: server-side apply. No delete: garbage collection removes them with their MidRegistrar.
+- apiGroups: [""]
+  resources: [configmaps, services, serviceaccounts]
+  verbs: [get, list, watch, create, patch, update]
+- apiGroups: [apps]
+  resources: [deployments]
+  verbs: [get, list, watch, create, patch, update]
+- apiGroups: [policy]
+  resources: [poddisruptionbudgets]
+  verbs: [get, list, watch, create, patch, update]
+# The HPA is also removed when spec.autoscaling is turned off.
+- apiGroups: [autoscaling]
+  resources: [horizontalpodautoscalers]
+  verbs: [get, list, watch, create, patch, update, delete]
+# The etcd credentials Secret named by spec.etcd.secretName (read one by name; never list).
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [get]
+# kopf reports handler outcomes as events.
+- apiGroups: ["", events.k8s.io]
+  resources: [events]
+  verbs: [create, patch]
+{{- end -}}
+
+{{/* Cluster-level reads kopf needs in every scope: resource discovery (CRDs) and namespaces. */}}
+{{- define "midreg.clusterRules" -}}
+- apiGroups: [apiextensions.k8s.io]
+  resources: [customresourcedefinitions]
+  verbs: [get, list, watch]
+- apiGroups: [""]
+  resources: [namespaces]
+  verbs: [get, list, watch]
+{{- end -}}
