@@ -19,6 +19,15 @@ CONFIG_DIR = "/etc/midregistrar"
 CONFIG_FILE = "config.yaml"
 ETCD_SECRET_DIR = "/etc/midregistrar/etcd"
 PRESTOP_SLEEP_SECONDS = 5
+# Drain on SIGTERM (registrar/app.py): keep serving `drain_grace` s with short expires, then up to
+# `drain_timeout` s for open transactions. Both come out of spec.terminationGracePeriodSeconds, less a
+# margin for closing sockets, so the kubelet never kills a draining registrar (see drain_budget()).
+DRAIN_TIMEOUT_SECONDS = 10
+DRAIN_MARGIN_SECONDS = 5
+# The HPA's per-pod REGISTER rate: prometheus-adapter's rate() of the registrars' counter
+# midregistrar_register_requests_total (chart value prometheusAdapter.rules), served as a Pods metric.
+REGISTER_RATE_METRIC = "midregistrar_register_requests_per_second"
+REGISTER_COUNTER = "midregistrar_register_requests_total"
 
 Obj = dict[str, Any]
 
@@ -76,6 +85,17 @@ def names(ref: Ref) -> dict[str, str]:
     }
 
 
+def drain_budget(spec: MidRegistrarSpec) -> tuple[float, float]:
+    """(drain_grace, drain_timeout) fitting in spec.terminationGracePeriodSeconds with a margin.
+
+    The pod's grace period is that value plus the preStop sleep, so
+    preStop + drain_grace + drain_timeout + margin <= the pod's terminationGracePeriodSeconds.
+    """
+    usable = max(0, spec.termination_grace_period_seconds - DRAIN_MARGIN_SECONDS)
+    timeout = min(DRAIN_TIMEOUT_SECONDS, usable)
+    return float(usable - timeout), float(timeout)
+
+
 def render_settings(spec: MidRegistrarSpec, ref: Ref) -> Settings:
     """The registrar's configuration, built and validated through the shared model (registrar.config)."""
     options: dict[str, Any] = {
@@ -93,6 +113,7 @@ def render_settings(spec: MidRegistrarSpec, ref: Ref) -> Settings:
         "store": "etcd" if spec.etcd.endpoints else "memory",
         "etcd_prefix": etcd_prefix(spec, ref),
     }
+    options["drain_grace"], options["drain_timeout"] = drain_budget(spec)
     if spec.etcd.endpoints:
         options["etcd_endpoints"] = list(spec.etcd.endpoints)
     if spec.network.mode == "service" and spec.network.advertise:
@@ -327,7 +348,7 @@ def render_hpa(spec: MidRegistrarSpec, ref: Ref) -> Obj | None:
             {
                 "type": "Pods",
                 "pods": {
-                    "metric": {"name": "midregistrar_register_requests_per_second"},
+                    "metric": {"name": REGISTER_RATE_METRIC},
                     "target": {"type": "AverageValue", "averageValue": str(a.target_registers_per_second)},
                 },
             }

@@ -92,7 +92,9 @@ def test_deployment_probes_hash_drain_and_security() -> None:
     d = render.render_deployment(spec(replicas=3, terminationGracePeriodSeconds=90), REF)
     assert d["spec"]["replicas"] == 3
     tpl = d["spec"]["template"]
-    assert tpl["metadata"]["annotations"][render.CONFIG_HASH_ANNOTATION] == render.config_hash(spec(), REF)
+    # The drain budget (from terminationGracePeriodSeconds) is part of the configuration, so of the hash.
+    s = spec(replicas=3, terminationGracePeriodSeconds=90)
+    assert tpl["metadata"]["annotations"][render.CONFIG_HASH_ANNOTATION] == render.config_hash(s, REF)
     pod = tpl["spec"]
     (c,) = pod["containers"]
     assert c["args"] == ["run", "--config", "/etc/midregistrar/config.yaml"]
