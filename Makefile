@@ -69,3 +69,48 @@ bench: install sip-tools etcd ## Benchmarks; results go to docs/benchmarks.md by
 .PHONY: clean
 clean: ## Remove the virtualenv and caches (not the tool cache in $(MIDREG_CACHE))
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis
+
+# ---------------------------------------------------------------------------------------------------------
+# Images and local kind clusters (issue 6). These need a Docker engine, which this project's own machines
+# and CI do not have: they are provided for users and are NOT run here (see docs/operations.md).
+IMAGE_REPO ?= ghcr.io/kube-midregistrar
+IMAGE_TAG ?= 0.1.0
+REGISTRAR_IMAGE := $(IMAGE_REPO)/registrar:$(IMAGE_TAG)
+OPERATOR_IMAGE := $(IMAGE_REPO)/operator:$(IMAGE_TAG)
+KIND ?= kind
+KIND_CLUSTER ?= midreg
+HELM ?= helm
+KUBECTL ?= kubectl
+
+.PHONY: image
+image: ## docker build of the registrar and operator images (needs Docker; not run here)
+	docker build -f Dockerfile.registrar -t $(REGISTRAR_IMAGE) .
+	docker build -f Dockerfile.operator -t $(OPERATOR_IMAGE) .
+
+.PHONY: kind-up
+kind-up: ## Create a local kind cluster (needs Docker and kind; not run here)
+	$(KIND) get clusters | grep -qx $(KIND_CLUSTER) || $(KIND) create cluster --name $(KIND_CLUSTER)
+
+.PHONY: kind-load
+kind-load: image ## Load both images into the kind cluster (not run here)
+	$(KIND) load docker-image --name $(KIND_CLUSTER) $(REGISTRAR_IMAGE) $(OPERATOR_IMAGE)
+
+.PHONY: kind-install
+kind-install: kind-load ## helm upgrade --install the chart into kind (not run here)
+	$(HELM) upgrade --install midreg charts/kube-midregistrar -n midreg-system --create-namespace \
+		--kube-context kind-$(KIND_CLUSTER) --set image.tag=$(IMAGE_TAG) --wait
+
+.PHONY: kind-e2e
+kind-e2e: kind-install ## An example MidRegistrar (in-memory store: the etcd store is not built yet) on kind, Ready within 3 minutes (not run here)
+	$(KUBECTL) --context kind-$(KIND_CLUSTER) create namespace voip --dry-run=client -o yaml | \
+		$(KUBECTL) --context kind-$(KIND_CLUSTER) apply -f -
+	sed -e 's/serviceType: LoadBalancer/serviceType: NodePort/' \
+		-e '/^  etcd:/,+1d' \
+		-e 's|registrar:0.1.0|registrar:$(IMAGE_TAG)|' examples/contact-loadbalancer.yaml | \
+		$(KUBECTL) --context kind-$(KIND_CLUSTER) apply -f -
+	$(KUBECTL) --context kind-$(KIND_CLUSTER) -n voip wait midreg/edge-lb --for=condition=Ready --timeout=180s
+	$(KUBECTL) --context kind-$(KIND_CLUSTER) -n voip get midreg,deploy,svc,hpa,pdb
+
+.PHONY: kind-down
+kind-down: ## Delete the kind cluster (not run here)
+	$(KIND) delete cluster --name $(KIND_CLUSTER)
