@@ -455,9 +455,9 @@ def ramp(tr: TRun, target, pid, port, users, args, work, reg, start: int) -> Non
 
 
 def preregister(tr: TRun, target, port, users, args, work) -> None:
-    s = load_sipp(target, port, users, args.users, 2000, 1, args, work, f"{tr.name}-prereg")
+    s = load_sipp(target, port, users, args.users, args.prereg_rate, 1, args, work, f"{tr.name}-prereg")
     s.start()
-    res = s.wait(120)
+    res = s.wait(args.users / args.prereg_rate + 90)
     print(
         f"pre-registration of {args.users} users on {tr.name}: {res.successful} ok, {res.failed} failed",
         flush=True,
@@ -568,6 +568,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--users", type=int, default=10000, help="throughput: distinct users")
     ap.add_argument("--step", type=float, default=10.0, help="throughput: seconds per rate step")
     ap.add_argument("--start", type=int, default=2000, help="throughput: first rate, REGISTER/s")
+    ap.add_argument("--prereg-rate", type=int, default=500, help="throughput: pre-registration rate")
     ap.add_argument("--mid-start", type=int, default=500, help="throughput: first rate for the mid-registrar")
     ap.add_argument("--factor", type=float, default=1.5, help="throughput: rate growth per step")
     ap.add_argument("--max-rate", type=int, default=80000, help="throughput: highest rate tried")
