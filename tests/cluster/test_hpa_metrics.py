@@ -206,6 +206,11 @@ def metrics_api(cluster: Cluster, rig: ControlPlane) -> Iterator[MetricsAPI]:
     yield api
     for name in names:
         cluster.kubectl("delete", "apiservice", name, check=False)
+    # Until discovery forgets them, the namespace controller stalls on the groups (slow namespace deletion
+    # for the tests that follow).
+    wait_until(
+        lambda: "metrics.k8s.io" not in cluster.kubectl("api-versions").stdout, 30, "metrics groups gone"
+    )
     server.shutdown()
 
 
