@@ -257,6 +257,8 @@ def deployment_changed(
         return
     spec = parse_spec(mr.get("spec"))
     current = dict(mr.get("status") or {})
+    if not current.get("observedGeneration"):
+        return  # converge() has not reported on any generation yet: Ready now would claim an unseen spec
     # Only converge() applies a generation: keep the generation it last applied, not the newest one.
     ref = _ref(mr["metadata"], namespace, owner["name"]).model_copy(
         update={"generation": int(current.get("observedGeneration", 0) or 0)}
