@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import math
 import secrets
 import time
 import typing
@@ -24,6 +25,8 @@ from registrar.sip.transaction import Timers
 from registrar.sip.transport import Peer
 
 log = logging.getLogger("midregistrar.net")
+
+TIMER_GRAIN = 0.01  # seconds: SIP timers are ≥ 500 ms, 10 ms late is nothing; batching saves wake-ups
 
 
 class Application(Protocol):
@@ -156,9 +159,11 @@ class SipServer:
         self.flush()
 
     def fire_timers(self) -> None:
+        # The loop's clock and the wall clock differ by rounding (uvloop timers have 1 ms resolution): treat
+        # the deadline we armed for as reached, or the timer would re-fire in a tight loop until it is.
+        now = max(self.now, self._timer_at or 0.0)
         self._timer = None
         self._timer_at = None
-        now = self.now
         self.stack.handle_timers(now)
         try:
             self.app.on_timer(now)
@@ -183,7 +188,11 @@ class SipServer:
         for data, peer in stack.pop_outgoing():
             self.send(data, peer)
         deadline = _earliest(stack.next_deadline(), self.app.next_deadline())
-        if deadline is not None and deadline != self._timer_at:
+        if deadline is None:
+            return
+        # Timers due within the same TIMER_GRAIN fire together: one wake-up per grain, not one per timer.
+        deadline = math.ceil(deadline / TIMER_GRAIN) * TIMER_GRAIN
+        if self._timer_at is None or deadline < self._timer_at:
             if self._timer is not None:
                 self._timer.cancel()
             self._timer = self.loop.call_later(max(0.0, deadline - self.now), self.fire_timers)
