@@ -74,6 +74,12 @@ compares them). Without watchNamespaces they go into the ClusterRole; with them,
 - apiGroups: ["", events.k8s.io]
   resources: [events]
   verbs: [create, patch]
+{{- if include "midreg.peering" . }}
+# Peering (replicas > 1): keep-alives in the namespace's KopfPeering (namespaced operators).
+- apiGroups: [kopf.dev]
+  resources: [kopfpeerings]
+  verbs: [get, list, watch, patch]
+{{- end }}
 {{- end -}}
 
 {{/* Cluster-level reads kopf needs in every scope: resource discovery (CRDs) and namespaces. */}}
@@ -84,4 +90,19 @@ compares them). Without watchNamespaces they go into the ClusterRole; with them,
 - apiGroups: [""]
   resources: [namespaces]
   verbs: [get, list, watch]
+{{- if and (include "midreg.peering" .) (not .Values.watchNamespaces) }}
+# Peering (replicas > 1): keep-alives in the ClusterKopfPeering (cluster-wide operators).
+- apiGroups: [kopf.dev]
+  resources: [clusterkopfpeerings]
+  verbs: [get, list, watch, patch]
+{{- end }}
+{{- end -}}
+
+{{/* Non-empty when the operator replicas peer (active/standby): peering.enabled or replicas > 1. */}}
+{{- define "midreg.peering" -}}
+{{- if or .Values.peering.enabled (gt (int .Values.replicas) 1) -}}true{{- end -}}
+{{- end -}}
+
+{{- define "midreg.peeringName" -}}
+{{- default (include "midreg.fullname" .) .Values.peering.name -}}
 {{- end -}}
