@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import secrets
 import signal
@@ -19,6 +20,20 @@ from registrar.net.server import SipServer, build_stack
 from registrar.store.memory import MemoryStore
 
 log = logging.getLogger("midregistrar")
+
+# A full collection after 100 gen1 ones instead of 10. A larger gen0 threshold measured worse: fewer but
+# longer pauses (11 ms median at 20,000) and more GC time overall (cache misses on the bigger young set).
+GC_THRESHOLDS = (700, 10, 100)
+
+
+def tune_gc() -> None:
+    """Keep the cyclic GC's pauses short and rare (measured with bench/memory_bench.py --gc-tuned): the SIP
+    pipeline makes no reference cycles (0 objects freed over 100,000 REGISTERs), so a collection is pure
+    cost, and a full one walks every in-flight transaction. What exists after start-up is frozen out of all
+    later collections, and full collections run 10× less often."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 class Registrar:
@@ -108,6 +123,7 @@ class Registrar:
 
 async def run(settings: Settings) -> None:
     registrar = Registrar(settings)
+    tune_gc()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with suppress(NotImplementedError):

@@ -1,12 +1,14 @@
 """The mid-registrar's state: an AoR record and its contact bindings (DESIGN.md §5, SPEC.md §2).
 
 Plain dataclasses with a JSON form (``to_dict``/``from_dict``, versioned with ``v``) so that every store
-backend keeps the same records.
+backend keeps the same records, and a positional form (``to_tuple``/``from_tuple``) for a store that holds
+them in its own process.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from operator import attrgetter
 from typing import Any
 
 from registrar.sip.transport import Peer
@@ -111,3 +113,41 @@ class AorRecord:
         bindings = [Binding.from_dict(b) for b in data.get("bindings", [])]
         meta = MainMeta(**data["meta"]) if data.get("meta") else None
         return cls(aor=data["aor"], bindings={b.ctid: b for b in bindings}, meta=meta)
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        """(version, meta, binding, ...) as tuples of field values in declaration order, ``source`` as a
+        tuple of its own: plain values only, for ``marshal``. In-process only: the layout follows the
+        dataclasses, so it is never written anywhere (that is what ``to_dict`` is for)."""
+        meta = None if self.meta is None else _meta_values(self.meta)
+        return (self.version, meta, *map(_binding_values, self.bindings.values()))
+
+    @classmethod
+    def from_tuple(cls, aor: str, values: tuple[Any, ...]) -> AorRecord:
+        found = {b.ctid: b for b in map(_binding_from_values, values[2:])}
+        meta = values[1]
+        return cls(aor, found, values[0], None if meta is None else MainMeta(*meta))
+
+    @staticmethod
+    def tuple_ctids(values: tuple[Any, ...]) -> list[int]:
+        """The contact ids in a ``to_tuple`` form, without building the bindings."""
+        return [b[_CTID] for b in values[2:]]
+
+
+_peer_values = attrgetter(*(f.name for f in fields(Peer)))
+_meta_values = attrgetter(*(f.name for f in fields(MainMeta)))
+_BINDING_FIELDS = [f.name for f in fields(Binding)]
+_SOURCE = _BINDING_FIELDS.index("source")
+_CTID = _BINDING_FIELDS.index("ctid")
+_binding_fields = attrgetter(*_BINDING_FIELDS)
+
+
+def _binding_values(b: Binding) -> tuple[Any, ...]:
+    values = list(_binding_fields(b))
+    values[_SOURCE] = _peer_values(b.source)
+    return tuple(values)
+
+
+def _binding_from_values(values: tuple[Any, ...]) -> Binding:
+    args = list(values)
+    args[_SOURCE] = Peer(*args[_SOURCE])
+    return Binding(*args)

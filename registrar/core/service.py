@@ -167,7 +167,7 @@ class MidRegistrar:
             if not self._gate_passes(event, view, now):
                 return
             log.debug("REGISTER for %s absorbed: %s", view.aor, decision.reason)
-            self._commit(view.aor, decision.record)
+            self._commit(view.aor, decision.record, record)
             self.stats.registers_answered += 1
             paths = view.paths if reg.echo_path(view, settings) else None
             gruu = reg.gruu_context(view, self.stack.local_for(event.peer).hostport, now, settings)
@@ -263,7 +263,7 @@ class MidRegistrar:
         if updated is None:
             self.store.delete(aor)
         else:
-            self._commit(aor, updated)
+            self._commit(aor, updated, record)
         if self.settings.mode is Mode.CONTACT and updated is not None and updated.meta is not None:
             for binding in evicted:
                 request = deregister.contact_deregister(updated.meta, binding, self._tag())
@@ -273,13 +273,15 @@ class MidRegistrar:
         reply = reg.rewrite_reply(response, updated, now, self.settings, paths, gruu, self._cap())
         self.stack.finish(ctx, reply)
 
-    def _commit(self, aor: str, record: AorRecord | None) -> None:
+    def _commit(self, aor: str, record: AorRecord | None, old: AorRecord | None) -> None:
+        """Store ``record`` in place of ``old`` (the AoR as loaded) and schedule what is new or shortened."""
         if record is None or not record.bindings:
             self.store.delete(aor)
             return
         self.store.commit(record)
+        before = old.bindings if old is not None else {}
         for binding in record.bindings.values():
-            self.expiry.schedule(aor, binding)
+            self.expiry.schedule(record.aor, binding, before.get(binding.ctid))
             conn = binding.source.conn
             if conn is not None and self._flows.get(conn, 0.0) < binding.expires_at + FLOW_GRACE:
                 self._flows[conn] = binding.expires_at + FLOW_GRACE
@@ -367,7 +369,7 @@ class MidRegistrar:
             for binding in gone:
                 del left.bindings[binding.ctid]
             self.stats.expired += len(gone)
-            self._commit(aor, left)
+            self._commit(aor, left, record)
             meta = record.meta
             if meta is None:
                 continue

@@ -1,7 +1,14 @@
-"""The embedded in-memory store: one process, no dependencies (DESIGN.md §1)."""
+"""The embedded in-memory store: one process, no dependencies (DESIGN.md §1).
+
+Records are held marshalled, one bytes object per AoR (~400 bytes with one contact) instead of the ~15
+objects of a live record (~2 KB with object headers, GC links and allocator rounding): issue 3 asks for
+≤ 1 KB per contact at 100,000 contacts. Bytes are also invisible to the cyclic GC, so a full collection no
+longer walks every binding. ``load`` decodes into a fresh record (~3.5 µs), which callers may change.
+"""
 
 from __future__ import annotations
 
+import marshal
 import random
 
 from registrar.core.records import AorRecord
@@ -11,37 +18,58 @@ class MemoryStore:
     """Dict-backed store with a contact-id index. Not shared between processes."""
 
     def __init__(self, rng: random.Random | None = None) -> None:
-        self._aors: dict[str, AorRecord] = {}
+        self._aors: dict[str, bytes] = {}
         self._ctids: dict[int, str] = {}
         self._rng = rng or random.SystemRandom()
         self._revision = 0
+        self._bindings = 0
 
     def load(self, aor: str) -> AorRecord | None:
-        return self._aors.get(aor)
+        data = self._aors.get(aor)
+        if data is None:
+            return None
+        record = AorRecord.from_tuple(aor, marshal.loads(data))
+        # Hand out the AoR text the index holds, so that what callers keep of it (the expiry schedule)
+        # shares one copy. Every stored AoR has a binding, and the index maps it to this AoR.
+        held = self._ctids.get(next(iter(record.bindings)))
+        if held == aor:
+            record.aor = held
+        return record
 
     def commit(self, record: AorRecord) -> None:
-        old = self._aors.get(record.aor)
-        if old is not None:
-            for ctid in old.bindings.keys() - record.bindings.keys():
-                self._ctids.pop(ctid, None)
+        aor = record.aor
+        held = self._held_ctids(aor)
+        if held:
+            aor = self._ctids.get(held[0], aor)  # the text the index holds (see load)
+            self._bindings -= len(held)
+            for ctid in held:
+                if ctid not in record.bindings:
+                    self._ctids.pop(ctid, None)
         if not record.bindings:
-            self._aors.pop(record.aor, None)
+            self._aors.pop(aor, None)
             return
         self._revision += 1
         record.version = self._revision
-        self._aors[record.aor] = record
+        self._aors[aor] = marshal.dumps(record.to_tuple())
+        self._bindings += len(record.bindings)
         for ctid in record.bindings:
-            self._ctids[ctid] = record.aor
+            self._ctids[ctid] = aor
 
     def delete(self, aor: str) -> None:
-        old = self._aors.pop(aor, None)
-        if old is not None:
-            for ctid in old.bindings:
+        held = self._held_ctids(aor)
+        if held:
+            del self._aors[aor]
+            self._bindings -= len(held)
+            for ctid in held:
                 self._ctids.pop(ctid, None)
+
+    def _held_ctids(self, aor: str) -> list[int]:
+        data = self._aors.get(aor)
+        return [] if data is None else AorRecord.tuple_ctids(marshal.loads(data))
 
     def find_ctid(self, ctid: int) -> AorRecord | None:
         aor = self._ctids.get(ctid)
-        return None if aor is None else self._aors.get(aor)
+        return None if aor is None else self.load(aor)
 
     def new_contact_id(self) -> int:
         while True:
@@ -51,7 +79,9 @@ class MemoryStore:
 
     def purge_expired(self, now: float) -> int:
         gone = 0
-        for aor, record in list(self._aors.items()):
+        for aor in list(self._aors):
+            record = self.load(aor)
+            assert record is not None
             expired = [c for c, b in record.bindings.items() if not b.valid(now)]
             if expired:
                 gone += len(expired)
@@ -60,4 +90,4 @@ class MemoryStore:
         return gone
 
     def counts(self) -> tuple[int, int]:
-        return len(self._aors), sum(len(r.bindings) for r in self._aors.values())
+        return len(self._aors), self._bindings
