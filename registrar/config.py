@@ -125,6 +125,9 @@ class Settings(BaseModel):
     tcp_idle_timeout: float = Field(
         3600.0, gt=0, description="Seconds before an idle TCP connection is closed."
     )
+    udp_receive_buffer: int = Field(
+        4 * 1024 * 1024, ge=0, description="SO_RCVBUF of UDP sockets, bytes (0 = the kernel's default)."
+    )
     http: str | None = Field(
         None, description="HOST:PORT for /healthz, /readyz, /metrics and /v1/aors/{aor}."
     )

@@ -13,6 +13,7 @@ import ipaddress
 import logging
 import math
 import secrets
+import socket
 import time
 import typing
 from dataclasses import dataclass
@@ -97,6 +98,7 @@ class SipServer:
                     lambda i=index: _UdpProtocol(self, i),  # type: ignore[misc]
                     local_addr=(listen.host, listen.port),
                 )
+                _grow_receive_buffer(transport, self.settings.udp_receive_buffer)
                 self._udp[index] = transport
             else:
                 server = await self.loop.create_server(
@@ -307,6 +309,17 @@ class _TcpProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.conn is not None:
             self.server.connection_lost(self.conn)
+
+
+def _grow_receive_buffer(transport: asyncio.BaseTransport, size: int) -> None:
+    """A deep kernel queue rides out short stalls (a GC pause, a burst) instead of dropping datagrams."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or size <= 0:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+    except OSError as exc:  # pragma: no cover - refused by the kernel: keep its default
+        log.warning("cannot set SO_RCVBUF to %d: %s", size, exc)
 
 
 def _earliest(a: float | None, b: float | None) -> float | None:

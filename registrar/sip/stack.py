@@ -450,6 +450,8 @@ class Stack:
         branch = ctx.branch_for(txn)
         if branch is None:
             return
+        if len(response.vias) < 2:
+            return  # nothing left to route it by once our Via is gone: never forwarded (§16.7 step 3)
         status = response.status
         if status < 200:
             if branch.cancel_wanted and not branch.cancelled:

@@ -214,3 +214,13 @@ def test_2xx_retransmission_after_the_transaction_is_forwarded_statelessly() -> 
     rig.feed(response_to(ia, 200), A)
     [(resp, peer)] = rig.take()
     assert isinstance(resp, Response) and resp.status == 200 and peer.port == 5070
+
+
+def test_a_response_with_only_our_via_is_not_forwarded() -> None:
+    rig = make_rig()
+    _invite(rig, [A])
+    [(ia, _)] = _requests(rig.take(), "INVITE")
+    lines = response_to(ia, 180).decode().split("\r\n")
+    raw = "\r\n".join(line for line in lines if not (line.startswith("Via:") and "10.0.0.3" in line))
+    rig.feed(raw.encode(), A)
+    assert _responses(rig.take()) == []
