@@ -307,8 +307,6 @@ def apply_2xx(
     new = record.copy() if record is not None else AorRecord(view.aor)
     new.meta = main_meta(pending, new.meta)
     request = view.request
-    methods = _allow(request)
-    user_agent = request.headers.get("user-agent")
     touched: set[int] = set()
     for pc in pending.planned:
         hit = granted.get(pc.ctid)
@@ -320,23 +318,12 @@ def apply_2xx(
         e = min(e, e_out)
         old = new.bindings.get(pc.ctid)
         same_call = old is not None and old.relayed_call_id == request.call_id
-        new.bindings[pc.ctid] = Binding(
-            ctid=pc.ctid,
-            contact=str(pc.contact.uri),
-            expires_at=now + e,
-            source=view.source,
-            call_id=request.call_id,
-            cseq=request.cseq.seq,
-            q=pc.contact.q,
-            path=list(view.paths),
-            instance=pc.contact.instance,
-            reg_id=pc.contact.reg_id,
-            methods=_contact_methods(pc.contact) or methods,
-            user_agent=user_agent,
-            updated_at=now,
-            local_expires=e,
-            main_expires=e_out,
-            relayed_at=now,
+        new.bindings[pc.ctid] = confirmed_binding(
+            pc,
+            view,
+            now,
+            e,
+            e_out,
             main_contact=echoed,
             relayed_call_id=request.call_id,
             relayed_cseq=max(request.cseq.seq, old.relayed_cseq if old and same_call else 0),
@@ -344,6 +331,32 @@ def apply_2xx(
         touched.add(pc.ctid)
     evicted = enforce_max_contacts(new, touched, now, settings)
     return (new if new.bindings else None), evicted
+
+
+def confirmed_binding(
+    pc: PlannedContact, view: RegisterView, now: float, e: int, e_out: int | None, **relay: object
+) -> Binding:
+    """A binding as the main registrar's 2xx confirmed it: lifetime ``e`` here, ``e_out`` at main."""
+    request = view.request
+    return Binding(
+        ctid=pc.ctid,
+        contact=str(pc.contact.uri),
+        expires_at=now + e,
+        source=view.source,
+        call_id=request.call_id,
+        cseq=request.cseq.seq,
+        q=pc.contact.q,
+        path=list(view.paths),
+        instance=pc.contact.instance,
+        reg_id=pc.contact.reg_id,
+        methods=_contact_methods(pc.contact) or _allow(request),
+        user_agent=request.headers.get("user-agent"),
+        updated_at=now,
+        local_expires=e,
+        main_expires=e_out,
+        relayed_at=now,
+        **relay,  # type: ignore[arg-type]
+    )
 
 
 def enforce_max_contacts(record: AorRecord, keep: set[int], now: float, settings: Settings) -> list[Binding]:
@@ -445,9 +458,7 @@ def rewrite_reply(
     out.headers.remove("contact")
     out.headers.remove("expires")
     out.headers.remove("path")
-    _add_bindings(out, record, now, settings, gruu, cap)
-    for value in paths or []:
-        out.headers.add("Path", value)
+    _add_bindings(out, record, now, settings, paths, gruu, cap)
     return out
 
 
@@ -462,9 +473,7 @@ def binding_reply(
 ) -> Response:
     """A locally built reply listing every valid binding of this AoR, never another's (SPEC §3.5 [REC])."""
     out = make_response(request, 200)
-    _add_bindings(out, record, now, settings, gruu, cap)
-    for value in paths or []:
-        out.headers.add("Path", value)
+    _add_bindings(out, record, now, settings, paths, gruu, cap)
     return out
 
 
@@ -473,15 +482,17 @@ def _add_bindings(
     record: AorRecord | None,
     now: float,
     settings: Settings,
+    paths: list[str] | None,
     gruu: GruuContext | None,
     cap: int | None,
 ) -> None:
-    """List every valid binding; ``cap`` bounds the lifetimes shown (a draining process, §6 of DESIGN)."""
-    if record is None:
-        return
-    values = [format_binding(b, now, settings, gruu, cap) for b in record.valid_bindings(now)]
-    if values:
-        response.headers.add("Contact", ", ".join(values))
+    """List every valid binding and echo the Path; ``cap`` bounds the lifetimes shown (a draining process,
+    DESIGN §6)."""
+    bindings = record.valid_bindings(now) if record is not None else []
+    if bindings:
+        response.headers.add("Contact", ", ".join(format_binding(b, now, settings, gruu, cap) for b in bindings))
+    for value in paths or []:
+        response.headers.add("Path", value)
 
 
 def error_reply(request: Request, error: RegistrarError, settings: Settings) -> Response:

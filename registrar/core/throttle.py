@@ -13,9 +13,8 @@ from registrar.core.policy import escape_aor
 from registrar.core.records import AorRecord, Binding, MainMeta
 from registrar.core.register import (
     PendingRegister,
-    _allow,
-    _contact_methods,
     _safe_contacts,
+    confirmed_binding,
     enforce_max_contacts,
     main_meta,
     same_flow,
@@ -207,31 +206,13 @@ def apply_aor_2xx(
             main_contact=echoed,
         )
     new.meta = meta
-    methods = _allow(request)
     touched: set[int] = set()
     for pc in pending.planned:
         e = pc.life.local if e_out is None else min(pc.life.local, e_out)
         if e == 0 or echoed is None:
             new.bindings.pop(pc.ctid, None)
             continue
-        new.bindings[pc.ctid] = Binding(
-            ctid=pc.ctid,
-            contact=str(pc.contact.uri),
-            expires_at=now + e,
-            source=view.source,
-            call_id=request.call_id,
-            cseq=request.cseq.seq,
-            q=pc.contact.q,
-            path=list(view.paths),
-            instance=pc.contact.instance,
-            reg_id=pc.contact.reg_id,
-            methods=_contact_methods(pc.contact) or methods,
-            user_agent=request.headers.get("user-agent"),
-            updated_at=now,
-            local_expires=e,
-            main_expires=e_out,
-            relayed_at=now,
-        )
+        new.bindings[pc.ctid] = confirmed_binding(pc, view, now, e, e_out)
         touched.add(pc.ctid)
     evicted = enforce_max_contacts(new, touched, now, settings)
     if not new.bindings:
