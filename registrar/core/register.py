@@ -490,7 +490,9 @@ def _add_bindings(
     DESIGN §6)."""
     bindings = record.valid_bindings(now) if record is not None else []
     if bindings:
-        response.headers.add("Contact", ", ".join(format_binding(b, now, settings, gruu, cap) for b in bindings))
+        response.headers.add(
+            "Contact", ", ".join(format_binding(b, now, settings, gruu, cap) for b in bindings)
+        )
     for value in paths or []:
         response.headers.add("Path", value)
 
