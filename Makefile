@@ -63,8 +63,12 @@ test: install lint sip-tools etcd cluster-rig ## Everything: lint, unit, integra
 	$(BIN)/pytest -q tests
 
 .PHONY: bench
-bench: install sip-tools etcd ## Benchmarks; results go to docs/benchmarks.md by hand with the command shown
+bench: install sip-tools etcd cluster-rig ## All benchmarks (long); copy the figures and commands into docs/benchmarks.md
 	$(PY) bench/run.py all
+	$(PY) bench/throttle_bench.py all
+	$(PY) bench/memory_bench.py --contacts 100000 --mode contact
+	$(PY) bench/etcd_bench.py
+	$(PY) bench/operator_bench.py
 
 .PHONY: clean
 clean: ## Remove the virtualenv and caches (not the tool cache in $(MIDREG_CACHE))
