@@ -26,19 +26,8 @@ from registrar.sip.stack import LocalAddress, Stack
 from registrar.sip.transport import Peer
 from registrar.store.memory import MemoryStore
 
-REGISTER = (
-    b"REGISTER sip:example.com SIP/2.0\r\n"
-    b"Via: SIP/2.0/UDP 192.0.2.10:5062;rport;branch=z9hG4bK-a1\r\n"
-    b"Max-Forwards: 70\r\n"
-    b'From: "Alice" <sip:alice@example.com>;tag=f1\r\n'
-    b"To: <sip:alice@example.com>\r\n"
-    b"Call-ID: c1@192.0.2.10\r\n"
-    b"CSeq: 10 REGISTER\r\n"
-    b'Contact: <sip:alice@192.0.2.10:5062;transport=udp>;+sip.instance="<urn:uuid:1111>";expires=1800\r\n'
-    b"User-Agent: Foo/1.0\r\n"
-    b"Allow: INVITE, ACK, CANCEL, BYE, OPTIONS\r\n"
-    b"Content-Length: 0\r\n\r\n"
-)
+# The same typical REGISTER the unit tests use.
+from tests.unit.sipdata import REGISTER
 
 
 def per_call_us(fn: Callable[[], object], n: int, repeats: int) -> float:
