@@ -117,7 +117,7 @@ class StackStats:
 
 # A timer in the heap: (deadline, unique sequence number, transaction, timer name). Plain tuples compare in C;
 # the unique sequence number settles ties, so the transaction is never compared.
-_Timer = tuple[float, int, Transaction, str]
+_Timer = tuple[float, int, int, str]  # deadline, sequence, id of the transaction, timer name
 
 
 class Stack:
@@ -142,9 +142,11 @@ class Stack:
         self._out: list[tuple[bytes, Peer]] = []
         self._events: list[Event] = []
         self._heap: list[_Timer] = []
-        # The live timers of each transaction (name -> sequence number): a heap entry whose number is not
-        # there any more was disarmed or re-armed, and a terminated transaction drops them all at once.
-        self._armed: dict[Transaction, dict[str, int]] = {}
+        # The live timers of each transaction, by id (the transaction, name -> sequence number): a heap entry
+        # whose number is not there any more was disarmed or re-armed, and a terminated transaction drops
+        # them all at once. The heap holds ids, not transactions, so an ended transaction is freed at once
+        # instead of lingering until its last (cancelled) timer's deadline.
+        self._armed: dict[int, tuple[Transaction, dict[str, int]]] = {}
         self._seq = itertools.count()
         self._servers: dict[ServerKey, ServerTransaction] = {}
         self._clients: dict[tuple[str, str], ClientTransaction] = {}
@@ -166,8 +168,8 @@ class Stack:
 
     def next_deadline(self) -> float | None:
         while self._heap:
-            deadline, seq, txn, name = self._heap[0]
-            if self._live(txn, name, seq):
+            deadline, seq, key, name = self._heap[0]
+            if self._live(key, name, seq):
                 return deadline
             heapq.heappop(self._heap)
         return None
@@ -190,20 +192,21 @@ class Stack:
 
     def arm(self, txn: Transaction, name: str, delay: float) -> None:
         seq = next(self._seq)
-        armed = self._armed.get(txn)
-        if armed is None:
-            armed = self._armed[txn] = {}
-        armed[name] = seq
-        heapq.heappush(self._heap, (self._now + delay, seq, txn, name))
+        key = id(txn)
+        entry = self._armed.get(key)
+        if entry is None:
+            entry = self._armed[key] = (txn, {})
+        entry[1][name] = seq
+        heapq.heappush(self._heap, (self._now + delay, seq, key, name))
 
     def disarm(self, txn: Transaction, name: str) -> None:
-        armed = self._armed.get(txn)
-        if armed is not None:
-            armed.pop(name, None)
+        entry = self._armed.get(id(txn))
+        if entry is not None:
+            entry[1].pop(name, None)
 
-    def _live(self, txn: Transaction, name: str, seq: int) -> bool:
-        armed = self._armed.get(txn)
-        return armed is not None and armed.get(name) == seq
+    def _live(self, key: int, name: str, seq: int) -> bool:
+        entry = self._armed.get(key)
+        return entry is not None and entry[1].get(name) == seq
 
     def response_in(self, txn: ClientTransaction, response: Response) -> None:
         ctx = self._ctx_of_client.get(id(txn))
@@ -223,7 +226,7 @@ class Stack:
             self._events.append(ClientResult(handle, txn.request, response, timed_out=True))
 
     def terminated(self, txn: Transaction) -> None:
-        self._armed.pop(txn, None)
+        self._armed.pop(id(txn), None)
         if isinstance(txn, ServerTransaction):
             if self._servers.get(txn.key) is txn:
                 del self._servers[txn.key]
@@ -239,10 +242,12 @@ class Stack:
     def handle_timers(self, now: float) -> None:
         self._now = now
         while self._heap and self._heap[0][0] <= now:
-            _, seq, txn, name = heapq.heappop(self._heap)
-            if not self._live(txn, name, seq):
+            _, seq, key, name = heapq.heappop(self._heap)
+            entry = self._armed.get(key)
+            if entry is None or entry[1].get(name) != seq:
                 continue
-            del self._armed[txn][name]
+            txn, timers = entry
+            del timers[name]
             txn.on_timer(name, now)
 
     def receive(self, data: bytes, peer: Peer, now: float) -> None:
@@ -369,6 +374,8 @@ class Stack:
             if "tag=" not in to:
                 txn.to_tag = txn.to_tag or self._unique()
                 response.headers.set("To", f"{to};tag={txn.to_tag}")
+        if txn.answered and not (txn.invite and 200 <= response.status < 300):
+            return  # a late answer (e.g. after a timeout already answered 408): nothing more to send
         self.stats.responses_out[response.status] = self.stats.responses_out.get(response.status, 0) + 1
         txn.send_response(response, response_peer(txn.request.top_via, txn.peer))
 
@@ -401,14 +408,20 @@ class Stack:
             client.start()
         if not targets:
             self.respond(txn, make_response(txn.request, 480))
-            ctx.finished = True
+            self._finished(ctx)
         return ctx
+
+    def _finished(self, ctx: ResponseContext) -> None:
+        """The final response went upstream: a CANCEL has nothing left to cancel, so the server side no
+        longer needs the context (its branches keep it until their own transactions end)."""
+        ctx.finished = True
+        self._ctx_of_server.pop(id(ctx.server), None)
 
     def finish(self, ctx: ResponseContext, response: Response) -> None:
         """Send the (possibly rewritten) held final response upstream."""
         if ctx.finished:
             return
-        ctx.finished = True
+        self._finished(ctx)
         self.respond(ctx.server, response)
 
     def send_request(self, request: Request, peer: Peer) -> int:
@@ -468,7 +481,7 @@ class Stack:
                 for other in ctx.branches:
                     if other is not branch:
                         self._cancel_branch(other)
-                ctx.finished = True
+                self._finished(ctx)
                 return
         elif status >= 600 and ctx.invite:
             for other in ctx.branches:
@@ -482,7 +495,7 @@ class Stack:
             if ctx.hold_final:
                 self._events.append(ProxyFinal(ctx, upstream))
             else:
-                ctx.finished = True
+                self._finished(ctx)
                 self.respond(ctx.server, upstream)
 
     def _relay_upstream(self, ctx: ResponseContext, response: Response, *, force: bool = False) -> None:

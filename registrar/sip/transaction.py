@@ -118,7 +118,7 @@ class ServerTransaction(Transaction):
 
     def __init__(self, outbox: Outbox, timers: Timers, request: Request, peer: Peer, key: ServerKey) -> None:
         super().__init__(outbox, timers, peer)
-        self.request = request
+        self._request: Request | None = request
         self.key = key
         self.invite = request.method == "INVITE"
         self.state = State.PROCEEDING if self.invite else State.TRYING
@@ -127,6 +127,18 @@ class ServerTransaction(Transaction):
         self.response_peer = peer
         self.to_tag: str | None = None
         self._g_interval = timers.t1
+
+    @property
+    def request(self) -> Request:
+        """The request this transaction serves; released once a non-INVITE is answered (see below)."""
+        if self._request is None:
+            raise RuntimeError("the request of a completed non-INVITE server transaction was released")
+        return self._request
+
+    @property
+    def answered(self) -> bool:
+        """A final response was sent: the transaction only absorbs retransmissions from now on."""
+        return self.state in (State.COMPLETED, State.CONFIRMED, State.TERMINATED, State.ACCEPTED)
 
     def send_response(self, response: Response, peer: Peer) -> None:
         """The TU answers. Provisional responses keep the transaction open; finals move it on."""
@@ -157,6 +169,9 @@ class ServerTransaction(Transaction):
                 self.outbox.arm(self, "H", self.timers.b)
         else:
             self.state = State.COMPLETED
+            # Timer J keeps this transaction for 32 s to absorb retransmissions with the bytes of the last
+            # response: the parsed request (tens of objects for the cyclic GC to walk) is not needed for that.
+            self._request = None
             self.outbox.arm(self, "J", 0 if self.reliable else self.timers.b)
 
     def on_retransmission(self, request: Request) -> None:

@@ -198,3 +198,22 @@ def test_request_with_broken_via_params_still_gets_its_400_routed() -> None:
     raw, _ = out[0]
     assert raw.startswith(b"SIP/2.0 400 ")
     assert rig.stack.stats.parse_errors == 1
+
+
+def test_an_answered_non_invite_keeps_only_what_retransmissions_need() -> None:
+    """The parsed request is released once a final response went out (fewer objects for the GC to walk);
+    retransmissions are still answered from the response bytes, and a late second answer is not sent."""
+    rig = make_rig()
+    data = request_bytes("REGISTER", "sip:example.com", via="SIP/2.0/UDP 192.0.2.10:5062")
+    rig.feed(data, PHONE)
+    ev = _incoming(rig)
+    rig.stack.respond(ev.txn, make_response(ev.request, 200))
+    rig.drain()
+    rig.take()
+    with pytest.raises(RuntimeError):
+        ev.txn.request  # noqa: B018
+    rig.stack.respond(ev.txn, make_response(ev.request, 500))  # late: ignored
+    rig.drain()
+    assert rig.take() == []
+    rig.feed(data, PHONE)
+    assert [r.status for r, _ in rig.take() if isinstance(r, Response)] == [200]
