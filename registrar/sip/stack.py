@@ -416,6 +416,9 @@ class Stack:
         longer needs the context (its branches keep it until their own transactions end)."""
         ctx.finished = True
         self._ctx_of_server.pop(id(ctx.server), None)
+        for branch in ctx.branches:
+            if branch.done:  # answered branches route nothing more to the context
+                self._ctx_of_client.pop(id(branch.txn), None)
 
     def finish(self, ctx: ResponseContext, response: Response) -> None:
         """Send the (possibly rewritten) held final response upstream."""

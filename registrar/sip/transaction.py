@@ -211,7 +211,7 @@ class ClientTransaction(Transaction):
 
     def __init__(self, outbox: Outbox, timers: Timers, request: Request, peer: Peer) -> None:
         super().__init__(outbox, timers, peer)
-        self.request = request
+        self._request: Request | None = request
         self.invite = request.method == "INVITE"
         self.branch = request.top_via.branch or ""
         self.key: ClientKey = (self.branch, request.method)
@@ -221,6 +221,13 @@ class ClientTransaction(Transaction):
         self.final: Response | None = None
         self.provisional_seen = False
         self._ack: bytes | None = None
+
+    @property
+    def request(self) -> Request:
+        """The request sent; released once a non-INVITE has its final response (Timer K needs none of it)."""
+        if self._request is None:
+            raise RuntimeError("the request of a completed non-INVITE client transaction was released")
+        return self._request
 
     def start(self) -> None:
         self.outbox.send(self.data, self.peer)
@@ -260,6 +267,7 @@ class ClientTransaction(Transaction):
         else:
             self.state = State.COMPLETED
             self.outbox.response_in(self, response)
+            self._request, self.final = None, None  # only response retransmissions to absorb now
             self.outbox.arm(self, "K", 0 if self.reliable else self.timers.t4)
 
     def on_timer(self, name: str, now: float) -> None:

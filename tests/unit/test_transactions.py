@@ -217,3 +217,26 @@ def test_an_answered_non_invite_keeps_only_what_retransmissions_need() -> None:
     assert rig.take() == []
     rig.feed(data, PHONE)
     assert [r.status for r, _ in rig.take() if isinstance(r, Response)] == [200]
+
+
+def test_a_completed_non_invite_client_transaction_releases_its_request() -> None:
+    rig = make_rig()
+    req = Request("OPTIONS", "sip:10.0.0.3:5070")
+    for name, value in [
+        ("From", "<sip:mid@10.0.0.2>;tag=x"),
+        ("To", "<sip:10.0.0.3>"),
+        ("Call-ID", "o9"),
+        ("CSeq", "1 OPTIONS"),
+    ]:
+        req.headers.add(name, value)
+    rig.stack.send_request(req, MAIN)
+    rig.drain()
+    [(sent, _)] = rig.take()
+    assert isinstance(sent, Request)
+    [txn] = list(rig.stack._clients.values())
+    rig.feed(response_to(sent, 200), MAIN)
+    assert [type(e).__name__ for e in rig.take_events()] == ["ClientResult"]
+    with pytest.raises(RuntimeError):
+        txn.request  # noqa: B018
+    rig.feed(response_to(sent, 200), MAIN)  # a retransmitted final is still absorbed
+    assert rig.take_events() == []
