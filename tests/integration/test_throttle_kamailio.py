@@ -148,7 +148,10 @@ def test_contact_mode_relays_authenticated_initial_and_absorbs_refreshes(rig: Ri
     # End to end digest: each device was challenged by Kamailio (401 relayed) and its retry accepted.
     for p in phones:
         assert thrkit.log_lines(p, "CHALLENGE code=401"), f"{p.name}: Kamailio's 401 must reach it\n" + info
-    assert after_initial["reg_challenged"] == 3, info
+    # Kamailio's children bump the shared counters without a lock, so one increment can be lost (seen once as
+    # challenged=2 with total=6): the challenges are counted from its per-REGISTER log lines instead.
+    challenged = [ln for ln in rig.kam.register_lines() if not has_auth(ln)]
+    assert len(challenged) == 3, info
     assert after_initial["reg_saved"] == 3, info
     assert after_initial["reg_total"] == 6, "Kamailio sees 2 REGISTERs per device (challenge, retry)\n" + info
     lines = rig.kam.register_lines()

@@ -10,6 +10,19 @@ from registrar.sip.transport import Peer
 from tests.unit.stackkit import MAIN, PHONE, make_rig, request_bytes, response_to
 
 
+def _options(uri: str, call_id: str) -> Request:
+    """An OPTIONS the stack originates (no Via yet: send_request adds ours)."""
+    req = Request("OPTIONS", uri)
+    for name, value in [
+        ("From", "<sip:mid@10.0.0.2>;tag=x"),
+        ("To", "<sip:10.0.0.3>"),
+        ("Call-ID", call_id),
+        ("CSeq", "1 OPTIONS"),
+    ]:
+        req.headers.add(name, value)
+    return req
+
+
 def _incoming(rig) -> IncomingRequest:  # type: ignore[no-untyped-def]
     events = rig.take_events()
     assert len(events) == 1 and isinstance(events[0], IncomingRequest)
@@ -85,14 +98,7 @@ def test_invite_server_timer_h_gives_up_without_ack() -> None:
 
 def test_non_invite_client_retransmits_with_timer_e_and_times_out_with_f() -> None:
     rig = make_rig()
-    req = Request("OPTIONS", "sip:10.0.0.3:5070")
-    for name, value in [
-        ("From", "<sip:mid@10.0.0.2>;tag=x"),
-        ("To", "<sip:10.0.0.3>"),
-        ("Call-ID", "o1"),
-        ("CSeq", "1 OPTIONS"),
-    ]:
-        req.headers.add(name, value)
+    req = _options("sip:10.0.0.3:5070", "o1")
     handle = rig.stack.send_request(req, MAIN)
     rig.drain()
     rig.advance(32.1)
@@ -106,14 +112,7 @@ def test_non_invite_client_retransmits_with_timer_e_and_times_out_with_f() -> No
 
 def test_non_invite_client_over_tcp_does_not_retransmit() -> None:
     rig = make_rig()
-    req = Request("OPTIONS", "sip:10.0.0.3:5070;transport=tcp")
-    for name, value in [
-        ("From", "<sip:mid@10.0.0.2>;tag=x"),
-        ("To", "<sip:10.0.0.3>"),
-        ("Call-ID", "o2"),
-        ("CSeq", "1 OPTIONS"),
-    ]:
-        req.headers.add(name, value)
+    req = _options("sip:10.0.0.3:5070;transport=tcp", "o2")
     rig.stack.send_request(req, Peer("tcp", "10.0.0.3", 5070))
     rig.drain()
     rig.advance(20)
@@ -124,14 +123,7 @@ def test_non_invite_client_over_tcp_does_not_retransmit() -> None:
 
 def test_client_response_ends_transaction_and_reports_once() -> None:
     rig = make_rig()
-    req = Request("OPTIONS", "sip:10.0.0.3:5070")
-    for name, value in [
-        ("From", "<sip:mid@10.0.0.2>;tag=x"),
-        ("To", "<sip:10.0.0.3>"),
-        ("Call-ID", "o3"),
-        ("CSeq", "1 OPTIONS"),
-    ]:
-        req.headers.add(name, value)
+    req = _options("sip:10.0.0.3:5070", "o3")
     rig.stack.send_request(req, MAIN)
     rig.drain()
     [(sent, _)] = rig.take()
@@ -221,14 +213,7 @@ def test_an_answered_non_invite_keeps_only_what_retransmissions_need() -> None:
 
 def test_a_completed_non_invite_client_transaction_releases_its_request() -> None:
     rig = make_rig()
-    req = Request("OPTIONS", "sip:10.0.0.3:5070")
-    for name, value in [
-        ("From", "<sip:mid@10.0.0.2>;tag=x"),
-        ("To", "<sip:10.0.0.3>"),
-        ("Call-ID", "o9"),
-        ("CSeq", "1 OPTIONS"),
-    ]:
-        req.headers.add(name, value)
+    req = _options("sip:10.0.0.3:5070", "o9")
     rig.stack.send_request(req, MAIN)
     rig.drain()
     [(sent, _)] = rig.take()
