@@ -44,7 +44,7 @@ class UlContact:
 
 class KamailioMain:
     """Kamailio started from tests/integration/kamailio/main_registrar.cfg with a binrpc control socket in its
-    work dir; `counters()` and `contacts()` read it with kamcmd (pv.shvGet, ul.dump)."""
+    work dir; `counters()` and `contacts()` read it with kamcmd (stats.get_statistics, ul.dump)."""
 
     def __init__(
         self,
@@ -118,8 +118,12 @@ class KamailioMain:
         return p.stdout
 
     def counter(self, name: str) -> int:
-        m = re.search(r"value:\s*(-?\d+)", self.kamcmd("pv.shvGet", name))
-        return int(m.group(1)) if m else 0
+        """One of the statistics module's counters (atomic, unlike shared variables, which can lose increments)."""
+        out = self.kamcmd("stats.get_statistics", name)
+        m = re.search(rf"\b{re.escape(name)}\s*=\s*(-?\d+)", out)
+        if m is None:
+            raise RuntimeError(f"Kamailio has no counter {name!r}: {out!r}")
+        return int(m.group(1))
 
     def counters(self) -> dict[str, int]:
         return {name: self.counter(name) for name in COUNTERS}
