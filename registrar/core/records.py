@@ -41,6 +41,7 @@ class Binding:
     main_contact: str | None = None  # Con: our contact as the main registrar echoed it
     relayed_call_id: str | None = None  # CID of the last relayed REGISTER
     relayed_cseq: int = 0  # highest CSeq relayed with that Call-ID ([REC] T60)
+    owner: str | None = None  # member id of the process holding the phone's flow (shared store)
 
     def remaining(self, now: float) -> int:
         return max(0, round(self.expires_at - now))
@@ -74,6 +75,7 @@ class MainMeta:
     relayed_at: float | None = None  # LRTs
     main_contact: str | None = None  # Con: the aggregated contact as echoed
     no_dr: bool = False  # the UA de-registered: never send a De-REGISTER
+    relay_until: float | None = None  # a refresh is being relayed until then: others absorb (T59)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -11,11 +11,14 @@ from __future__ import annotations
 import marshal
 import random
 
-from registrar.core.records import AorRecord
+from registrar.core.records import AorRecord, Binding
 
 
 class MemoryStore:
-    """Dict-backed store with a contact-id index. Not shared between processes."""
+    """Dict-backed store with a contact-id index. Not shared between processes: it owns every binding, and
+    every change is done when ``commit`` returns."""
+
+    member_id = "local"
 
     def __init__(self, rng: random.Random | None = None) -> None:
         self._aors: dict[str, bytes] = {}
@@ -36,7 +39,7 @@ class MemoryStore:
             record.aor = held
         return record
 
-    def commit(self, record: AorRecord) -> None:
+    def commit(self, record: AorRecord, old: AorRecord | None = None) -> None:
         aor = record.aor
         held = self._held_ctids(aor)
         if held:
@@ -54,8 +57,9 @@ class MemoryStore:
         self._bindings += len(record.bindings)
         for ctid in record.bindings:
             self._ctids[ctid] = aor
+        return None
 
-    def delete(self, aor: str) -> None:
+    def delete(self, aor: str, old: AorRecord | None = None) -> None:
         held = self._held_ctids(aor)
         if held:
             del self._aors[aor]
@@ -70,6 +74,12 @@ class MemoryStore:
     def find_ctid(self, ctid: int) -> AorRecord | None:
         aor = self._ctids.get(ctid)
         return None if aor is None else self.load(aor)
+
+    def owns(self, binding: Binding) -> bool:
+        return True
+
+    def member_address(self, member: str) -> str | None:
+        return None
 
     def new_contact_id(self) -> int:
         while True:
