@@ -215,6 +215,24 @@ class Settings(BaseModel):
     etcd_key_file: str | None = Field(None, description="Private key of the etcd client certificate.")
     etcd_username: str | None = Field(None, description="etcd user (etcd authentication).")
     etcd_password: str | None = Field(None, description="Password of the etcd user.")
+    etcd_timeout: float = Field(
+        2.0, gt=0, description="Deadline of one etcd call; past it etcd counts as unavailable (503)."
+    )
+    etcd_hold: int = Field(
+        600,
+        ge=60,
+        description="How far ahead a binding's etcd lease reaches past the phone's expiry: the owner rewrites "
+        "a binding only when that lease would lapse, so a refresh costs no etcd call; also how long a binding "
+        "can outlive a dead owner.",
+    )
+    member_ttl: int = Field(
+        10, ge=2, description="TTL of this process's liveness lease in etcd (its peers see it gone after that)."
+    )
+    internal_address: str | None = Field(
+        None,
+        description="TRANSPORT:HOST:PORT peers use to hand this process requests for the flows it holds "
+        "(default: the first listen socket, with the advertised host).",
+    )
 
     # Logging
     log_format: Literal["text", "json"] = Field("text", description="text or json (one object per line).")
@@ -273,6 +291,13 @@ class Settings(BaseModel):
     def _check_advertise(cls, value: str | None) -> str | None:
         if value:
             split_hostport(value, default_port=5060)
+        return value or None
+
+    @field_validator("internal_address")
+    @classmethod
+    def _check_internal(cls, value: str | None) -> str | None:
+        if value:
+            Listen.parse(value)
         return value or None
 
     @field_validator("contact_id_param")
