@@ -29,6 +29,7 @@ class Target:
     uri: URI
     peer: Peer
     routes: tuple[str, ...] = ()
+    binding: Binding | None = None  # the binding it came from (its owner and contact id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,10 +97,10 @@ def branch_target(binding: Binding) -> Target | None:
     if binding.path:
         try:
             first = parse_address(binding.path[0], "Path").uri
-            return Target(uri, peer_for_uri(first, binding.source.local), tuple(binding.path))
+            return Target(uri, peer_for_uri(first, binding.source.local), tuple(binding.path), binding)
         except (ParseError, ValueError):
             pass
-    return Target(uri, binding.source)
+    return Target(uri, binding.source, binding=binding)
 
 
 def lookup_by_contact(aor: str | None, request_uri: URI, store: Store, now: float) -> Target | None:
