@@ -220,13 +220,13 @@ class Settings(BaseModel):
     )
     etcd_hold: int = Field(
         600,
-        ge=60,
-        description="How far ahead a binding's etcd lease reaches past the phone's expiry: the owner rewrites "
-        "a binding only when that lease would lapse, so a refresh costs no etcd call; also how long a binding "
-        "can outlive a dead owner.",
+        ge=5,
+        description="How far past the phone's expiry a binding's etcd lease reaches: the owner rewrites a "
+        "binding only when that lease would lapse, so a refresh costs no etcd call; also how long a "
+        "binding can outlive a dead owner.",
     )
     member_ttl: int = Field(
-        10, ge=2, description="TTL of this process's liveness lease in etcd (its peers see it gone after that)."
+        10, ge=2, description="TTL of this process's liveness lease in etcd (peers see it gone after that)."
     )
     internal_address: str | None = Field(
         None,

@@ -70,11 +70,14 @@ class ExpirySchedule:
         """Make sure ``binding`` is looked at when it expires; ``previous`` is the binding it replaces."""
         if previous is not None and previous.expires_at <= binding.expires_at:
             return
-        at = binding.expires_at
+        self.at(aor, binding.ctid, binding.expires_at)
+
+    def at(self, aor: str, ctid: int, at: float) -> None:
+        """Look at a contact id at ``at`` (a retry when its AoR could not be read)."""
         second = math.floor(at)
         self._size += 1
         if second < self._opened:
-            heapq.heappush(self._due, (at, aor, binding.ctid))
+            heapq.heappush(self._due, (at, aor, ctid))
             return
         slot = self._slots.get(second)
         if slot is None:
@@ -82,7 +85,7 @@ class ExpirySchedule:
             heapq.heappush(self._seconds, second)
         slot[0].append(at)
         slot[1].append(aor)
-        slot[2].append(binding.ctid)
+        slot[2].append(ctid)
 
     def next_deadline(self) -> float | None:
         if not self._due and self._seconds:
