@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
-from registrar.config import Insertion, Mode, Settings
+from registrar.config import Insertion, Listen, Mode, Settings
 from registrar.core import deregister, digest, throttle
 from registrar.core import register as reg
-from registrar.core.lookup import Target, lookup, lookup_aor, lookup_by_contact
+from registrar.core.lookup import Target, branch_target, lookup, lookup_aor, lookup_by_contact
 from registrar.core.policy import RegistrarError, aor_from_uri
 from registrar.core.records import AorRecord, Binding
 from registrar.sip.errors import ParseError
@@ -27,11 +29,12 @@ from registrar.sip.stack import ClientResult, Event, IncomingRequest, ProxyFinal
 from registrar.sip.transaction import ServerTransaction
 from registrar.sip.transport import Peer, peer_for_uri
 from registrar.sip.uri import URI, SipURI, parse_uri
-from registrar.store.base import Store
+from registrar.store.base import Pending, Store, StoreUnavailable
 
 log = logging.getLogger("midregistrar.core")
 
 FLOW_GRACE = 10.0
+HANDOFF = "X-Midreg-Flow"  # internal hop: "<sender member id> <contact id>" (DESIGN §6 flow owner)
 ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, MESSAGE, REGISTER, SUBSCRIBE, NOTIFY, REFER, INFO, UPDATE, PRACK"
 
 
@@ -42,6 +45,8 @@ class CoreStats:
     register_errors: int = 0
     deregisters_sent: int = 0
     expired: int = 0
+    unavailable: int = 0  # requests answered 503 because the store could not be reached
+    handoffs: int = 0  # requests handed to the process holding the phone's flow
     lookups: dict[str, int] = field(default_factory=dict)
 
 
@@ -97,17 +102,66 @@ class MidRegistrar:
         self._pending: dict[int, reg.PendingRegister] = {}
         self._originated: dict[int, tuple[Request, Peer]] = {}
         self._flows: dict[int, float] = {}  # TCP connection id → keep open until
+        self._parked: dict[str, list[Callable[[float], None]]] = {}  # store key → work waiting for it
+        self._tickets: dict[int, tuple[Callable[[], None], Callable[[float], None] | None]] = {}
         self.draining = False
 
     def handle(self, event: Event, now: float) -> None:
+        """One stack event. Work the store cannot answer yet is parked and runs again on ``store_ready``."""
+        try:
+            if isinstance(event, IncomingRequest):
+                self._request(event, now)
+            elif isinstance(event, ProxyFinal):
+                self._final(event.ctx, event, now)
+            elif isinstance(event, StrayAck):
+                self._ack(event.request, now)
+            elif isinstance(event, ClientResult):
+                self._client_result(event)
+        except Pending as wait:
+            self._park(wait.key, partial(self.handle, event))
+        except StoreUnavailable:
+            self._unavailable(event)
+
+    # ------------------------------------------------------------------------------------ store
+    # A networked store (etcd) answers later: parked work and ticketed writes resume from its callbacks.
+
+    def _park(self, key: str, work: Callable[[float], None]) -> None:
+        self._parked.setdefault(key, []).append(work)
+
+    def store_ready(self, key: str, now: float) -> None:
+        for work in self._parked.pop(key, []):
+            work(now)
+
+    def store_committed(self, ticket: int, ok: bool, now: float) -> None:
+        """A ticketed write ended: go on with what it was for, or decide again from fresh state."""
+        entry = self._tickets.pop(ticket, None)
+        if entry is None:
+            return
+        done, again = entry
+        if ok:
+            done()
+        elif again is not None:
+            again(now)
+
+    @property
+    def waiting(self) -> int:
+        """Pieces of work waiting for the store (parked or behind a write)."""
+        return sum(map(len, self._parked.values())) + len(self._tickets)
+
+    def _unavailable(self, event: Event) -> None:
+        """The store cannot be reached: 503 with Retry-After, never a guessed answer (DESIGN §5)."""
+        self.stats.unavailable += 1
         if isinstance(event, IncomingRequest):
-            self._request(event, now)
+            request, answer = event.request, partial(self.stack.respond, event.txn)
         elif isinstance(event, ProxyFinal):
-            self._final(event.ctx, event, now)
-        elif isinstance(event, StrayAck):
-            self._ack(event.request, now)
-        elif isinstance(event, ClientResult):
-            self._client_result(event)
+            self._pending.pop(id(event.ctx), None)
+            request, answer = event.ctx.request, partial(self.stack.finish, event.ctx)
+        else:
+            return
+        response = make_response(request, 503)
+        response.reason = "Service Unavailable (registration state unreachable)"
+        response.headers.add("Retry-After", str(max(1, self.settings.retry_after or 5)))
+        answer(response)
 
     # ------------------------------------------------------------------------------------ requests
 
@@ -143,7 +197,7 @@ class MidRegistrar:
         request = event.request
         try:
             view = reg.inspect(request, event.peer, settings)
-            record = self.store.load(view.aor)
+            record = self.store.load(view.aor)  # may raise Pending: handle() parks the event
             if not view.contacts:
                 # A binding query is answered here with the current bindings (SPEC §3.1 item 6 [REC]).
                 self.stats.registers_answered += 1
@@ -167,14 +221,27 @@ class MidRegistrar:
             if not self._gate_passes(event, view, now):
                 return
             log.debug("REGISTER for %s absorbed: %s", view.aor, decision.reason)
-            self._commit(view.aor, decision.record, record)
-            self.stats.registers_answered += 1
-            paths = view.paths if reg.echo_path(view, settings) else None
-            gruu = reg.gruu_context(view, self.stack.local_for(event.peer).hostport, now, settings)
-            reply = reg.binding_reply(request, decision.record, now, settings, paths, gruu, self._cap())
-            self.stack.respond(event.txn, reply)
+            absorbed = decision.record
+
+            def answer() -> None:
+                self.stats.registers_answered += 1
+                paths = view.paths if reg.echo_path(view, settings) else None
+                gruu = reg.gruu_context(view, self.stack.local_for(event.peer).hostport, now, settings)
+                reply = reg.binding_reply(request, absorbed, now, settings, paths, gruu, self._cap())
+                self.stack.respond(event.txn, reply)
+
+            self._commit(view.aor, absorbed, record, answer, partial(self.handle, event))
             return
         log.debug("REGISTER for %s relayed: %s", view.aor, decision.reason if decision else "mirror")
+        meta = record.meta if record is not None else None
+        if decision is not None and settings.mode is Mode.AOR and meta is not None and record is not None:
+            # Mark the aggregated refresh as in flight first: another process (or device) deciding meanwhile
+            # absorbs instead of relaying it a second time (T59).
+            marked = record.copy()
+            marked.meta = replace(meta, relay_until=now + 64 * self.settings.t1)
+            relay = partial(self._relay, event.txn, pending, settings)
+            self._commit(view.aor, marked, record, relay, partial(self.handle, event))
+            return
         self._relay(event.txn, pending, settings)
 
     def _relay(self, txn: ServerTransaction, pending: reg.PendingRegister, settings: Settings) -> None:
@@ -246,45 +313,97 @@ class MidRegistrar:
         return True
 
     def _final(self, ctx: ResponseContext, event: ProxyFinal, now: float) -> None:
-        pending = self._pending.pop(id(ctx), None)
+        pending = self._pending.get(id(ctx))
         response = event.response
         if pending is not None and response.status == 423 and self._retry_423(ctx, pending, response):
             return
         if pending is None or not 200 <= response.status < 300:
             # 401/407/403/423/5xx/408 reach the UA unchanged; nothing local changes (SPEC §7).
+            self._pending.pop(id(ctx), None)
             self.stack.finish(ctx, response)
+            if pending is not None and self.settings.mode is Mode.AOR:
+                self._unmark(pending.view.aor, now)
             return
         aor = pending.view.aor
-        record = self.store.load(aor)
+        record = self.store.load(aor)  # may raise Pending: the event is parked with ``pending`` kept
+        del self._pending[id(ctx)]
         if self.settings.mode is Mode.AOR:
             updated, evicted = throttle.apply_aor_2xx(pending, record, response, now, self.settings)
+            if updated is not None and updated.meta is not None and updated.meta.relay_until is not None:
+                updated.meta = replace(updated.meta, relay_until=None)
         else:
             updated, evicted = reg.apply_2xx(pending, record, response, now, self.settings)
-        if updated is None:
-            self.store.delete(aor)
-        else:
-            self._commit(aor, updated, record)
-        if self.settings.mode is Mode.CONTACT and updated is not None and updated.meta is not None:
-            for binding in evicted:
-                request = deregister.contact_deregister(updated.meta, binding, self._tag())
-                self._send_deregister(request, deregister.next_hop(updated.meta))
-        paths = pending.view.paths if reg.echo_path(pending.view, self.settings) else None
-        gruu = reg.gruu_context(pending.view, self.stack.local_for(ctx.source).hostport, now, self.settings)
-        reply = reg.rewrite_reply(response, updated, now, self.settings, paths, gruu, self._cap())
-        self.stack.finish(ctx, reply)
 
-    def _commit(self, aor: str, record: AorRecord | None, old: AorRecord | None) -> None:
-        """Store ``record`` in place of ``old`` (the AoR as loaded) and schedule what is new or shortened."""
-        if record is None or not record.bindings:
-            self.store.delete(aor)
+        def finish() -> None:
+            if self.settings.mode is Mode.CONTACT and updated is not None and updated.meta is not None:
+                for binding in evicted:
+                    request = deregister.contact_deregister(updated.meta, binding, self._tag())
+                    self._send_deregister(request, deregister.next_hop(updated.meta))
+            paths = pending.view.paths if reg.echo_path(pending.view, self.settings) else None
+            gruu = reg.gruu_context(
+                pending.view, self.stack.local_for(ctx.source).hostport, now, self.settings
+            )
+            reply = reg.rewrite_reply(response, updated, now, self.settings, paths, gruu, self._cap())
+            self.stack.finish(ctx, reply)
+
+        def again(later: float) -> None:
+            self._pending[id(ctx)] = pending
+            self.handle(event, later)
+
+        self._commit(aor, updated, record, finish, again)
+
+    def _unmark(self, aor: str, now: float) -> None:
+        """A relay of mode aor ended without a 2xx: clear its in-flight mark (best effort; it also lapses)."""
+        try:
+            record = self.store.load(aor)
+        except (Pending, StoreUnavailable):
             return
-        self.store.commit(record)
-        before = old.bindings if old is not None else {}
-        for binding in record.bindings.values():
-            self.expiry.schedule(record.aor, binding, before.get(binding.ctid))
-            conn = binding.source.conn
-            if conn is not None and self._flows.get(conn, 0.0) < binding.expires_at + FLOW_GRACE:
-                self._flows[conn] = binding.expires_at + FLOW_GRACE
+        if record is None or record.meta is None or record.meta.relay_until is None:
+            return
+        cleared = record.copy()
+        cleared.meta = replace(record.meta, relay_until=None)
+        self._commit(aor, cleared, record)
+
+    def _commit(
+        self,
+        aor: str,
+        record: AorRecord | None,
+        old: AorRecord | None,
+        then: Callable[[], None] | None = None,
+        again: Callable[[float], None] | None = None,
+    ) -> None:
+        """Store ``record`` in place of ``old`` (the AoR as loaded), then schedule what is new or shortened
+        and run ``then``. With a networked store that happens once the write is in; if it lost its
+        compare-and-swap, ``again`` decides afresh (DESIGN §5: one transaction per decision)."""
+        if record is None or not record.bindings:
+            ticket = self.store.delete(aor, old)
+        else:
+            before = old.bindings if old is not None else {}
+            me = self.store.member_id
+            for ctid, binding in record.bindings.items():
+                if binding.owner != me and binding is not before.get(ctid):
+                    record.bindings[ctid] = replace(binding, owner=me)  # this process holds its flow now
+            ticket = self.store.commit(record, old)
+        done = partial(self._committed, record, old, then)
+        if ticket is None:
+            done()
+        else:
+            self._tickets[ticket] = (done, again)
+
+    def _committed(
+        self, record: AorRecord | None, old: AorRecord | None, then: Callable[[], None] | None
+    ) -> None:
+        if record is not None and record.bindings:
+            before = old.bindings if old is not None else {}
+            for binding in record.bindings.values():
+                if not self.store.owns(binding):
+                    continue
+                self.expiry.schedule(record.aor, binding, before.get(binding.ctid))
+                conn = binding.source.conn
+                if conn is not None and self._flows.get(conn, 0.0) < binding.expires_at + FLOW_GRACE:
+                    self._flows[conn] = binding.expires_at + FLOW_GRACE
+        if then is not None:
+            then()
 
     def aor_view(self, aor: str, now: float) -> dict[str, Any] | None:
         """JSON-ready view of one AoR for ``GET /v1/aors/{aor}``: valid bindings, remaining expires, meta."""
@@ -351,34 +470,67 @@ class MidRegistrar:
         for aor, ctid in self.expiry.due(now):
             by_aor.setdefault(aor, []).append(ctid)
         for aor, ctids in by_aor.items():
+            self._expire(aor, ctids, now)
+
+    def _expire(self, aor: str, ctids: list[int], now: float) -> None:
+        try:
             record = self.store.load(aor)
-            if record is None:
-                continue
-            gone: list[Binding] = []
+        except Pending as wait:
+            self._park(wait.key, partial(self._expire, aor, ctids))
+            return
+        except StoreUnavailable:
             for ctid in ctids:
-                binding = record.bindings.get(ctid)
-                if binding is None:
-                    continue
-                if binding.valid(now):
-                    self.expiry.schedule(aor, binding)  # refreshed meanwhile: look again later
-                else:
-                    gone.append(binding)
-            if not gone:
-                continue
-            left = record.copy()
+                self.expiry.at(aor, ctid, now + 1.0)  # looked at again until the store is back
+            return
+        if record is None:
+            return
+        gone: list[Binding] = []
+        for ctid in ctids:
+            binding = record.bindings.get(ctid)
+            if binding is None or not self.store.owns(binding):
+                continue  # gone, or another process holds its flow now (its timer, its De-REGISTER)
+            if binding.valid(now):
+                self.expiry.schedule(aor, binding)  # refreshed meanwhile: look again later
+            else:
+                gone.append(binding)
+        if not gone:
+            return
+        left = record.copy()
+        for binding in gone:
+            del left.bindings[binding.ctid]
+        # The write's compare-and-swap makes this process the only sender (T58); on a conflict, look again.
+        send = partial(self._expired, record, left, gone, now)
+        self._commit(aor, left, record, send, partial(self._expire, aor, [b.ctid for b in gone]))
+
+    def _expired(self, record: AorRecord, left: AorRecord, gone: list[Binding], now: float) -> None:
+        self.stats.expired += len(gone)
+        meta = record.meta
+        if meta is None:
+            return
+        if self.settings.mode is Mode.CONTACT:
             for binding in gone:
-                del left.bindings[binding.ctid]
-            self.stats.expired += len(gone)
-            self._commit(aor, left, record)
-            meta = record.meta
-            if meta is None:
-                continue
-            if self.settings.mode is Mode.CONTACT:
-                for binding in gone:
-                    request = deregister.contact_deregister(meta, binding, self._tag())
-                    self._send_deregister(request, deregister.next_hop(meta))
-            elif self.settings.mode is Mode.AOR and not left.valid_bindings(now):
-                self._send_deregister(deregister.aor_deregister(meta, self._tag()), deregister.next_hop(meta))
+                request = deregister.contact_deregister(meta, binding, self._tag())
+                self._send_deregister(request, deregister.next_hop(meta))
+        elif self.settings.mode is Mode.AOR and not left.valid_bindings(now):
+            self._send_deregister(deregister.aor_deregister(meta, self._tag()), deregister.next_hop(meta))
+
+    def orphans_expired(self, before: AorRecord, gone: list[Binding], now: float) -> None:
+        """Bindings of a dead process ran out their lease; this process won the claim to de-register them."""
+        left = before.copy()
+        for binding in gone:
+            left.bindings.pop(binding.ctid, None)
+        if self.settings.mode is Mode.AOR:
+            try:
+                current = self.store.load(before.aor)
+            except Pending as wait:
+                self._park(wait.key, partial(self.orphans_expired, before, gone))
+                return
+            except StoreUnavailable:
+                current = None
+            if current is not None:
+                left = current
+        log.info("%d binding(s) of %s outlived their process: de-registering", len(gone), before.aor)
+        self._expired(before, left, gone, now)
 
     def _send_deregister(self, request: Request | None, peer: Peer) -> None:
         if request is None:
@@ -426,6 +578,9 @@ class MidRegistrar:
 
     def _route(self, event: IncomingRequest, now: float) -> None:
         request = event.request
+        handoff = request.headers.get(HANDOFF)
+        if handoff is not None and self._handed_over(event, handoff, now):
+            return
         routes = request.headers.values("route")
         if routes:
             self._loose_route(event, routes, now)
@@ -438,7 +593,56 @@ class MidRegistrar:
         if not result.targets:
             self.stack.respond(event.txn, make_response(request, 404))
             return
-        self.stack.proxy(event.txn, [_branch(request, t) for t in result.targets])
+        branches: list[tuple[Request | URI | None, Peer]] = [
+            b for b in (self._branch_via_owner(request, t) for t in result.targets) if b is not None
+        ]
+        if not branches:
+            self.stack.respond(event.txn, make_response(request, 480))  # only dead TCP flows were left
+            return
+        self.stack.proxy(event.txn, branches)
+
+    def _branch_via_owner(self, request: Request, target: Target) -> tuple[Request | URI, Peer] | None:
+        """A branch over the phone's flow: direct when this process holds it (or a Path leads there), else
+        handed to the process that does (DESIGN §6). With that process gone, a UDP phone is reached
+        directly at the address it registered from; a TCP flow died with it (None: no branch)."""
+        binding = target.binding
+        if binding is None or target.routes or binding.owner is None or self.store.owns(binding):
+            return _branch(request, target)
+        address = self.store.member_address(binding.owner)
+        if address is None:
+            return None if binding.source.reliable else _branch(request, target)
+        hop = Listen.parse(address)
+        copy = request.copy()
+        copy.uri = target.uri
+        copy.headers.add(HANDOFF, f"{self.store.member_id} {binding.ctid}")
+        self.stats.handoffs += 1
+        return copy, Peer(hop.transport.value, hop.host, hop.port)
+
+    def _handed_over(self, event: IncomingRequest, value: str, now: float) -> bool:
+        """A peer process hands us a request for a flow we hold: send it to the phone over that flow. The
+        header counts only from a live member's address; from anywhere else it is dropped and ignored."""
+        request = event.request
+        sender, _, ctid_text = value.partition(" ")
+        address = self.store.member_address(sender)
+        hop = Listen.parse(address) if address else None
+        if (
+            hop is None
+            or (hop.host, hop.port) != (event.peer.host, event.peer.port)
+            or not ctid_text.isdigit()
+        ):
+            request.headers.remove(HANDOFF)
+            return False
+        record = self.store.find_ctid(int(ctid_text))  # may raise Pending: re-run with the header kept
+        request.headers.remove(HANDOFF)
+        binding = record.bindings.get(int(ctid_text)) if record is not None else None
+        target = branch_target(binding) if binding is not None and binding.valid(now) else None
+        if target is None or (
+            binding is not None and not self.store.owns(binding) and binding.source.reliable
+        ):
+            self.stack.respond(event.txn, make_response(request, 480))
+            return True
+        self.stack.proxy(event.txn, [_branch(request, target)])
+        return True
 
     def _loose_route(self, event: IncomingRequest, routes: list[str], now: float) -> None:
         """Pre-routed requests: pop our own Route, forward to the next hop (RFC 3261 §16.4). With Path
