@@ -7,16 +7,21 @@ import gc
 import logging
 import secrets
 import signal
+import socket
+from collections.abc import Callable
 from contextlib import suppress
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from registrar.config import Settings, StoreKind, split_hostport
+from registrar.config import Listen, Settings, StoreKind, split_hostport
 from registrar.core import digest
+from registrar.core.records import AorRecord, Binding
 from registrar.core.service import MidRegistrar
 from registrar.http.app import EngineCollector, make_app
 from registrar.net.server import SipServer, build_stack
+from registrar.store.base import Pending, Store, StoreUnavailable
 from registrar.store.memory import MemoryStore
 
 log = logging.getLogger("midregistrar")
@@ -40,11 +45,18 @@ class Registrar:
     """One running process: SIP sockets, the core, the HTTP endpoints."""
 
     def __init__(self, settings: Settings) -> None:
-        if settings.store is StoreKind.ETCD:
-            raise NotImplementedError("the etcd store is not built yet: use --store memory")
         self.settings = settings
         self.stack = build_stack(settings)
-        self.store = MemoryStore()
+        self.store: Store
+        if settings.store is StoreKind.ETCD:
+            from registrar.store.etcd import EtcdStore  # imports gRPC: only when asked for
+
+            self.etcd: EtcdStore | None = EtcdStore(settings)
+            self.etcd.listener = _StoreEvents(self)
+            self.store = self.etcd
+        else:
+            self.etcd = None
+            self.store = MemoryStore()
         gate = None
         if settings.auth_file:
             gate = digest.DigestGate(
@@ -52,14 +64,22 @@ class Registrar:
             )
         credentials = [digest.Credentials(*c.split(":", 2)) for c in settings.main_credentials]
         self.core = MidRegistrar(settings, self.stack, self.store, gate=gate, credentials=credentials)
-        self.ready = False
+        self.started = False
+        self.store_available = True
         self.server: SipServer | None = None
         self._http: web.AppRunner | None = None
         self._stop = asyncio.Event()
 
+    @property
+    def ready(self) -> bool:
+        """``/readyz``: serving, not draining, and the store reachable."""
+        return self.started and self.store_available and not self.core.draining
+
     async def start(self) -> None:
         self.server = SipServer(self.settings, self.stack, self.core)
         await self.server.start()
+        if self.etcd is not None:
+            await self.etcd.start(self.internal_address())
         if self.settings.http:
             registry = CollectorRegistry()
             registry.register(
@@ -70,13 +90,12 @@ class Registrar:
                     self.store.counts,
                 )
             )
-            server = self.server
-            app = make_app(registry, lambda: self.ready, lambda aor: self.core.aor_view(aor, server.now))
+            app = make_app(registry, lambda: self.ready, self.aor_view)
             self._http = web.AppRunner(app, access_log=None)
             await self._http.setup()
             host, port = split_hostport(self.settings.http, default_port=9090)
             await web.TCPSite(self._http, host, port).start()
-        self.ready = True
+        self.started = True
         sockets = ", ".join(str(b) for b in self.server.bound())
         log.info(
             "midregistrar ready: listening on %s; main registrar %s; mode %s; store %s%s",
@@ -99,7 +118,6 @@ class Registrar:
         """Turn unready and keep serving for ``drain_grace`` seconds, telling phones to come back soon
         (short expires) so they move to another instance; then let running transactions finish (bounded by
         ``drain_timeout``) and close everything."""
-        self.ready = False
         self.core.draining = True
         settings = self.settings
         log.info(
@@ -118,7 +136,76 @@ class Registrar:
             await self.server.close()
         if self._http is not None:
             await self._http.cleanup()
+        if self.etcd is not None:
+            await self.etcd.close()
         log.info("stopped")
+
+    async def aor_view(self, aor: str) -> dict[str, Any] | None:
+        """``GET /v1/aors/{aor}``: from the store's memory, fetched first when it must be."""
+        assert self.server is not None
+        for _ in range(3):
+            try:
+                return self.core.aor_view(aor, self.server.now)
+            except Pending as wait:
+                fetched: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+                self.core.park(wait.key, _settle(fetched))
+                await asyncio.wait_for(fetched, self.settings.etcd_timeout * 2)
+            except StoreUnavailable:
+                break
+        raise web.HTTPServiceUnavailable(text="registration state unreachable\n")
+
+    def internal_address(self) -> str:
+        """Where peer processes hand over requests for the flows this one holds: ``internal_address``, else
+        the first listening socket (a wildcard host replaced by this host's address)."""
+        if self.settings.internal_address:
+            return self.settings.internal_address
+        assert self.server is not None
+        first = self.server.bound()[0]
+        host = first.host
+        if host in ("0.0.0.0", "::", ""):
+            host = socket.gethostbyname(socket.gethostname())
+        return str(Listen(transport=first.transport, host=host, port=first.port))
+
+
+def _settle(future: asyncio.Future[float]) -> Callable[[float], None]:
+    """Parked work that wakes an awaiting coroutine."""
+
+    def settle(now: float) -> None:
+        if not future.done():
+            future.set_result(now)
+
+    return settle
+
+
+class _StoreEvents:
+    """The store's callbacks, run on the event loop: into the core, then the stack's output goes out."""
+
+    def __init__(self, registrar: Registrar) -> None:
+        self.registrar = registrar
+
+    def _now(self) -> float:
+        server = self.registrar.server
+        return server.now if server is not None else 0.0
+
+    def _flush(self) -> None:
+        if self.registrar.server is not None:
+            self.registrar.server.flush()
+
+    def store_ready(self, key: str) -> None:
+        self.registrar.core.store_ready(key, self._now())
+        self._flush()
+
+    def store_committed(self, ticket: int, ok: bool) -> None:
+        self.registrar.core.store_committed(ticket, ok, self._now())
+        self._flush()
+
+    def orphans_expired(self, before: AorRecord, gone: list[Binding]) -> None:
+        self.registrar.core.orphans_expired(before, gone, self._now())
+        self._flush()
+
+    def availability_changed(self, available: bool) -> None:
+        self.registrar.store_available = available
+        log.warning("etcd %s", "reachable again" if available else "unreachable: answering 503, not ready")
 
 
 async def run(settings: Settings) -> None:

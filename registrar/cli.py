@@ -140,8 +140,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = build_settings(options, config_file=args.config)
         if settings.main_registrar is None:
             raise ConfigError("invalid main-registrar: a main registrar SIP URI is required")
-        if settings.store.value == "etcd":
-            raise ConfigError("invalid store: the etcd store is not available in this version")
     except ConfigError as exc:
         print(f"midregistrar: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

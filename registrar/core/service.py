@@ -118,14 +118,15 @@ class MidRegistrar:
             elif isinstance(event, ClientResult):
                 self._client_result(event)
         except Pending as wait:
-            self._park(wait.key, partial(self.handle, event))
+            self.park(wait.key, partial(self.handle, event))
         except StoreUnavailable:
             self._unavailable(event)
 
     # ------------------------------------------------------------------------------------ store
     # A networked store (etcd) answers later: parked work and ticketed writes resume from its callbacks.
 
-    def _park(self, key: str, work: Callable[[float], None]) -> None:
+    def park(self, key: str, work: Callable[[float], None]) -> None:
+        """Run ``work(now)`` once the store reports ``key`` ready."""
         self._parked.setdefault(key, []).append(work)
 
     def store_ready(self, key: str, now: float) -> None:
@@ -425,6 +426,7 @@ class MidRegistrar:
                     "instance": b.instance,
                     "reg_id": b.reg_id,
                     "user_agent": b.user_agent,
+                    "owner": b.owner,
                     "main": {
                         "expires": b.main_expires,
                         "relayed_ago": None if b.relayed_at is None else round(now - b.relayed_at, 3),
@@ -476,7 +478,7 @@ class MidRegistrar:
         try:
             record = self.store.load(aor)
         except Pending as wait:
-            self._park(wait.key, partial(self._expire, aor, ctids))
+            self.park(wait.key, partial(self._expire, aor, ctids))
             return
         except StoreUnavailable:
             for ctid in ctids:
@@ -523,7 +525,7 @@ class MidRegistrar:
             try:
                 current = self.store.load(before.aor)
             except Pending as wait:
-                self._park(wait.key, partial(self.orphans_expired, before, gone))
+                self.park(wait.key, partial(self.orphans_expired, before, gone))
                 return
             except StoreUnavailable:
                 current = None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from aiohttp import web
@@ -81,7 +81,7 @@ class EngineCollector(Collector):
 def make_app(
     registry: CollectorRegistry,
     ready: Callable[[], bool],
-    aor_view: Callable[[str], dict[str, Any] | None] | None = None,
+    aor_view: Callable[[str], Awaitable[dict[str, Any] | None]] | None = None,
 ) -> web.Application:
     async def healthz(_: web.Request) -> web.Response:
         return web.Response(text="ok\n")
@@ -98,7 +98,7 @@ def make_app(
         """Read-only view of one AoR: bindings with remaining expires and main-registrar meta."""
         if aor_view is None:
             raise web.HTTPNotFound()
-        data = aor_view(request.match_info["aor"])
+        data = await aor_view(request.match_info["aor"])
         if data is None:
             return web.json_response({"error": "no such AoR"}, status=404)
         return web.json_response(data)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
@@ -30,7 +31,11 @@ def test_endpoints_and_aor_view() -> None:
         )
     )
     ready = {"value": True}
-    app = make_app(registry, lambda: ready["value"], lambda aor: m.core.aor_view(aor, m.now))
+
+    async def view(aor: str) -> dict[str, Any] | None:
+        return m.core.aor_view(aor, m.now)
+
+    app = make_app(registry, lambda: ready["value"], view)
 
     async def go() -> None:
         async with TestClient(TestServer(app)) as client:
