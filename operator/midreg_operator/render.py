@@ -186,6 +186,10 @@ def render_deployment(spec: MidRegistrarSpec, ref: Ref) -> Obj:
     if host:
         # Each hostNetwork pod advertises its own node's address (env wins over the config file).
         env.append({"name": "MIDREG_ADVERTISE", "value": "$(NODE_IP)"})
+    if spec.etcd.endpoints and spec.transports:
+        # Peers hand this pod the requests for the phone flows it holds: its own address, never the Service.
+        first = spec.transports[0]
+        env.append({"name": "MIDREG_INTERNAL_ADDRESS", "value": f"{first.protocol}:$(POD_IP):{first.port}"})
     volume_mounts: list[Obj] = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}]
     volumes: list[Obj] = [{"name": "config", "configMap": {"name": n["configmap"]}}]
     if spec.etcd.secret_name:

@@ -181,3 +181,12 @@ def test_pdb_and_secret_volume() -> None:
 
 def test_rendering_is_deterministic() -> None:
     assert render.render_all(spec(), REF) == render.render_all(spec(), REF)
+
+
+def test_etcd_pods_tell_peers_their_own_address() -> None:
+    d = render.render_deployment(spec(etcd={"endpoints": ["e:2379"]}), REF)
+    (c,) = d["spec"]["template"]["spec"]["containers"]
+    internal = [e["value"] for e in c["env"] if e["name"] == "MIDREG_INTERNAL_ADDRESS"]
+    assert len(internal) == 1 and "$(POD_IP)" in internal[0], "the hand-off goes to the pod, not the Service"
+    (c,) = render.render_deployment(spec(), REF)["spec"]["template"]["spec"]["containers"]
+    assert not [e for e in c["env"] if e["name"] == "MIDREG_INTERNAL_ADDRESS"], "no peers without etcd"
