@@ -1,0 +1,352 @@
+"""Three `midregistrar run --store etcd` processes sharing one real etcd (issue 4, item 7; DESIGN.md §5–6).
+
+Every test starts, on loopback ports: Kamailio as the main registrar (tests/integration/kamailio/
+main_registrar.cfg without digest, so REGISTERs and De-REGISTERs from any of the processes are saved; a binrpc
+socket for `kamcmd ul.dump`; one log line per REGISTER received, with its source si:sp), then processes A, B and
+C (`--store etcd`, one etcd prefix per test, each its own SIP, HTTP and internal port), then SIPp phones
+(scenarios/cluster_phones.xml: a fleet of users on one port, re-targetable to another process without changing
+Call-ID, Contact or CSeq order; calls answered by scenarios/cluster_answer_ooc.xml). Calls come from the main
+registrar's side: a SIPp UAC (scenarios/cluster_invite_uac.xml) sends INVITEs whose Request-URI is the contact
+Kamailio holds, to whichever process the test names (on loopback each process has its own port, so Kamailio's
+own lookup would always pick the relaying process; in a cluster they share one address). Who sent an INVITE to
+a phone is read from its top Via (the process that sends a request puts its own socket there).
+
+The etcd server (tests/etcdkit.py) is shared by the module; every process, SIPp and Kamailio is stopped by
+PID in the fixture's teardown. Short lifetimes (`--min-expires 1`, phones 4–60 s, `--etcd-hold 5`,
+`--member-ttl 2`, `--etcd-timeout 1`) keep the module near three minutes.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+import clusterkit as ck  # noqa: E402
+import sipkit  # noqa: E402
+
+from tests.etcdkit import EtcdServer, etcd_server  # noqa: E402
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("sip_tools")]
+__all__ = ["etcd_server"]  # the module-scoped fixture, collected from here
+
+DOMAIN = ck.DOMAIN
+
+
+def node_args(outgoing: int) -> list[str]:
+    return [
+        "--min-expires", "1",
+        "--outgoing-expires", str(outgoing),
+        "--etcd-hold", "5",
+        "--member-ttl", "2",
+        "--etcd-timeout", "1",
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, etcd_server: EtcdServer, request: pytest.FixtureRequest) -> Iterator[ck.Cluster]:
+    if etcd_server.pid is None:  # a previous test may have left it stopped or paused
+        etcd_server.start()
+    else:
+        etcd_server.resume()
+    name = re.sub(r"[^A-Za-z0-9_-]+", "-", request.node.name)
+    c = ck.Cluster(tmp_path, etcd_server, f"/midregistrar/test/{name}/")
+    yield c
+    c.stop()
+    if etcd_server.pid is not None:
+        etcd_server.resume()
+
+
+def kam_uri(c: ck.Cluster, user: str) -> str:
+    """The one contact Kamailio holds for `user` (its AoR is the user part)."""
+    held = c.kam_contacts(user)
+    assert held, f"Kamailio holds no contact for {user}\n" + c.diag()
+    return held[0].address
+
+
+def invites_for(fleet: ck.Fleet, user: str) -> list[ck.SipMessage]:
+    """INVITEs the fleet received for `user` (mode contact: R-URI user; mode aor: the phone's Contact)."""
+    return [m for m in ck.received_invites(fleet) if (m.ruri or "").startswith(f"sip:{user}@")]
+
+
+def via_ports(msg: ck.SipMessage) -> list[int | None]:
+    return [ck.via_port(v) for v in msg.vias]
+
+
+# ---------------------------------------------------------------------------------------------- 1. lookup
+
+
+@pytest.mark.parametrize("mode", ["contact", "aor"])
+def test_call_through_b_reaches_phone_registered_through_a(cluster: ck.Cluster, mode: str) -> None:
+    """Registered through A; INVITE from main through B. alice's flow stays with A: B hands the INVITE to A,
+    which sends it to the phone (top Via = A, B's Via below). bob moved his refreshes to B: B sends directly."""
+    c = cluster.start(mode, extra=node_args(outgoing=60))
+    a, b = c["A"], c["B"]
+    alice = c.fleet("alice", ["alice"], a, expires=10, every_ms=1000)
+    bob = c.fleet("bob", ["bob"], a, expires=10, every_ms=1000)
+    assert alice.wait_ok(2, 15) and bob.wait_ok(2, 15), "both phones register through A\n" + c.diag()
+    before = bob.ok_counts()
+    bob.retarget(b)
+    assert bob.wait_ok({"bob": before["bob"] + 1}, 10), "bob refreshes through B\n" + c.diag()
+
+    for node in (a, b, c["C"]):
+        for fleet, user in ((alice, "alice"), (bob, "bob")):
+            got = node.contacts(f"{user}@{DOMAIN}")
+            assert fleet.contact(user) in got, f"{node.name} must see {user}'s binding: {got}\n" + c.diag()
+
+    uris = {"alice": kam_uri(c, "alice"), "bob": kam_uri(c, "bob")}
+    info = f"Kamailio holds {uris}"
+    if mode == "contact":
+        assert f"@127.0.0.1:{a.port};ctid=" in uris["alice"], info
+    else:
+        assert uris["alice"].startswith(f"sip:alice%40{DOMAIN}@127.0.0.1:"), info
+    out = ck.place_calls(c.tmp, b, [ck.CallTarget(u, uri) for u, uri in uris.items()], "calls-via-b", rate=5)
+    info = c.diag(info, out.result.describe()[-5000:])
+    assert not out.failed(), f"every call through B must be answered 200: {out.finals}\n" + info
+    assert sum(ln.startswith("BYE final=200") for ln in out.result.logs) == 2, info
+
+    inv = invites_for(alice, "alice")
+    assert len(inv) == 1, f"alice's phone gets the INVITE once: {[m.first_line for m in inv]}\n" + info
+    ports = via_ports(inv[0])
+    assert ports[0] == a.port, (
+        f"alice's flow is A's: the INVITE must reach her from A's socket (top Via), Vias {inv[0].vias}\n"
+        + info
+    )
+    assert b.port in ports[1:], f"B handed it to A (B's Via below A's): {inv[0].vias}\n" + info
+
+    inv = invites_for(bob, "bob")
+    assert len(inv) == 1, f"bob's phone gets the INVITE once: {[m.first_line for m in inv]}\n" + info
+    ports = via_ports(inv[0])
+    assert ports[0] == b.port, f"bob's flow is B's now: B sends directly, Vias {inv[0].vias}\n" + info
+    assert a.port not in ports, f"no detour through A: {inv[0].vias}\n" + info
+    assert all(node.alive() for node in c.nodes.values()), info
+
+
+# ------------------------------------------------------------------------------------------ 2. kill -9 A
+
+
+def test_kill9_a_under_load_loses_no_binding_and_calls_reach_every_phone(cluster: ck.Cluster) -> None:
+    c = cluster.start("contact", extra=node_args(outgoing=120))
+    a, b, cc = c["A"], c["B"], c["C"]
+    fa = c.fleet("fa", [f"fa{i:02d}" for i in range(20)], a, expires=20, every_ms=1000)
+    fb = c.fleet("fb", [f"fb{i:02d}" for i in range(5)], b, expires=20, every_ms=1000)
+    fc = c.fleet("fc", [f"fc{i:02d}" for i in range(5)], cc, expires=20, every_ms=1000)
+    fleets = [fa, fb, fc]
+    for f in fleets:
+        assert f.wait_ok(2, 20), f"fleet {f.name} registers and refreshes\n" + c.diag()
+    users = [(f, u) for f in fleets for u in f.users]
+    held = {u: kam_uri(c, u) for _, u in users}
+    assert all(len(c.kam_contacts(u)) == 1 for _, u in users), c.diag(c.kam.ul_dump()[-3000:])  # type: ignore[union-attr]
+
+    # kill -9 A while its 20 phones refresh through it (20 REGISTERs/s) and B, C take 10/s.
+    a.kill9()
+    t_kill = time.monotonic()
+    c.notes.append(f"A killed at {time.strftime('%H:%M:%S')}")
+    # Once A's member lease is gone (2 s), B reaches A's UDP phones directly at their received address.
+    time.sleep(max(0.0, t_kill + 3.5 - time.monotonic()))
+    out = ck.place_calls(c.tmp, b, [ck.CallTarget(u, held[u]) for u in fa.users], "orphans-via-b", rate=20)
+    info = c.diag(out.result.describe()[-4000:])
+    assert not out.failed(), (
+        f"A is dead: its UDP phones must be reached from B directly: {out.failed()}\n" + info
+    )
+    # The phones move to B (what a load balancer does when A's endpoint goes).
+    base = fa.ok_counts()
+    fa.retarget(b)
+    assert fa.wait_ok(base, 12), "A's phones refresh through B\n" + c.diag()
+    assert time.monotonic() - t_kill < 18, "the phones moved before their 20 s lifetime ran out"
+
+    # No binding lost: every AoR on B and C, one contact per phone at Kamailio, no De-REGISTER.
+    for node in (b, cc):
+        missing = [u for f, u in users if f.contact(u) not in node.contacts(f"{u}@{DOMAIN}")]
+        assert not missing, f"{node.name} lost bindings of {missing}\n" + c.diag()
+    for _, u in users:
+        assert [x.address for x in c.kam_contacts(u)] == [held[u]], c.diag(f"{u} at Kamailio changed")
+    assert not c.kam_deregs(), f"nothing was de-registered: {c.kam_deregs()}\n" + c.diag()
+
+    # Calls still reach every registered phone, through C (hand-off to B for the phones whose flow B holds).
+    out = ck.place_calls(c.tmp, cc, [ck.CallTarget(u, held[u]) for _, u in users], "all-via-c", rate=20)
+    info = c.diag(out.result.describe()[-4000:])
+    assert not out.failed(), f"every phone answers a call through C: {out.failed()}\n" + info
+    for f, u in users:
+        assert invites_for(f, u), f"{u}'s phone received no INVITE\n" + info
+    for f in fa, fb:
+        for u in f.users:
+            top = via_ports(invites_for(f, u)[-1])[0]
+            assert top == b.port, (
+                f"{u}'s flow is B's: the INVITE must come from B, top Via port {top}\n" + info
+            )
+    for u in fc.users:
+        assert via_ports(invites_for(fc, u)[-1])[0] == cc.port, info
+    assert b.alive() and cc.alive(), info
+
+
+# ------------------------------------------------------------------------------------- 3. one De-REGISTER
+
+
+@pytest.mark.parametrize("mode", ["contact", "aor"])
+def test_expired_phone_gives_exactly_one_deregister_from_its_owner(cluster: ck.Cluster, mode: str) -> None:
+    """T58 with three processes: carol registers through A and stops refreshing; A owns her binding, and
+    B and C see it expire too. Exactly one De-REGISTER reaches Kamailio, from A, within 2 s of expiry."""
+    c = cluster.start(mode, extra=node_args(outgoing=60))
+    a, b, cc = c["A"], c["B"], c["C"]
+    kb = c.fleet("kb", ["kb1", "kb2"], b, expires=10, every_ms=1000)
+    kc = c.fleet("kc", ["kc1", "kc2"], cc, expires=10, every_ms=1000)
+    assert kb.wait_ok(1, 15) and kc.wait_ok(1, 15), c.diag()
+    expires = 4
+    quit_ = c.fleet("quit", ["carol"], a, expires=expires, every_ms=600_000)
+    t_ok = ck.poll_until(lambda: quit_.ok_counts()["carol"] and time.monotonic(), 15, interval=0.02)
+    assert t_ok, "carol registers through A\n" + c.diag()
+    expiry = float(t_ok) + expires  # the 200 left A before we saw it: the real expiry is slightly earlier
+    assert c.kam_contacts("carol"), c.diag()
+    for node in (b, cc):
+        assert ck.poll_until(lambda n=node: n.contacts(f"carol@{DOMAIN}"), 3), f"{node.name} sees carol"
+
+    t_seen = ck.poll_until(lambda: c.kam_deregs("carol") and time.monotonic(), expires + 6, interval=0.05)
+    info = c.diag("register lines at Kamailio:\n" + "\n".join(c.kam_register_lines()[-20:]))
+    assert t_seen, "carol's expiry must produce a De-REGISTER at Kamailio\n" + info
+    delay = float(t_seen) - expiry
+    assert delay <= 2.0, f"De-REGISTER {delay:.2f} s after expiry (T58, goal ≤ 2 s)\n" + info
+    time.sleep(3.0)  # any duplicate from B or C (watch DELETE) would arrive by now
+    deregs = c.kam_deregs("carol")
+    info = c.diag("De-REGISTERs for carol:\n" + "\n".join(deregs))
+    assert len(deregs) == 1, f"exactly one De-REGISTER across the three processes, got {len(deregs)}\n" + info
+    assert f"sp={a.port} " in deregs[0], f"sent by the owner A (port {a.port}): {deregs[0]}\n" + info
+    assert not c.kam_contacts("carol"), info
+    for node in (a, b, cc):
+        assert not node.contacts(f"carol@{DOMAIN}"), f"{node.name} still lists carol\n" + info
+    assert not [ln for ln in c.kam_deregs() if "carol" not in ln], "the refreshing phones stay\n" + info
+    assert all(n.alive() for n in c.nodes.values()), info
+
+
+# ------------------------------------------------------------------------------------------ 4. etcd cut
+
+
+def test_etcd_cut_30s_gives_503_unready_then_full_recovery(
+    cluster: ck.Cluster, etcd_server: EtcdServer
+) -> None:
+    c = cluster.start("contact", extra=node_args(outgoing=120))
+    a, b, cc = c["A"], c["B"], c["C"]
+    fleets = [
+        c.fleet(
+            f"f{n.name.lower()}", [f"f{n.name.lower()}{i}" for i in range(4)], n, expires=60, every_ms=2000
+        )
+        for n in (a, b, cc)
+    ]
+    for f in fleets:
+        assert f.wait_ok(1, 15), c.diag()
+    users = [(f, u) for f in fleets for u in f.users]
+    held = {u: kam_uri(c, u) for _, u in users}
+
+    etcd_server.pause()  # SIGSTOP: connections stay open, nothing answers (a network cut)
+    t_cut = time.monotonic()
+    c.notes.append(f"etcd paused at {time.strftime('%H:%M:%S')}")
+    # New phones during the cut: registering needs etcd, so they must get 503 with Retry-After.
+    late = c.fleet("late", ["late1", "late2"], b, expires=60, every_ms=2000)
+    unready = ck.poll_until(lambda: all(n.readyz() == 503 for n in c.nodes.values()), 6, interval=0.2)
+    t_unready = time.monotonic() - t_cut
+    readyz_seen: list[dict[str, int | None]] = []
+    crashed: list[str] = []
+    while time.monotonic() - t_cut < 30:
+        readyz_seen.append({n.name: n.readyz() for n in c.nodes.values()})
+        crashed += [n.name for n in c.nodes.values() if not n.alive()]
+        time.sleep(1.0)
+    during_503 = [ln for f in [*fleets, late] for ln in f.log_lines("REG 503 ")]
+    late_ok_during = late.count("REG ok ")
+    etcd_server.resume()
+    t_resume = time.monotonic()
+    c.notes.append(f"etcd resumed at {time.strftime('%H:%M:%S')}; readyz during the cut: {readyz_seen}")
+
+    info = c.diag()
+    assert not crashed, f"no process may die while etcd is away: {set(crashed)}\n" + info
+    assert unready, f"/readyz must turn false on every process within 6 s of the cut\n{readyz_seen}\n" + info
+    late_samples = [s for s in readyz_seen]
+    assert all(all(v != 200 for v in s.values()) for s in late_samples), (
+        f"/readyz stays false during the cut (turned false after {t_unready:.1f} s): {readyz_seen}\n" + info
+    )
+    assert late_ok_during == 0, (
+        "a new phone cannot be registered without etcd (never a guessed answer)\n" + info
+    )
+    late_503 = [ln for ln in during_503 if ln.split(" user=")[1].startswith("late")]
+    assert late_503, "SIPp must see 503 for the phones registering during the cut\n" + info
+    assert all(re.search(r"retry_after=\d+", ln) for ln in during_503), (
+        "every 503 carries Retry-After\n" + "\n".join(during_503[:20]) + "\n" + info
+    )
+
+    ready = ck.poll_until(lambda: all(n.readyz() == 200 for n in c.nodes.values()), 20, interval=0.2)
+    assert ready, (
+        f"/readyz true again after etcd returns (waited {time.monotonic() - t_resume:.1f} s)\n" + c.diag()
+    )
+    base = {f.name: f.ok_counts() for f in [*fleets, late]}
+    for f in [*fleets, late]:
+        assert f.wait_ok(base[f.name], 20), f"fleet {f.name} registers again after the cut\n" + c.diag()
+    info = c.diag()
+    for node in (a, b, cc):
+        for f, u in [*users, *((late, u) for u in late.users)]:
+            assert f.contact(u) in node.contacts(f"{u}@{DOMAIN}"), f"{node.name} lost {u}\n" + info
+    for _, u in users:
+        assert [x.address for x in c.kam_contacts(u)] == [held[u]], f"{u} changed at Kamailio\n" + info
+    for u in late.users:
+        assert len(c.kam_contacts(u)) == 1, f"the late phone {u} reached Kamailio after the cut\n" + info
+    assert not c.kam_deregs(), f"no binding was de-registered: {c.kam_deregs()}\n" + info
+    assert all(n.alive() for n in c.nodes.values()), info
+
+
+# ----------------------------------------------------------------------------------------------- 5. T59
+
+
+def test_two_processes_race_on_one_aor_at_the_relay_threshold(cluster: ck.Cluster) -> None:
+    """T59, mode aor: device 1 of alice refreshes through A and device 2 through B at the same instant, when
+    the aggregated registration at Kamailio is due. Kamailio receives at most one aggregated refresh per race;
+    afterwards it holds alice's binding and every process lists both devices."""
+    outgoing, local = 10, 6  # the aggregated refresh is due outgoing - local = 4 s after the last relay
+    c = cluster.start("aor", extra=node_args(outgoing=outgoing))
+    a, b = c["A"], c["B"]
+    d1, d2 = ck.UdpPhone("alice"), ck.UdpPhone("alice")
+    try:
+        r1 = d1.register(a.addr, local)
+        r2 = d2.register(b.addr, local)
+        info = c.diag(f"d1 → {r1!r}\nd2 → {r2!r}")
+        assert sipkit.status_code(r1) == 200 and sipkit.status_code(r2) == 200, info
+        t_relay = time.monotonic()
+        assert len(c.kam_register_lines()) == 2, "both initial registrations are relayed\n" + info
+        for rnd in range(3):
+            time.sleep(max(0.0, t_relay + (outgoing - local) + 0.4 - time.monotonic()))
+            n0 = len(c.kam_register_lines())
+            p1 = d1.send_register(a.addr, local)  # the same instant, two processes
+            p2 = d2.send_register(b.addr, local)
+            t_race = time.monotonic()
+            f1, f2 = d1.recv_final(p1, a.addr), d2.recv_final(p2, b.addr)
+            time.sleep(max(0.0, t_race + 1.5 - time.monotonic()))
+            lines = c.kam_register_lines()[n0:]
+            info = c.diag(
+                f"round {rnd}: d1 → {f1!r}\nd2 → {f2!r}\nREGISTERs at Kamailio:\n" + "\n".join(lines)
+            )
+            assert sipkit.status_code(f1) == 200 and sipkit.status_code(f2) == 200, (
+                f"round {rnd}: both refreshes complete with 200\n" + info
+            )
+            assert len(lines) <= 1, f"round {rnd}: at most ONE aggregated refresh reaches Kamailio\n" + info
+            if lines:
+                t_relay = t_race
+            held = [x for x in c.kam_contacts("alice") if x.expires > 0]
+            assert held, f"round {rnd}: Kamailio holds alice's binding\n" + c.diag(c.kam.ul_dump()[-2000:])  # type: ignore[union-attr]
+            for node in c.nodes.values():
+                got = node.contacts(f"alice@{DOMAIN}")
+                assert sorted(got) == sorted([d1.contact, d2.contact]), (
+                    f"round {rnd}: {node.name} must hold both devices, has {got}\n" + info
+                )
+            for reply, phone in ((f1, d1), (f2, d2)):
+                assert reply is not None and phone.contact.encode() in reply, (
+                    f"round {rnd}: each device is shown its own contact\n" + info
+                )
+        assert not c.kam_deregs(), c.diag()
+    finally:
+        d1.close()
+        d2.close()
