@@ -84,6 +84,7 @@ _SOURCE = _FIELDS.index("source")
 _VOLATILE = frozenset(_FIELDS.index(n) for n in ("cseq", "expires_at", "updated_at", "owner"))
 _CONN = 3  # index of Peer.conn in the source tuple
 
+_EMPTY = marshal.dumps(())
 CLAIM_TTL = 300.0  # claim keys outlive any watcher that could still see the delete they guard
 CACHE_LIMIT = 200_000  # fetched AoRs kept; the oldest go first
 
@@ -512,6 +513,8 @@ class EtcdStore:
         before = old.bindings if old is not None else {}
         entry = self._cache.get(aor)
         expected = old.version if old is not None else 0
+        if entry is None and old is None:
+            entry = _Entry(0, 0, None, _EMPTY)  # a create: the head must be absent (compared in the txn)
         if entry is None or entry.version != expected:
             return self._fail_ticket(aor)  # changed (or forgotten) since it was loaded: decide afresh
         stored = entry.stored()

@@ -1,0 +1,567 @@
+"""registrar/store/etcd.py against a real etcd (tests/etcdkit.py): several EtcdStore instances (different member
+ids) in one event loop, as several registrar processes would be, with a listener that records every callback.
+
+Fetch → Pending → store_ready; one compare-and-swap per decision (two stores from one version: exactly one
+wins); the owner's steady-state refreshes cost no etcd call and a lapse-near one writes once; a refresh on
+another store takes ownership; how a binding reads for its owner and for its peers; the member registry;
+orphaned bindings (lease ran out) → exactly one ``orphans_expired`` across three stores; etcd stopped or
+paused → ``StoreUnavailable`` and recovery without restart; invalidation by the watch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from typing import Any, TypeVar
+
+import pytest
+
+from registrar.config import Settings
+from registrar.core.records import AorRecord, Binding, MainMeta
+from registrar.sip.transport import Peer
+from registrar.store.base import Pending, StoreUnavailable, aor_key, ctid_key
+from registrar.store.etcd import EtcdStore
+from registrar.store.etcd_client import EtcdClient
+from tests.etcdkit import EtcdServer, etcd_server
+
+pytestmark = pytest.mark.integration
+__all__ = ["etcd_server"]  # the fixture, collected from this module
+
+T = TypeVar("T")
+
+
+def run(coro: Awaitable[T]) -> T:
+    return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+class Recorder:
+    """A StoreListener that records every callback and wakes waiters."""
+
+    def __init__(self) -> None:
+        self.ready: list[str] = []
+        self.committed: dict[int, bool] = {}
+        self.orphans: list[tuple[AorRecord, list[Binding]]] = []
+        self.availability: list[bool] = []
+        self.changed = asyncio.Event()
+
+    def _poke(self) -> None:
+        self.changed.set()
+
+    def store_ready(self, key: str) -> None:
+        self.ready.append(key)
+        self._poke()
+
+    def store_committed(self, ticket: int, ok: bool) -> None:
+        assert ticket not in self.committed, "a ticket is reported once"
+        self.committed[ticket] = ok
+        self._poke()
+
+    def orphans_expired(self, before: AorRecord, gone: list[Binding]) -> None:
+        self.orphans.append((before, gone))
+        self._poke()
+
+    def availability_changed(self, available: bool) -> None:
+        self.availability.append(available)
+        self._poke()
+
+    async def wait(self, cond: Callable[[], bool], timeout: float = 5.0, what: str = "") -> None:
+        deadline = time.monotonic() + timeout
+        while not cond():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"timed out waiting for {what or cond}")
+            self.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), min(left, 0.05))
+
+
+def settings_for(server: EtcdServer, prefix: str, **overrides: Any) -> Settings:
+    base = Settings(etcd_endpoints=[server.endpoint], etcd_prefix=prefix, etcd_timeout=1.0, member_ttl=2)
+    # model_copy skips validation: lets a test use an etcd_hold below the setting's lower bound.
+    return base.model_copy(update=overrides)
+
+
+async def started(server: EtcdServer, prefix: str, name: str, **overrides: Any) -> tuple[EtcdStore, Recorder]:
+    store = EtcdStore(settings_for(server, prefix, **overrides), member_id=name)
+    rec = Recorder()
+    store.listener = rec
+    await store.start(f"udp:127.0.0.1:{5000 + len(name)}")
+    return store, rec
+
+
+def new_prefix() -> str:
+    return f"/t/store-{uuid.uuid4().hex[:8]}/"
+
+
+def binding(ctid: int, expires_at: float, *, cseq: int = 1, conn: int | None = None) -> Binding:
+    return Binding(
+        ctid=ctid,
+        contact=f"sip:phone{ctid}@192.0.2.1:5060",
+        expires_at=expires_at,
+        source=Peer("tcp" if conn else "udp", "192.0.2.1", 5060, conn),
+        call_id=f"call-{ctid}",
+        cseq=cseq,
+        updated_at=time.time(),
+    )
+
+
+META = MainMeta("sip:alice@example.com", "sip:alice@example.com", "sip:example.com", call_id="cid-main")
+
+
+async def load(store: EtcdStore, rec: Recorder, aor: str) -> AorRecord | None:
+    for _ in range(10):
+        try:
+            return store.load(aor)
+        except Pending as wait:
+            assert wait.key == aor_key(aor)
+            seen = len(rec.ready)
+            await rec.wait(lambda seen=seen: aor_key(aor) in rec.ready[seen:], what=f"ready {aor}")  # type: ignore[misc]
+    raise AssertionError("load stayed pending")
+
+
+async def settle(rec: Recorder, ticket: int | None) -> bool | None:
+    """The outcome of a commit: None when it needed no write, else what store_committed said."""
+    if ticket is None:
+        return None
+    await rec.wait(lambda: ticket in rec.committed, what=f"ticket {ticket}")
+    return rec.committed[ticket]
+
+
+async def write(store: EtcdStore, rec: Recorder, record: AorRecord, old: AorRecord | None) -> bool | None:
+    return await settle(rec, store.commit(record, old))
+
+
+async def raw(server: EtcdServer, key: str) -> dict[str, Any] | None:
+    async with EtcdClient([server.endpoint]) as c:
+        kv = await c.get(key.encode())
+    return None if kv is None else json.loads(kv.value)
+
+
+async def stop_all(*stores: EtcdStore) -> None:
+    for store in stores:
+        await store.close()
+
+
+def test_fetch_commit_and_decoding(etcd_server: EtcdServer) -> None:
+    """Pending then ready; the first write is one txn; the owner reads its own state, a peer reads the hold."""
+
+    async def main() -> None:
+        prefix = new_prefix()
+        a, ra = await started(etcd_server, prefix, "a")
+        b, rb = await started(etcd_server, prefix, "b")
+        try:
+            aor = "alice@example.com"
+            with pytest.raises(Pending) as wait:
+                a.load(aor)
+            assert wait.value.key == aor_key(aor)
+            assert await load(a, ra, aor) is None
+            now = time.time()
+            ctid = a.new_contact_id()
+            record = AorRecord(aor, {ctid: binding(ctid, now + 60, conn=7)}, meta=META)
+            calls = a.calls
+            ticket = a.commit(record, None)
+            assert ticket is not None
+            with pytest.raises(Pending):
+                a.load(aor)  # a write of that AoR is in flight
+            assert await settle(ra, ticket) is True
+            assert a.calls == calls + 1
+            assert ra.ready[-1] == aor_key(aor)
+
+            mine = await load(a, ra, aor)
+            assert mine is not None and mine.version > 0 and mine.meta == META
+            own = mine.bindings[ctid]
+            assert own.owner == "a" and a.owns(own) and not b.owns(own)
+            assert own.expires_at == pytest.approx(now + 60) and own.source.conn == 7
+
+            theirs = await load(b, rb, aor)
+            assert theirs is not None and theirs.version == mine.version
+            peer_view = theirs.bindings[ctid]
+            assert peer_view.owner == "a" and peer_view.source.conn is None
+            assert peer_view.expires_at == pytest.approx(now + 60 + a.hold)  # the hold: the owner vouches
+            assert peer_view.contact == own.contact
+
+            stored = await raw(etcd_server, f"{prefix}aor/{aor}/ct/{ctid}")
+            assert stored is not None and stored["hold"] == pytest.approx(now + 60 + a.hold)
+            head = await raw(etcd_server, f"{prefix}aor/{aor}")
+            assert head == {"v": 1, "aor": aor, "meta": META.to_dict(), "ctids": [str(ctid)]}
+            async with EtcdClient([etcd_server.endpoint]) as c:
+                index = await c.get(f"{prefix}ctid/{ctid}".encode())
+            assert index is not None and index.value == aor.encode()
+
+            # find_ctid on a process that never saw it: Pending under the ctid key, then the AoR
+            c_store, rc = await started(etcd_server, prefix, "c")
+            try:
+                with pytest.raises(Pending) as cwait:
+                    c_store.find_ctid(ctid)
+                assert cwait.value.key == ctid_key(ctid)
+                await rc.wait(lambda: ctid_key(ctid) in rc.ready, what="ctid ready")
+                found = c_store.find_ctid(ctid)
+                assert found is not None and found.aor == aor and ctid in found.bindings
+                with pytest.raises(Pending):
+                    c_store.find_ctid(12345)
+                await rc.wait(lambda: ctid_key(12345) in rc.ready, what="unknown ctid ready")
+                assert c_store.find_ctid(12345) is None
+            finally:
+                await c_store.close()
+            assert a.counts() == (1, 1)
+        finally:
+            await stop_all(a, b)
+
+    run(main())
+
+
+def test_cas_conflict_exactly_one_wins(etcd_server: EtcdServer) -> None:
+    async def main() -> None:
+        prefix = new_prefix()
+        a, ra = await started(etcd_server, prefix, "a")
+        b, rb = await started(etcd_server, prefix, "b")
+        try:
+            aor = "race@example.com"
+            now = time.time()
+            assert await write(a, ra, AorRecord(aor, {1: binding(1, now + 60)}, meta=META), None)
+            old_a = await load(a, ra, aor)
+            old_b = await load(b, rb, aor)
+            assert old_a is not None and old_b is not None and old_a.version == old_b.version
+            new_a, new_b = old_a.copy(), old_b.copy()
+            new_a.bindings[2] = binding(2, now + 60)
+            new_b.bindings[3] = binding(3, now + 60)
+            ta, tb = a.commit(new_a, old_a), b.commit(new_b, old_b)
+            assert ta is not None and tb is not None
+            outcomes = await asyncio.gather(settle(ra, ta), settle(rb, tb))
+            assert sorted(outcomes) == [False, True]  # type: ignore[type-var]
+            loser, rl = (a, ra) if outcomes[0] is False else (b, rb)
+            # the loser's copy was refreshed in the same round trip: its re-run needs no fetch
+            calls = loser.calls
+            now_seen = loser.load(aor)
+            assert now_seen is not None and loser.calls == calls
+            assert set(now_seen.bindings) in ({1, 2}, {1, 3})
+            again = now_seen.copy()
+            again.bindings[4] = binding(4, now + 60)
+            assert await write(loser, rl, again, now_seen) is True
+            head = await raw(etcd_server, f"{prefix}aor/{aor}")
+            assert head is not None and len(head["ctids"]) == 3  # no contact lost
+            winner, rw = (b, rb) if loser is a else (a, ra)
+            await rw.wait(lambda: aor not in winner._cache, what="the winner's copy dropped by the watch")
+            final = await load(winner, rw, aor)
+            assert final is not None and len(final.bindings) == 3
+        finally:
+            await stop_all(a, b)
+
+    run(main())
+
+
+def test_owner_refreshes_cost_no_call_until_lapse_near(etcd_server: EtcdServer) -> None:
+    async def main() -> None:
+        prefix = new_prefix()
+        a, ra = await started(etcd_server, prefix, "a")
+        b, rb = await started(etcd_server, prefix, "b")
+        try:
+            aor = "steady@example.com"
+            now = time.time()
+            assert await write(a, ra, AorRecord(aor, {1: binding(1, now + 60)}, meta=META), None)
+            hold = now + 60 + a.hold
+            peer_before = await load(b, rb, aor)
+            assert peer_before is not None
+            calls = a.calls
+            refreshes = 0
+            expires = now + 60
+            while expires + 60 + a.margin <= hold:  # every refresh that stays within the lease
+                old = a.load(aor)
+                assert old is not None
+                cur = old.bindings[1]
+                expires += 60
+                new = old.copy()
+                new.bindings[1] = replace(cur, expires_at=expires, cseq=cur.cseq + 1, updated_at=time.time())
+                assert a.commit(new, old) is None
+                refreshes += 1
+                seen = a.load(aor)
+                assert seen is not None and seen.bindings[1].expires_at == expires  # the owner's truth
+            assert refreshes >= 8 and a.calls == calls  # none of them reached etcd
+            # the next refresh would outrun the lease: one write, which also moves the hold
+            old = a.load(aor)
+            assert old is not None
+            cur = old.bindings[1]
+            new = old.copy()
+            new.bindings[1] = replace(cur, expires_at=hold, cseq=cur.cseq + 1)
+            assert await write(a, ra, new, old) is True
+            assert a.calls == calls + 1
+            print(
+                f"\netcd calls per refresh: {(a.calls - calls) / (refreshes + 1):.3f} ({refreshes + 1} refreshes)"
+            )
+            stored = await raw(etcd_server, f"{prefix}aor/{aor}/ct/1")
+            assert stored is not None and stored["hold"] == pytest.approx(hold + a.hold, abs=0.01)
+            # the peer's cached copy was invalidated by the watch and reads the new hold
+            await rb.wait(lambda: aor not in b._cache, what="b invalidated")
+            peer_after = await load(b, rb, aor)
+            assert peer_after is not None and peer_after.bindings[1].expires_at == pytest.approx(
+                hold + a.hold
+            )
+            # a change peers need (the contact) always writes
+            old = a.load(aor)
+            assert old is not None
+            new = old.copy()
+            new.bindings[1] = replace(old.bindings[1], contact="sip:moved@192.0.2.9", cseq=99)
+            assert await write(a, ra, new, old) is True
+            assert a.calls == calls + 2
+        finally:
+            await stop_all(a, b)
+
+    run(main())
+
+
+def test_refresh_on_another_store_takes_ownership(etcd_server: EtcdServer) -> None:
+    async def main() -> None:
+        prefix = new_prefix()
+        a, ra = await started(etcd_server, prefix, "a")
+        b, rb = await started(etcd_server, prefix, "b")
+        try:
+            aor = "mover@example.com"
+            now = time.time()
+            assert await write(a, ra, AorRecord(aor, {5: binding(5, now + 60, conn=3)}, meta=META), None)
+            assert await load(a, ra, aor) is not None and a.counts()[1] == 1
+            old = await load(b, rb, aor)
+            assert old is not None and not b.owns(old.bindings[5])
+            new = old.copy()
+            new.bindings[5] = replace(
+                old.bindings[5], expires_at=now + 120, cseq=2, source=Peer("tcp", "192.0.2.1", 5060, 11)
+            )
+            calls = b.calls
+            ticket = b.commit(new, old)
+            assert ticket is not None and await settle(rb, ticket) is True and b.calls == calls + 1
+            assert new.bindings[5].owner == "b"
+            mine = b.load(aor)
+            assert mine is not None and b.owns(mine.bindings[5]) and mine.bindings[5].source.conn == 11
+            assert mine.bindings[5].expires_at == pytest.approx(now + 120)
+            # a's copy is dropped by the watch; read again it shows b's binding, and a no longer holds it
+            await ra.wait(lambda: aor not in a._cache, what="a invalidated")
+            seen = await load(a, ra, aor)
+            assert seen is not None
+            moved = seen.bindings[5]
+            assert moved.owner == "b" and not a.owns(moved) and moved.source.conn is None
+            assert moved.expires_at == pytest.approx(now + 120 + b.hold)
+            assert a.counts()[1] == 0
+            # b's refreshes are now absorbed in b's memory
+            old = b.load(aor)
+            assert old is not None
+            new = old.copy()
+            new.bindings[5] = replace(old.bindings[5], expires_at=now + 180, cseq=3)
+            assert b.commit(new, old) is None
+        finally:
+            await stop_all(a, b)
+
+    run(main())
+
+
+def test_member_registry(etcd_server: EtcdServer) -> None:
+    async def main() -> None:
+        prefix = new_prefix()
+        a, ra = await started(etcd_server, prefix, "a")
+        b, _ = await started(etcd_server, prefix, "bb")
+        c, _ = await started(etcd_server, prefix, "ccc")
+        try:
+            await ra.wait(lambda: a.member_address("ccc") is not None, what="c seen by a")
+            assert a.member_address("bb") == "udp:127.0.0.1:5002"
+            assert c.member_address("a") == "udp:127.0.0.1:5001"  # listed at start
+            await b.close()  # revokes its lease: gone at once
+            await ra.wait(lambda: a.member_address("bb") is None, timeout=2, what="b gone")
+            t0 = time.monotonic()
+            await c.close(revoke=False)  # dies: its lease (member_ttl 2 s) runs out
+            await ra.wait(lambda: a.member_address("ccc") is None, timeout=8, what="c's lease ran out")
+            assert time.monotonic() - t0 >= 1.0
+            assert a.member_address("a") == "udp:127.0.0.1:5001"
+        finally:
+            await stop_all(a, b, c)
+
+    run(main())
+
+
+def test_orphans_expire_exactly_once(etcd_server: EtcdServer) -> None:
+    """A binding whose lease runs out (its owner never rewrote or deleted it) → one orphans_expired among
+    three stores; an owner's own delete → none."""
+
+    async def main() -> None:
+        prefix = new_prefix()
+        stores = [await started(etcd_server, prefix, n, etcd_hold=2) for n in ("a", "b", "c")]
+        (a, ra), (b, _), (c, _) = stores
+        try:
+            now = time.time()
+            assert await write(
+                a, ra, AorRecord("gone@example.com", {7: binding(7, now + 1)}, meta=META), None
+            )
+            assert await write(
+                a,
+                ra,
+                AorRecord("kept@example.com", {8: binding(8, now + 60), 9: binding(9, now + 60)}, meta=META),
+                None,
+            )
+            for store, rec in stores:  # everyone has both AoRs cached
+                assert await load(store, rec, "gone@example.com") is not None
+            # the owner deletes one contact of "kept" itself: claimed in its txn, no orphan
+            old = a.load("kept@example.com")
+            assert old is not None
+            left = old.copy()
+            del left.bindings[9]
+            assert await write(a, ra, left, old) is True
+            await ra.wait(
+                lambda: sum(len(r.orphans) for _, r in stores) >= 1, timeout=12, what="orphan claimed"
+            )
+            await asyncio.sleep(1.0)
+            orphans = [o for _, r in stores for o in r.orphans]
+            assert len(orphans) == 1, orphans
+            before, gone = orphans[0]
+            assert before.aor == "gone@example.com" and [g.ctid for g in gone] == [7]
+            assert before.meta == META and gone[0].owner == "a" and gone[0].call_id == "call-7"
+            expired_after = time.time() - (now + 1 + 2)
+            print(f"\norphan claimed {expired_after:.2f} s after its hold")
+            assert sum(s.orphan_claims_won for s, _ in stores) == 1
+            for store, rec in stores:
+                assert await load(store, rec, "gone@example.com") is None  # dropped from every cache
+            assert a.counts()[1] == 1  # 7 left a's overlay, 9 was deleted: 8 stays
+        finally:
+            await stop_all(a, b, c)
+
+    run(main())
+
+
+def test_owner_delete_aor(etcd_server: EtcdServer) -> None:
+    async def main() -> None:
+        prefix = new_prefix()
+        a, ra = await started(etcd_server, prefix, "a")
+        b, rb = await started(etcd_server, prefix, "b")
+        try:
+            aor = "bye@example.com"
+            now = time.time()
+            assert await write(a, ra, AorRecord(aor, {1: binding(1, now + 60)}, meta=META), None)
+            old = await load(a, ra, aor)
+            assert old is not None
+            assert await settle(ra, a.delete(aor, old)) is True
+            assert a.load(aor) is None
+            assert await raw(etcd_server, f"{prefix}aor/{aor}") is None
+            assert await raw(etcd_server, f"{prefix}ctid/1") is None
+            assert await load(b, rb, aor) is None
+            await asyncio.sleep(0.3)
+            assert not ra.orphans and not rb.orphans
+            assert a.delete(aor, None) is None  # nothing there: nothing to write
+        finally:
+            await stop_all(a, b)
+
+    run(main())
+
+
+def test_watch_invalidates_after_another_stores_write(etcd_server: EtcdServer) -> None:
+    async def main() -> None:
+        prefix = new_prefix()
+        a, ra = await started(etcd_server, prefix, "a")
+        b, rb = await started(etcd_server, prefix, "b")
+        try:
+            aor = "shared@example.com"
+            now = time.time()
+            assert await write(a, ra, AorRecord(aor, {1: binding(1, now + 60)}, meta=META), None)
+            assert await load(a, ra, aor) is not None
+            old = await load(b, rb, aor)
+            assert old is not None
+            new = old.copy()
+            new.bindings[2] = binding(2, now + 60)
+            assert await write(b, rb, new, old) is True
+            t0 = time.monotonic()
+            await ra.wait(lambda: aor not in a._cache, what="a's copy dropped")
+            print(f"\ninvalidation seen after {1000 * (time.monotonic() - t0):.1f} ms")
+            seen = await load(a, ra, aor)
+            assert seen is not None and set(seen.bindings) == {1, 2}
+            assert a.owns(seen.bindings[1]) and not a.owns(seen.bindings[2])
+            # a stale commit from a (based on the old version) cannot land
+            stale = old.copy()
+            stale.bindings[3] = binding(3, now + 60)
+            assert await write(a, ra, stale, old) is False
+        finally:
+            await stop_all(a, b)
+
+    run(main())
+
+
+def test_etcd_stopped_then_restarted(etcd_server: EtcdServer) -> None:
+    async def main() -> None:
+        prefix = new_prefix()
+        a, ra = await started(etcd_server, prefix, "a")
+        try:
+            aor = "outage@example.com"
+            now = time.time()
+            assert await write(a, ra, AorRecord(aor, {1: binding(1, now + 60)}, meta=META), None)
+            await asyncio.to_thread(etcd_server.stop)
+            try:
+                # a fetch in flight when etcd goes: failed (ready), then StoreUnavailable
+                with pytest.raises(Pending):
+                    a.load("other@example.com")
+                await ra.wait(lambda: ra.availability == [False], timeout=5, what="unavailable")
+                await ra.wait(lambda: aor_key("other@example.com") in ra.ready, what="parked fetch failed")
+                for call in (
+                    lambda: a.load(aor),
+                    lambda: a.find_ctid(1),
+                    lambda: a.commit(AorRecord(aor), None),
+                ):
+                    with pytest.raises(StoreUnavailable):
+                        call()
+                await asyncio.sleep(1.0)  # nothing crashes or spins while down
+            finally:
+                await asyncio.to_thread(etcd_server.start)
+            t0 = time.monotonic()
+            await ra.wait(lambda: ra.availability == [False, True], timeout=15, what="available again")
+            print(f"\nrecovered {time.monotonic() - t0:.2f} s after etcd was back")
+            old = await load(a, ra, aor)
+            assert old is not None and a.owns(old.bindings[1])
+            new = old.copy()
+            new.bindings[2] = binding(2, now + 60)
+            assert await write(a, ra, new, old) is True
+            assert a.member_address("a") is not None
+            async with EtcdClient([etcd_server.endpoint]) as c:
+                assert await c.get(f"{prefix}members/a".encode()) is not None  # registered again
+        finally:
+            await a.close()
+
+    run(main())
+
+
+def test_etcd_paused_then_resumed(etcd_server: EtcdServer) -> None:
+    async def main() -> None:
+        prefix = new_prefix()
+        a, ra = await started(etcd_server, prefix, "a")
+        b, rb = await started(etcd_server, prefix, "b")
+        try:
+            aor = "cut@example.com"
+            now = time.time()
+            assert await write(a, ra, AorRecord(aor, {1: binding(1, now + 60)}, meta=META), None)
+            old = await load(a, ra, aor)
+            assert old is not None
+            etcd_server.pause()
+            try:
+                new = old.copy()
+                new.bindings[2] = binding(2, now + 60)
+                t0 = time.monotonic()
+                ticket = a.commit(new, old)
+                assert ticket is not None
+                assert await settle(ra, ticket) is False  # timed out: reported lost, never hung
+                assert time.monotonic() - t0 < 2.5
+                await ra.wait(lambda: ra.availability == [False], timeout=3, what="a unavailable")
+                await rb.wait(lambda: rb.availability == [False], timeout=3, what="b unavailable")
+                with pytest.raises(StoreUnavailable):
+                    a.load(aor)
+            finally:
+                etcd_server.resume()
+            await ra.wait(lambda: ra.availability == [False, True], timeout=15, what="a back")
+            await rb.wait(lambda: rb.availability == [False, True], timeout=15, what="b back")
+            seen = await load(b, rb, aor)
+            assert seen is not None and 1 in seen.bindings  # the timed-out write may or may not have landed
+            current = await load(a, ra, aor)
+            assert current is not None
+            again = current.copy()
+            again.bindings[3] = binding(3, now + 60)
+            assert await write(a, ra, again, current) is True
+        finally:
+            await stop_all(a, b)
+
+    run(main())
