@@ -327,12 +327,20 @@ class EtcdStore:
                 if not await self.client.health(timeout=self.settings.etcd_timeout):
                     continue
                 try:
-                    await self._list_members()
+                    listed = await self._list_members()
                     await self._register()
                 except EtcdError as exc:
                     log.info("etcd back but registration failed: %s", exc)
                     continue
                 kept_at = time.monotonic()
+                if not self._watch_rev and self._watch_task is not None:
+                    # started while etcd was down: watch from the revision just listed, so no change made
+                    # after it can slip between the watch and the fetches to come
+                    self._watch_task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await self._watch_task
+                    self._watch_task = None
+                    self._watch_rev = listed
                 self._cache.clear()
                 self._ctids = {c: a for c, a in self._ctids.items() if a}
                 self.available = True
@@ -400,10 +408,10 @@ class EtcdStore:
         if task is None:
             task = asyncio.get_running_loop().create_task(self._run_fetch(aor))
             self._fetching[aor] = task
-            self._ops[task] = lambda: self._fetch_failed(aor)
+            self._ops[task] = lambda: self._fetch_done(aor)
         return task
 
-    def _fetch_failed(self, aor: str) -> None:
+    def _fetch_done(self, aor: str) -> None:
         self._fetching.pop(aor, None)
         if self.listener is not None:
             self.listener.store_ready(aor_key(aor))
@@ -425,7 +433,7 @@ class EtcdStore:
         finally:
             self._done_inflight()
             if self._ops.pop(me, None) is not None:  # type: ignore[arg-type]
-                self._fetch_failed(aor)
+                self._fetch_done(aor)
 
     def _store_fetched(self, aor: str, result: TxnResult) -> bool:
         """Cache what a fetch (or a lost compare-and-swap) read at ``result.revision``; False when the watch
@@ -469,9 +477,9 @@ class EtcdStore:
             return
         task = asyncio.get_running_loop().create_task(self._run_fetch_ctid(ctid))
         self._ctid_fetching[ctid] = task
-        self._ops[task] = lambda: self._ctid_failed(ctid)
+        self._ops[task] = lambda: self._ctid_done(ctid)
 
-    def _ctid_failed(self, ctid: int) -> None:
+    def _ctid_done(self, ctid: int) -> None:
         self._ctid_fetching.pop(ctid, None)
         if self.listener is not None:
             self.listener.store_ready(ctid_key(ctid))
@@ -495,7 +503,7 @@ class EtcdStore:
             log.warning("contact id %d lookup failed: %s", ctid, exc)
         finally:
             if self._ops.pop(me, None) is not None:  # type: ignore[arg-type]
-                self._ctid_failed(ctid)
+                self._ctid_done(ctid)
 
     def _done_inflight(self) -> None:
         self._inflight -= 1

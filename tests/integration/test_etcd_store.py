@@ -565,3 +565,85 @@ def test_etcd_paused_then_resumed(etcd_server: EtcdServer) -> None:
             await stop_all(a, b)
 
     run(main())
+
+
+def test_figures_calls_per_refresh_memory_fetch_latency(etcd_server: EtcdServer) -> None:
+    """The figures issue 4 asks for, at a small scale (printed with -s): etcd calls per refresh at steady state
+    (60 s refreshes, hold 600 s), bytes held per owned binding, fetch latency, CPU of an absorbed refresh."""
+
+    async def main() -> None:
+        import gc
+        import statistics
+        import tracemalloc
+
+        prefix = new_prefix()
+        a, ra = await started(etcd_server, prefix, "a", etcd_timeout=5.0)  # 500 txns at once, traced
+        b, rb = await started(etcd_server, prefix, "b", etcd_timeout=5.0)
+        try:
+            n, rounds = 500, 20
+            t0 = time.time()
+            aors = [f"user{i}@example.com" for i in range(n)]
+            tickets = [
+                a.commit(AorRecord(aor, {i + 1: binding(i + 1, t0 + 60, conn=i)}, meta=META), None)
+                for i, aor in enumerate(aors)
+            ]
+            assert all(await asyncio.gather(*(settle(ra, t) for t in tickets)))
+            calls = a.calls
+            cpu = 0.0
+            absorbed = 0
+            for k in range(1, rounds + 1):
+                pending = []
+                for i, aor in enumerate(aors):
+                    start = time.perf_counter()
+                    old = a.load(aor)
+                    assert old is not None
+                    cur = old.bindings[i + 1]
+                    new = old.copy()
+                    new.bindings[i + 1] = replace(cur, expires_at=t0 + 60 * (k + 1), cseq=cur.cseq + 1)
+                    ticket = a.commit(new, old)
+                    if ticket is None:
+                        cpu += time.perf_counter() - start
+                        absorbed += 1
+                    else:
+                        pending.append(ticket)
+                assert all(await asyncio.gather(*(settle(ra, t) for t in pending)))
+            per_refresh = (a.calls - calls) / (n * rounds)
+            assert 0.05 <= per_refresh <= 0.12
+            # memory: what the owner holds (overlay + its cached AoRs) per binding, freed when dropped; all of it
+            # allocated while traced: AoRs fetched again, one more round of absorbed refreshes
+            tracemalloc.start()
+            a._cache.clear()
+            aors = [f"user{i}@example.com" for i in range(n)]
+            for i, aor in enumerate(aors):
+                old = await load(a, ra, aor)
+                assert old is not None
+                new = old.copy()
+                new.bindings[i + 1] = replace(old.bindings[i + 1], cseq=old.bindings[i + 1].cseq + 1)
+                assert a.commit(new, old) is None
+            gc.collect()
+            before = tracemalloc.take_snapshot()
+            cache, overlay, ctids = a._cache, a._overlay, a._ctids
+            a._cache, a._overlay, a._ctids = {}, {}, {}
+            del cache, overlay, ctids, aors[:]
+            gc.collect()
+            after = tracemalloc.take_snapshot()
+            tracemalloc.stop()
+            freed = -sum(s.size_diff for s in after.compare_to(before, "filename"))
+            # fetch latency on a peer, one at a time
+            lat = []
+            for aor in [f"user{i}@example.com" for i in range(200)]:
+                start = time.perf_counter()
+                await load(b, rb, aor)
+                lat.append(time.perf_counter() - start)
+            lat.sort()
+            print(
+                f"\netcd calls per refresh: {per_refresh:.3f} ({n} bindings x {rounds} refreshes, "
+                f"hold {a.hold:.0f} s)\nabsorbed refresh (load + commit in memory): "
+                f"{1e6 * cpu / max(1, absorbed):.1f} us\nmemory per owned binding (overlay + cached AoR + index, incl. AoR text): "
+                f"{freed / n:.0f} bytes\nfetch latency: median {1000 * statistics.median(lat):.2f} ms, "
+                f"p99 {1000 * lat[int(len(lat) * 0.99) - 1]:.2f} ms"
+            )
+        finally:
+            await stop_all(a, b)
+
+    run(main())
