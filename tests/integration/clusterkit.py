@@ -94,6 +94,20 @@ class Node(sipkit.Registrar):
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def log_tail(self, n: int = 120) -> str:
+        """The last `n` lines of its output, without gRPC's own debug chatter."""
+        if self.proc is None:
+            return ""
+        text = self.proc.stdout() + "\n" + self.proc.stderr()
+        lines = [ln for ln in text.splitlines() if ln.strip() and " grpc" not in ln[:60]]
+        return "\n".join(lines[-n:])
+
+    def log_lines(self, needle: str) -> list[str]:
+        if self.proc is None:
+            return []
+        text = self.proc.stdout() + "\n" + self.proc.stderr()
+        return [ln for ln in text.splitlines() if needle in ln]
+
     def kill9(self) -> None:
         """SIGKILL by PID: no drain, no clean-up (a crashed pod)."""
         assert self.proc is not None
@@ -439,7 +453,7 @@ class Cluster:
             if node.proc is not None:
                 parts.append(
                     f"--- node {node.name} pid {node.proc.pid} rc={node.proc.poll()} sip {node.port} "
-                    f"http {node.http_port}: {node.command}\n{node.proc.tail(node_lines)}"
+                    f"http {node.http_port}: {node.command}\n{node.log_tail(node_lines)}"
                 )
         for f in self.fleets:
             parts.append(f.describe())
