@@ -7,9 +7,9 @@
   each refreshing every INTERVAL s with a lifetime of EXPIRES s, digest-authenticated by Kamailio when
   challenged) against `midregistrar run --mode contact` and `--mode aor` (run side by side, each with its own
   Kamailio main registrar from tests/integration/kamailio/main_registrar.cfg, digest auth on) for DURATION s.
-  Counts the REGISTERs reaching Kamailio (its own counters, `kamcmd stats.get_statistics`) and compares them with the
-  theory of SPEC §5.2 / §6.2: replaying the rules on the phones' schedule (relay the first REGISTER of each
-  device; then, per contact in mode contact / per AoR in mode aor, relay the first refresh at or after
+  Counts the REGISTERs reaching Kamailio (its own counters, `kamcmd stats.get_statistics`) and compares them
+  with the theory of SPEC §5.2 / §6.2: replaying the rules on the phones' schedule (relay the first REGISTER
+  of each device; then, per contact in mode contact / per AoR in mode aor, relay the first refresh at or after
   LRTs + (outgoing − e)), and the steady-state rate (one relay per contact, or per AoR, every outgoing − e s).
   Kamailio's raw count includes its 401 challenges: every relayed REGISTER costs two (challenge, retry);
   the comparison is on the accepted ones (reg_saved).

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from urllib.parse import quote, unquote
 
 from registrar.config import Settings
+from registrar.sip.fastinit import fast_frozen_init
 from registrar.sip.headers import Contact
 from registrar.sip.uri import URI, SipURI, TelURI
 
@@ -52,6 +53,7 @@ def canonical_aor(uri: URI, settings: Settings) -> str:
     return aor
 
 
+@fast_frozen_init
 @dataclass(frozen=True, slots=True)
 class Lifetimes:
     requested: int  # e_req: what the UA asked (or the default)

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from registrar.sip.errors import ParseError
-from registrar.sip.headers import Via, parse_via_sent_by, set_param, split_commas
+from registrar.sip.headers import Params, Via, parse_via_sent_by, split_commas
 from registrar.sip.message import (
     Header,
     Headers,
@@ -149,6 +150,11 @@ class Stack:
         self._armed: dict[int, tuple[Transaction, dict[str, int]]] = {}
         self._seq = itertools.count()
         self._servers: dict[ServerKey, ServerTransaction] = {}
+        # Answered non-INVITE server transactions over UDP, for Timer J: key -> (deadline, response bytes,
+        # and where they went as plain values). Only atomic values, so the cyclic GC stops looking at them;
+        # every one lingers for the same 64*T1, so a FIFO of (deadline, key) replaces timer-heap entries.
+        self._completed: dict[ServerKey, tuple[float, bytes, str, str, int, int | None, int]] = {}
+        self._completed_fifo: deque[tuple[float, ServerKey]] = deque()
         self._clients: dict[tuple[str, str], ClientTransaction] = {}
         self._ctx_of_server: dict[int, ResponseContext] = {}
         self._ctx_of_client: dict[int, ResponseContext] = {}
@@ -167,16 +173,19 @@ class Stack:
         return events
 
     def next_deadline(self) -> float | None:
-        while self._heap:
-            deadline, seq, key, name = self._heap[0]
+        fifo = self._completed_fifo
+        linger = fifo[0][0] if fifo else None
+        heap = self._heap
+        while heap:
+            deadline, seq, key, name = heap[0]
             if self._live(key, name, seq):
-                return deadline
-            heapq.heappop(self._heap)
-        return None
+                return deadline if linger is None or deadline < linger else linger
+            heapq.heappop(heap)
+        return linger
 
     @property
     def active_transactions(self) -> int:
-        return len(self._servers) + len(self._clients)
+        return len(self._servers) + len(self._clients) + len(self._completed)
 
     @property
     def pending_transactions(self) -> int:
@@ -225,6 +234,30 @@ class Stack:
             handle = self._handles.pop(id(txn))
             self._events.append(ClientResult(handle, txn.request, response, timed_out=True))
 
+    def completed(self, txn: ServerTransaction, data: bytes, peer: Peer, linger: float) -> None:
+        """A non-INVITE server transaction sent its final response: Timer J needs only those bytes (§17.2.2).
+        Over a reliable transport it ends at once."""
+        self._armed.pop(id(txn), None)
+        self._ctx_of_server.pop(id(txn), None)
+        key = txn.key
+        if self._servers.get(key) is txn:
+            del self._servers[key]
+        txn.state = State.TERMINATED
+        if linger <= 0:
+            return
+        deadline = self._now + linger
+        self._completed[key] = (deadline, data, peer.transport, peer.host, peer.port, peer.conn, peer.local)
+        self._completed_fifo.append((deadline, key))
+
+    def _resend_completed(self, key: ServerKey) -> bool:
+        """A retransmitted request of an answered non-INVITE transaction: send the same response again."""
+        done = self._completed.get(key)
+        if done is None:
+            return False
+        self.stats.retransmissions_absorbed += 1
+        self.send(done[1], Peer(*done[2:]))
+        return True
+
     def terminated(self, txn: Transaction) -> None:
         self._armed.pop(id(txn), None)
         if isinstance(txn, ServerTransaction):
@@ -241,6 +274,14 @@ class Stack:
 
     def handle_timers(self, now: float) -> None:
         self._now = now
+        fifo = self._completed_fifo
+        if fifo and fifo[0][0] <= now:
+            completed = self._completed
+            while fifo and fifo[0][0] <= now:
+                deadline, done_key = fifo.popleft()
+                done = completed.get(done_key)
+                if done is not None and done[0] == deadline:  # not a newer transaction with the same key
+                    del completed[done_key]
         while self._heap and self._heap[0][0] <= now:
             _, seq, key, name = heapq.heappop(self._heap)
             entry = self._armed.get(key)
@@ -271,9 +312,9 @@ class Stack:
     def _receive_request(self, request: Request, peer: Peer) -> None:
         method = request.method
         self.stats.requests_in[method] = self.stats.requests_in.get(method, 0) + 1
-        _stamp_received(request, peer)
+        via = _stamp_received(request, peer)
         try:
-            key = server_key(request)
+            key = server_key(request, via)
         except ParseError as exc:
             self._stateless_reply(request, peer, exc.status, exc.reason)
             return
@@ -288,7 +329,10 @@ class Stack:
         if method == "ACK":
             self._events.append(StrayAck(request, peer))
             return
+        if txn is None and key in self._completed and self._resend_completed(key):
+            return
         txn = ServerTransaction(self, self.timers, request, peer, key)
+        txn.reply_to = response_peer(via, peer)
         self._servers[key] = txn
         if request.headers.get("max-forwards") == "0" and method != "OPTIONS":
             self.respond(txn, make_response(request, 483))
@@ -305,6 +349,8 @@ class Stack:
         own = self._servers.get(key)
         if own is not None:  # a retransmitted CANCEL
             own.on_retransmission(request)
+            return
+        if key in self._completed and self._resend_completed(key):
             return
         txn = ServerTransaction(self, self.timers, request, peer, key)
         self._servers[key] = txn
@@ -369,15 +415,25 @@ class Stack:
 
     def respond(self, txn: ServerTransaction, response: Response) -> None:
         """Send a response on a server transaction (adds a To tag to locally built final responses)."""
-        if response.status > 100:
-            to = response.headers.get("to") or ""
-            if "tag=" not in to:
-                txn.to_tag = txn.to_tag or self._unique()
-                response.headers.set("To", f"{to};tag={txn.to_tag}")
-        if txn.answered and not (txn.invite and 200 <= response.status < 300):
+        status = response.status
+        if status > 100:
+            headers = response.headers
+            to = headers.first("to")
+            value = "" if to is None else to.value
+            if "tag=" not in value:
+                tag = txn.to_tag
+                if tag is None:
+                    tag = txn.to_tag = self._unique()
+                if to is None:
+                    headers.set("To", f";tag={tag}")
+                else:  # one To line: the request's was checked single at parse time
+                    headers.replace(to, Header(to.name, f"{value};tag={tag}", None, "to"))
+        if txn.answered and not (txn.invite and 200 <= status < 300):
             return  # a late answer (e.g. after a timeout already answered 408): nothing more to send
-        self.stats.responses_out[response.status] = self.stats.responses_out.get(response.status, 0) + 1
-        txn.send_response(response, response_peer(txn.request.top_via, txn.peer))
+        responses_out = self.stats.responses_out
+        responses_out[status] = responses_out.get(status, 0) + 1
+        reply_to = txn.reply_to
+        txn.send_response(response, reply_to or response_peer(txn.request.top_via, txn.peer))
 
     def proxy(
         self,
@@ -521,22 +577,53 @@ class Stack:
         client.start()
 
 
-def _stamp_received(request: Request, peer: Peer) -> None:
-    """Add received/rport to the top Via as RFC 3261 §18.2.1 and RFC 3581 ask."""
-    via = request.top_via
-    params = via.params
-    if via.rport == "":
-        params = set_param(set_param(params, "rport", str(peer.port)), "received", peer.host)
-    elif via.host.strip("[]") != peer.host:
-        params = set_param(params, "received", peer.host)
-    else:
-        return
-    stamped = Via(via.transport, via.host, via.port, params, via.protocol)
+def _stamp_received(request: Request, peer: Peer) -> Via:
+    """Add received/rport to the top Via as RFC 3261 §18.2.1 and RFC 3581 ask; return that Via."""
     first = request.headers.first("via")
-    assert first is not None  # the top Via parsed
-    vias = [stamped, *first.parsed(parse_via_list)[1:]]
-    value = ", ".join([str(stamped), *split_commas(first.value)[1:]])
-    request.headers.replace(first, typed_header(first.name, value, parse_via_list, vias))
+    if first is None:
+        raise ParseError("missing Via")
+    vias = first.parsed(parse_via_list)
+    if not vias:
+        raise ParseError("missing Via")
+    via = vias[0]
+    rport: str | None = None
+    for name, value in via.params:
+        if name.lower() == "rport":
+            rport = "" if value is None else value
+            break
+    if rport == "":
+        params = _stamped_params(via.params, str(peer.port), peer.host)
+    elif via.host.strip("[]") != peer.host:
+        params = _stamped_params(via.params, None, peer.host)
+    else:
+        return via
+    stamped = Via(via.transport, via.host, via.port, params, via.protocol)
+    text = str(stamped)
+    if len(vias) == 1:
+        header = typed_header(first.name, text, parse_via_list, [stamped])
+    else:
+        value = ", ".join([text, *split_commas(first.value)[1:]])
+        header = typed_header(first.name, value, parse_via_list, [stamped, *vias[1:]])
+    request.headers.replace(first, header)
+    return stamped
+
+
+def _stamped_params(params: Params, rport: str | None, received: str) -> Params:
+    """``params`` with rport set (unless None) and received set in place or appended: set_param twice."""
+    out: list[tuple[str, str | None]] = []
+    have_received = False
+    for name, value in params:
+        lname = name.lower()
+        if lname == "received":
+            out.append((name, received))
+            have_received = True
+        elif rport is not None and lname == "rport":
+            out.append((name, rport))
+        else:
+            out.append((name, value))
+    if not have_received:
+        out.append(("received", received))
+    return tuple(out)
 
 
 def _via_peer(via: Via) -> Peer:

@@ -18,7 +18,7 @@ from enum import Enum
 from typing import Protocol
 
 from registrar.sip.errors import ParseError
-from registrar.sip.headers import MAGIC_COOKIE
+from registrar.sip.headers import MAGIC_COOKIE, Via
 from registrar.sip.message import Header, Headers, Request, Response, make_response
 from registrar.sip.transport import Peer
 
@@ -59,14 +59,18 @@ class Outbox(Protocol):
 
     def terminated(self, txn: Transaction) -> None: ...
 
+    def completed(self, txn: ServerTransaction, data: bytes, peer: Peer, linger: float) -> None: ...
+
 
 ServerKey = tuple[str, ...]
 ClientKey = tuple[str, str]
 
 
-def server_key(request: Request) -> ServerKey:
-    """Server transaction key (RFC 3261 §17.2.3, with the RFC 2543 fallback). ACK maps to its INVITE."""
-    via = request.top_via
+def server_key(request: Request, via: Via | None = None) -> ServerKey:
+    """Server transaction key (RFC 3261 §17.2.3, with the RFC 2543 fallback). ACK maps to its INVITE.
+    ``via``: the request's top Via when the caller has it at hand."""
+    if via is None:
+        via = request.top_via
     method = "INVITE" if request.method == "ACK" else request.method
     branch = via.branch or ""
     if branch.startswith(MAGIC_COOKIE):
@@ -90,6 +94,8 @@ def client_key(response: Response) -> ClientKey:
 
 class Transaction:
     """Common state of all four machines."""
+
+    __slots__ = ("outbox", "peer", "state", "timers")
 
     def __init__(self, outbox: Outbox, timers: Timers, peer: Peer) -> None:
         self.outbox = outbox
@@ -116,6 +122,18 @@ class Transaction:
 class ServerTransaction(Transaction):
     """INVITE (§17.2.1, with RFC 6026's Accepted state) and non-INVITE (§17.2.2) server transactions."""
 
+    __slots__ = (
+        "_g_interval",
+        "_request",
+        "invite",
+        "key",
+        "last_response",
+        "last_status",
+        "reply_to",
+        "response_peer",
+        "to_tag",
+    )
+
     def __init__(self, outbox: Outbox, timers: Timers, request: Request, peer: Peer, key: ServerKey) -> None:
         super().__init__(outbox, timers, peer)
         self._request: Request | None = request
@@ -125,6 +143,7 @@ class ServerTransaction(Transaction):
         self.last_response: bytes | None = None
         self.last_status = 0
         self.response_peer = peer
+        self.reply_to: Peer | None = None  # where responses go, when the stack worked it out on arrival
         self.to_tag: str | None = None
         self._g_interval = timers.t1
 
@@ -170,9 +189,10 @@ class ServerTransaction(Transaction):
         else:
             self.state = State.COMPLETED
             # Timer J keeps this transaction for 32 s to absorb retransmissions with the bytes of the last
-            # response: the parsed request (tens of objects for the cyclic GC to walk) is not needed for that.
+            # response: the stack keeps just those bytes and where they went (no object for the cyclic GC
+            # to walk), and this object and its parsed request are freed.
             self._request = None
-            self.outbox.arm(self, "J", 0 if self.reliable else self.timers.b)
+            self.outbox.completed(self, data, peer, 0 if self.reliable else self.timers.b)
 
     def on_retransmission(self, request: Request) -> None:
         """The same request again (or the ACK of a non-2xx final)."""
@@ -208,6 +228,18 @@ class ServerTransaction(Transaction):
 
 class ClientTransaction(Transaction):
     """INVITE (§17.1.1) and non-INVITE (§17.1.2) client transactions."""
+
+    __slots__ = (
+        "_ack",
+        "_interval",
+        "_request",
+        "branch",
+        "data",
+        "final",
+        "invite",
+        "key",
+        "provisional_seen",
+    )
 
     def __init__(self, outbox: Outbox, timers: Timers, request: Request, peer: Peer) -> None:
         super().__init__(outbox, timers, peer)

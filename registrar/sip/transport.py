@@ -7,12 +7,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from registrar.sip.fastinit import fast_frozen_init
 from registrar.sip.headers import Via
 from registrar.sip.uri import URI, SipURI
 
 RELIABLE = frozenset({"tcp", "tls", "ws", "wss", "sctp"})
 
 
+@fast_frozen_init
 @dataclass(frozen=True, slots=True)
 class Peer:
     """A remote address on a transport, optionally pinned to an existing connection (``conn``).
