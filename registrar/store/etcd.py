@@ -383,7 +383,7 @@ class EtcdStore:
         return record
 
     def _decode(self, aor: str, entry: _Entry) -> AorRecord | None:
-        if not entry.version:
+        if not entry.version and entry.data == _EMPTY:
             return None
         me = self.member_id
         bindings: dict[int, Binding] = {}
@@ -457,10 +457,8 @@ class EtcdStore:
             stored.append((values, hold, kv.mod_revision, kv.lease))
             if binding.owner != me:
                 self._overlay.pop(binding.ctid, None)  # another process holds its flow now
-        if not heads and not stored:
-            version = 0
-        elif not heads:
-            version = max(kv.mod_revision for kv in bindings)  # head lapsed before its bindings: rare
+        # No head but bindings (the head's lease ended first, e.g. leases reset unevenly by an etcd restart):
+        # version 0, so the next write compares the head absent and puts it back.
         self._put_cache(aor, _Entry(rev, version, meta, marshal.dumps(tuple(stored))))
         return True
 
