@@ -74,7 +74,16 @@ def kam_uri(c: ck.Cluster, user: str) -> str:
 
 def invites_for(fleet: ck.Fleet, user: str) -> list[ck.SipMessage]:
     """INVITEs the fleet received for `user` (mode contact: R-URI user; mode aor: the phone's Contact)."""
-    return [m for m in ck.received_invites(fleet) if (m.ruri or "").startswith(f"sip:{user}@")]
+    seen: set[str] = set()
+    out = []
+    for m in ck.received_invites(fleet):
+        if not (m.ruri or "").startswith(f"sip:{user}@"):
+            continue
+        key = m.vias[0] if m.vias else m.text  # a retransmission repeats the top Via (its branch)
+        if key not in seen:
+            seen.add(key)
+            out.append(m)
+    return out
 
 
 def via_ports(msg: ck.SipMessage) -> list[int | None]:
@@ -346,10 +355,16 @@ def test_etcd_cut_30s_gives_503_unready_then_full_recovery(
     info = c.diag()
     assert not crashed, f"no process may die while etcd is away: {set(crashed)}\n" + info
     assert unready, f"/readyz must turn false on every process within 6 s of the cut\n{readyz_seen}\n" + info
-    assert all(all(v == 503 for v in s.values()) for s in readyz_seen), (
-        f"/readyz answers 503 all through the cut (turned false after {t_unready:.1f} s): {readyz_seen}\n"
+    # False all through the cut: never 200; 503 nearly always (a probe may time out on a loaded machine).
+    assert not any(v == 200 for s in readyz_seen for v in s.values()), (
+        f"/readyz must not be 200 during the cut (it turned false after {t_unready:.1f} s): {readyz_seen}\n"
         + info
     )
+    for node in c.nodes.values():
+        answered = sum(s[node.name] == 503 for s in readyz_seen)
+        assert answered >= 0.8 * len(readyz_seen), (
+            f"{node.name}'s /readyz must answer 503 during the cut: {readyz_seen}\n" + info
+        )
     assert late_ok_during == 0, (
         "a new phone cannot be registered without etcd (never a guessed answer)\n" + info
     )
