@@ -295,6 +295,10 @@ class EtcdStore:
                 task.cancel()
             fail()
 
+    async def _healthy(self) -> bool:
+        """A linearizable read inside the prefix (an etcd user may be allowed nothing else)."""
+        return await self.client.health(self.settings.etcd_timeout, key=self._member_key(self.member_id))
+
     async def _health_loop(self) -> None:
         ttl = self.settings.member_ttl
         keepalive_every = max(0.5, ttl / 3)
@@ -304,7 +308,7 @@ class EtcdStore:
             if self.available:
                 await asyncio.sleep(min(self.health_interval, keepalive_every))
                 self.background_calls += 1
-                if not await self.client.health(timeout=self.settings.etcd_timeout):
+                if not await self._healthy():
                     self._lost(EtcdUnavailable("health check failed"))
                     continue
                 if time.monotonic() - kept_at >= keepalive_every:
@@ -324,7 +328,7 @@ class EtcdStore:
                 await asyncio.sleep(backoff * (0.5 + self._rng.random() / 2))
                 backoff = min(backoff * 2, 5.0)
                 self.background_calls += 1
-                if not await self.client.health(timeout=self.settings.etcd_timeout):
+                if not await self._healthy():
                     continue
                 try:
                     listed = await self._list_members()
@@ -753,7 +757,10 @@ class EtcdStore:
                             except EtcdError:
                                 await asyncio.sleep(1.0)
                         break
-                    self._on_event(item)
+                    try:
+                        self._on_event(item)
+                    except Exception:  # a foreign or malformed key must not stop the watch
+                        log.exception("etcd watch event on %r not understood", item.kv.key)
                     next_rev = watch.next_revision
                 else:
                     next_rev = watch.next_revision or next_rev

@@ -631,15 +631,14 @@ class EtcdClient:
 
     # -- health
 
-    async def health(self, timeout: float | None = None) -> bool:
-        """True when etcd answers a linearizable read in time (so it has a leader and quorum): ``/readyz``."""
+    async def health(self, timeout: float | None = None, key: bytes = b"health") -> bool:
+        """True when etcd answers a linearizable read in time (so it has a leader and quorum): ``/readyz``.
+        ``key``: what to read (count only); with etcd auth, a key the user may read (its own prefix)."""
         if self._kv is None:
             return False
         t = timeout or self.timeout
         try:
-            await self._call(
-                "health", lambda: self.kv.get(b"health", count_only=True, timeout=t, max_attempts=1)
-            )
+            await self._call("health", lambda: self.kv.get(key, count_only=True, timeout=t, max_attempts=1))
         except EtcdError:
             return False
         return True

@@ -647,3 +647,59 @@ def test_figures_calls_per_refresh_memory_fetch_latency(etcd_server: EtcdServer)
             await stop_all(a, b)
 
     run(main())
+
+
+def test_started_while_etcd_down_then_recovers(etcd_server: EtcdServer) -> None:
+    async def main() -> None:
+        prefix = new_prefix()
+        await asyncio.to_thread(etcd_server.stop)
+        try:
+            t0 = time.monotonic()
+            a, ra = await started(etcd_server, prefix, "a")
+            assert time.monotonic() - t0 < 3.0  # start returns, unavailable, instead of hanging
+            assert not a.available and ra.availability == [False]
+            with pytest.raises(StoreUnavailable):
+                a.load("late@example.com")
+        finally:
+            await asyncio.to_thread(etcd_server.start)
+        b, rb = await started(etcd_server, prefix, "b")
+        try:
+            await ra.wait(lambda: ra.availability == [False, True], timeout=15, what="a available")
+            assert a.member_address("b") is not None
+            aor = "late@example.com"
+            assert await load(a, ra, aor) is None
+            now = time.time()
+            assert await write(b, rb, AorRecord(aor, {1: binding(1, now + 60)}, meta=META), None)
+            await ra.wait(lambda: aor not in a._cache, what="a's watch works")  # started late, sees changes
+            seen = await load(a, ra, aor)
+            assert seen is not None and 1 in seen.bindings
+        finally:
+            await stop_all(a, b)
+
+    run(main())
+
+
+def test_lease_gone_under_the_pool_is_granted_again(etcd_server: EtcdServer) -> None:
+    """A lease the pool still counts on was revoked (or ran out during an outage): the write grants a new one."""
+
+    async def main() -> None:
+        prefix = new_prefix()
+        a, ra = await started(etcd_server, prefix, "a")
+        try:
+            now = time.time()
+            assert await write(
+                a, ra, AorRecord("one@example.com", {1: binding(1, now + 60)}, meta=META), None
+            )
+            leases = list(a.pool._by_id)
+            assert leases
+            async with EtcdClient([etcd_server.endpoint]) as c:
+                for lease in leases:
+                    await c.revoke(lease)
+            ok = await write(a, ra, AorRecord("two@example.com", {2: binding(2, now + 60)}, meta=META), None)
+            assert ok is True
+            stored = await raw(etcd_server, f"{prefix}aor/two@example.com/ct/2")
+            assert stored is not None
+        finally:
+            await a.close()
+
+    run(main())
