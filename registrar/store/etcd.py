@@ -863,7 +863,11 @@ class EtcdStore:
         version: int,
         read_head: bool,
     ) -> None:
-        gone = [_decode_binding(kv.value)[0] for kv in prevs]
+        try:
+            gone = [_decode_binding(kv.value)[0] for kv in prevs]
+        except (ValueError, TypeError, KeyError) as exc:
+            log.warning("orphaned binding of %s not understood: %s", aor, exc)
+            return
         keys = [self._claim_key(b.ctid, kv.mod_revision) for b, kv in zip(gone, prevs, strict=True)]
         try:
             lease = await self.pool.lease_for(time.time() + CLAIM_TTL)

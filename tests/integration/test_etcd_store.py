@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -703,3 +704,37 @@ def test_lease_gone_under_the_pool_is_granted_again(etcd_server: EtcdServer) -> 
             await a.close()
 
     run(main())
+
+
+def test_etcd_user_limited_to_the_prefix(tmp_path: Path) -> None:
+    """With etcd auth, a user allowed only the registrar's prefix: registration, health, fetch, write, watch."""
+    server = EtcdServer(tmp_path / "auth").start()
+    try:
+        prefix = "/midregistrar/ns/name/"
+        server.etcdctl("user", "add", "root:rootpw")
+        server.etcdctl("user", "add", "reg:regpw")
+        server.etcdctl("role", "add", "registrar")
+        server.etcdctl("role", "grant-permission", "registrar", "--prefix=true", "readwrite", prefix)
+        server.etcdctl("user", "grant-role", "reg", "registrar")
+        server.etcdctl("auth", "enable")
+
+        async def main() -> None:
+            creds = {"etcd_username": "reg", "etcd_password": "regpw"}
+            a, ra = await started(server, prefix, "a", **creds)
+            b, rb = await started(server, prefix, "b", **creds)
+            try:
+                assert a.available and b.available
+                now = time.time()
+                aor = "auth@example.com"
+                assert await write(a, ra, AorRecord(aor, {1: binding(1, now + 60)}, meta=META), None)
+                seen = await load(b, rb, aor)
+                assert seen is not None and seen.bindings[1].owner == "a"
+                await asyncio.sleep(2.5)  # a few health checks and a keepalive: still available
+                assert ra.availability == [] and rb.availability == []
+                assert a.member_address("b") is not None
+            finally:
+                await stop_all(a, b)
+
+        run(main())
+    finally:
+        server.stop()
