@@ -168,6 +168,9 @@ class EtcdStore:
         self._tickets = itertools.count(1)
         self._ops: dict[asyncio.Task[None], Callable[[], None]] = {}  # in flight → how to fail it
         self._inflight = 0
+        # Data calls in flight at once: a burst (every phone re-registering after an outage) queues here
+        # instead of starving the client so that calls miss their deadline and the store turns unavailable.
+        self._limit = asyncio.Semaphore(64)
         self._recent: dict[str, int] = {}  # AoR → last event revision, while something is in flight
         self._tasks: set[asyncio.Task[Any]] = set()
         self._watch_task: asyncio.Task[None] | None = None
@@ -427,7 +430,8 @@ class EtcdStore:
             for _ in range(5):
                 self.calls += 1
                 head = self._head_key(aor)
-                result = await self.client.txn([], [op_get(head), op_get(head + b"/ct/", prefix=True)])
+                async with self._limit:
+                    result = await self.client.txn([], [op_get(head), op_get(head + b"/ct/", prefix=True)])
                 if self._store_fetched(aor, result):
                     break
         except EtcdUnavailable as exc:
@@ -699,9 +703,10 @@ class EtcdStore:
                 else:
                     ops.append(op_delete(head, prev_kv=False))
                 self.calls += 1
-                result = await self.client.txn(
-                    compares, ops, [op_get(head), op_get(head + b"/ct/", prefix=True)]
-                )
+                async with self._limit:
+                    result = await self.client.txn(
+                        compares, ops, [op_get(head), op_get(head + b"/ct/", prefix=True)]
+                    )
             except LeaseNotFound:
                 for lease in leases:
                     self.pool.forget(lease)

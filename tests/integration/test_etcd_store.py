@@ -738,3 +738,52 @@ def test_etcd_user_limited_to_the_prefix(tmp_path: Path) -> None:
         run(main())
     finally:
         server.stop()
+
+
+def test_watch_on_compacted_history_drops_the_cache_keeps_the_overlay(etcd_server: EtcdServer) -> None:
+    async def main() -> None:
+        prefix = new_prefix()
+        a, ra = await started(etcd_server, prefix, "a")
+        b, rb = await started(etcd_server, prefix, "b")
+        try:
+            aor = "compact@example.com"
+            now = time.time()
+            assert await write(a, ra, AorRecord(aor, {1: binding(1, now + 60, conn=4)}, meta=META), None)
+            assert await load(a, ra, aor) is not None
+            await asyncio.sleep(0.2)
+            # a's watch falls behind (stopped here), history moves on and is compacted, then it resumes
+            resume_at = a._watch_rev + 1
+            assert a._watch_task is not None
+            a._watch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await a._watch_task
+            old = await load(b, rb, aor)
+            assert old is not None
+            new = old.copy()
+            new.bindings[2] = binding(2, now + 60)
+            assert await write(b, rb, new, old) is True
+            async with EtcdClient([etcd_server.endpoint]) as c:
+                await c.compact(await c.revision())
+            assert aor in a._cache  # stale: nothing told a yet
+            a._watch_task = asyncio.get_running_loop().create_task(a._watch_loop(resume_at))
+            await ra.wait(lambda: aor not in a._cache, what="cache dropped on Compacted")
+            seen = await load(a, ra, aor)
+            assert seen is not None and set(seen.bindings) == {1, 2}
+            assert seen.bindings[1].source.conn == 4  # the overlay survived
+            # and the watch goes on after the re-list
+            again = seen.copy()
+            del again.bindings[2]
+            assert await write(a, ra, again, seen) is True
+            await rb.wait(lambda: aor not in b._cache, what="b sees a's write")
+            c_new = await load(b, rb, aor)
+            assert c_new is not None and set(c_new.bindings) == {1}
+            other = await load(b, rb, aor)
+            assert other is not None
+            more = other.copy()
+            more.bindings[3] = binding(3, now + 60)
+            assert await write(b, rb, more, other) is True
+            await ra.wait(lambda: aor not in a._cache, what="a's resumed watch sees b's write")
+        finally:
+            await stop_all(a, b)
+
+    run(main())
