@@ -329,7 +329,7 @@ class EtcdStore:
                 backoff = 0.2
             else:
                 await asyncio.sleep(backoff * (0.5 + self._rng.random() / 2))
-                backoff = min(backoff * 2, 5.0)
+                backoff = min(backoff * 2, 2.0)
                 self.background_calls += 1
                 if not await self._healthy():
                     continue
