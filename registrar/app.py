@@ -19,7 +19,7 @@ from registrar.config import Listen, Settings, StoreKind, split_hostport
 from registrar.core import digest
 from registrar.core.records import AorRecord, Binding
 from registrar.core.service import MidRegistrar
-from registrar.http.app import EngineCollector, make_app
+from registrar.http.app import EngineCollector, StoreStats, make_app
 from registrar.net.server import SipServer, build_stack
 from registrar.store.base import Pending, Store, StoreUnavailable
 from registrar.store.memory import MemoryStore
@@ -88,6 +88,7 @@ class Registrar:
                     self.core.stats,
                     lambda: self.stack.active_transactions,
                     self.store.counts,
+                    self._store_stats if self.etcd is not None else None,
                 )
             )
             app = make_app(registry, lambda: self.ready, self.aor_view)
@@ -139,6 +140,11 @@ class Registrar:
         if self.etcd is not None:
             await self.etcd.close()
         log.info("stopped")
+
+    def _store_stats(self) -> StoreStats:
+        assert self.etcd is not None
+        etcd = self.etcd
+        return StoreStats(etcd.calls, etcd.available, etcd.pool.live, len(etcd.members))
 
     async def aor_view(self, aor: str) -> dict[str, Any] | None:
         """``GET /v1/aors/{aor}``: from the store's memory, fetched first when it must be."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -14,6 +15,16 @@ from registrar.core.service import CoreStats
 from registrar.sip.stack import StackStats
 
 
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    """What a shared store reports at scrape time."""
+
+    calls: int
+    available: bool
+    leases: int
+    members: int
+
+
 class EngineCollector(Collector):
     """Reads the engine's plain counters at scrape time: the SIP path pays nothing for metrics."""
 
@@ -23,11 +34,13 @@ class EngineCollector(Collector):
         core_stats: CoreStats,
         active_transactions: Callable[[], int],
         counts: Callable[[], tuple[int, int]],
+        store_stats: Callable[[], StoreStats] | None = None,
     ) -> None:
         self.stack_stats = stack_stats
         self.core_stats = core_stats
         self.active_transactions = active_transactions
         self.counts = counts
+        self.store_stats = store_stats
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         s = self.stack_stats
@@ -76,6 +89,22 @@ class EngineCollector(Collector):
         aors, bindings = self.counts()
         yield GaugeMetricFamily("midregistrar_aors", "AoRs held", value=aors)
         yield GaugeMetricFamily("midregistrar_bindings", "Contact bindings held", value=bindings)
+        yield CounterMetricFamily(
+            "midregistrar_store_unavailable", "Requests answered 503: state unreachable", value=c.unavailable
+        )
+        yield CounterMetricFamily(
+            "midregistrar_handoffs", "Requests handed to the process holding the flow", value=c.handoffs
+        )
+        if self.store_stats is not None:
+            st = self.store_stats()
+            yield CounterMetricFamily(
+                "midregistrar_etcd_calls", "etcd requests made for data", value=st.calls
+            )
+            yield GaugeMetricFamily(
+                "midregistrar_etcd_up", "1 while etcd is reachable", value=int(st.available)
+            )
+            yield GaugeMetricFamily("midregistrar_etcd_leases", "Binding leases held", value=st.leases)
+            yield GaugeMetricFamily("midregistrar_members", "Live registrar processes seen", value=st.members)
 
 
 def make_app(
