@@ -32,6 +32,7 @@ if str(HERE) not in sys.path:
 
 import clusterkit as ck  # noqa: E402
 import sipkit  # noqa: E402
+import thrkit  # noqa: E402  (on sys.path through clusterkit)
 
 from tests.etcdkit import EtcdServer, etcd_server  # noqa: E402
 
@@ -84,6 +85,10 @@ def invites_for(fleet: ck.Fleet, user: str) -> list[ck.SipMessage]:
             seen.add(key)
             out.append(m)
     return out
+
+
+def metric(node: ck.Node, name: str) -> float:
+    return thrkit.metric(node.metrics(), name)
 
 
 def via_ports(msg: ck.SipMessage) -> list[int | None]:
@@ -158,6 +163,8 @@ def test_call_through_b_reaches_phone_registered_through_a(cluster: ck.Cluster, 
     ports = via_ports(inv[0])
     assert ports[0] == b.port, f"bob's flow is B's now: B sends directly, Vias {inv[0].vias}\n" + info
     assert a.port not in ports, f"no detour through A: {inv[0].vias}\n" + info
+    handoffs = {n.name: metric(n, "midregistrar_handoffs") for n in c.nodes.values()}
+    assert handoffs == {"A": 0, "B": 1, "C": 0}, f"B handed one INVITE (alice's) to A: {handoffs}\n" + info
     assert all(node.alive() for node in c.nodes.values()), info
 
 
@@ -184,12 +191,18 @@ def test_kill9_a_under_load_loses_no_binding_and_calls_reach_every_phone(
     held = {u: kam_uri(c, u) for _, u in users}
     assert all(len(c.kam_contacts(u)) == 1 for _, u in users), c.diag(c.kam.ul_dump()[-3000:])  # type: ignore[union-attr]
 
+    members = {n.name: metric(n, "midregistrar_members") for n in c.nodes.values()}
+    assert members == {"A": 3, "B": 3, "C": 3}, f"every process sees three live members: {members}"
     # kill -9 A while its 20 phones refresh through it (20 REGISTERs/s) and B, C take 10/s.
     a.kill9()
     t_kill = time.monotonic()
     c.notes.append(f"A killed at {time.strftime('%H:%M:%S')}")
     # Once A's member lease is gone (2 s), B reaches A's UDP phones directly at their received address.
     time.sleep(max(0.0, t_kill + 3.5 - time.monotonic()))
+    members = {n.name: metric(n, "midregistrar_members") for n in (b, cc)}
+    assert members == {"B": 2, "C": 2}, (
+        f"A's member lease is gone 3.5 s after the kill: {members}\n" + c.diag()
+    )
     out = ck.place_calls(c.tmp, b, [ck.CallTarget(u, held[u]) for u in fa.users], "orphans-via-b", rate=20)
     info = c.diag(out.result.describe()[-4000:])
     assert not out.failed(), (
@@ -374,6 +387,8 @@ def test_etcd_cut_30s_gives_503_unready_then_full_recovery(
         "every 503 carries Retry-After\n" + "\n".join(during_503[:20]) + "\n" + info
     )
 
+    unavailable = {n.name: metric(n, "midregistrar_store_unavailable") for n in c.nodes.values()}
+    assert sum(unavailable.values()) >= len(during_503), f"503s counted: {unavailable}\n" + c.diag()
     ready = ck.poll_until(lambda: all(n.readyz() == 200 for n in c.nodes.values()), 20, interval=0.2)
     print(f"[{cut}] ready again {time.monotonic() - t_resume:.1f} s after etcd came back")
     assert ready, (
