@@ -58,6 +58,7 @@ class Node(sipkit.Registrar):
         workdir: Path,
         extra: Sequence[str] = (),
         internal_port: int | None = None,
+        transports: Sequence[str] = ("udp",),
     ) -> None:
         self.name = name
         self.internal_port = internal_port
@@ -71,7 +72,7 @@ class Node(sipkit.Registrar):
             "--log-level", "debug",
             *extra,
         ]  # fmt: skip
-        super().__init__(main, mode=mode, port=port, transports=("udp",), extra=args, workdir=workdir)
+        super().__init__(main, mode=mode, port=port, transports=transports, extra=args, workdir=workdir)
         self.killed = False
 
     def launch(self) -> Node:
@@ -145,8 +146,17 @@ class Fleet:
     (scenarios/cluster_answer_ooc.xml)."""
 
     def __init__(
-        self, tmp: Path, name: str, users: Sequence[str], *, expires: int, every_ms: int, domain: str = DOMAIN
+        self,
+        tmp: Path,
+        name: str,
+        users: Sequence[str],
+        *,
+        expires: int,
+        every_ms: int,
+        domain: str = DOMAIN,
+        transport: str = "u1",
     ) -> None:
+        self.transport = transport
         self.tmp = tmp
         self.name = name
         self.users = list(users)
@@ -177,6 +187,7 @@ class Fleet:
             "cluster_phones",
             node.addr,
             port=self.port,
+            transport=self.transport,
             keys={"domain": self.domain, "expires": self.expires, "cseq_base": self.cseq_base},
             calls=n,
             rate=max(10, n * 2),
@@ -192,7 +203,8 @@ class Fleet:
         )  # fmt: skip
         # The previous run may still hold the port for a moment after it exits.
         deadline = time.monotonic() + 5
-        while sipkit.port_bound(self.port, "udp") and time.monotonic() < deadline:
+        kind = "tcp" if self.transport.startswith("t") else "udp"
+        while sipkit.port_bound(self.port, kind) and time.monotonic() < deadline:
             time.sleep(0.05)
         sipp.start()
         sipp.wait_bound()
@@ -346,7 +358,13 @@ class CallOutcome:
 
 
 def place_calls(
-    tmp: Path, node: Node, targets: Sequence[CallTarget], name: str, rate: float = 20, wait: float = 60
+    tmp: Path,
+    node: Node,
+    targets: Sequence[CallTarget],
+    name: str,
+    rate: float = 20,
+    wait: float = 60,
+    recv_timeout_ms: int = 12000,
 ) -> CallOutcome:
     """One main-side call per target, all through `node` (SIPp's remote address)."""
     inf = tmp / f"{name}.calls.csv"
@@ -368,7 +386,7 @@ def place_calls(
         timeout_s=wait - 5,
         workdir=tmp / f"calls-{name}",
         name=name,
-        extra=["-recv_timeout", "12000"],
+        extra=["-recv_timeout", str(recv_timeout_ms)],
     )
     finals = {t.label: "" for t in targets}
     for ln in result.logs:
@@ -399,13 +417,19 @@ class Cluster:
         self.fleets: list[Fleet] = []
         self.notes: list[str] = []
 
-    def start(self, mode: str, names: Iterable[str] = ("A", "B", "C"), extra: Sequence[str] = ()) -> Cluster:
+    def start(
+        self,
+        mode: str,
+        names: Iterable[str] = ("A", "B", "C"),
+        extra: Sequence[str] = (),
+        transports: Sequence[str] = ("udp",),
+    ) -> Cluster:
         self.kam = thrkit.KamailioMain(self.tmp / "kamailio", auth=False).start()
         endpoint = self.etcd.endpoint  # type: ignore[attr-defined]
         for name in names:
             self.nodes[name] = Node(
                 name, self.kam.addr, endpoint, self.prefix, mode=mode, workdir=self.tmp / f"node-{name}",
-                extra=extra,
+                extra=extra, transports=transports,
             )  # fmt: skip
         for node in self.nodes.values():
             node.launch()
@@ -416,8 +440,17 @@ class Cluster:
     def __getitem__(self, name: str) -> Node:
         return self.nodes[name]
 
-    def fleet(self, name: str, users: Sequence[str], node: Node, *, expires: int, every_ms: int) -> Fleet:
-        f = Fleet(self.tmp, name, users, expires=expires, every_ms=every_ms)
+    def fleet(
+        self,
+        name: str,
+        users: Sequence[str],
+        node: Node,
+        *,
+        expires: int,
+        every_ms: int,
+        transport: str = "u1",
+    ) -> Fleet:
+        f = Fleet(self.tmp, name, users, expires=expires, every_ms=every_ms, transport=transport)
         self.fleets.append(f)
         return f.start(node)
 

@@ -168,6 +168,32 @@ def test_call_through_b_reaches_phone_registered_through_a(cluster: ck.Cluster, 
     assert all(node.alive() for node in c.nodes.values()), info
 
 
+def test_tcp_flow_is_handed_to_its_owner_and_480_once_the_owner_is_gone(cluster: ck.Cluster) -> None:
+    """A TCP phone's flow is a connection to A: a call through B is handed to A, which sends it over that
+    connection; once A is dead (its member lease gone), the flow is gone too and B answers 480. Only the INVITE
+    transaction is checked: the UDP caller's ACK and BYE go straight to the phone's TCP-only Contact (no
+    Record-Route) and cannot reach it, so that call ends on a short receive timeout."""
+    c = cluster.start("contact", extra=node_args(outgoing=60), transports=("udp", "tcp"))
+    a, b = c["A"], c["B"]
+    tina = c.fleet("tina", ["tina"], a, expires=10, every_ms=1000, transport="t1")
+    assert tina.wait_ok(2, 15), "tina registers over TCP through A\n" + c.diag()
+    uri = kam_uri(c, "tina")
+    out = ck.place_calls(c.tmp, b, [ck.CallTarget("tina", uri)], "tcp-via-b", rate=5, recv_timeout_ms=2000)
+    info = c.diag(out.result.describe()[-4000:])
+    assert out.finals == {"tina": "200"}, f"the call through B reaches the TCP phone: {out.finals}\n" + info
+    inv = invites_for(tina, "tina")
+    assert len(inv) == 1 and inv[0].vias[0].startswith("SIP/2.0/TCP"), f"over TCP: {inv[0].vias}\n" + info
+    assert via_ports(inv[0])[0] == a.port, f"from A, over tina's connection: {inv[0].vias}\n" + info
+
+    a.kill9()
+    time.sleep(3.5)  # A's member lease (2 s) is gone
+    out = ck.place_calls(c.tmp, b, [ck.CallTarget("tina", uri)], "tcp-after-kill", rate=5)
+    info = c.diag(out.result.describe()[-4000:])
+    assert out.finals == {"tina": "480"}, f"a dead TCP flow gives 480: {out.finals}\n" + info
+    assert len(invites_for(tina, "tina")) == 1, "no INVITE reaches the phone any more\n" + info
+    assert b.alive(), info
+
+
 # ------------------------------------------------------------------------------------------ 2. kill -9 A
 
 
