@@ -432,16 +432,29 @@ def format_binding(
         if received:
             parts.append(f';{settings.received_param}="{received}"')
             return "".join(parts)
-    try:
-        contact = parse_uri(binding.contact)
-    except URIError:
-        contact = None
-    if isinstance(contact, SipURI) and (
-        contact.host.strip("[]") != source.host or (contact.port or 5060) != source.port
-    ):
+    hostport = _sip_hostport(binding.contact)
+    if hostport is not None and (hostport[0] != source.host or (hostport[1] or 5060) != source.port):
         transport = "" if source.transport == "udp" else f";transport={source.transport}"
         parts.append(f';{settings.received_param}="sip:{source.host}:{source.port}{transport}"')
     return "".join(parts)
+
+
+def _sip_hostport(text: str) -> tuple[str, int | None] | None:
+    """Host (brackets stripped) and port of a stored SIP contact URI; None when it is not a SIP URI.
+
+    The plain ``sip:user@host:port;params`` form is split with string operations (a full parse_uri costs
+    3 µs per binding listed in every 200 OK); anything else goes through :func:`parse_uri`."""
+    scheme, _, rest = text.partition(":")
+    if scheme in ("sip", "sips") and "?" not in rest and "[" not in rest and rest.count("@") <= 1:
+        hostport = rest.rpartition("@")[2].partition(";")[0]
+        host, colon, port = hostport.partition(":")
+        if host and (not colon or (port.isdigit() and len(port) <= 5)):
+            return host, int(port) if colon else None
+    try:
+        uri = parse_uri(text)
+    except URIError:
+        return None
+    return (uri.host.strip("[]"), uri.port) if isinstance(uri, SipURI) else None
 
 
 def rewrite_reply(
@@ -488,7 +501,12 @@ def _add_bindings(
 ) -> None:
     """List every valid binding and echo the Path; ``cap`` bounds the lifetimes shown (a draining process,
     DESIGN §6)."""
-    bindings = record.valid_bindings(now) if record is not None else []
+    bindings: list[Binding] = []
+    if record is not None:
+        if len(record.bindings) == 1:  # the usual AoR: nothing to sort
+            bindings = [b for b in record.bindings.values() if b.expires_at > now]
+        else:
+            bindings = record.valid_bindings(now)
     if bindings:
         response.headers.add(
             "Contact", ", ".join(format_binding(b, now, settings, gruu, cap) for b in bindings)

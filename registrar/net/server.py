@@ -338,9 +338,20 @@ def _earliest(a: float | None, b: float | None) -> float | None:
     return a if b is None else min(a, b)
 
 
+_IP_HOSTS: dict[str, bool] = {}  # host text -> is an IP literal (ipaddress takes ~5 µs; one per response)
+
+
 def _is_ip(host: str) -> bool:
+    known = _IP_HOSTS.get(host)
+    if known is not None:
+        return known
     try:
         ipaddress.ip_address(host)
     except ValueError:
-        return False
-    return True
+        known = False
+    else:
+        known = True
+    if len(_IP_HOSTS) >= 65536:
+        _IP_HOSTS.clear()
+    _IP_HOSTS[host] = known
+    return known

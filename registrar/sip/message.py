@@ -246,7 +246,7 @@ class Headers:
         return any(h.key == key for h in self._items)
 
     def get(self, name: str) -> str | None:
-        key = header_key(name)
+        key = _KEY_GET(name) or _slow_key(name)
         for h in self._items:
             if h.key == key:
                 return h.value
@@ -330,7 +330,7 @@ class Headers:
 
     def first(self, name: str) -> Header | None:
         """The first line of that name."""
-        key = header_key(name)
+        key = _KEY_GET(name) or _slow_key(name)
         for h in self._items:
             if h.key == key:
                 return h
@@ -546,6 +546,8 @@ def parse_message(data: bytes, *, stream: bool = False) -> Request | Response:
     items: list[Header] = []
     append = items.append
     folded = "\n " in head or "\n\t" in head
+    seen: dict[str, str] = {}  # the first value of each field validate() checks
+    duplicate: str | None = None
     for line in _unfold(lines[1:], sep) if folded else lines[1:]:
         name, colon, value = line.partition(":")
         if not colon:
@@ -562,6 +564,11 @@ def parse_message(data: bytes, *, stream: bool = False) -> Request | Response:
         if folded and "\n" in value:
             value = _FOLD_SUB(" ", value)
         append(Header(name, value, line, key))
+        if key in _CHECKED:
+            if key not in seen:
+                seen[key] = value
+            elif duplicate is None and key in SINGLE_HEADERS:
+                duplicate = key
     headers = Headers(items)
     start = lines[0]
     msg: Request | Response
@@ -578,8 +585,8 @@ def parse_message(data: bytes, *, stream: bool = False) -> Request | Response:
             exc.can_reply = method != "ACK" and _routable(headers)
         raise
     try:
-        validate(msg)
-        msg.body = _body(headers, rest, stream)
+        _validate(msg, seen, duplicate)
+        msg.body = _body(seen.get("content-length"), rest, stream)
     except ParseError as exc:
         _blame(exc, msg)
         raise
@@ -664,8 +671,8 @@ def _parse_request_line(start: str, headers: Headers) -> Request:
     return Request(method, uri_text, headers)
 
 
-def _body(headers: Headers, rest: bytes, stream: bool) -> bytes:
-    value = headers.get("content-length")
+def _body(value: str | None, rest: bytes, stream: bool) -> bytes:
+    """The body after the head, cut to ``value``, the first Content-Length (None when there is none)."""
     if value is None:
         if stream and rest:
             raise ParseError("Content-Length is required on a stream transport")
@@ -687,14 +694,24 @@ _CHECKED = SINGLE_HEADERS | {"via", "expires"}
 
 def validate(msg: Request | Response) -> None:
     """Framing-level checks every message passes before a transaction sees it (RFC 3261 §8.2, §16.3)."""
-    is_request = isinstance(msg, Request)
     seen: dict[str, str] = {}
+    duplicate: str | None = None
     for h in msg.headers:
         key = h.key
         if key in _CHECKED:
-            if key in seen and key in SINGLE_HEADERS:
-                raise ParseError(f"duplicate {key} header field")
-            seen.setdefault(key, h.value)
+            if key not in seen:
+                seen[key] = h.value
+            elif duplicate is None and key in SINGLE_HEADERS:
+                duplicate = key
+    _validate(msg, seen, duplicate)
+
+
+def _validate(msg: Request | Response, seen: dict[str, str], duplicate: str | None) -> None:
+    """:func:`validate` with the fields already collected: ``seen`` holds the first value of each field in
+    ``_CHECKED``, ``duplicate`` the first single-valued field found twice."""
+    if duplicate is not None:
+        raise ParseError(f"duplicate {duplicate} header field")
+    is_request = isinstance(msg, Request)
     if "via" not in seen:
         raise ParseError("missing Via", can_reply=False)
     try:

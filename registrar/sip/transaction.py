@@ -135,7 +135,10 @@ class ServerTransaction(Transaction):
     )
 
     def __init__(self, outbox: Outbox, timers: Timers, request: Request, peer: Peer, key: ServerKey) -> None:
-        super().__init__(outbox, timers, peer)
+        # Transaction.__init__ inlined: one is built for every request that arrives.
+        self.outbox = outbox
+        self.timers = timers
+        self.peer = peer
         self._request: Request | None = request
         self.key = key
         self.invite = request.method == "INVITE"

@@ -56,11 +56,18 @@ def peer_for_uri(uri: URI, local: int = 0) -> Peer:
 
 def response_peer(via: Via, source: Peer) -> Peer:
     """Where a response to a request with this top Via goes (RFC 3261 §18.2.2, RFC 3581)."""
-    transport = via.transport.lower()
-    if source.reliable and source.conn is not None:
+    if source.conn is not None and source.transport in RELIABLE:
         return source
-    host = via.received or via.host
-    rport = via.rport
+    transport = via.transport.lower()
+    received = rport = None
+    for name, value in via.params:  # Via.received and Via.rport in one pass
+        lname = name.lower()
+        if lname == "received":
+            if received is None:
+                received = "" if value is None else value
+        elif lname == "rport" and rport is None:
+            rport = "" if value is None else value
+    host = received or via.host
     if rport:
         port = int(rport)
     elif rport == "":
