@@ -10,6 +10,7 @@ import signal
 import socket
 from collections.abc import Callable
 from contextlib import suppress
+from functools import partial
 from typing import Any
 
 from aiohttp import web
@@ -184,30 +185,33 @@ def _settle(future: asyncio.Future[float]) -> Callable[[float], None]:
 
 
 class _StoreEvents:
-    """The store's callbacks, run on the event loop: into the core, then the stack's output goes out."""
+    """The store's callbacks, run on the event loop: into the core, then the stack's output goes out. The
+    stack's clock is brought to now first: what the core sends from here (a De-REGISTER, a relay) must
+    not arm its timers from the time of the last datagram."""
 
     def __init__(self, registrar: Registrar) -> None:
         self.registrar = registrar
 
-    def _now(self) -> float:
+    def _run(self, what: str, work: Callable[[float], None]) -> None:
         server = self.registrar.server
-        return server.now if server is not None else 0.0
-
-    def _flush(self) -> None:
-        if self.registrar.server is not None:
-            self.registrar.server.flush()
+        if server is None:
+            return
+        now = server.now
+        self.registrar.stack.handle_timers(now)
+        try:
+            work(now)
+        except Exception:  # a bug in one piece of parked work must not stop the engine
+            log.exception("%s failed", what)
+        server.flush()
 
     def store_ready(self, key: str) -> None:
-        self.registrar.core.store_ready(key, self._now())
-        self._flush()
+        self._run("parked work", partial(self.registrar.core.store_ready, key))
 
     def store_committed(self, ticket: int, ok: bool) -> None:
-        self.registrar.core.store_committed(ticket, ok, self._now())
-        self._flush()
+        self._run("work after a write", partial(self.registrar.core.store_committed, ticket, ok))
 
     def orphans_expired(self, before: AorRecord, gone: list[Binding]) -> None:
-        self.registrar.core.orphans_expired(before, gone, self._now())
-        self._flush()
+        self._run("orphan De-REGISTER", partial(self.registrar.core.orphans_expired, before, gone))
 
     def availability_changed(self, available: bool) -> None:
         self.registrar.store_available = available
