@@ -146,6 +146,10 @@ def decide_aor(pending: PendingRegister, record: AorRecord | None, now: float) -
             return _relay("no relay state")
         max_diff = max((b.main_expires or 0) - b.local_expires for b in left)
         if now >= meta.relayed_at + max_diff:
+            if meta.relay_until is not None and meta.relay_until > now:
+                # Another device's refresh (here or on another process) is on its way to the main
+                # registrar right now: it renews the aggregated contact for this one too (T59).
+                return Decision(False, "aggregated refresh already in flight", staged)
             return _relay("main registrar's copy is due")
         return Decision(False, "refresh inside the window", staged)
     if ctno >= 2 and not left:

@@ -147,6 +147,50 @@ def test_t43_aor_refresh_timing() -> None:
     assert record is not None and record.meta is not None and record.meta.relayed_at == m.now
 
 
+def _at_threshold(m: Core) -> int:
+    """Both devices absorbed every minute up to the aggregated refresh's threshold; returns the next CSeq."""
+    _two_devices(m)
+    cseq = 2
+    while m.now + 60 < 30 + 7080:
+        m.advance(60)
+        _send(m, A, f"{CONTACTS[A]};expires=120", cseq=cseq)
+        _send(m, B, f"{CONTACTS[B]};expires=600", cseq=cseq)
+        m.take()
+        cseq += 1
+    m.advance(30 + 7080 - m.now)
+    return cseq
+
+
+def test_t59_second_device_at_the_threshold_rides_on_the_relay_in_flight() -> None:
+    m = Aor()
+    cseq = _at_threshold(m)
+    _send(m, A, f"{CONTACTS[A]};expires=120", cseq=cseq)
+    relayed_a, _ = _split(m, A)
+    assert len(relayed_a) == 1
+    _send(m, B, f"{CONTACTS[B]};expires=600", cseq=cseq)
+    relayed_b, [reply_b] = _split(m, B)
+    assert relayed_b == [] and reply_b.status == 200, "the main registrar gets one aggregated refresh"
+    m.feed(_main_ok(relayed_a[0]), MAIN)
+    _, [reply_a] = _split(m, A)
+    assert reply_a.status == 200
+    record = m.store.load("alice@example.com")
+    assert record is not None and record.meta is not None
+    assert record.meta.relay_until is None and record.meta.relayed_at == m.now
+    assert len(record.valid_bindings(m.now)) == 2
+
+
+def test_t59_failed_relay_clears_its_mark() -> None:
+    m = Aor()
+    cseq = _at_threshold(m)
+    _send(m, A, f"{CONTACTS[A]};expires=120", cseq=cseq)
+    [relayed], _ = _split(m, A)
+    m.feed(response_to(relayed, 500), MAIN)
+    m.take()
+    _send(m, B, f"{CONTACTS[B]};expires=600", cseq=cseq)
+    relayed_b, _ = _split(m, B)
+    assert len(relayed_b) == 1, "with nothing in flight the due refresh goes to the main registrar"
+
+
 def test_t44_non_last_device_leaving_is_absorbed() -> None:
     m = Aor()
     _two_devices(m)
