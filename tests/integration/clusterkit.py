@@ -243,7 +243,8 @@ class Fleet:
         return counts
 
     def wait_ok(self, at_least: dict[str, int] | int, timeout: float) -> bool:
-        """Every user has at least `at_least` (per user, or one number) 200s in all runs so far."""
+        """Every user has at least `at_least` 200s in all runs so far; given a dict (earlier `ok_counts()`),
+        every user has at least one 200 more than it says."""
 
         def done() -> bool:
             counts = self.ok_counts()
