@@ -19,9 +19,11 @@
   and against ONE `midregistrar run --mode contact --store memory` process (main registrar: that Kamailio),
   where every refresh is absorbed. A step passes with 0 failed calls, 0 retransmissions, 0 unexpected
   messages, every REGISTER answered, ≥ 95 % of the offered rate and, for the mid-registrar, 0 REGISTERs
-  relayed. Rates grow by FACTOR until a step fails, then one bisection step; then HALF_RUNS runs at half the
-  best rate give the p99 there (median quoted). Latency: SIPp response times (-trace_rtt, ms resolution).
-  CPU per REGISTER: utime+stime of the target (and its children) from /proc/<pid>/stat over the step.
+  relayed. Rates grow by FACTOR until a step fails, then BISECT bisection steps between the last passing and
+  the first failing rate; then HALF_RUNS runs at half the best rate give the p99 there (median quoted).
+  Latency: SIPp response times (-trace_rtt, ms resolution). CPU per REGISTER: utime+stime of the target (and
+  its children) from /proc/<pid>/stat over the step. CPU wait: time the target and SIPp spent runnable but
+  waiting for a core (/proc/<pid>/schedstat), in ms per second of the step: other work on the machine.
 
 The SIPp load is closed-loop per user (a user's next REGISTER leaves `d` ms after the answer to the previous
 one): the offered rate is users × 1000 / d. Only 127.0.0.1 is used; every loop is bounded (SIPp -m, -timeout,
@@ -55,6 +57,18 @@ PASSWORD = "s3cret"
 
 def loadavg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def run_delay(pids: list[int]) -> float:
+    """Seconds these processes spent runnable but waiting for a CPU (/proc/<pid>/schedstat, 2nd field): how
+    much other work on the machine held the target or SIPp back during a step."""
+    total = 0
+    for p in pids:
+        try:
+            total += int(Path(f"/proc/{p}/schedstat").read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / 1e9
 
 
 # ------------------------------------------------------------------------------------------- absorption
@@ -248,6 +262,8 @@ class TStep:
     passed: bool
     load: str
     note: str = ""
+    wait_target: float | None = None  # ms per second the target waited for a CPU (runqueue), over the step
+    wait_sipp: float | None = None  # the same for the SIPp load generator
 
 
 @dataclass
@@ -336,11 +352,22 @@ def t_step(
     tr.sipp_command = s.command
     m0 = thrkit.metrics(reg) if reg else {}
     cpu0 = sipkit.tree_cpu_seconds(pid)
+    targets = sipkit.process_tree(pid)
+    wait0 = run_delay(targets)
     t0 = time.monotonic()
     s.start()
-    res = s.wait(loops * n / rate + 90)
+    sipp_pid = s.proc.pid if s.proc is not None else None
+    sipp_wait0 = run_delay([sipp_pid]) if sipp_pid else 0.0
+    sipp_wait1 = sipp_wait0
+    deadline = time.monotonic() + loops * n / rate + 90
+    while sipp_pid and s.proc is not None and s.proc.poll() is None and time.monotonic() < deadline:
+        sipp_wait1 = run_delay([sipp_pid]) or sipp_wait1  # read while SIPp lives: /proc goes with it
+        time.sleep(0.2)
+    res = s.wait(max(1.0, deadline - time.monotonic()))
     elapsed = time.monotonic() - t0
     cpu = sipkit.tree_cpu_seconds(pid) - cpu0
+    wait_target = (run_delay(targets) - wait0) / elapsed * 1e3
+    wait_sipp = (sipp_wait1 - sipp_wait0) / elapsed * 1e3 if sipp_pid else None
     relayed = 0.0
     if reg:
         m1 = thrkit.metrics(reg)
@@ -399,6 +426,8 @@ def t_step(
         passed=passed,
         load=loadavg(),
         note=", ".join(notes),
+        wait_target=wait_target,
+        wait_sipp=wait_sipp,
     )
     print(fmt_tstep(step), flush=True)
     time.sleep(args.rest)
@@ -414,8 +443,9 @@ def t_step(
 
 HEADER = (
     "| target | rate/s | s | REGISTERs | achieved/s | failed/retrans/unexp | p50 ms | p99 ms | CPU µs/REG | "
-    "relayed | result | load avg | note |"
+    "relayed | result | load avg | CPU wait ms/s target, SIPp | note |"
 )
+RULE = "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 
 
 def fmt(v: float | None, digits: int = 1) -> str:
@@ -426,7 +456,8 @@ def fmt_tstep(s: TStep) -> str:
     return (
         f"| {s.target} | {s.rate} | {s.seconds} | {s.regs} | {s.achieved:.0f} | {s.failed}/{s.retrans}/"
         f"{s.unexpected} | {fmt(s.p50)} | {fmt(s.p99)} | {fmt(s.cpu_us)} | {s.relayed:.0f} | "
-        f"{'pass' if s.passed else 'FAIL'} | {s.load} | {s.note} |"
+        f"{'pass' if s.passed else 'FAIL'} | {s.load} | {fmt(s.wait_target, 0)}, {fmt(s.wait_sipp, 0)} | "
+        f"{s.note} |"
     )
 
 
@@ -443,10 +474,18 @@ def ramp(tr: TRun, target, pid, port, users, args, work, reg, start: int) -> Non
         else:
             first_fail = r
             break
-    if last_pass and first_fail:
+    for i in range(args.bisect):  # narrow the bracket [last pass, first fail] by halving it
+        if not (last_pass and first_fail):
+            break
         mid = int(round((last_pass + first_fail) / 2 / 100.0) * 100)
-        if last_pass < mid < first_fail:
-            tr.steps.append(t_step(tr, target, pid, port, users, mid, args, work, reg, "bisect"))
+        if not last_pass < mid < first_fail:
+            break
+        st = t_step(tr, target, pid, port, users, mid, args, work, reg, f"bisect{i}")
+        tr.steps.append(st)
+        if st.passed:
+            last_pass = mid
+        else:
+            first_fail = mid
     best = tr.best
     if best:
         half = int(round(best.rate / 2 / 100.0) * 100)
@@ -474,12 +513,8 @@ def run_throughput(args: argparse.Namespace, work: Path) -> str:
         for i in range(args.users):
             f.write(f"user{i:05d};x;bench.test\n")
     args.cseq_base = int(time.time()) - 10
-    print(
-        "| target | rate/s | s | REGISTERs | achieved/s | failed/retrans/unexp | p50 ms | p99 ms | "
-        "CPU µs/REG | relayed | result | load avg | note |",
-        flush=True,
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    print(HEADER, flush=True)
+    print(RULE, flush=True)
     kam = sipkit.Kamailio(REPO / "bench" / "kamailio" / "registrar.cfg", children=2, workdir=work / "kam")
     kam_run = TRun("kamailio", command=kam.command)
     mid_run = TRun("midregistrar")
@@ -514,7 +549,7 @@ def run_throughput(args: argparse.Namespace, work: Path) -> str:
         f"before {la0}, after {la1}; {os.cpu_count()} cores, {platform.platform()}",
         "",
         HEADER,
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        RULE,
     ]
     for tr in (kam_run, mid_run):
         lines += [fmt_tstep(s) for s in tr.steps + tr.half]
@@ -573,6 +608,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--factor", type=float, default=1.5, help="throughput: rate growth per step")
     ap.add_argument("--max-rate", type=int, default=80000, help="throughput: highest rate tried")
     ap.add_argument("--half-runs", type=int, default=3, help="throughput: runs at half the max rate")
+    ap.add_argument(
+        "--bisect", type=int, default=2, help="throughput: bisection steps after the first failing rate"
+    )
     ap.add_argument("--rest", type=float, default=2.0, help="throughput: pause between steps, s")
     ap.add_argument("--targets", default="kamailio,mid", help="throughput: kamailio,mid")
     args = ap.parse_args(argv)
