@@ -20,7 +20,7 @@ from registrar.core import deregister, digest, throttle
 from registrar.core import register as reg
 from registrar.core.lookup import Target, branch_target, lookup, lookup_aor, lookup_by_contact
 from registrar.core.policy import RegistrarError, aor_from_uri
-from registrar.core.records import AorRecord, Binding
+from registrar.core.records import AorRecord, Binding, MainMeta
 from registrar.sip.errors import ParseError
 from registrar.sip.headers import parse_address
 from registrar.sip.message import Request, Response, make_response
@@ -240,15 +240,25 @@ class MidRegistrar:
             # absorbs instead of relaying it a second time (T59).
             marked = record.copy()
             marked.meta = replace(meta, relay_until=now + 64 * self.settings.t1)
-            relay = partial(self._relay, event.txn, pending, settings)
+            relay = partial(self._relay, event.txn, pending, settings, meta)
             self._commit(view.aor, marked, record, relay, partial(self.handle, event))
             return
         self._relay(event.txn, pending, settings)
 
-    def _relay(self, txn: ServerTransaction, pending: reg.PendingRegister, settings: Settings) -> None:
+    def _relay(
+        self,
+        txn: ServerTransaction,
+        pending: reg.PendingRegister,
+        settings: Settings,
+        meta: MainMeta | None = None,
+    ) -> None:
         local = self.stack.local_for(self.main_peer)
         if settings.mode is Mode.AOR:
-            relayed = throttle.relayed_aor_request(pending, self.main_uri, local.hostport, settings)
+            # One aggregated contact per AoR whichever process relays: the one the main registrar holds.
+            hostport = _hostport_of(meta.main_contact) if meta is not None else None
+            relayed = throttle.relayed_aor_request(
+                pending, self.main_uri, hostport or local.hostport, settings
+            )
         else:
             relayed = reg.relayed_request(pending, self.main_uri, local.hostport, settings)
         pending.hop = settings.main_proxy
@@ -687,6 +697,20 @@ def _branch(request: Request, target: Target) -> tuple[Request | URI, Peer]:
     for route in reversed(target.routes):
         copy.headers.prepend("Route", route)
     return copy, target.peer
+
+
+def _hostport_of(uri: str | None) -> str | None:
+    """host:port of a SIP URI as written (the aggregated contact the main registrar echoed), else None."""
+    if not uri:
+        return None
+    try:
+        parsed = parse_uri(uri)
+    except ValueError:
+        return None
+    if not isinstance(parsed, SipURI) or not parsed.port:
+        return None
+    host = parsed.host if ":" not in parsed.host or parsed.host.startswith("[") else f"[{parsed.host}]"
+    return f"{host}:{parsed.port}"
 
 
 def _bad_request(request: Request, reason: str) -> Response:

@@ -7,6 +7,8 @@ sees the main registrar's Expires header (T52) and expO is refreshed on every 2x
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from registrar.sip.message import Request, Response
 from registrar.sip.transport import Peer
 from tests.unit.corekit import Core, register
@@ -390,3 +392,18 @@ def test_no_gruus_without_supported_gruu() -> None:
     m.feed(_main_ok(relayed), MAIN)
     _, [reply] = _split(m, A)
     assert reply.contacts[0].param("pub-gruu") is None
+
+
+def test_relay_keeps_the_aggregated_contact_the_main_registrar_holds() -> None:
+    """Several processes share the AoR: whichever relays the aggregated refresh renews the one contact the main
+    registrar already holds (the first relayer's address), never adds its own."""
+    m = Aor()
+    cseq = _at_threshold(m)
+    record = m.store.load("alice@example.com")
+    assert record is not None and record.meta is not None
+    other = record.copy()
+    other.meta = replace(record.meta, main_contact="sip:alice%40example.com@10.0.0.9:5080")
+    m.store.commit(other)
+    _send(m, A, f"{CONTACTS[A]};expires=120", cseq=cseq)
+    [relayed], _ = _split(m, A)
+    assert [str(c.uri) for c in relayed.contacts] == ["sip:alice%40example.com@10.0.0.9:5080"]
