@@ -68,6 +68,7 @@ bench: install sip-tools etcd cluster-rig ## All benchmarks (long); copy the fig
 	$(PY) bench/throttle_bench.py all
 	$(PY) bench/memory_bench.py --contacts 100000 --mode contact
 	$(PY) bench/etcd_bench.py
+	$(PY) bench/cluster_bench.py all
 	$(PY) bench/operator_bench.py
 
 .PHONY: clean
