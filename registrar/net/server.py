@@ -9,12 +9,14 @@ the bytes to send, then the next timer.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import ipaddress
 import logging
 import math
 import random
 import secrets
 import socket
+import termios
 import time
 import typing
 from collections.abc import Callable
@@ -30,6 +32,11 @@ from registrar.sip.transport import Peer
 log = logging.getLogger("midregistrar.net")
 
 TIMER_GRAIN = 0.01  # seconds: SIP timers are ≥ 500 ms, 10 ms late is nothing; batching saves wake-ups
+# While more datagrams wait on a UDP socket, the answers to up to this many are held and sent together at the
+# end of the loop iteration: a datagram that wakes its receiver costs ~15 µs of our CPU, one sent while the
+# receiver is already awake ~4 µs. The bound keeps what a burst's first answer waits for under ~1 ms.
+SEND_BATCH = 8
+_NOTHING = b"\0\0\0\0"
 
 
 class Application(Protocol):
@@ -86,6 +93,9 @@ class SipServer:
         self.app = app
         self.loop = asyncio.get_running_loop()
         self._udp: dict[int, asyncio.DatagramTransport] = {}
+        self._udp_fds: dict[int, int] = {}  # listen index -> socket fd, to see whether more datagrams wait
+        self._fionread = bytearray(4)
+        self._held = 0  # datagrams handled whose answers wait for the end of the loop iteration
         self._servers: list[asyncio.Server] = []
         self._conns: dict[int, _Conn] = {}
         self._by_addr: dict[tuple[str, int], int] = {}
@@ -110,6 +120,9 @@ class SipServer:
                 )
                 _grow_receive_buffer(transport, self.settings.udp_receive_buffer)
                 self._udp[index] = transport
+                sock = transport.get_extra_info("socket")
+                if sock is not None:
+                    self._udp_fds[index] = sock.fileno()
             else:
                 server = await self.loop.create_server(
                     lambda i=index: _TcpProtocol(self, i),  # type: ignore[misc]
@@ -153,7 +166,29 @@ class SipServer:
 
     def datagram(self, data: bytes, addr: tuple[str, int], index: int) -> None:
         self.stack.receive(data, Peer("udp", addr[0], addr[1], None, index), self.now)
+        if self._held < SEND_BATCH and self._more_waiting(index):
+            # Another datagram already waits on this socket: handle this one now, send with the next ones.
+            self._dispatch()
+            if not self._held:
+                self.loop.call_soon(self._flush_held)
+            self._held += 1
+            return
         self.flush()
+
+    def _more_waiting(self, index: int) -> bool:
+        """Whether the kernel holds another datagram for this UDP socket (FIONREAD, ~1 µs)."""
+        fd = self._udp_fds.get(index)
+        if fd is None:
+            return False
+        try:
+            fcntl.ioctl(fd, termios.FIONREAD, self._fionread)
+        except OSError:
+            return False
+        return self._fionread != _NOTHING
+
+    def _flush_held(self) -> None:
+        if self._held:
+            self.flush()
 
     def stream_data(self, conn: _Conn, data: bytes) -> None:
         conn.last_activity = self.now
@@ -185,7 +220,8 @@ class SipServer:
 
     # ------------------------------------------------------------------------------------ output
 
-    def flush(self) -> None:
+    def _dispatch(self) -> None:
+        """Hand the stack's events to the application until there are none."""
         stack = self.stack
         while True:
             events = stack.pop_events()
@@ -197,6 +233,11 @@ class SipServer:
                     self.app.handle(event, now)
                 except Exception:  # a bug in one request must not stop the engine
                     log.exception("handler failed for %s", type(event).__name__)
+
+    def flush(self) -> None:
+        stack = self.stack
+        self._dispatch()
+        self._held = 0
         for data, peer in stack.pop_outgoing():
             self.send(data, peer)
         deadline = _earliest(stack.next_deadline(), self.app.next_deadline())
