@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + name.replace("_", "-")
         help_text = (
             f"{field.description or ''} (default: {_default_text(field.default, field.default_factory)})"
-        )
+        ).replace("%", "%%")  # argparse formats help with %: a literal default like %40 must stay literal
         if _is_bool(field.annotation):
             run.add_argument(
                 flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text

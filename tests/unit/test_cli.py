@@ -70,3 +70,12 @@ def test_bad_yaml_is_a_config_error(tmp_path: Path) -> None:
     cfg.write_text("mode: [unclosed\n")
     with pytest.raises(ConfigError):
         build_settings({}, {}, cfg)
+
+
+def test_run_help_lists_every_option(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["run", "--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "--at-escape-str" in out and "%40" in out, "a default with % is shown as written"
+    assert all("--" + name.replace("_", "-") in out for name in Settings.model_fields)
