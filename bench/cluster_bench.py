@@ -5,6 +5,7 @@ De-REGISTER delay after expiry, and etcd calls per absorbed refresh.
     .venv/bin/python bench/cluster_bench.py ready   [--bindings 500000]
     .venv/bin/python bench/cluster_bench.py dereg   [--phones 300] [--expires 10]
     .venv/bin/python bench/cluster_bench.py refresh [--phones 1000] [--rounds 40] [--scale 20]
+    .venv/bin/python bench/cluster_bench.py throughput [--users 10000] [--tp-start 2000]
     .venv/bin/python bench/cluster_bench.py all
 
 Each part starts its own etcd (tests/etcdkit.py: loopback, --unsafe-no-fsync, auto-compaction) and, where it
@@ -12,7 +13,7 @@ says so, a real ``midregistrar run --store etcd`` process; the phones and the ma
 ``refresh`` are small asyncio UDP peers in this script (a fake main answers every REGISTER with 200 and the
 contacts it got), so what is measured is the registrar and etcd, not SIPp's pacing. Prints markdown headed
 by the command that produced it. Throughput with the etcd store against the memory store is measured with
-SIPp by ``bench/throttle_bench.py throughput --store etcd`` (see docs/benchmarks.md).
+SIPp by the ``throughput`` part, with ``bench/throttle_bench.py``'s ramp (memory store, then etcd store).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -43,6 +45,7 @@ from tests.etcdkit import running_etcd
 from tests.integration import sipkit
 
 LOOP = "127.0.0.1"
+REPO = Path(__file__).resolve().parent.parent
 PREFIX = "/midregistrar/bench/cluster/"
 
 
@@ -441,12 +444,83 @@ async def _refresh(endpoint: str, phones: int, rounds: int, scale: int, work: Pa
     ]
 
 
+# ------------------------------------------------------------------------------------------ throughput
+
+
+def _throughput(endpoint: str, args: argparse.Namespace, work: Path) -> list[tuple[str, str]]:
+    """The same SIPp ramp as ``throttle_bench.py throughput`` (10,000 users absorbed after pre-registration,
+    Kamailio as main), once on a process with the memory store and once with the etcd store."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import throttle_bench as tb
+
+    tb_args = argparse.Namespace(
+        users=args.users, step=10.0, factor=1.25, max_rate=80000, half_runs=1, rest=2.0, load_expires=300,
+        prereg_rate=1000, bisect=2, cseq_base=int(time.time()) - 10,
+    )  # fmt: skip
+    users = work / "users.csv"
+    with users.open("w") as f:
+        f.write("SEQUENTIAL\n")
+        for i in range(args.users):
+            f.write(f"user{i:05d};x;bench.test\n")
+    kam = tb.sipkit.Kamailio(REPO / "bench" / "kamailio" / "registrar.cfg", children=2, workdir=work / "kam")
+    runs: dict[str, Any] = {}
+    note = ""
+    print(tb.HEADER, flush=True)
+    try:
+        kam.start()
+        for store in ("memory", "etcd"):
+            extra = ["--outgoing-expires", "3600", "--log-level", "warning"]
+            if store == "etcd":
+                extra += ["--store", "etcd", "--etcd-endpoints", endpoint, "--etcd-prefix", PREFIX + "tp/"]
+            reg = tb.sipkit.Registrar(
+                (LOOP, kam.port),
+                mode="contact",
+                transports=("udp",),
+                extra=extra,
+                workdir=work / f"tp-{store}",
+            ).start(ready_timeout=30)
+            tr = tb.TRun(f"mid ({store})", command=reg.command)
+            try:
+                port = tb.sipkit.free_port()
+                tb.preregister(tr, reg.addr, port, users, tb_args, work)
+                tb.ramp(tr, reg.addr, reg.pid, port, users, tb_args, work, reg, args.tp_start)
+                if store == "etcd":
+                    calls = _metric(reg.http_port, "midregistrar_etcd_calls")
+                    absorbed = _metric(reg.http_port, 'midregistrar_registers_total{outcome="absorbed"}')
+                    note = f"{calls:.0f} etcd calls for {absorbed:.0f} absorbed REGISTERs in all"
+            finally:
+                reg.stop()
+            runs[store] = tr
+    finally:
+        kam.stop()
+    rows: list[tuple[str, str]] = []
+    for store, tr in runs.items():
+        best = tr.best
+        p99s = [x.p99 for x in tr.half if x.p99 is not None]
+        rows.append(
+            (
+                f"max absorbed REGISTER/s with 0 failures, {store} store (p50/p99 ms at max; CPU µs/REG)",
+                "no passing step"
+                if best is None
+                else f"**{best.rate:,}** ({tb.fmt(best.p50)}/{tb.fmt(best.p99)}; {tb.fmt(best.cpu_us)})"
+                + (f"; p99 at half rate {tb.fmt(statistics.median(p99s))} ms" if p99s else ""),
+            )
+        )
+    mem, etcd = runs["memory"].best, runs["etcd"].best
+    if mem and etcd:
+        rows.append(("etcd store / memory store (max rate)", f"**{etcd.rate / mem.rate:.2f}×**"))
+    if note:
+        rows.append(("etcd store run (pre-registration included)", note))
+    rows.append(("SIPp steps", "; ".join(tb.fmt_tstep(x) for x in runs["etcd"].steps[-2:])))
+    return rows
+
+
 # ------------------------------------------------------------------------------------------ main
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", nargs="+", choices=["leases", "ready", "dereg", "refresh", "all"])
+    ap.add_argument("what", nargs="+", choices=["leases", "ready", "dereg", "refresh", "throughput", "all"])
     ap.add_argument("--contacts", type=int, default=100_000, help="leases: contacts written")
     ap.add_argument("--bindings", type=int, default=500_000, help="ready: bindings in etcd")
     ap.add_argument("--phones", type=int, default=0, help="dereg/refresh: phones (300 / 2000)")
@@ -454,9 +528,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--processes", type=int, default=3, help="dereg: registrar processes")
     ap.add_argument("--rounds", type=int, default=40, help="refresh: refresh rounds")
     ap.add_argument("--scale", type=int, default=20, help="refresh: time divided by this")
+    ap.add_argument("--users", type=int, default=10000, help="throughput: distinct SIPp users")
+    ap.add_argument("--tp-start", type=int, default=2000, help="throughput: first rate, REGISTER/s")
     ap.add_argument("--output", type=Path, help="also write the markdown here")
     args = ap.parse_args(argv)
-    parts = ["leases", "ready", "dereg", "refresh"] if "all" in args.what else args.what
+    parts = ["leases", "ready", "dereg", "refresh", "throughput"] if "all" in args.what else args.what
     out = [
         "### etcd store (issue 4)",
         "",
