@@ -556,6 +556,8 @@ def main(argv: list[str] | None = None) -> int:
                     rows = asyncio.run(
                         _dereg(etcd.endpoint, args.phones or 300, args.expires, work, args.processes)
                     )
+                elif part == "throughput":
+                    rows = _throughput(etcd.endpoint, args, work)
                 else:
                     rows = asyncio.run(
                         _refresh(etcd.endpoint, args.phones or 1000, args.rounds, args.scale, work)
