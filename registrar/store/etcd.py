@@ -81,9 +81,7 @@ _OWNER = _FIELDS.index("owner")
 _EXPIRES = _FIELDS.index("expires_at")
 _SOURCE = _FIELDS.index("source")
 # Fields a steady-state refresh changes: the owner keeps them in memory only.
-_VOLATILE = frozenset(
-    _FIELDS.index(n) for n in ("cseq", "expires_at", "updated_at", "owner", "relayed_cseq")
-)
+_VOLATILE = frozenset(_FIELDS.index(n) for n in ("cseq", "expires_at", "updated_at", "owner", "relayed_cseq"))
 _CONN = 3  # index of Peer.conn in the source tuple
 
 _EMPTY = marshal.dumps(())
