@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import http.client
 import math
 import os
 import re
@@ -841,7 +842,9 @@ class Registrar:
                 return int(r.status)
         except urllib.error.HTTPError as e:
             return int(e.code)
-        except (OSError, ValueError):
+        except (OSError, ValueError, http.client.HTTPException):
+            # Not listening yet. HTTPException too: polling a port nobody has bound yet can connect the
+            # socket to itself (same source and destination port) and read back its own request.
             return None
 
     def ready_line(self) -> str | None:
