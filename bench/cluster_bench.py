@@ -137,6 +137,13 @@ async def _leases(endpoint: str, contacts: int) -> list[tuple[str, str]]:
     ]
 
 
+def _registrar(main: int, endpoint: str, prefix: str, workdir: Path, *more: str) -> sipkit.Registrar:
+    """A ``midregistrar run --store etcd`` in mode contact on loopback (not started yet)."""
+    extra = ["--store", "etcd", "--etcd-endpoints", endpoint, "--etcd-prefix", prefix]
+    extra += ["--outgoing-expires", "3600", "--log-level", "warning", *more]
+    return sipkit.Registrar((LOOP, main), mode="contact", transports=("udp",), extra=extra, workdir=workdir)
+
+
 # ------------------------------------------------------------------------------------------ ready
 
 
@@ -179,22 +186,7 @@ def _ready(endpoint: str, bindings: int, work: Path) -> list[tuple[str, str]]:
     times = []
     rss = []
     for run in range(3):
-        reg = sipkit.Registrar(
-            (LOOP, main),
-            mode="contact",
-            transports=("udp",),
-            extra=[
-                "--store",
-                "etcd",
-                "--etcd-endpoints",
-                endpoint,
-                "--etcd-prefix",
-                PREFIX,
-                "--log-level",
-                "warning",
-            ],
-            workdir=work / f"ready{run}",
-        )
+        reg = _registrar(main, endpoint, PREFIX, work / f"ready{run}")
         t0 = time.perf_counter()
         reg.start(ready_timeout=120)
         times.append(time.perf_counter() - t0)
@@ -316,26 +308,9 @@ async def _dereg(
     try:
         for i in range(processes):
             regs.append(
-                sipkit.Registrar(
-                    (LOOP, main),
-                    mode="contact",
-                    transports=("udp",),
-                    extra=[
-                        "--store",
-                        "etcd",
-                        "--etcd-endpoints",
-                        endpoint,
-                        "--etcd-prefix",
-                        PREFIX + "dereg/",
-                        "--min-expires",
-                        "1",
-                        "--outgoing-expires",
-                        "3600",
-                        "--log-level",
-                        "warning",
-                    ],
-                    workdir=work / f"dereg{i}",
-                ).start(ready_timeout=30)
+                _registrar(main, endpoint, PREFIX + "dereg/", work / f"dereg{i}", "--min-expires", "1").start(
+                    ready_timeout=30
+                )
             )
         for i in range(phones):
             ph.register(regs[i % processes].addr, f"d{i:05d}", 1, expires)
@@ -380,27 +355,8 @@ async def _refresh(endpoint: str, phones: int, rounds: int, scale: int, work: Pa
     fm, ph, t1, t2 = await _peers(main)
     expires = max(1, round(60 / scale))
     hold = max(5, round(600 / scale))
-    reg = sipkit.Registrar(
-        (LOOP, main),
-        mode="contact",
-        transports=("udp",),
-        extra=[
-            "--store",
-            "etcd",
-            "--etcd-endpoints",
-            endpoint,
-            "--etcd-prefix",
-            PREFIX + "refresh/",
-            "--etcd-hold",
-            str(hold),
-            "--outgoing-expires",
-            "3600",
-            "--min-expires",
-            "1",
-            "--log-level",
-            "warning",
-        ],
-        workdir=work / "refresh",
+    reg = _registrar(
+        main, endpoint, PREFIX + "refresh/", work / "refresh", "--etcd-hold", str(hold), "--min-expires", "1"
     ).start(ready_timeout=30)
     try:
         for i in range(phones):
