@@ -66,6 +66,7 @@ test: install lint sip-tools etcd cluster-rig ## Everything: lint, unit, integra
 bench: install sip-tools etcd cluster-rig ## All benchmarks (long); copy the figures and commands into docs/benchmarks.md
 	$(PY) bench/run.py all
 	$(PY) bench/throttle_bench.py all
+	$(PY) bench/latency_probe.py
 	$(PY) bench/memory_bench.py --contacts 100000 --mode contact
 	$(PY) bench/etcd_bench.py
 	$(PY) bench/cluster_bench.py all

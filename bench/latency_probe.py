@@ -1,0 +1,165 @@
+"""Absorbed-refresh latency to the microsecond beside a SIPp load (issue 3's p99 goal).
+
+    .venv/bin/python bench/latency_probe.py [--rate 4200] [--seconds 10] [--probe-rate 200]
+
+SIPp reports response times in 4 ms buckets, too coarse for a 5 ms goal. This starts Kamailio as main and one
+``midregistrar`` (mode contact, memory store), pre-registers 10,000 SIPp users and 200 probe users, then runs
+the ``throttle_bench.py`` SIPp load at ``--rate`` while a probe thread refreshes its users (same Call-ID,
+CSeq + 1: absorbed) at ``--probe-rate`` and times each 200 OK with ``perf_counter``. The probe is one more
+process on the same 2 cores, so its figures include a little of its own scheduling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import throttle_bench as tb
+
+LOOP = tb.LOOP
+
+
+class AbsorbedProbe:
+    """Users registered once, then refreshed with their own Call-ID: every refresh is absorbed."""
+
+    def __init__(self, target: tuple[str, int], users: int) -> None:
+        self.target = target
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((LOOP, 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.users = [f"probe{i:04d}" for i in range(users)]
+        self.cseq = dict.fromkeys(self.users, 0)
+        self.sent: dict[str, float] = {}
+        self.rtts_us: list[float] = []
+        self.codes: dict[int, int] = {}
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+
+    def message(self, user: str) -> bytes:
+        self.cseq[user] += 1
+        cseq = self.cseq[user]
+        return (
+            f"REGISTER sip:bench.test SIP/2.0\r\n"
+            f"Via: SIP/2.0/UDP {LOOP}:{self.port};rport;branch=z9hG4bK-{user}-{cseq}\r\n"
+            f"Max-Forwards: 70\r\nFrom: <sip:{user}@bench.test>;tag={user}\r\nTo: <sip:{user}@bench.test>\r\n"
+            f"Call-ID: {user}@probe\r\nCSeq: {cseq} REGISTER\r\n"
+            f"Contact: <sip:{user}@{LOOP}:{self.port}>;expires=300\r\nContent-Length: 0\r\n\r\n"
+        ).encode()
+
+    def send(self, user: str) -> None:
+        data = self.message(user)
+        key = f"{user}-{self.cseq[user]}"
+        with self.lock:
+            self.sent[key] = time.perf_counter()
+        self.sock.sendto(data, self.target)
+
+    def receive(self) -> None:
+        while not self.stop.is_set():
+            try:
+                data, _ = self.sock.recvfrom(65535)
+            except (TimeoutError, OSError):
+                continue
+            now = time.perf_counter()
+            code = int(data.split(b" ", 2)[1])
+            if code < 200:
+                continue
+            branch = data.split(b"branch=z9hG4bK-", 1)[1].split(b"\r\n", 1)[0].split(b";", 1)[0].decode()
+            with self.lock:
+                t0 = self.sent.pop(branch, None)
+            self.codes[code] = self.codes.get(code, 0) + 1
+            if t0 is not None and code == 200:
+                self.rtts_us.append((now - t0) * 1e6)
+
+    def run(self, rate: float, seconds: float) -> None:
+        interval = 1.0 / rate
+        deadline = time.perf_counter() + seconds
+        next_t = time.perf_counter()
+        i = 0
+        while time.perf_counter() < deadline:
+            self.send(self.users[i % len(self.users)])
+            i += 1
+            next_t += interval
+            time.sleep(max(0.0, next_t - time.perf_counter()))
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rate", type=int, default=4200, help="SIPp load, absorbed REGISTER/s")
+    ap.add_argument("--seconds", type=float, default=10.0, help="length of the measured load")
+    ap.add_argument("--probe-rate", type=float, default=200.0, help="probe refreshes per second")
+    ap.add_argument("--users", type=int, default=10000, help="SIPp users")
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="latency-probe-") as tmp:
+        work = Path(tmp)
+        tb_args = argparse.Namespace(
+            users=args.users, prereg_rate=1000, load_expires=300, cseq_base=int(time.time()) - 10,
+            step=args.seconds,
+        )  # fmt: skip
+        users = work / "users.csv"
+        users.write_text("SEQUENTIAL\n" + "".join(f"user{i:05d};x;bench.test\n" for i in range(args.users)))
+        kam = tb.sipkit.Kamailio(
+            tb.REPO / "bench" / "kamailio" / "registrar.cfg", children=2, workdir=work / "kam"
+        )
+        kam.start()
+        reg = None
+        try:
+            reg = tb.sipkit.Registrar(
+                (LOOP, kam.port),
+                mode="contact",
+                transports=("udp",),
+                extra=["--outgoing-expires", "3600", "--log-level", "warning"],
+                workdir=work / "mid",
+            ).start(ready_timeout=20)
+            tr = tb.TRun("mid")
+            port = tb.sipkit.free_port()
+            tb.preregister(tr, reg.addr, port, users, tb_args, work)
+            probe = AbsorbedProbe(reg.addr, 200)
+            receiver = threading.Thread(target=probe.receive, daemon=True)
+            receiver.start()
+            for user in probe.users:  # first registrations: relayed to Kamailio
+                probe.send(user)
+                time.sleep(0.005)
+            time.sleep(1.0)
+            probe.rtts_us.clear()
+            loops = max(1, round(args.rate * args.seconds / args.users))
+            sipp = tb.load_sipp(
+                reg.addr, port, users, args.users, args.rate, loops, tb_args, work, "probe-load"
+            )
+            sipp.start()
+            time.sleep(1.0)  # SIPp ramps up
+            probe.run(args.probe_rate, args.seconds - 2.0)
+            res = sipp.wait(args.seconds + 60)
+            time.sleep(0.5)
+            probe.stop.set()
+            rtts = probe.rtts_us
+            print(f"`{sys.executable} {' '.join(sys.argv)}`")
+            print(f"SIPp: {res.successful} ok, {res.failed} failed; probe answers {probe.codes}")
+            print(
+                f"absorbed refresh latency beside {args.rate}/s: n={len(rtts)} "
+                f"p50 {pct(rtts, 50) / 1000:.2f} ms, p90 {pct(rtts, 90) / 1000:.2f} ms, "
+                f"p99 {pct(rtts, 99) / 1000:.2f} ms, p99.9 {pct(rtts, 99.9) / 1000:.2f} ms, "
+                f"max {max(rtts) / 1000:.2f} ms, mean {statistics.fmean(rtts) / 1000:.2f} ms"
+            )
+        finally:
+            if reg is not None:
+                reg.stop()
+            kam.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
