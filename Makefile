@@ -67,6 +67,7 @@ bench: install sip-tools etcd cluster-rig ## All benchmarks (long); copy the fig
 	$(PY) bench/run.py all
 	$(PY) bench/throttle_bench.py all
 	$(PY) bench/latency_probe.py
+	$(PY) bench/sipp_pacing.py --costs 0,30,45,60,113
 	$(PY) bench/memory_bench.py --contacts 100000 --mode contact
 	$(PY) bench/etcd_bench.py
 	$(PY) bench/cluster_bench.py all

@@ -12,6 +12,8 @@ process on the same 2 cores, so its figures include a little of its own scheduli
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import socket
 import statistics
 import sys
@@ -102,12 +104,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=10.0, help="length of the measured load")
     ap.add_argument("--probe-rate", type=float, default=200.0, help="probe refreshes per second")
     ap.add_argument("--users", type=int, default=10000, help="SIPp users")
+    ap.add_argument(
+        "--split",
+        action="store_true",
+        help="run the registrar through bench/instrumented_cli.py and report its in-process share",
+    )
+    ap.add_argument("--timer-resol", type=int, default=10, help="SIPp's pause timer tick, ms (its default)")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="latency-probe-") as tmp:
         work = Path(tmp)
+        timings = work / "timings.json"
+        if args.split:
+            os.environ["MIDREG_BENCH_TIMINGS"] = str(timings)
+            os.environ["MIDREG_TEST_CLI"] = (
+                f"{sys.executable} {Path(__file__).with_name('instrumented_cli.py')}"
+            )
         tb_args = argparse.Namespace(
             users=args.users, prereg_rate=1000, load_expires=300, cseq_base=int(time.time()) - 10,
-            step=args.seconds,
+            step=args.seconds, timer_resol=args.timer_resol,
         )  # fmt: skip
         users = work / "users.csv"
         users.write_text("SEQUENTIAL\n" + "".join(f"user{i:05d};x;bench.test\n" for i in range(args.users)))
@@ -158,7 +172,26 @@ def main(argv: list[str] | None = None) -> int:
             if reg is not None:
                 reg.stop()
             kam.stop()
+        if args.split:
+            print(in_process_report(json.loads(timings.read_text())))
     return 0
+
+
+def in_process_report(t: dict[str, list]) -> str:
+    """What the registrar itself added (bench/instrumented_cli.py): read → answer sent, timers, GC."""
+    own = [x * 1e6 for x in t["in_process"]]
+    timers = [x * 1e3 for x in t["timers"]]
+    lines = [
+        f"in-process (datagram read → its answer sent), {len(own)} datagrams: "
+        f"p50 {pct(own, 50) / 1000:.2f} ms,"
+        f" p90 {pct(own, 90) / 1000:.2f} ms, p99 {pct(own, 99) / 1000:.2f} ms, max {max(own) / 1000:.2f} ms",
+        f"timer runs: {len(timers)}, p99 {pct(timers, 99):.2f} ms, max {max(timers):.2f} ms",
+    ]
+    for gen in (0, 1, 2):
+        pauses = [d * 1e3 for g, d in t["collections"] if g == gen]
+        if pauses:
+            lines.append(f"gc generation {gen}: {len(pauses)} collections, max {max(pauses):.2f} ms")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

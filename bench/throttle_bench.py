@@ -328,6 +328,8 @@ def load_sipp(
             "-max_recv_loops",
             "10000",
             "-skip_rlimit",
+            "-timer_resol",
+            str(getattr(args, "timer_resol", 10)),
         ],
         workdir=work / name,
         name=name,
