@@ -79,6 +79,7 @@ __all__ = ["EtcdStore"]
 _FIELDS = [f.name for f in fields(Binding)]
 _OWNER = _FIELDS.index("owner")
 _EXPIRES = _FIELDS.index("expires_at")
+_LIFETIME = _FIELDS.index("local_expires")
 _SOURCE = _FIELDS.index("source")
 # Fields a steady-state refresh changes: the owner keeps them in memory only.
 _VOLATILE = frozenset(_FIELDS.index(n) for n in ("cseq", "expires_at", "updated_at", "owner", "relayed_cseq"))
@@ -395,6 +396,7 @@ class EtcdStore:
         me = self.member_id
         bindings: dict[int, Binding] = {}
         overlay = self._overlay
+        now = time.time()
         for values, hold, _rev, _lease in marshal.loads(entry.data):
             ctid = values[0]
             mine = values[_OWNER] == me and ctid in overlay
@@ -402,7 +404,7 @@ class EtcdStore:
                 binding = _binding_from_values(marshal.loads(overlay[ctid])[0])
             else:
                 args = list(values)
-                args[_EXPIRES] = hold  # its owner vouches for it until then (or its lease ends then)
+                args[_EXPIRES] = foreign_expiry(values[_EXPIRES], values[_LIFETIME], hold, now)
                 source = args[_SOURCE]
                 if source[_CONN] is not None:
                     args[_SOURCE] = (*source[:_CONN], None, *source[_CONN + 1 :])
@@ -935,6 +937,21 @@ class EtcdStore:
     def counts(self) -> tuple[int, int]:
         """(AoRs in the fetched cache, bindings this process owns)."""
         return len(self._cache), len(self._overlay)
+
+
+def foreign_expiry(written: float, lifetime: int, hold: float, now: float) -> float:
+    """When a binding that another process owns expires, as this one shows it (200 OKs, /v1/aors, lookups).
+
+    The owner answers the phone's refreshes without writing them until the lease would lapse, so the written
+    expiry can be long past while the phone is registered: the owner vouches for the binding until ``hold``,
+    and it must stay valid (routable) until then. The lifetime shown must still be one the phone's siblings
+    can believe: the written expiry while it lies ahead, then one granted lifetime from now (the phone
+    refreshes within it), never beyond the hold."""
+    if written > now:
+        return min(written, hold)
+    if lifetime > 0:
+        return min(now + lifetime, hold)
+    return hold
 
 
 def _encode_binding(binding: Binding, hold: float) -> bytes:

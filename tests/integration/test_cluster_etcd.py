@@ -487,6 +487,11 @@ def test_two_processes_race_on_one_aor_at_the_relay_threshold(cluster: ck.Cluste
                 assert reply is not None and d1.contact.encode() in reply and d2.contact.encode() in reply, (
                     f"round {rnd}: each 200 lists both devices' contacts\n" + info
                 )
+                # the sibling another process owns shows the phone's lifetime, not its lease (+ --etcd-hold)
+                shown = [int(x) for x in re.findall(rb";expires=(\d+)", reply)]
+                assert len(shown) == 2 and all(0 < x <= local for x in shown), (
+                    f"round {rnd}: contact lifetimes in the 200: {shown}\n" + info
+                )
         assert not c.kam_deregs(), c.diag()
     finally:
         d1.close()

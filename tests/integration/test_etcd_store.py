@@ -149,7 +149,7 @@ async def stop_all(*stores: EtcdStore) -> None:
 
 
 def test_fetch_commit_and_decoding(etcd_server: EtcdServer) -> None:
-    """Pending then ready; the first write is one txn; the owner reads its own state, a peer reads the hold."""
+    """Pending then ready; the first write is one txn; the owner reads its own state, a peer the expiry as written."""
 
     async def main() -> None:
         prefix = new_prefix()
@@ -183,7 +183,8 @@ def test_fetch_commit_and_decoding(etcd_server: EtcdServer) -> None:
             assert theirs is not None and theirs.version == mine.version
             peer_view = theirs.bindings[ctid]
             assert peer_view.owner == "a" and peer_view.source.conn is None
-            assert peer_view.expires_at == pytest.approx(now + 60 + a.hold)  # the hold: the owner vouches
+            # the phone's expiry as written (the owner vouches for the binding until the hold, now + 60 + hold)
+            assert peer_view.expires_at == pytest.approx(now + 60)
             assert peer_view.contact == own.contact
 
             stored = await raw(etcd_server, f"{prefix}aor/{aor}/ct/{ctid}")
@@ -296,12 +297,10 @@ def test_owner_refreshes_cost_no_call_until_lapse_near(etcd_server: EtcdServer) 
             )
             stored = await raw(etcd_server, f"{prefix}aor/{aor}/ct/1")
             assert stored is not None and stored["hold"] == pytest.approx(hold + a.hold, abs=0.01)
-            # the peer's cached copy was invalidated by the watch and reads the new hold
+            # the peer's cached copy was invalidated by the watch and reads the newly written expiry
             await rb.wait(lambda: aor not in b._cache, what="b invalidated")
             peer_after = await load(b, rb, aor)
-            assert peer_after is not None and peer_after.bindings[1].expires_at == pytest.approx(
-                hold + a.hold
-            )
+            assert peer_after is not None and peer_after.bindings[1].expires_at == pytest.approx(hold)
             # a change peers need (the contact) always writes
             old = a.load(aor)
             assert old is not None
@@ -344,7 +343,7 @@ def test_refresh_on_another_store_takes_ownership(etcd_server: EtcdServer) -> No
             assert seen is not None
             moved = seen.bindings[5]
             assert moved.owner == "b" and not a.owns(moved) and moved.source.conn is None
-            assert moved.expires_at == pytest.approx(now + 120 + b.hold)
+            assert moved.expires_at == pytest.approx(now + 120)
             assert a.counts()[1] == 0
             # b's refreshes are now absorbed in b's memory
             old = b.load(aor)
