@@ -56,6 +56,7 @@ class PendingRegister:
     planned: list[PlannedContact]
     ruri: str = ""  # the Request-URI it was relayed with (SPEC §2.2 ru)
     hop: str | None = None  # the outbound proxy it went through (SPEC §2.2 hop)
+    aggregated: str | None = None  # mode aor: the aggregated contact it was relayed with
     retried_423: bool = False
 
 

@@ -255,7 +255,7 @@ class MidRegistrar:
         local = self.stack.local_for(self.main_peer)
         if settings.mode is Mode.AOR:
             # One aggregated contact per AoR whichever process relays: the one the main registrar holds.
-            hostport = _hostport_of(meta.main_contact) if meta is not None else None
+            hostport = throttle.hostport_of(meta.main_contact) if meta is not None else None
             relayed = throttle.relayed_aor_request(
                 pending, self.main_uri, hostport or local.hostport, settings
             )
@@ -338,14 +338,26 @@ class MidRegistrar:
         aor = pending.view.aor
         record = self.store.load(aor)  # may raise Pending: the event is parked with ``pending`` kept
         del self._pending[id(ctx)]
+        superseded: str | None = None
         if self.settings.mode is Mode.AOR:
             updated, evicted = throttle.apply_aor_2xx(pending, record, response, now, self.settings)
             if updated is not None and updated.meta is not None and updated.meta.relay_until is not None:
                 updated.meta = replace(updated.meta, relay_until=None)
+            superseded = throttle.keep_held_contact(record, updated, now)
         else:
             updated, evicted = reg.apply_2xx(pending, record, response, now, self.settings)
 
         def finish() -> None:
+            if superseded is not None and updated is not None and updated.meta is not None:
+                # Another process's aggregated contact for this AoR got there first: take ours back.
+                log.info(
+                    "AoR %s: main holds %s, de-registering %s", aor, updated.meta.main_contact, superseded
+                )
+                sent = pending.view.request  # relayed with its Call-ID and CSeq
+                dereg = deregister.deregister_request(
+                    updated.meta, sent.call_id, sent.cseq.seq + 1, superseded, self._tag()
+                )
+                self._send_deregister(dereg, deregister.next_hop(updated.meta))
             if self.settings.mode is Mode.CONTACT and updated is not None and updated.meta is not None:
                 for binding in evicted:
                     request = deregister.contact_deregister(updated.meta, binding, self._tag())
@@ -697,20 +709,6 @@ def _branch(request: Request, target: Target) -> tuple[Request | URI, Peer]:
     for route in reversed(target.routes):
         copy.headers.prepend("Route", route)
     return copy, target.peer
-
-
-def _hostport_of(uri: str | None) -> str | None:
-    """host:port of a SIP URI as written (the aggregated contact the main registrar echoed), else None."""
-    if not uri:
-        return None
-    try:
-        parsed = parse_uri(uri)
-    except ValueError:
-        return None
-    if not isinstance(parsed, SipURI) or not parsed.port:
-        return None
-    host = parsed.host if ":" not in parsed.host or parsed.host.startswith("[") else f"[{parsed.host}]"
-    return f"{host}:{parsed.port}"
 
 
 def _bad_request(request: Request, reason: str) -> Response:

@@ -21,7 +21,7 @@ from registrar.core.register import (
     same_flow,
 )
 from registrar.sip.message import Request, Response
-from registrar.sip.uri import URI
+from registrar.sip.uri import URI, SipURI, parse_uri
 
 
 @dataclass(slots=True)
@@ -169,13 +169,48 @@ def relayed_aor_request(pending: PendingRegister, main: URI, hostport: str, sett
     out.headers.remove("contact")
     leaving = all(pc.life.local == 0 for pc in pending.planned)
     value = 0 if leaving else settings.outgoing_expires
-    contact = f"<{aggregated_uri(view.aor, hostport, settings)}>"
+    pending.aggregated = aggregated_uri(view.aor, hostport, settings)
+    contact = f"<{pending.aggregated}>"
     if view.expires_header is not None:
         out.headers.set("Expires", str(value))
         out.headers.add("Contact", contact)
     else:
         out.headers.add("Contact", f"{contact};expires={value}")
     return out
+
+
+def hostport_of(uri: str | None) -> str | None:
+    """host:port of a SIP URI as written (the aggregated contact the main registrar echoed), else None."""
+    if not uri:
+        return None
+    try:
+        parsed = parse_uri(uri)
+    except ValueError:
+        return None
+    if not isinstance(parsed, SipURI) or not parsed.port:
+        return None
+    host = parsed.host if ":" not in parsed.host or parsed.host.startswith("[") else f"[{parsed.host}]"
+    return f"{host}:{parsed.port}"
+
+
+def keep_held_contact(before: AorRecord | None, updated: AorRecord | None, now: float) -> str | None:
+    """When two processes relay the first REGISTERs of one AoR at once, each sends its own aggregated contact
+    (no meta says yet which one the AoR has) and the main registrar ends up holding both: every call would be
+    forked twice. The contact already stored, confirmed by a 2xx and still held at main, stays the AoR's one
+    aggregated contact: ``updated`` keeps that meta, and the contact this 2xx confirmed is returned, for a
+    De-REGISTER. None when there is nothing to undo."""
+    held = before.meta if before is not None else None
+    if held is None or updated is None or updated.meta is None:
+        return None
+    mine = updated.meta.main_contact
+    if mine is None or held.main_contact is None or held.no_dr or not held.main_expires:
+        return None
+    if held.relayed_at is None or held.relayed_at + held.main_expires <= now:
+        return None  # main no longer holds the stored one: ours replaces it
+    if hostport_of(mine) == hostport_of(held.main_contact):
+        return None
+    updated.meta = replace(held, relay_until=None)
+    return mine
 
 
 def apply_aor_2xx(
@@ -189,17 +224,19 @@ def apply_aor_2xx(
     e_out: int | None = None
     echoed: str | None = None
     header = reply.headers.get("expires")
-    for contact in _safe_contacts(reply):
-        if not contact.star and escaped in str(contact.uri):
-            value = contact.expires
-            if value and value.isdigit():
-                e_out = int(value)
-            elif header and header.isdigit():
-                e_out = int(header)
-            else:
-                e_out = settings.default_expires
-            echoed = str(contact.uri)
-            break
+    candidates = [c for c in _safe_contacts(reply) if not c.star and escaped in str(c.uri)]
+    if candidates:
+        # Main lists every contact it holds for the AoR: prefer the one we relayed over another process's.
+        sent = hostport_of(pending.aggregated)
+        contact = next((c for c in candidates if hostport_of(str(c.uri)) == sent), candidates[0])
+        value = contact.expires
+        if value and value.isdigit():
+            e_out = int(value)
+        elif header and header.isdigit():
+            e_out = int(header)
+        else:
+            e_out = settings.default_expires
+        echoed = str(contact.uri)
     new = record.copy() if record is not None else AorRecord(view.aor)
     request = view.request
     meta: MainMeta = main_meta(pending, new.meta)

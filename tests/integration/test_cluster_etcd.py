@@ -66,6 +66,11 @@ def cluster(tmp_path: Path, etcd_server: EtcdServer, request: pytest.FixtureRequ
         etcd_server.resume()
 
 
+def hostport(uri: str) -> str:
+    """host:port of a SIP URI (Kamailio and the registrar may write its parameters differently)."""
+    return uri.split("@", 1)[-1].split(";", 1)[0].split(">", 1)[0]
+
+
 def kam_uri(c: ck.Cluster, user: str) -> str:
     """The one contact Kamailio holds for `user` (its AoR is the user part)."""
     held = c.kam_contacts(user)
@@ -496,3 +501,55 @@ def test_two_processes_race_on_one_aor_at_the_relay_threshold(cluster: ck.Cluste
     finally:
         d1.close()
         d2.close()
+
+
+def test_first_registrations_of_one_aor_through_two_processes_leave_one_aggregated_contact(
+    cluster: ck.Cluster,
+) -> None:
+    """Mode aor: the first REGISTERs of two devices of a new AoR reach A and B at the same instant, so each
+    relays with its own aggregated contact before either 2xx is stored. Kamailio must end with ONE contact for
+    the AoR (the loser De-REGISTERs its own), every process lists both devices, and every process names that
+    one contact as what main holds (the one later refreshes renew)."""
+    outgoing, local = 30, 20
+    c = cluster.start("aor", extra=node_args(outgoing=outgoing))
+    a, b = c["A"], c["B"]
+    phones: list[ck.UdpPhone] = []
+    try:
+        for rnd in range(3):
+            user = f"dora{rnd}"
+            d1, d2 = ck.UdpPhone(user), ck.UdpPhone(user)
+            phones += [d1, d2]
+            n0 = len(c.kam_register_lines())
+            p1 = d1.send_register(a.addr, local)  # the same instant, two processes, no state yet
+            p2 = d2.send_register(b.addr, local)
+            f1, f2 = d1.recv_final(p1, a.addr), d2.recv_final(p2, b.addr)
+            info = c.diag(f"round {rnd}: d1 → {f1!r}\nd2 → {f2!r}")
+            assert sipkit.status_code(f1) == 200 and sipkit.status_code(f2) == 200, info
+
+            def live(user: str = user) -> list[thrkit.UlContact]:
+                return [x for x in c.kam_contacts(user) if x.expires > 0]
+
+            ck.poll_until(lambda: len(live()) == 1, 3.0, interval=0.05)
+            held = live()
+            lines = c.kam_register_lines()[n0:]
+            assert c.kam is not None
+            dump = c.diag(c.kam.ul_dump()[-2000:], "REGISTERs at Kamailio:\n" + "\n".join(lines))
+            assert len(held) == 1, (
+                f"round {rnd}: Kamailio must hold one aggregated contact for {user}\n" + dump
+            )
+            both = sorted([d1.contact, d2.contact])
+            for node in c.nodes.values():
+                # the other process's commit reaches this one's cache through the watch: milliseconds
+                aor = f"{user}@{DOMAIN}"
+                ck.poll_until(lambda n=node, a=aor, w=both: sorted(n.contacts(a)) == w, 2.0, 0.05)
+                got = node.contacts(f"{user}@{DOMAIN}")
+                assert sorted(got) == both, (
+                    f"round {rnd}: {node.name} must hold both devices, has {got}\n" + info
+                )
+                view = node.view(f"{user}@{DOMAIN}")
+                assert view is not None and hostport(view["main"]["contact"]) == hostport(held[0].address), (
+                    f"round {rnd}: {node.name} names the contact Kamailio holds\n{view}\n" + dump
+                )
+    finally:
+        for phone in phones:
+            phone.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from registrar.core.records import AorRecord, Binding, MainMeta
 from registrar.sip.message import Request, Response
 from registrar.sip.transport import Peer
 from tests.unit.corekit import Core, register
@@ -407,3 +408,68 @@ def test_relay_keeps_the_aggregated_contact_the_main_registrar_holds() -> None:
     _send(m, A, f"{CONTACTS[A]};expires=120", cseq=cseq)
     [relayed], _ = _split(m, A)
     assert [str(c.uri) for c in relayed.contacts] == ["sip:alice%40example.com@10.0.0.9:5080"]
+
+
+OTHER = "sip:alice%40example.com@10.0.0.9:5080"  # another process's aggregated contact for the same AoR
+
+
+def test_2xx_listing_another_aggregated_contact_first_confirms_the_one_relayed() -> None:
+    """Main lists every contact it holds for the AoR; the one this relay sent is the aggregated contact."""
+    m = Aor()
+    _send(m, A, f"{CONTACTS[A]};expires=120")
+    [relayed], _ = _split(m, A)
+    m.feed(_main_ok(relayed, extra=f"Contact: <{OTHER}>;expires=50"), MAIN)
+    _, [reply] = _split(m, A)
+    assert reply.status == 200
+    record = m.store.load("alice@example.com")
+    assert record is not None and record.meta is not None
+    assert record.meta.main_contact == AGG and record.meta.main_expires == 7200
+
+
+def test_concurrent_first_registration_elsewhere_keeps_its_contact_and_deregisters_ours() -> None:
+    """Two processes relayed the first REGISTERs of one AoR at once, each with its own aggregated contact.
+    The other one's 2xx was stored first: this one keeps that contact as the AoR's and de-registers its own
+    (CSeq above the relayed one, same Call-ID), while still storing its device's binding."""
+    m = Aor()
+    _send(m, A, f"{CONTACTS[A]};expires=120")
+    [relayed], _ = _split(m, A)
+    # meanwhile the other process's relay of device B was confirmed and stored
+    meta = MainMeta(
+        "sip:alice@example.com", "sip:alice@example.com", "sip:10.0.0.3:5070", call_id="cid-other",
+        cseq=1, main_expires=7200, relayed_at=m.now, main_contact=OTHER,
+    )  # fmt: skip
+    device_b = Binding(9, "sip:alice@198.51.100.7:5060", m.now + 120, B, "cid-other", 1, local_expires=120)
+    m.store.commit(AorRecord("alice@example.com", {9: device_b}, meta=meta))
+    m.feed(_main_ok(relayed, extra=f"Contact: <{OTHER}>;expires=7199"), MAIN)
+    sent = m.take()
+    [dereg] = [x for x, p in sent if isinstance(x, Request) and p == MAIN]
+    [reply] = [x for x, p in sent if isinstance(x, Response) and p == A]
+    assert reply.status == 200
+    assert sorted(str(c.uri) for c in reply.contacts) == [
+        "sip:alice@192.0.2.10:5062",
+        "sip:alice@198.51.100.7:5060",
+    ]
+    assert dereg.method == "REGISTER" and [str(c.uri) for c in dereg.contacts] == [AGG]
+    assert (dereg.contacts[0].expires or dereg.headers.get("expires")) == "0"
+    assert dereg.call_id == relayed.call_id and dereg.cseq.seq == relayed.cseq.seq + 1
+    record = m.store.load("alice@example.com")
+    assert record is not None and record.meta is not None
+    assert record.meta.main_contact == OTHER and record.meta.call_id == "cid-other"
+    assert len(record.bindings) == 2
+
+
+def test_stored_contact_main_no_longer_holds_is_replaced_without_deregister() -> None:
+    m = Aor()
+    _send(m, A, f"{CONTACTS[A]};expires=120")
+    [relayed], _ = _split(m, A)
+    stale = MainMeta(
+        "sip:alice@example.com", "sip:alice@example.com", "sip:10.0.0.3:5070", call_id="cid-old",
+        cseq=1, main_expires=60, relayed_at=m.now - 61, main_contact=OTHER,
+    )  # fmt: skip
+    device_b = Binding(9, "sip:alice@198.51.100.7:5060", m.now + 120, B, "cid-old", 1, local_expires=120)
+    m.store.commit(AorRecord("alice@example.com", {9: device_b}, meta=stale))
+    m.feed(_main_ok(relayed), MAIN)
+    sent = m.take()
+    assert not [x for x, p in sent if isinstance(x, Request) and p == MAIN]
+    record = m.store.load("alice@example.com")
+    assert record is not None and record.meta is not None and record.meta.main_contact == AGG
