@@ -17,7 +17,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -29,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from tests.ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 INSTALL_HINT = "run `bash scripts/install-etcd.sh` (or `make install`)"
@@ -75,12 +76,6 @@ def _all_threads_stopped(pid: int) -> bool:
     except (OSError, IndexError):
         return True
     return True
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 SCENARIOS = HERE / "scenarios"
 REPO = HERE.parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # for tests.ports when a bench script imports this module
+
+from tests.ports import free_port as free_port  # noqa: E402  (tests and benches take ports from here)
+
 LOOPBACK = "127.0.0.1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -64,26 +69,6 @@ def ensure_sip_tools() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- ports
-
-_handed_out: set[int] = set()
-
-
-def free_port(host: str = LOOPBACK) -> int:
-    """A port that is free for both UDP and TCP on `host` (never handed out twice by this process)."""
-    for _ in range(200):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            u.bind((host, 0))
-            port = u.getsockname()[1]
-            if port in _handed_out:
-                continue
-            try:
-                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-                    t.bind((host, port))
-            except OSError:
-                continue
-        _handed_out.add(port)
-        return port
-    raise RuntimeError("no free loopback port found")
 
 
 def free_ports(n: int, host: str = LOOPBACK) -> list[int]:
