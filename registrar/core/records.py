@@ -76,9 +76,16 @@ class MainMeta:
     main_contact: str | None = None  # Con: the aggregated contact as echoed
     no_dr: bool = False  # the UA de-registered: never send a De-REGISTER
     relay_until: float | None = None  # a refresh is being relayed until then: others absorb (T59)
+    contact_owner: str | None = None  # shared store: the member whose address the aggregated contact carries
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MainMeta:
+        """Fields this version does not know are dropped: a newer process may share the store (rolling
+        upgrade)."""
+        return cls(**{k: v for k, v in data.items() if k in _META_FIELDS})
 
 
 @dataclass(slots=True)
@@ -113,7 +120,7 @@ class AorRecord:
         if data.get("v") != RECORD_VERSION:
             raise ValueError(f"unsupported AoR record version {data.get('v')!r}")
         bindings = [Binding.from_dict(b) for b in data.get("bindings", [])]
-        meta = MainMeta(**data["meta"]) if data.get("meta") else None
+        meta = MainMeta.from_dict(data["meta"]) if data.get("meta") else None
         return cls(aor=data["aor"], bindings={b.ctid: b for b in bindings}, meta=meta)
 
     def to_tuple(self) -> tuple[Any, ...]:
@@ -136,6 +143,7 @@ class AorRecord:
 
 
 _peer_values = attrgetter(*(f.name for f in fields(Peer)))
+_META_FIELDS = frozenset(f.name for f in fields(MainMeta))
 _meta_values = attrgetter(*(f.name for f in fields(MainMeta)))
 _BINDING_FIELDS = [f.name for f in fields(Binding)]
 _SOURCE = _BINDING_FIELDS.index("source")

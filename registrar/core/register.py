@@ -57,6 +57,7 @@ class PendingRegister:
     ruri: str = ""  # the Request-URI it was relayed with (SPEC §2.2 ru)
     hop: str | None = None  # the outbound proxy it went through (SPEC §2.2 hop)
     aggregated: str | None = None  # mode aor: the aggregated contact it was relayed with
+    aggregated_owner: str | None = None  # and the member whose address that contact carries
     retried_423: bool = False
 
 

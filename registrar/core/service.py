@@ -254,11 +254,15 @@ class MidRegistrar:
     ) -> None:
         local = self.stack.local_for(self.main_peer)
         if settings.mode is Mode.AOR:
-            # One aggregated contact per AoR whichever process relays: the one the main registrar holds.
-            hostport = throttle.hostport_of(meta.main_contact) if meta is not None else None
+            # One aggregated contact per AoR whichever process relays: the one the main registrar holds,
+            # unless the process whose address it carries has left.
+            hostport = None
+            if meta is not None and self._alive(meta.contact_owner):
+                hostport = throttle.hostport_of(meta.main_contact)
             relayed = throttle.relayed_aor_request(
                 pending, self.main_uri, hostport or local.hostport, settings
             )
+            pending.aggregated_owner = meta.contact_owner if hostport and meta else self.store.member_id
         else:
             relayed = reg.relayed_request(pending, self.main_uri, local.hostport, settings)
         pending.hop = settings.main_proxy
@@ -301,7 +305,14 @@ class MidRegistrar:
             return None  # mirror relays everything; `Contact: *` is relayed in every mode (§3.1 item 5)
         if mode is Mode.CONTACT:
             return throttle.decide_contact(pending, record, now)
-        return throttle.decide_aor(pending, record, now)
+        meta = record.meta if record is not None else None
+        gone = meta is not None and meta.main_contact is not None and not self._alive(meta.contact_owner)
+        return throttle.decide_aor(pending, record, now, holder_gone=gone)
+
+    def _alive(self, member: str | None) -> bool:
+        """Whether the process a member id names still runs (None: not recorded, taken as alive)."""
+        store = self.store
+        return member is None or member == store.member_id or store.member_address(member) is not None
 
     def _gate_passes(self, event: IncomingRequest, view: reg.RegisterView, now: float) -> bool:
         """Local digest check and per-source rate limit in front of absorption (SPEC §11 [REC], T55)."""
@@ -338,24 +349,26 @@ class MidRegistrar:
         aor = pending.view.aor
         record = self.store.load(aor)  # may raise Pending: the event is parked with ``pending`` kept
         del self._pending[id(ctx)]
-        superseded: str | None = None
+        superseded: throttle.Withdrawal | None = None
         if self.settings.mode is Mode.AOR:
             updated, evicted = throttle.apply_aor_2xx(pending, record, response, now, self.settings)
             if updated is not None and updated.meta is not None and updated.meta.relay_until is not None:
                 updated.meta = replace(updated.meta, relay_until=None)
-            superseded = throttle.keep_held_contact(record, updated, now)
+            superseded = throttle.keep_held_contact(record, updated, now, self._alive)
         else:
             updated, evicted = reg.apply_2xx(pending, record, response, now, self.settings)
 
         def finish() -> None:
             if superseded is not None and updated is not None and updated.meta is not None:
-                # Another process's aggregated contact for this AoR got there first: take ours back.
+                # Main holds two aggregated contacts for this AoR: withdraw the one that must go.
                 log.info(
-                    "AoR %s: main holds %s, de-registering %s", aor, updated.meta.main_contact, superseded
+                    "AoR %s: keeping %s at the main registrar, de-registering %s",
+                    aor,
+                    updated.meta.main_contact,
+                    superseded.contact,
                 )
-                sent = pending.view.request  # relayed with its Call-ID and CSeq
                 dereg = deregister.deregister_request(
-                    updated.meta, sent.call_id, sent.cseq.seq + 1, superseded, self._tag()
+                    updated.meta, superseded.call_id, superseded.cseq, superseded.contact, self._tag()
                 )
                 self._send_deregister(dereg, deregister.next_hop(updated.meta))
             if self.settings.mode is Mode.CONTACT and updated is not None and updated.meta is not None:

@@ -6,6 +6,7 @@ Pure functions: a decision takes the request, the AoR as stored and ``now`` and 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from operator import attrgetter
 
@@ -105,8 +106,12 @@ def aggregated_uri(aor: str, hostport: str, settings: Settings) -> str:
     return f"sip:{escape_aor(aor, settings)}@{hostport}{settings.extra_contact_params}"
 
 
-def decide_aor(pending: PendingRegister, record: AorRecord | None, now: float) -> Decision:
-    """SPEC §6.2 with changes staged (T53 [REC]) and new devices relayed (§11 [REC])."""
+def decide_aor(
+    pending: PendingRegister, record: AorRecord | None, now: float, holder_gone: bool = False
+) -> Decision:
+    """SPEC §6.2 with changes staged (T53 [REC]) and new devices relayed (§11 [REC]). ``holder_gone``: the
+    aggregated contact carries the address of a process that has left (shared store): relay, so that the
+    main registrar learns a live one, unless a relay is already on its way."""
     view = pending.view
     valid = record.valid_bindings(now) if record is not None else []
     if record is None or not valid:
@@ -114,6 +119,8 @@ def decide_aor(pending: PendingRegister, record: AorRecord | None, now: float) -
     meta = record.meta
     if meta is None or meta.relayed_at is None or meta.main_expires is None:
         return _relay("no relay state")
+    if holder_gone and not (meta.relay_until is not None and meta.relay_until > now):
+        return _relay("aggregated contact names a process that has left")
     ctno = len(valid)
     staged = record.copy()
     request = view.request
@@ -193,24 +200,44 @@ def hostport_of(uri: str | None) -> str | None:
     return f"{host}:{parsed.port}"
 
 
-def keep_held_contact(before: AorRecord | None, updated: AorRecord | None, now: float) -> str | None:
-    """When two processes relay the first REGISTERs of one AoR at once, each sends its own aggregated contact
-    (no meta says yet which one the AoR has) and the main registrar ends up holding both: every call would be
-    forked twice. The contact already stored, confirmed by a 2xx and still held at main, stays the AoR's one
-    aggregated contact: ``updated`` keeps that meta, and the contact this 2xx confirmed is returned, for a
-    De-REGISTER. None when there is nothing to undo."""
+@dataclass(frozen=True, slots=True)
+class Withdrawal:
+    """An aggregated contact to de-register at the main registrar, with the Call-ID and CSeq to use."""
+
+    contact: str
+    call_id: str
+    cseq: int
+
+
+def keep_held_contact(
+    before: AorRecord | None, updated: AorRecord | None, now: float, alive: Callable[[str | None], bool]
+) -> Withdrawal | None:
+    """One aggregated contact per AoR at the main registrar, once a 2xx is stored as ``updated``.
+
+    Two processes relaying the first REGISTERs of one AoR at once each send their own aggregated contact (no
+    meta says yet which one the AoR has), and the main registrar ends up holding both: every call would be
+    forked twice. If the contact already stored is confirmed, still held at main and its process is alive,
+    it stays the AoR's (``updated`` keeps that meta) and the one this 2xx confirmed is withdrawn. If its
+    process has left, the new one replaces it and the old one is withdrawn: calls must not go to an address
+    nobody listens on. None when there is nothing to withdraw."""
     held = before.meta if before is not None else None
     if held is None or updated is None or updated.meta is None:
         return None
-    mine = updated.meta.main_contact
-    if mine is None or held.main_contact is None or held.no_dr or not held.main_expires:
+    mine = updated.meta
+    if mine.main_contact is None or held.main_contact is None or held.no_dr or not held.main_expires:
         return None
     if held.relayed_at is None or held.relayed_at + held.main_expires <= now:
         return None  # main no longer holds the stored one: ours replaces it
-    if hostport_of(mine) == hostport_of(held.main_contact):
+    if hostport_of(mine.main_contact) == hostport_of(held.main_contact):
         return None
+    if not alive(held.contact_owner):
+        if held.call_id is None:
+            return None
+        return Withdrawal(held.main_contact, held.call_id, held.cseq + 1)
     updated.meta = replace(held, relay_until=None)
-    return mine
+    if mine.call_id is None:
+        return None
+    return Withdrawal(mine.main_contact, mine.call_id, mine.cseq + 1)
 
 
 def apply_aor_2xx(
@@ -223,6 +250,7 @@ def apply_aor_2xx(
     escaped = escape_aor(view.aor, settings)
     e_out: int | None = None
     echoed: str | None = None
+    owner: str | None = None
     header = reply.headers.get("expires")
     candidates = [c for c in _safe_contacts(reply) if not c.star and escaped in str(c.uri)]
     if candidates:
@@ -237,6 +265,8 @@ def apply_aor_2xx(
         else:
             e_out = settings.default_expires
         echoed = str(contact.uri)
+        # whose address it carries is known only for the contact this relay sent
+        owner = pending.aggregated_owner if hostport_of(echoed) == sent else None
     new = record.copy() if record is not None else AorRecord(view.aor)
     request = view.request
     meta: MainMeta = main_meta(pending, new.meta)
@@ -255,6 +285,7 @@ def apply_aor_2xx(
             relayed_at=now,
             main_expires=e_out,
             main_contact=echoed,
+            contact_owner=owner,
         )
     new.meta = meta
     touched: set[int] = set()

@@ -458,7 +458,7 @@ class EtcdStore:
             version = heads[0].mod_revision
             data = json.loads(heads[0].value)
             if data.get("meta"):
-                meta = MainMeta(**data["meta"])
+                meta = MainMeta.from_dict(data["meta"])
         stored = []
         me = self.member_id
         for kv in bindings:
@@ -857,7 +857,7 @@ class EtcdStore:
                 with contextlib.suppress(ValueError, TypeError, KeyError):
                     data = json.loads(head.value)
                     if data.get("meta"):
-                        meta = MainMeta(**data["meta"])
+                        meta = MainMeta.from_dict(data["meta"])
             version = entry.version if entry is not None else 0
             self._spawn(self._claim_orphans(aor, prevs, known, meta, version, head is None and meta is None))
 
@@ -894,7 +894,7 @@ class EtcdStore:
                     version = head.mod_revision
                     data = json.loads(head.value)
                     if data.get("meta"):
-                        meta = MainMeta(**data["meta"])
+                        meta = MainMeta.from_dict(data["meta"])
         except EtcdUnavailable as exc:
             self._lost(exc)
             return

@@ -208,8 +208,9 @@ def test_kill9_a_under_load_loses_no_binding_and_calls_reach_every_phone(
 ) -> None:
     """20 phones refresh through A (20 REGISTERs/s), 5 through B, 5 through C; A is killed with SIGKILL. Once its
     member lease is gone, B reaches A's UDP phones directly; the phones then move to B. No binding is lost (B,
-    C, Kamailio), nothing is de-registered, and a call through C reaches every phone, from the process that
-    holds its flow."""
+    C, Kamailio) and a call through C reaches every phone, from the process that holds its flow. Mode contact
+    de-registers nothing; mode aor moves the aggregated contacts that carried A's address to B (one
+    De-REGISTER of A's contact per AoR), so that Kamailio no longer routes to a dead address."""
     c = cluster.start(mode, extra=node_args(outgoing=120))
     a, b, cc = c["A"], c["B"], c["C"]
     fa = c.fleet("fa", [f"fa{i:02d}" for i in range(20)], a, expires=20, every_ms=1000)
@@ -252,9 +253,30 @@ def test_kill9_a_under_load_loses_no_binding_and_calls_reach_every_phone(
     for node in (b, cc):
         missing = [u for f, u in users if f.contact(u) not in node.contacts(f"{u}@{DOMAIN}")]
         assert not missing, f"{node.name} lost bindings of {missing}\n" + c.diag()
+    moved = set(fa.users) if mode == "aor" else set()
+    b_hostport = f"127.0.0.1:{b.port}"
+
+    def at_kamailio() -> dict[str, list[str]]:
+        return {u: [x.address for x in c.kam_contacts(u) if x.expires > 0] for _, u in users}
+
+    def settled() -> bool:
+        now = at_kamailio()
+        return all([hostport(x) for x in now[u]] == [b_hostport] for u in moved)
+
+    ck.poll_until(settled, 3.0, 0.05)
+    now = at_kamailio()
     for _, u in users:
-        assert [x.address for x in c.kam_contacts(u)] == [held[u]], c.diag(f"{u} at Kamailio changed")
-    assert not c.kam_deregs(), f"nothing was de-registered: {c.kam_deregs()}\n" + c.diag()
+        if u in moved:
+            assert [hostport(x) for x in now[u]] == [b_hostport], c.diag(f"{u} at Kamailio: {now[u]}")
+        else:
+            assert now[u] == [held[u]], c.diag(f"{u} at Kamailio changed: {now[u]}")
+    deregs = c.kam_deregs()
+    if mode == "aor":
+        assert len(deregs) == len(moved) and all(f":{a.port}>" in ln for ln in deregs), (
+            f"one De-REGISTER of A's contact per AoR: {deregs}\n" + c.diag()
+        )
+    else:
+        assert not deregs, f"nothing was de-registered: {deregs}\n" + c.diag()
 
     # Calls still reach every registered phone, through C (hand-off to B for the phones whose flow B holds).
     out = ck.place_calls(c.tmp, cc, [ck.CallTarget(u, held[u]) for _, u in users], "all-via-c", rate=20)
@@ -553,3 +575,51 @@ def test_first_registrations_of_one_aor_through_two_processes_leave_one_aggregat
     finally:
         for phone in phones:
             phone.close()
+
+
+def test_aggregated_contact_moves_off_a_killed_process(cluster: ck.Cluster) -> None:
+    """Mode aor: erin's aggregated contact at Kamailio carries A's address (A relayed her first REGISTER).
+    A is killed. Her next refresh, through B, is relayed with B's address and A's contact is de-registered:
+    Kamailio holds one contact for her, at a process that is alive, instead of sending her calls to a dead
+    address until the contact runs out."""
+    outgoing, local = 60, 10
+    c = cluster.start("aor", extra=node_args(outgoing=outgoing))
+    a, b = c["A"], c["B"]
+    phone = ck.UdpPhone("erin")
+    try:
+
+        def live() -> list[thrkit.UlContact]:
+            return [x for x in c.kam_contacts("erin") if x.expires > 0]
+
+        first = phone.register(a.addr, local)
+        assert sipkit.status_code(first) == 200, c.diag(f"first → {first!r}")
+        held = live()
+        assert [hostport(x.address) for x in held] == [f"127.0.0.1:{a.port}"], c.diag(
+            f"Kamailio holds {held}"
+        )
+        n0 = len(c.kam_register_lines())
+        again = phone.register(a.addr, local)
+        assert sipkit.status_code(again) == 200 and len(c.kam_register_lines()) == n0, "absorbed by A"
+
+        ck.poll_until(lambda: b.metrics().get("midregistrar_members") == 3, 5.0)
+        assert b.metrics().get("midregistrar_members") == 3, c.diag("B sees the three processes")
+        a.kill9()
+        ck.poll_until(lambda: b.metrics().get("midregistrar_members") == 2, 10.0)
+        assert b.metrics().get("midregistrar_members") == 2, c.diag("B still counts A as a member")
+        moved = phone.register(b.addr, local)
+        assert sipkit.status_code(moved) == 200, c.diag(f"through B → {moved!r}")
+        ck.poll_until(lambda: [hostport(x.address) for x in live()] == [f"127.0.0.1:{b.port}"], 3.0, 0.05)
+        held = live()
+        lines = c.kam_register_lines()[n0:]
+        assert c.kam is not None
+        info = c.diag(c.kam.ul_dump()[-2000:], "REGISTERs at Kamailio:\n" + "\n".join(lines))
+        assert [hostport(x.address) for x in held] == [f"127.0.0.1:{b.port}"], (
+            f"Kamailio holds erin at B only: {held}\n" + info
+        )
+        assert len(c.kam_deregs("erin")) == 1, "A's contact is de-registered once\n" + info
+        view = b.view(f"erin@{DOMAIN}")
+        assert view is not None and hostport(view["main"]["contact"]) == f"127.0.0.1:{b.port}", (
+            f"{view}\n{info}"
+        )
+    finally:
+        phone.close()

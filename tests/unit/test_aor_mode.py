@@ -7,11 +7,14 @@ sees the main registrar's Expires header (T52) and expO is refreshed on every 2x
 
 from __future__ import annotations
 
+import random
 from dataclasses import replace
 
 from registrar.core.records import AorRecord, Binding, MainMeta
+from registrar.core.service import MidRegistrar
 from registrar.sip.message import Request, Response
 from registrar.sip.transport import Peer
+from registrar.store.memory import MemoryStore
 from tests.unit.corekit import Core, register
 from tests.unit.stackkit import MAIN, response_to
 
@@ -473,3 +476,78 @@ def test_stored_contact_main_no_longer_holds_is_replaced_without_deregister() ->
     assert not [x for x, p in sent if isinstance(x, Request) and p == MAIN]
     record = m.store.load("alice@example.com")
     assert record is not None and record.meta is not None and record.meta.main_contact == AGG
+
+
+class SharedStore(MemoryStore):
+    """A memory store that answers like a shared one: this process is member "B", ``live`` the others."""
+
+    member_id = "B"
+
+    def __init__(self, live: dict[str, str]) -> None:
+        super().__init__(random.Random(7))
+        self.live = live
+
+    def member_address(self, member: str) -> str | None:
+        return self.live.get(member)
+
+
+def _shared(live: dict[str, str]) -> Core:
+    m = Aor()
+    m.store = SharedStore(live)
+    m.core = MidRegistrar(m.settings, m.rig.stack, m.store, random.Random(1))
+    return m
+
+
+def _held_by_a(m: Core) -> None:
+    """alice's device registered; the aggregated contact main holds carries process A's address."""
+    _register_a(m)
+    record = m.store.load("alice@example.com")
+    assert record is not None and record.meta is not None and record.meta.contact_owner == "B"
+    moved = record.copy()
+    moved.meta = replace(record.meta, main_contact=OTHER, contact_owner="A", call_id="cid-a", cseq=7)
+    m.store.commit(moved, record)
+
+
+def test_aggregated_contact_of_a_live_process_is_kept_and_refreshed_with_its_address() -> None:
+    m = _shared({"A": "udp:10.0.0.9:5080"})
+    _held_by_a(m)
+    start, cseq = m.now, 2
+    while m.now + 60 < start + 7080:  # absorbed every minute until main's copy is due
+        m.advance(60)
+        _send(m, A, f"{CONTACTS[A]};expires=120", cseq=cseq)
+        relayed, [reply] = _split(m, A)
+        assert relayed == [] and reply.status == 200
+        cseq += 1
+    m.advance(start + 7080 - m.now)
+    _send(m, A, f"{CONTACTS[A]};expires=120", cseq=cseq)
+    [relayed], _ = _split(m, A)
+    assert [str(c.uri) for c in relayed.contacts] == [OTHER]
+    m.feed(_main_ok(relayed), MAIN)
+    sent = m.take()
+    assert not [x for x, p in sent if isinstance(x, Request) and p == MAIN]  # nothing to withdraw
+    record = m.store.load("alice@example.com")
+    assert record is not None and record.meta is not None
+    assert record.meta.main_contact == OTHER and record.meta.contact_owner == "A"
+
+
+def test_aggregated_contact_of_a_process_that_left_moves_here_and_the_old_one_is_withdrawn() -> None:
+    """Process A, whose address the AoR's aggregated contact carries, has left: main would send calls to an
+    address nobody listens on. The next refresh is relayed with this process's address, and A's contact is
+    de-registered with A's Call-ID and a CSeq above A's."""
+    m = _shared({})
+    _held_by_a(m)
+    m.advance(1)
+    _send(m, A, f"{CONTACTS[A]};expires=120", cseq=2)
+    [relayed], _ = _split(m, A)
+    assert [str(c.uri) for c in relayed.contacts] == [AGG]
+    m.feed(_main_ok(relayed, extra=f"Contact: <{OTHER}>;expires=7190"), MAIN)
+    sent = m.take()
+    [dereg] = [x for x, p in sent if isinstance(x, Request) and p == MAIN]
+    [reply] = [x for x, p in sent if isinstance(x, Response) and p == A]
+    assert reply.status == 200
+    assert [str(c.uri) for c in dereg.contacts] == [OTHER]
+    assert (dereg.contacts[0].expires or dereg.headers.get("expires")) == "0"
+    assert dereg.call_id == "cid-a" and dereg.cseq.seq == 8
+    record = m.store.load("alice@example.com")
+    assert record is not None and record.meta is not None
+    assert record.meta.main_contact == AGG and record.meta.contact_owner == "B"
