@@ -256,13 +256,16 @@ class MidRegistrar:
         if settings.mode is Mode.AOR:
             # One aggregated contact per AoR whichever process relays: the one the main registrar holds,
             # unless the process whose address it carries has left.
-            hostport = None
-            if meta is not None and self._alive(meta.contact_owner):
-                hostport = throttle.hostport_of(meta.main_contact)
+            hostport: str | None = None
+            owner: str | None = self.store.member_id
+            if pending.aggregated is not None:  # sent once already (a 423 retry): the same contact again
+                hostport, owner = throttle.hostport_of(pending.aggregated), pending.aggregated_owner
+            elif meta is not None and self._alive(meta.contact_owner):
+                hostport, owner = throttle.hostport_of(meta.main_contact), meta.contact_owner
             relayed = throttle.relayed_aor_request(
                 pending, self.main_uri, hostport or local.hostport, settings
             )
-            pending.aggregated_owner = meta.contact_owner if hostport and meta else self.store.member_id
+            pending.aggregated_owner = owner if hostport else self.store.member_id
         else:
             relayed = reg.relayed_request(pending, self.main_uri, local.hostport, settings)
         pending.hop = settings.main_proxy
@@ -292,7 +295,13 @@ class MidRegistrar:
             replace(pc, life=replace(pc.life, outgoing=floor if pc.life.outgoing else 0))
             for pc in pending.planned
         ]
-        retry = reg.PendingRegister(pending.view, planned, retried_423=True)
+        retry = reg.PendingRegister(
+            pending.view,
+            planned,
+            retried_423=True,
+            aggregated=pending.aggregated,
+            aggregated_owner=pending.aggregated_owner,
+        )
         log.info("main registrar wants at least %ss for %s: relaying once more", floor, pending.view.aor)
         self._relay(ctx.server, retry, settings)
         return True

@@ -551,3 +551,23 @@ def test_aggregated_contact_of_a_process_that_left_moves_here_and_the_old_one_is
     record = m.store.load("alice@example.com")
     assert record is not None and record.meta is not None
     assert record.meta.main_contact == AGG and record.meta.contact_owner == "B"
+
+
+def test_423_retry_sends_the_same_aggregated_contact() -> None:
+    """A 423 above outgoing_expires is retried once with the higher lifetime, and with the same aggregated
+    contact as the first try (here the one main holds for the AoR: live process A's address)."""
+    m = _shared({"A": "udp:10.0.0.9:5080"})
+    m.core.settings = m.settings = m.settings.model_copy(update={"raise_on_423": True})
+    _held_by_a(m)
+    _send(m, C, f"{CONTACTS[C]};expires=120")  # a new device: relayed
+    [first], _ = _split(m, C)
+    assert [str(c.uri) for c in first.contacts] == [OTHER]
+    m.feed(response_to(first, 423, extra="Min-Expires: 9000"), MAIN)
+    [retry], _ = _split(m, C)
+    assert [str(c.uri) for c in retry.contacts] == [OTHER] and retry.contacts[0].expires == "9000"
+    m.feed(_main_ok(retry, expires=9000), MAIN)
+    _, [reply] = _split(m, C)
+    assert reply.status == 200
+    record = m.store.load("alice@example.com")
+    assert record is not None and record.meta is not None
+    assert record.meta.main_contact == OTHER and record.meta.contact_owner == "A"
