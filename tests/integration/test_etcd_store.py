@@ -665,7 +665,8 @@ def test_started_while_etcd_down_then_recovers(etcd_server: EtcdServer) -> None:
         b, rb = await started(etcd_server, prefix, "b")
         try:
             await ra.wait(lambda: ra.availability == [False, True], timeout=15, what="a available")
-            assert a.member_address("b") is not None
+            # the member registry is listed and watched once etcd answers: b shows up right after
+            await ra.wait(lambda: a.member_address("b") is not None, timeout=5, what="a sees member b")
             aor = "late@example.com"
             assert await load(a, ra, aor) is None
             now = time.time()
