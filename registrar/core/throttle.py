@@ -230,14 +230,16 @@ def keep_held_contact(
         return None  # main no longer holds the stored one: ours replaces it
     if hostport_of(mine.main_contact) == hostport_of(held.main_contact):
         return None
+    # [REC] T60: a CSeq above anything main has seen with that Call-ID (both relays may share one)
+    top = max(held.cseq, mine.cseq) if held.call_id == mine.call_id else None
     if not alive(held.contact_owner):
         if held.call_id is None:
             return None
-        return Withdrawal(held.main_contact, held.call_id, held.cseq + 1)
+        return Withdrawal(held.main_contact, held.call_id, (top or held.cseq) + 1)
     updated.meta = replace(held, relay_until=None)
     if mine.call_id is None:
         return None
-    return Withdrawal(mine.main_contact, mine.call_id, mine.cseq + 1)
+    return Withdrawal(mine.main_contact, mine.call_id, (top or mine.cseq) + 1)
 
 
 def apply_aor_2xx(

@@ -571,3 +571,23 @@ def test_423_retry_sends_the_same_aggregated_contact() -> None:
     record = m.store.load("alice@example.com")
     assert record is not None and record.meta is not None
     assert record.meta.main_contact == OTHER and record.meta.contact_owner == "A"
+
+
+def test_withdrawal_cseq_is_above_every_relay_with_that_call_id() -> None:
+    """[REC] T60: the process that left relayed with the device's own Call-ID (CSeq 1); the refresh relayed here
+    used CSeq 2 with the same Call-ID: the De-REGISTER of the old contact goes out with CSeq 3."""
+    m = _shared({})
+    _register_a(m)
+    record = m.store.load("alice@example.com")
+    assert record is not None and record.meta is not None
+    moved = record.copy()
+    moved.meta = replace(record.meta, main_contact=OTHER, contact_owner="A")
+    m.store.commit(moved, record)
+    m.advance(1)
+    _send(m, A, f"{CONTACTS[A]};expires=120", cseq=2)
+    [relayed], _ = _split(m, A)
+    assert relayed.call_id == record.meta.call_id and relayed.cseq.seq == 2
+    m.feed(_main_ok(relayed, extra=f"Contact: <{OTHER}>;expires=7190"), MAIN)
+    [dereg] = [x for x, p in m.take() if isinstance(x, Request) and p == MAIN]
+    assert [str(c.uri) for c in dereg.contacts] == [OTHER]
+    assert dereg.call_id == relayed.call_id and dereg.cseq.seq == 3
