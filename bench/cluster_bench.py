@@ -425,16 +425,10 @@ def _throughput(endpoint: str, args: argparse.Namespace, work: Path) -> list[tup
     try:
         kam.start()
         for store in ("memory", "etcd"):
-            extra = ["--outgoing-expires", "3600", "--log-level", "warning"]
+            extra: tuple[str, ...] = ()
             if store == "etcd":
-                extra += ["--store", "etcd", "--etcd-endpoints", endpoint, "--etcd-prefix", PREFIX + "tp/"]
-            reg = tb.sipkit.Registrar(
-                (LOOP, kam.port),
-                mode="contact",
-                transports=("udp",),
-                extra=extra,
-                workdir=work / f"tp-{store}",
-            ).start(ready_timeout=30)
+                extra = ("--store", "etcd", "--etcd-endpoints", endpoint, "--etcd-prefix", PREFIX + "tp/")
+            reg = tb.throughput_registrar(kam.port, work / f"tp-{store}", extra).start(ready_timeout=30)
             tr = tb.TRun(f"mid ({store})", command=reg.command)
             try:
                 port = tb.sipkit.free_port()

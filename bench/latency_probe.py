@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="run the registrar through bench/instrumented_cli.py and report its in-process share",
     )
-    ap.add_argument("--timer-resol", type=int, default=10, help="SIPp's pause timer tick, ms (its default)")
+    ap.add_argument("--timer-resol", type=int, default=tb.SIPP_TIMER_RESOL, help="SIPp tick, ms")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="latency-probe-") as tmp:
         work = Path(tmp)
@@ -131,13 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         kam.start()
         reg = None
         try:
-            reg = tb.sipkit.Registrar(
-                (LOOP, kam.port),
-                mode="contact",
-                transports=("udp",),
-                extra=["--outgoing-expires", "3600", "--log-level", "warning"],
-                workdir=work / "mid",
-            ).start(ready_timeout=20)
+            reg = tb.throughput_registrar(kam.port, work / "mid").start(ready_timeout=20)
             tr = tb.TRun("mid")
             port = tb.sipkit.free_port()
             tb.preregister(tr, reg.addr, port, users, tb_args, work)

@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--costs", default="0,60,113", help="stand-in service times to try, µs")
     ap.add_argument("--users", type=int, default=10000, help="SIPp users")
     ap.add_argument("--probe-rate", type=float, default=200.0, help="probe refreshes per second")
-    ap.add_argument("--timer-resol", type=int, default=10, help="SIPp's pause timer tick, ms (its default)")
+    ap.add_argument("--timer-resol", type=int, default=tb.SIPP_TIMER_RESOL, help="SIPp tick, ms")
     ap.add_argument("--serve", nargs=3, metavar=("PORT", "COST_US", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.serve:

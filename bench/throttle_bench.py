@@ -51,6 +51,7 @@ import sipkit  # noqa: E402
 import thrkit  # noqa: E402
 
 BUFF = 4194304
+SIPP_TIMER_RESOL = 10  # ms: SIPp's own default tick for its pause timers
 LOOP = sipkit.LOOPBACK
 PASSWORD = "s3cret"
 
@@ -289,6 +290,19 @@ def load_scenario(work: Path, loops: int) -> Path:
     return p
 
 
+def throughput_registrar(main_port: int, workdir: Path, extra: tuple[str, ...] = ()) -> sipkit.Registrar:
+    """The one registrar process every throughput figure is taken on: mode contact, one UDP socket, a
+    lifetime at main far above the users' so that every refresh is absorbed (memory store unless ``extra``
+    says otherwise)."""
+    return sipkit.Registrar(
+        (LOOP, main_port),
+        mode="contact",
+        transports=("udp",),
+        extra=["--outgoing-expires", "3600", "--log-level", "warning", *extra],
+        workdir=workdir,
+    )
+
+
 def load_sipp(
     target: tuple[str, int],
     port: int,
@@ -329,7 +343,7 @@ def load_sipp(
             "10000",
             "-skip_rlimit",
             "-timer_resol",
-            str(getattr(args, "timer_resol", 10)),
+            str(getattr(args, "timer_resol", SIPP_TIMER_RESOL)),  # callers' own Namespaces may lack it
         ],
         workdir=work / name,
         name=name,
@@ -528,13 +542,7 @@ def run_throughput(args: argparse.Namespace, work: Path) -> str:
             preregister(kam_run, (LOOP, kam.port), port, users, args, work)
             ramp(kam_run, (LOOP, kam.port), kam.pid, port, users, args, work, None, args.start)
         if "mid" in args.targets:
-            reg = sipkit.Registrar(
-                (LOOP, kam.port),
-                mode="contact",
-                transports=("udp",),
-                extra=["--outgoing-expires", "3600", "--log-level", "warning"],
-                workdir=work / "mid",
-            ).start(ready_timeout=20)
+            reg = throughput_registrar(kam.port, work / "mid").start(ready_timeout=20)
             mid_run.command = reg.command
             port = sipkit.free_port()
             preregister(mid_run, reg.addr, port, users, args, work)
@@ -615,6 +623,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--rest", type=float, default=2.0, help="throughput: pause between steps, s")
     ap.add_argument("--targets", default="kamailio,mid", help="throughput: kamailio,mid")
+    ap.add_argument(
+        "--timer-resol", type=int, default=SIPP_TIMER_RESOL, help="throughput: SIPp's pause timer tick, ms"
+    )
     args = ap.parse_args(argv)
     if not sipkit.ensure_sip_tools():
         print("sipp/kamailio unavailable: run `make sip-tools`")
