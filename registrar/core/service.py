@@ -240,7 +240,8 @@ class MidRegistrar:
             # absorbs instead of relaying it a second time (T59).
             marked = record.copy()
             marked.meta = replace(meta, relay_until=now + 64 * self.settings.t1)
-            relay = partial(self._relay, event.txn, pending, settings, meta)
+            held = None if self._holder_gone(meta, now) else meta  # whose aggregated contact to renew
+            relay = partial(self._relay, event.txn, pending, settings, held)
             self._commit(view.aor, marked, record, relay, partial(self.handle, event))
             return
         self._relay(event.txn, pending, settings)
@@ -254,13 +255,13 @@ class MidRegistrar:
     ) -> None:
         local = self.stack.local_for(self.main_peer)
         if settings.mode is Mode.AOR:
-            # One aggregated contact per AoR whichever process relays: the one the main registrar holds,
-            # unless the process whose address it carries has left.
+            # One aggregated contact per AoR whichever process relays: the one the main registrar holds
+            # (``meta``: None when there is none yet, or when the process whose address it carries has left).
             hostport: str | None = None
             owner: str | None = self.store.member_id
             if pending.aggregated is not None:  # sent once already (a 423 retry): the same contact again
                 hostport, owner = throttle.hostport_of(pending.aggregated), pending.aggregated_owner
-            elif meta is not None and self._alive(meta.contact_owner):
+            elif meta is not None:
                 hostport, owner = throttle.hostport_of(meta.main_contact), meta.contact_owner
             relayed = throttle.relayed_aor_request(
                 pending, self.main_uri, hostport or local.hostport, settings
@@ -314,14 +315,20 @@ class MidRegistrar:
             return None  # mirror relays everything; `Contact: *` is relayed in every mode (§3.1 item 5)
         if mode is Mode.CONTACT:
             return throttle.decide_contact(pending, record, now)
-        meta = record.meta if record is not None else None
-        gone = meta is not None and meta.main_contact is not None and not self._alive(meta.contact_owner)
+        gone = record is not None and self._holder_gone(record.meta, now)
         return throttle.decide_aor(pending, record, now, holder_gone=gone)
 
-    def _alive(self, member: str | None) -> bool:
-        """Whether the process a member id names still runs (None: not recorded, taken as alive)."""
+    def _holder_gone(self, meta: MainMeta | None, now: float) -> bool:
+        """The process whose address the AoR's aggregated contact carries has left: it is no live member, and
+        the last relay is older than a member lease. A process registers as a member before it relays, so
+        one that relayed within a lease and is missing here is still on its way through the watch (or was
+        listed just before it registered), not gone."""
+        if meta is None or meta.main_contact is None or meta.contact_owner is None:
+            return False  # None: not recorded (memory store, or written before owners were)
         store = self.store
-        return member is None or member == store.member_id or store.member_address(member) is not None
+        if meta.contact_owner == store.member_id or store.member_address(meta.contact_owner) is not None:
+            return False
+        return meta.relayed_at is None or now - meta.relayed_at >= self.settings.member_ttl
 
     def _gate_passes(self, event: IncomingRequest, view: reg.RegisterView, now: float) -> bool:
         """Local digest check and per-source rate limit in front of absorption (SPEC §11 [REC], T55)."""
@@ -363,7 +370,7 @@ class MidRegistrar:
             updated, evicted = throttle.apply_aor_2xx(pending, record, response, now, self.settings)
             if updated is not None and updated.meta is not None and updated.meta.relay_until is not None:
                 updated.meta = replace(updated.meta, relay_until=None)
-            superseded = throttle.keep_held_contact(record, updated, now, self._alive)
+            superseded = throttle.keep_held_contact(record, updated, now, partial(self._holder_gone, now=now))
         else:
             updated, evicted = reg.apply_2xx(pending, record, response, now, self.settings)
 

@@ -210,7 +210,7 @@ class Withdrawal:
 
 
 def keep_held_contact(
-    before: AorRecord | None, updated: AorRecord | None, now: float, alive: Callable[[str | None], bool]
+    before: AorRecord | None, updated: AorRecord | None, now: float, holder_gone: Callable[[MainMeta], bool]
 ) -> Withdrawal | None:
     """One aggregated contact per AoR at the main registrar, once a 2xx is stored as ``updated``.
 
@@ -232,7 +232,7 @@ def keep_held_contact(
         return None
     # [REC] T60: a CSeq above anything main has seen with that Call-ID (both relays may share one)
     top = max(held.cseq, mine.cseq) if held.call_id == mine.call_id else None
-    if not alive(held.contact_owner):
+    if holder_gone(held):
         if held.call_id is None:
             return None
         return Withdrawal(held.main_contact, held.call_id, (top or held.cseq) + 1)

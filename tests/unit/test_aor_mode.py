@@ -536,7 +536,7 @@ def test_aggregated_contact_of_a_process_that_left_moves_here_and_the_old_one_is
     de-registered with A's Call-ID and a CSeq above A's."""
     m = _shared({})
     _held_by_a(m)
-    m.advance(1)
+    m.advance(m.settings.member_ttl)  # A's member lease would have been renewed by now had A lived
     _send(m, A, f"{CONTACTS[A]};expires=120", cseq=2)
     [relayed], _ = _split(m, A)
     assert [str(c.uri) for c in relayed.contacts] == [AGG]
@@ -583,7 +583,7 @@ def test_withdrawal_cseq_is_above_every_relay_with_that_call_id() -> None:
     moved = record.copy()
     moved.meta = replace(record.meta, main_contact=OTHER, contact_owner="A")
     m.store.commit(moved, record)
-    m.advance(1)
+    m.advance(m.settings.member_ttl)  # A's member lease would have been renewed by now had A lived
     _send(m, A, f"{CONTACTS[A]};expires=120", cseq=2)
     [relayed], _ = _split(m, A)
     assert relayed.call_id == record.meta.call_id and relayed.cseq.seq == 2
@@ -591,3 +591,17 @@ def test_withdrawal_cseq_is_above_every_relay_with_that_call_id() -> None:
     [dereg] = [x for x, p in m.take() if isinstance(x, Request) and p == MAIN]
     assert [str(c.uri) for c in dereg.contacts] == [OTHER]
     assert dereg.call_id == relayed.call_id and dereg.cseq.seq == 3
+
+
+def test_holder_missing_from_the_member_view_right_after_it_relayed_is_not_taken_over() -> None:
+    """A process registers as a member before it relays, but another may list the members just before that
+    and learn of it through its watch a moment later: within a member lease of its relay, a holder missing
+    from the view is not taken for gone (the refresh is absorbed as usual, nothing withdrawn)."""
+    m = _shared({})
+    _held_by_a(m)
+    m.advance(m.settings.member_ttl - 1)
+    _send(m, A, f"{CONTACTS[A]};expires=120", cseq=2)
+    relayed, [reply] = _split(m, A)
+    assert relayed == [] and reply.status == 200
+    record = m.store.load("alice@example.com")
+    assert record is not None and record.meta is not None and record.meta.main_contact == OTHER
