@@ -6,6 +6,10 @@
 #   scripts/k8s-rig.sh build      build (or reuse) the binaries; prints their directory on the last line
 #   scripts/k8s-rig.sh bindir     print the cache directory (no build)
 #   scripts/k8s-rig.sh check      check that the Go proxy serves k8s.io/kubernetes and every staging module
+#   scripts/k8s-rig.sh etcd       build (or reuse) only the etcd binary; prints its path on the last line
+#   scripts/k8s-rig.sh node       also build what a real node runs (tests/node): kubelet and kube-proxy from the
+#                                 same scratch module, CoreDNS, and the pause binary compiled from the
+#                                 k8s.io/kubernetes module's build/pause/linux/pause.c
 #
 # The control plane itself (PKI, etcd, processes on loopback) is started by the pytest session fixture in
 # tests/cluster/conftest.py through midreg_operator.testing.rig, which calls `build` first when needed.
@@ -20,6 +24,8 @@ ETCD_VERSION="${ETCD_VERSION:-v3.6.16}"
 CACHE="${MIDREG_CACHE:-$HOME/.cache/kube-midregistrar}"
 BINDIR="$CACHE/k8s/$K8S_VERSION"
 COMPONENTS=(kube-apiserver kube-controller-manager kube-scheduler)
+NODE_COMPONENTS=(kubelet kube-proxy)
+COREDNS_VERSION="${COREDNS_VERSION:-v1.15.0}"
 NICE="${RIG_NICE:-nice -n 10}"
 
 log() { printf '[k8s-rig] %s\n' "$*" >&2; }
@@ -96,7 +102,8 @@ check_modules() {
 
 build_k8s() {
     local have=1
-    for c in "${COMPONENTS[@]}"; do [[ -x "$BINDIR/$c" ]] || have=0; done
+    local -a components=("${COMPONENTS[@]}" "$@")
+    for c in "${components[@]}"; do [[ -x "$BINDIR/$c" ]] || have=0; done
     if ((have)); then
         log "control plane $K8S_VERSION cached in $BINDIR"
         return 0
@@ -113,7 +120,7 @@ build_k8s() {
         ld+=" -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=$major -X $pkg.gitMinor=$minor"
         ld+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
     done
-    for c in "${COMPONENTS[@]}"; do
+    for c in "${components[@]}"; do
         if [[ -x "$BINDIR/$c" ]]; then continue; fi
         log "building $c $K8S_VERSION (CGO_ENABLED=0, this is slow cold)"
         (cd "$dir" && CGO_ENABLED=0 GOFLAGS=-mod=mod $NICE go build -trimpath -ldflags "$ld" \
@@ -181,6 +188,46 @@ build_etcd() {
     mv "$BINDIR/etcd.tmp" "$BINDIR/etcd"
 }
 
+build_coredns() {
+    if [[ -x "$BINDIR/coredns" ]]; then
+        log "coredns $COREDNS_VERSION cached"
+        return 0
+    fi
+    mkdir -p "$BINDIR"
+    local dir="$CACHE/k8s/scratch-coredns-$COREDNS_VERSION"
+    mkdir -p "$dir"
+    log "building coredns $COREDNS_VERSION"
+    (
+        cd "$dir"
+        printf 'module midreg.local/corednsrig\n\ngo 1.24\n' >go.mod
+        printf 'package corednsrig\n' >doc.go
+        GOFLAGS=-mod=mod $NICE go get "github.com/coredns/coredns@$COREDNS_VERSION"
+        CGO_ENABLED=0 GOFLAGS=-mod=mod $NICE go build -trimpath -ldflags "-s -w" -o "$BINDIR/coredns.tmp" \
+            github.com/coredns/coredns
+    )
+    mv "$BINDIR/coredns.tmp" "$BINDIR/coredns"
+}
+
+build_pause() {
+    if [[ -x "$BINDIR/pause" ]]; then
+        log "pause cached"
+        return 0
+    fi
+    local src
+    src="$(go env GOMODCACHE)/k8s.io/kubernetes@$K8S_VERSION/build/pause/linux/pause.c"
+    if [[ ! -f "$src" ]]; then
+        (cd "$(scratch_module)" && GOFLAGS=-mod=mod go mod download "k8s.io/kubernetes@$K8S_VERSION")
+    fi
+    if ! command -v gcc >/dev/null; then
+        log "gcc is required to compile the pause binary"
+        return 1
+    fi
+    log "compiling pause from $src"
+    gcc -Os -Wall -Werror -static -DVERSION=v3.10-midreg -o "$BINDIR/pause.tmp" "$src"
+    strip "$BINDIR/pause.tmp"
+    mv "$BINDIR/pause.tmp" "$BINDIR/pause"
+}
+
 case "${1:-build}" in
 build)
     if ! command -v go >/dev/null; then
@@ -194,10 +241,24 @@ build)
     log "rig ready in $(($(date +%s) - t0)) s: $(du -sh "$BINDIR" | cut -f1) in $BINDIR"
     echo "$BINDIR"
     ;;
+etcd)
+    build_etcd
+    echo "$BINDIR/etcd"
+    ;;
+node)
+    t0=$(date +%s)
+    build_kwok
+    build_etcd
+    build_k8s "${NODE_COMPONENTS[@]}"
+    build_coredns
+    build_pause
+    log "node rig ready in $(($(date +%s) - t0)) s: $(du -sh "$BINDIR" | cut -f1) in $BINDIR"
+    echo "$BINDIR"
+    ;;
 bindir) echo "$BINDIR" ;;
 check) check_modules ;;
 *)
-    echo "usage: $0 build|bindir|check" >&2
+    echo "usage: $0 build|node|etcd|bindir|check" >&2
     exit 2
     ;;
 esac
