@@ -59,7 +59,7 @@ test-unit: install ## Fast unit tests only (no sockets, no sleeping)
 	$(BIN)/pytest -q tests/unit
 
 .PHONY: test
-test: install lint sip-tools etcd cluster-rig ## Everything: lint, unit, integration (SIPp, Kamailio) and cluster tests
+test: install lint sip-tools etcd cluster-rig node-tools node-rig ## Everything: lint, unit, integration (SIPp, Kamailio), cluster and node tests
 	$(BIN)/pytest -q tests
 
 .PHONY: bench
@@ -78,10 +78,11 @@ clean: ## Remove the virtualenv and caches (not the tool cache in $(MIDREG_CACHE
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis
 
 # ---------------------------------------------------------------------------------------------------------
-# Images and local kind clusters (issue 6). These need a Docker engine, which this project's own machines
-# and CI do not have: they are provided for users and are NOT run here (see docs/operations.md).
+# Images and the real node. `make image` builds with Docker when a daemon answers, else with buildah against a
+# Debian base made by debootstrap (scripts/build-images.sh); the node tier of the tests runs them.
 IMAGE_REPO ?= ghcr.io/kube-midregistrar
 IMAGE_TAG ?= 0.1.0
+export IMAGE_REPO IMAGE_TAG
 REGISTRAR_IMAGE := $(IMAGE_REPO)/registrar:$(IMAGE_TAG)
 OPERATOR_IMAGE := $(IMAGE_REPO)/operator:$(IMAGE_TAG)
 KIND ?= kind
@@ -89,34 +90,40 @@ KIND_CLUSTER ?= midreg
 HELM ?= helm
 KUBECTL ?= kubectl
 
+.PHONY: node-tools
+node-tools: ## Install containerd, runc, CNI plugins, buildah, debootstrap and iptables from Debian when missing
+	bash scripts/install-node-tools.sh
+
 .PHONY: image
-image: ## docker build of the registrar and operator images (needs Docker; not run here)
-	docker build -f Dockerfile.registrar -t $(REGISTRAR_IMAGE) .
-	docker build -f Dockerfile.operator -t $(OPERATOR_IMAGE) .
+image: install node-tools ## Build the registrar, operator and etcd images (Docker, or buildah without it); archives in $(MIDREG_CACHE)/images
+	bash scripts/k8s-rig.sh etcd >/dev/null
+	bash scripts/build-images.sh all
+
+.PHONY: node-rig
+node-rig: node-tools ## Build (once, cached) kubelet, kube-proxy, CoreDNS and pause for the node tier of the tests
+	bash scripts/k8s-rig.sh node
+	bash scripts/build-images.sh pause
+
+.PHONY: test-node
+test-node: install node-tools node-rig sip-tools ## Only the node tier: the chart, operator and registrars as real pods
+	$(BIN)/pytest -q tests/node
+
+.PHONY: node-clean
+node-clean: install ## Tear down a test node that an interrupted run left (namespace, processes, mounts, cgroups, sysctls)
+	$(PY) -m tests.node.noderig cleanup
 
 .PHONY: kind-up
 kind-up: ## Create a local kind cluster (needs Docker and kind; not run here)
 	$(KIND) get clusters | grep -qx $(KIND_CLUSTER) || $(KIND) create cluster --name $(KIND_CLUSTER)
 
 .PHONY: kind-load
-kind-load: image ## Load both images into the kind cluster (not run here)
+kind-load: image ## Load both images into the kind cluster (needs Docker and kind; not run here)
 	$(KIND) load docker-image --name $(KIND_CLUSTER) $(REGISTRAR_IMAGE) $(OPERATOR_IMAGE)
 
 .PHONY: kind-install
 kind-install: kind-load ## helm upgrade --install the chart into kind (not run here)
 	$(HELM) upgrade --install midreg charts/kube-midregistrar -n midreg-system --create-namespace \
 		--kube-context kind-$(KIND_CLUSTER) --set image.tag=$(IMAGE_TAG) --wait
-
-.PHONY: kind-e2e
-kind-e2e: kind-install ## An example MidRegistrar (in-memory store: the etcd store is not built yet) on kind, Ready within 3 minutes (not run here)
-	$(KUBECTL) --context kind-$(KIND_CLUSTER) create namespace voip --dry-run=client -o yaml | \
-		$(KUBECTL) --context kind-$(KIND_CLUSTER) apply -f -
-	sed -e 's/serviceType: LoadBalancer/serviceType: NodePort/' \
-		-e '/^  etcd:/,+1d' \
-		-e 's|registrar:0.1.0|registrar:$(IMAGE_TAG)|' examples/contact-loadbalancer.yaml | \
-		$(KUBECTL) --context kind-$(KIND_CLUSTER) apply -f -
-	$(KUBECTL) --context kind-$(KIND_CLUSTER) -n voip wait midreg/edge-lb --for=condition=Ready --timeout=180s
-	$(KUBECTL) --context kind-$(KIND_CLUSTER) -n voip get midreg,deploy,svc,hpa,pdb
 
 .PHONY: kind-down
 kind-down: ## Delete the kind cluster (not run here)

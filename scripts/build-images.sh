@@ -103,11 +103,25 @@ etcd_context() {
 
 image_name() { echo "$IMAGE_REPO/$1:$2"; }
 
+context_id() {  # what an image is built from: its Dockerfile, the base and the files its context holds
+    {
+        echo "$BASE_IMAGE $*"
+        find "$1" pyproject.toml README.md registrar operator build/etcd -type f \
+            ! -path '*/__pycache__/*' ! -path 'operator/midreg_operator/testing/*' -print0 |
+            sort -z | xargs -0 sha256sum
+    } | sha256sum | cut -c1-16
+}
+
 build_one() {  # name dockerfile tag [build args...]
     local name=$1 file=$2 tag=$3
     shift 3
-    local ref
+    local ref id
     ref="$(image_name "$name" "$tag")"
+    id="$(context_id "$file" "$ref" "$@")"
+    if [[ -f "$OUT/$name.tar" && "$(cat "$OUT/$name.id" 2>/dev/null)" == "$id" ]]; then
+        log "$ref up to date ($OUT/$name.tar)"
+        return 0
+    fi
     local t0
     t0=$(date +%s)
     if have_docker; then
@@ -121,6 +135,7 @@ build_one() {  # name dockerfile tag [build args...]
         rm -f "$OUT/$name.tar"
         "${BUILDAH[@]}" push -q "$ref" "docker-archive:$OUT/$name.tar:$ref" >/dev/null
     fi
+    echo "$id" >"$OUT/$name.id"
     log "$ref built in $(($(date +%s) - t0)) s: $(du -m "$OUT/$name.tar" | cut -f1) MiB archive"
 }
 

