@@ -59,11 +59,11 @@ test-unit: install ## Fast unit tests only (no sockets, no sleeping)
 	$(BIN)/pytest -q tests/unit
 
 .PHONY: test
-test: install lint sip-tools etcd cluster-rig node-tools node-rig ## Everything: lint, unit, integration (SIPp, Kamailio), cluster and node tests
+test: install lint sip-tools etcd cluster-rig node-tools node-rig image ## Everything: lint, unit, integration (SIPp, Kamailio), cluster and node tests
 	$(BIN)/pytest -q tests
 
 .PHONY: bench
-bench: install sip-tools etcd cluster-rig ## All benchmarks (long); copy the figures and commands into docs/benchmarks.md
+bench: install sip-tools etcd cluster-rig node-tools node-rig image ## All benchmarks (long); copy the figures and commands into docs/benchmarks.md
 	$(PY) bench/run.py all
 	$(PY) bench/throttle_bench.py all
 	$(PY) bench/latency_probe.py
@@ -72,6 +72,7 @@ bench: install sip-tools etcd cluster-rig ## All benchmarks (long); copy the fig
 	$(PY) bench/etcd_bench.py
 	$(PY) bench/cluster_bench.py all
 	$(PY) bench/operator_bench.py
+	$(PY) bench/node_bench.py
 
 .PHONY: clean
 clean: ## Remove the virtualenv and caches (not the tool cache in $(MIDREG_CACHE))

@@ -12,271 +12,47 @@ and /v1/aors. A last MidRegistrar (examples/aor-hostnetwork.yaml) runs mode aor 
 
 from __future__ import annotations
 
-import copy
-import json
 import re
 import time
-import urllib.parse
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import clusterkit as ck
 import pytest
-import thrkit
-import yaml
 
 from tests.node import noderig
-from tests.node.conftest import ETCD_ENDPOINT, RELEASE, SYSTEM_NS, Kube, pod_ready
+from tests.node.e2ekit import (
+    DOMAIN,
+    ETCD_ENDPOINT,
+    EXPIRES,
+    REFRESH_MS,
+    RELEASE,
+    SELECTOR,
+    SYSTEM_NS,
+    USERS,
+    Addr,
+    Deployed,
+    Kube,
+    Phones,
+    aor_view,
+    call_every_device,
+    ck,
+    deploy_example,
+    example,
+    http_get,
+    metrics,
+    owner_pod,
+    pod_ready,
+    sample_users,
+    thrkit,
+    wait_midreg_ready,
+)
 
 pytestmark = pytest.mark.node
 
-REPO = Path(__file__).resolve().parents[2]
-EXAMPLES = REPO / "examples"
-DOMAIN = ck.DOMAIN
-USERS = 1000  # AoRs; two devices each
-EXPIRES = 60
-REFRESH_MS = 15000
-SELECTOR = "app.kubernetes.io/name=midregistrar,app.kubernetes.io/instance={}"
-
-
-@dataclass
-class Addr:
-    """Where a fleet sends: a Service's cluster IP, a NodePort or the node's address."""
-
-    name: str
-    host: str
-    port: int
-
-    @property
-    def addr(self) -> tuple[str, int]:
-        return (self.host, self.port)
-
-
-def example(name: str) -> list[dict[str, Any]]:
-    return [d for d in yaml.safe_load_all((EXAMPLES / name).read_text()) if d]
-
-
-def midreg(kube: Kube, ns: str, name: str) -> dict[str, Any]:
-    return kube.json("get", "midreg", "-n", ns, name)
-
-
-def http_get(ip: str, port: int, path: str) -> str:
-    with urllib.request.urlopen(f"http://{ip}:{port}{path}", timeout=5) as resp:
-        return str(resp.read().decode())
-
-
-def http_json(ip: str, port: int, path: str) -> Any:
-    return json.loads(http_get(ip, port, path))
-
-
-def metrics(ip: str, port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://{ip}:{port}/metrics", timeout=5) as resp:
-        body = resp.read().decode()
-    out: dict[str, float] = {}
-    for line in body.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            out[key] = float(value)
-    return out
-
-
-def aor_view(pods: list[dict[str, Any]], aor: str, port: int = 9090) -> dict[str, Any] | None:
-    """GET /v1/aors/{aor} from the first ready pod that answers."""
-    for pod in pods:
-        try:
-            return dict(
-                http_json(pod["status"]["podIP"], port, "/v1/aors/" + urllib.parse.quote(aor, safe="@"))
-            )
-        except OSError:
-            continue
-    return None
-
-
-# ----------------------------------------------------------------------------------------------- phones
-
-
-@dataclass
-class Outcome:
-    user: str
-    sent: int  # ms, the fleet's clock (CSeq)
-    answered: int | None  # ms, None: no final answer (lost) or a failure code
-    code: str
-
-
-def outcomes(fleet: ck.Fleet) -> list[Outcome]:
-    out: list[Outcome] = []
-    for ln in fleet.log_lines("REG "):
-        m = re.match(r"REG (\S+) user=(\S+) cseq=(\d+)(?: at=(\d+))?", ln)
-        if m:
-            code, user, sent, at = m.groups()
-            out.append(Outcome(user, int(sent), int(at) if code == "ok" and at else None, code))
-    return out
-
-
-class Phones:
-    """Four SIPp fleets: AoRs 0-499 on PHONE_IPS[0] (ClusterIP) and [1] (NodePort), 500-999 on [2] and [3]."""
-
-    def __init__(self, tmp: Path, clusterip: Addr, nodeport: Addr, users: int = USERS) -> None:
-        half = users // 2
-        a = [f"u{i:04d}" for i in range(half)]
-        b = [f"u{i:04d}" for i in range(half, users)]
-        self.fleets: list[ck.Fleet] = []
-        self.targets: list[Addr] = []
-        for i, (group, target) in enumerate(((a, clusterip), (a, nodeport), (b, clusterip), (b, nodeport))):
-            fleet = ck.Fleet(
-                tmp, f"f{i}", group, expires=EXPIRES, every_ms=REFRESH_MS, local_ip=noderig.PHONE_IPS[i]
-            )
-            self.fleets.append(fleet)
-            self.targets.append(target)
-
-    def start(self) -> Phones:
-        for fleet, target in zip(self.fleets, self.targets, strict=True):
-            fleet.start(target)
-        return self
-
-    def stop(self) -> None:
-        for fleet in self.fleets:
-            fleet.stop()
-
-    def running(self) -> bool:
-        return all(f.running() for f in self.fleets)
-
-    def wait_ok(self, at_least: int | list[dict[str, int]], timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        for i, fleet in enumerate(self.fleets):
-            want = at_least if isinstance(at_least, int) else at_least[i]
-            if not fleet.wait_ok(want, max(1.0, deadline - time.monotonic())):
-                return False
-        return True
-
-    def ok_counts(self) -> list[dict[str, int]]:
-        return [f.ok_counts() for f in self.fleets]
-
-    def clock(self) -> int:
-        """Now on the fleets' clock (ms since their cseq_base; all fleets of a run share one base second)."""
-        return int((time.time() - self.fleets[0].cseq_base) * 1000)
-
-    def failures(self, since: int = 0) -> list[str]:
-        """REGISTERs sent at or after `since` that got no final answer or a failure."""
-        bad = []
-        for fleet in self.fleets:
-            for o in outcomes(fleet):
-                if o.sent >= since and o.code != "ok":
-                    bad.append(f"{fleet.name} {o.user} cseq={o.sent} {o.code}")
-        return bad
-
-    def longest_wait(self, since: int, until: int) -> float:
-        """The longest a phone waited for an answer to a REGISTER sent in [since, until], in seconds: from the
-        first send to the 200 (retransmissions included); a REGISTER left unanswered counts until the
-        phone's next 200."""
-        worst = 0
-        for fleet in self.fleets:
-            by_user: dict[str, list[Outcome]] = {}
-            for o in outcomes(fleet):
-                by_user.setdefault(o.user, []).append(o)
-            for seq in by_user.values():
-                for i, o in enumerate(seq):
-                    if not since <= o.sent <= until:
-                        continue
-                    if o.answered is not None:
-                        worst = max(worst, o.answered - o.sent)
-                        continue
-                    later = [n.answered for n in seq[i + 1 :] if n.answered is not None]
-                    worst = max(worst, (later[0] if later else until) - o.sent)
-        return worst / 1000
-
-    def describe(self) -> str:
-        return "\n".join(f.describe()[-3000:] for f in self.fleets)
-
-
-def call_every_device(
-    tmp: Path, kam: thrkit.KamailioMain, phones: Phones, users: list[str], name: str
-) -> None:
-    """Calls placed by Kamailio (its own lookup and forking) to `users`: every device of each gets the INVITE."""
-    targets = [ck.CallTarget(u, f"sip:{u}@{DOMAIN}") for u in users]
-    outcome = ck.place_calls(tmp, kam, targets, name, rate=10, wait=90, local_ip=noderig.HOST_IP)
-    assert not outcome.failed(), f"calls failed: {outcome.failed()}\n{outcome.result.describe()}"
-    missing = []
-    for user in users:
-        for fleet in phones.fleets:
-            if user in fleet.users and not [
-                ln for ln in fleet.log_lines("CALL invite ") if f"ruri=sip:{user}@" in ln
-            ]:
-                missing.append(f"{user} on {fleet.name}")
-    assert not missing, f"devices that never got the INVITE: {missing}"
-
-
-def sample_users(n: int = 6) -> list[str]:
-    step = USERS // n
-    return [f"u{i * step + 7:04d}" for i in range(n)]
-
-
-# ---------------------------------------------------------------------------------------- the registrar
-
-
-@dataclass
-class Deployed:
-    ns: str
-    name: str
-    spec: dict[str, Any]
-    clusterip: Addr
-    nodeport: Addr
-
-    @property
-    def selector(self) -> str:
-        return SELECTOR.format(self.name)
-
-
-def wait_midreg_ready(kube: Kube, ns: str, name: str, replicas: int, timeout: float = 180) -> None:
-    def ready() -> bool:
-        obj = midreg(kube, ns, name)
-        st = obj.get("status") or {}
-        conds = {c["type"]: c["status"] for c in st.get("conditions") or []}
-        pods = kube.ready_pods(ns, SELECTOR.format(name))
-        return (
-            conds.get("Ready") == "True"
-            and st.get("readyReplicas") == replicas
-            and len(pods) == replicas
-            and len(kube.pods(ns, SELECTOR.format(name))) == replicas
-        )
-
-    kube.wait(ready, timeout, f"MidRegistrar {ns}/{name} Ready with {replicas} pods")
-
 
 @pytest.fixture(scope="module")
-def edge(
-    node: noderig.Node, kube: Kube, platform: dict[str, float], kamailio: thrkit.KamailioMain
-) -> Deployed:
-    """examples/contact-loadbalancer.yaml, adapted in its addresses: the main registrar is Kamailio on the
-    host, the etcd endpoint the chart's etcd, and no public address (no load balancer here: phones use the
-    Service's cluster IP and node port)."""
-    docs = example("contact-loadbalancer.yaml")
-    (mr,) = [d for d in docs if d["kind"] == "MidRegistrar"]
-    mr = copy.deepcopy(mr)
-    spec = mr["spec"]
-    spec["mainRegistrar"] = f"sip:{noderig.HOST_IP}:{kamailio.port}"
-    spec["network"].pop("advertise")
-    spec["etcd"]["endpoints"] = [ETCD_ENDPOINT]
-    ns, name = mr["metadata"]["namespace"], mr["metadata"]["name"]
-    for d in docs:
-        if d["kind"] == "Namespace":
-            kube.apply(d)
-    t0 = time.monotonic()
-    kube.apply(mr)
-    wait_midreg_ready(kube, ns, name, spec["replicas"])
-    platform["midreg_ready_s"] = time.monotonic() - t0
-    svc = kube.json("get", "service", "-n", ns, name)
-    udp = next(p for p in svc["spec"]["ports"] if p["protocol"] == "UDP")
-    return Deployed(
-        ns,
-        name,
-        spec,
-        Addr("clusterip", svc["spec"]["clusterIP"], udp["port"]),
-        Addr("nodeport", noderig.NODE_IP, udp["nodePort"]),
-    )
+def edge(kube: Kube, platform: dict[str, float], kamailio: thrkit.KamailioMain) -> Deployed:
+    return deploy_example(kube, kamailio)
 
 
 @pytest.fixture(scope="module")
@@ -350,6 +126,7 @@ def test_phones_register_through_services_and_calls_reach_every_device(
         view = aor_view([pod], f"u0003@{DOMAIN}")
         assert view is not None and len(view["bindings"]) == 2, view
     call_every_device(tmp_path, kamailio, phones, sample_users(), "first-calls")
+
     # kubectl get midreg counts what the phones registered.
     def contacts_column() -> str:
         header, row = kube("get", "midreg", "-n", edge.ns, edge.name).strip().splitlines()
@@ -402,19 +179,6 @@ def test_rolling_update_under_load_loses_nothing(
     )
 
 
-def _owner_pod(kube: Kube, edge: Deployed, fleet: ck.Fleet) -> dict[str, Any]:
-    """The pod holding `fleet`'s flow (the owner recorded on its bindings)."""
-    pods = kube.ready_pods(edge.ns, edge.selector)
-    view = aor_view(pods, f"{fleet.users[0]}@{DOMAIN}")
-    assert view
-    (binding,) = [b for b in view["bindings"] if fleet.local_ip in b["received"]]
-    owner = binding["owner"]
-    for pod in pods:
-        if owner and (pod["metadata"]["name"] in owner or pod["status"]["podIP"] in owner):
-            return pod
-    raise AssertionError(f"no ready pod owns {owner!r}: {[p['metadata']['name'] for p in pods]}")
-
-
 def test_killed_container_and_force_deleted_pod(
     tmp_path: Path,
     node: noderig.Node,
@@ -425,7 +189,7 @@ def test_killed_container_and_force_deleted_pod(
 ) -> None:
     windows = {}
     for how in ("container-killed", "pod-force-deleted"):
-        pod = _owner_pod(kube, edge, phones.fleets[0])
+        pod = owner_pod(kube, edge, phones.fleets[0])
         name = pod["metadata"]["name"]
         since = phones.clock()
         if how == "container-killed":
@@ -444,7 +208,14 @@ def test_killed_container_and_force_deleted_pod(
             assert again["status"]["containerStatuses"][0]["restartCount"] == status["restartCount"] + 1
         else:
             assert name not in {p["metadata"]["name"] for p in kube.pods(edge.ns, edge.selector)}
-        print(how, name, "owner of", phones.fleets[0].name, "now", _owner_pod(kube, edge, phones.fleets[0])["metadata"]["name"])
+        print(
+            how,
+            name,
+            "owner of",
+            phones.fleets[0].name,
+            "now",
+            owner_pod(kube, edge, phones.fleets[0])["metadata"]["name"],
+        )
         assert not phones.failures(since), (how, phones.failures(since)[:20])
         assert kamailio.location_size() == (USERS, 2 * USERS)
     call_every_device(tmp_path, kamailio, phones, sample_users(), "after-kill")

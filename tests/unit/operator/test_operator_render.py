@@ -190,3 +190,17 @@ def test_etcd_pods_tell_peers_their_own_address() -> None:
     assert len(internal) == 1 and "$(POD_IP)" in internal[0], "the hand-off goes to the pod, not the Service"
     (c,) = render.render_deployment(spec(), REF)["spec"]["template"]["spec"]["containers"]
     assert not [e for e in c["env"] if e["name"] == "MIDREG_INTERNAL_ADDRESS"], "no peers without etcd"
+
+
+def test_service_mode_pods_advertise_the_service_address_unless_one_is_given() -> None:
+    """Listening on 0.0.0.0, a registrar would write 127.0.0.1 into what it sends the main registrar; a pod's
+    own address would be gone after a rollout. The Service's cluster IP stays."""
+    pod = render.render_deployment(spec(network={"mode": "service"}), REF)["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    var = render.names(REF)["service"].upper().replace("-", "_") + "_SERVICE_HOST"
+    assert {"name": "MIDREG_ADVERTISE", "value": f"$({var})"} in c["env"]
+    assert pod["enableServiceLinks"] is True
+    given = spec(network={"mode": "service", "advertise": "sip.example.com"})
+    (c,) = render.render_deployment(given, REF)["spec"]["template"]["spec"]["containers"]
+    assert not [e for e in c["env"] if e["name"] == "MIDREG_ADVERTISE"]
+    assert "advertise: sip.example.com" in render.render_config_yaml(given, REF)
