@@ -178,6 +178,10 @@ all)
     build_one registrar Dockerfile.registrar "$IMAGE_TAG" "${wheel_args[@]}"
     build_one operator Dockerfile.operator "$IMAGE_TAG" "${wheel_args[@]}"
     build_one etcd Dockerfile.etcd "$ETCD_VERSION"
+    if ! have_docker; then
+        # Images of earlier builds that no tag names any more: keep the cache to what the tags use.
+        "${BUILDAH[@]}" rmi --prune >/dev/null 2>&1 || true
+    fi
     echo "$OUT"
     ;;
 *)

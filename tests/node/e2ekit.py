@@ -12,6 +12,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -310,21 +311,41 @@ class Phones:
         return "\n".join(f.describe()[-3000:] for f in self.fleets)
 
 
+def invites(fleet: ck.Fleet) -> Counter[str]:
+    """INVITEs a fleet's phones answered so far, per user."""
+    out: Counter[str] = Counter()
+    for ln in fleet.log_lines("CALL invite "):
+        m = re.search(r"ruri=sips?:([^@;>]+)@", ln)
+        if m:
+            out[m.group(1)] += 1
+    return out
+
+
 def call_every_device(
-    tmp: Path, kam: thrkit.KamailioMain, phones: Phones, users: list[str], name: str
+    tmp: Path, kam: thrkit.KamailioMain, phones: Phones, users: list[str], name: str, rate: float = 20
 ) -> None:
-    """Calls placed by Kamailio (its own lookup and forking) to `users`: every device of each gets the INVITE."""
+    """Calls placed by Kamailio (its own lookup and forking) to `users`: every device of each gets this
+    call's INVITE."""
+    before = [invites(f) for f in phones.fleets]
     targets = [ck.CallTarget(u, f"sip:{u}@{DOMAIN}") for u in users]
-    outcome = ck.place_calls(tmp, kam, targets, name, rate=10, wait=90, local_ip=noderig.HOST_IP)
-    assert not outcome.failed(), f"calls failed: {outcome.failed()}\n{outcome.result.describe()}"
-    missing = []
-    for user in users:
-        for fleet in phones.fleets:
-            if user in fleet.users and not [
-                ln for ln in fleet.log_lines("CALL invite ") if f"ruri=sip:{user}@" in ln
-            ]:
-                missing.append(f"{user} on {fleet.name}")
-    assert not missing, f"devices that never got the INVITE: {missing}"
+    wait = 60 + len(users) / rate
+    outcome = ck.place_calls(tmp, kam, targets, name, rate=rate, wait=wait, local_ip=noderig.HOST_IP)
+    assert not outcome.failed(), (
+        f"calls failed: {list(outcome.failed().items())[:10]}\n{outcome.result.describe()}"
+    )
+
+    def missing() -> list[str]:
+        now = [invites(f) for f in phones.fleets]
+        return [
+            f"{user} on {fleet.name}"
+            for user in users
+            for i, fleet in enumerate(phones.fleets)
+            if user in fleet.users and now[i][user] <= before[i][user]
+        ]
+
+    thrkit.wait_for(lambda: not missing(), 10)
+    left = missing()
+    assert not left, f"devices that did not get this call's INVITE: {left[:20]}"
 
 
 def sample_users(n: int = 6) -> list[str]:

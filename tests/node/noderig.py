@@ -257,8 +257,8 @@ def cleanup_stale() -> list[str]:
         except (OSError, ValueError, TypeError):
             path.unlink(missing_ok=True)
             continue
-        if state.owner_pid != os.getpid() and _alive(state.owner_pid):
-            continue
+        if _alive(state.owner_pid):
+            continue  # a live node (this process's own, or another run's)
         teardown(state)
         done.append(state.id)
     return done
@@ -324,9 +324,8 @@ class Node:
     def ns(self, *argv: str, check: bool = True, timeout: float = 60) -> str:
         return run(*_nsenter(self.netns, argv), check=check, timeout=timeout)
 
-    def start(self) -> Node:
-        check_prerequisites()
-        cleanup_stale()
+    def claim(self) -> None:
+        """Record what teardown will have to undo and start the guardian, before anything is changed."""
         workdir = Path(tempfile.mkdtemp(prefix="midreg-node-"))
         rundir = STATE_DIR / f"node-{self.id}"
         self.state = NodeState(
@@ -340,6 +339,7 @@ class Node:
             sysctls={name: _read_sysctl(name) for name in HOST_SYSCTLS},
         )
         self.state.save()
+        rundir.mkdir(parents=True, exist_ok=True)
         subprocess.Popen(
             [sys.executable, "-m", "tests.node.noderig", "guard", str(self.state.path), str(os.getpid())],
             cwd=REPO,
@@ -348,9 +348,14 @@ class Node:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
+
+    def start(self) -> Node:
+        check_prerequisites()
+        cleanup_stale()
+        self.claim()
+        workdir = self.workdir
         try:
             t0 = time.monotonic()
-            rundir.mkdir(parents=True, exist_ok=True)
             self._network()
             self.cp = ControlPlane(
                 workdir=workdir / "cp",

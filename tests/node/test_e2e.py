@@ -236,13 +236,27 @@ def test_scale_out_and_in_under_load_with_the_operator_replaced(
     (new_op,) = [p for p in kube.pods(SYSTEM_NS, "app.kubernetes.io/component=operator") if pod_ready(p)]
     assert new_op["metadata"]["name"] != op["metadata"]["name"]
     assert phones.wait_ok(phones.ok_counts(), 60), phones.describe()
+    # The Service keeps each phone's flow on its pod (ClientIP affinity), so the new pods took no phone and
+    # the ReplicaSet would remove them first. Make it remove the pods holding the phones' flows instead, as
+    # an operator would before draining busy pods: their phones have to move.
+    owners = {owner_pod(kube, edge, f)["metadata"]["name"] for f in phones.fleets}
+    for name in owners:
+        kube("annotate", "pod", "-n", edge.ns, name, "controller.kubernetes.io/pod-deletion-cost=-1000")
     kube("scale", "midreg", "-n", edge.ns, edge.name, "--replicas=2")
     wait_midreg_ready(kube, edge.ns, edge.name, 2, timeout=240)
+    survivors = {p["metadata"]["name"] for p in kube.ready_pods(edge.ns, edge.selector)}
+    drained = owners - survivors
+    assert drained, (owners, survivors)
     assert phones.wait_ok(phones.ok_counts(), 60), phones.describe()
     assert phones.wait_ok(phones.ok_counts(), 60), phones.describe()
     assert not phones.failures(since), phones.failures(since)[:20]
+    # Every fleet's flow is now held by a pod that stays.
+    for f in phones.fleets:
+        assert owner_pod(kube, edge, f)["metadata"]["name"] in survivors
     assert kamailio.location_size() == (USERS, 2 * USERS)
-    call_every_device(tmp_path, kamailio, phones, sample_users(), "after-scale")
+    # After the rollout, the lost pods and the scaling: every phone is callable.
+    every = [f"u{i:04d}" for i in range(USERS)]
+    call_every_device(tmp_path, kamailio, phones, every, "after-scale", rate=100)
     print(f"scale-out 2 -> 4 Ready: {scale_out:.1f} s")
 
 
