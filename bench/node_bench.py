@@ -26,7 +26,9 @@ import statistics
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -72,6 +74,29 @@ def first_register(target: tuple[str, int], timeout: float = 120) -> float:
             if ck.sipkit.status_code(ck.sipkit.udp_exchange(target, msg, timeout=0.1, sock=sock)) == 200:
                 return time.monotonic() - t0
     raise TimeoutError(f"no 200 from {target} within {timeout} s")
+
+
+def rollout_steps(pods: list[dict[str, Any]]) -> str:
+    """For each pod, in creation order: seconds from the previous pod's creation and its own time to Ready
+    (API timestamps, 1 s resolution)."""
+
+    def ts(value: str) -> float:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+    rows = []
+    for pod in pods:
+        ready = [
+            c for c in pod["status"].get("conditions") or [] if c["type"] == "Ready" and c["status"] == "True"
+        ]
+        if ready:
+            rows.append((ts(pod["metadata"]["creationTimestamp"]), ts(ready[0]["lastTransitionTime"])))
+    rows.sort()
+    out, prev = [], None
+    for created, ready_at in rows:
+        gap = "" if prev is None else f"+{created - prev:.0f} s, "
+        out.append(f"{gap}ready in {ready_at - created:.0f} s")
+        prev = created
+    return "; ".join(out)
 
 
 def lose_pod(node: noderig.Node, kube: Kube, edge: Deployed, phones: Phones, how: str) -> float:
@@ -141,10 +166,12 @@ def main() -> int:
 
             kube.wait(rolled, 300, "rollout of 4 pods")
             rollout = time.monotonic() - t2
+            steps = rollout_steps(kube.pods(edge.ns, edge.selector))
             phones.wait_ok(phones.ok_counts(), 60)
             phones.wait_ok(phones.ok_counts(), 60)
             failed = phones.failures(since)
             rows.append(("rollout of 4 pods under load (2,000 phones)", f"{rollout:.1f} s"))
+            rows.append(("  each new pod: created → Ready", steps))
             rows.append(("  REGISTERs failed during the rollout", str(len(failed))))
             rows.append(
                 ("  longest wait for an answer", f"{phones.longest_wait(since, phones.clock()):.2f} s")

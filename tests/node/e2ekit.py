@@ -13,6 +13,7 @@ import time
 import urllib.parse
 import urllib.request
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -321,8 +322,26 @@ def invites(fleet: ck.Fleet) -> Counter[str]:
     return out
 
 
+def diagnostics(kube: Kube, ns: str, selector: str, kam: thrkit.KamailioMain, users: list[str]) -> str:
+    """What a failed call needs to be understood: the registrar pods' logs and Kamailio's lines of `users`."""
+    parts = []
+    for pod in kube.pods(ns, selector):
+        name = pod["metadata"]["name"]
+        parts.append(f"--- pod {name} {pod['status'].get('podIP')} ready={pod_ready(pod)}")
+        parts.append(kube("logs", "-n", ns, name, "--tail=60", check=False)[-6000:])
+    lines = [ln for ln in kam.log().splitlines() if any(u in ln for u in users)]
+    parts.append("--- kamailio\n" + "\n".join(lines[-60:]))
+    return "\n".join(parts)
+
+
 def call_every_device(
-    tmp: Path, kam: thrkit.KamailioMain, phones: Phones, users: list[str], name: str, rate: float = 20
+    tmp: Path,
+    kam: thrkit.KamailioMain,
+    phones: Phones,
+    users: list[str],
+    name: str,
+    rate: float = 20,
+    diag: Callable[[list[str]], str] | None = None,
 ) -> None:
     """Calls placed by Kamailio (its own lookup and forking) to `users`: every device of each gets this
     call's INVITE."""
@@ -330,9 +349,16 @@ def call_every_device(
     targets = [ck.CallTarget(u, f"sip:{u}@{DOMAIN}") for u in users]
     wait = 60 + len(users) / rate
     outcome = ck.place_calls(tmp, kam, targets, name, rate=rate, wait=wait, local_ip=noderig.HOST_IP)
-    assert not outcome.failed(), (
-        f"calls failed: {list(outcome.failed().items())[:10]}\n{outcome.result.describe()}"
-    )
+    failed = outcome.failed()
+    if failed:
+        got = [invites(f) for f in phones.fleets]
+        arrived = {
+            u: [f.name for i, f in enumerate(phones.fleets) if got[i][u] > before[i][u]] for u in failed
+        }
+        raise AssertionError(
+            f"calls failed: {list(failed.items())[:10]}; devices that got the INVITE: {arrived}\n"
+            f"{outcome.result.describe()[-4000:]}\n{diag(list(failed)) if diag else ''}"
+        )
 
     def missing() -> list[str]:
         now = [invites(f) for f in phones.fleets]

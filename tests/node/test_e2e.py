@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -37,6 +37,7 @@ from tests.node.e2ekit import (
     call_every_device,
     ck,
     deploy_example,
+    diagnostics,
     example,
     http_get,
     metrics,
@@ -48,6 +49,10 @@ from tests.node.e2ekit import (
 )
 
 pytestmark = pytest.mark.node
+
+
+def edge_diag(kube: Kube, edge: Deployed, kam: thrkit.KamailioMain) -> Callable[[list[str]], str]:
+    return lambda users: diagnostics(kube, edge.ns, edge.selector, kam, users)
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +130,9 @@ def test_phones_register_through_services_and_calls_reach_every_device(
     for pod in pods:
         view = aor_view([pod], f"u0003@{DOMAIN}")
         assert view is not None and len(view["bindings"]) == 2, view
-    call_every_device(tmp_path, kamailio, phones, sample_users(), "first-calls")
+    call_every_device(
+        tmp_path, kamailio, phones, sample_users(), "first-calls", diag=edge_diag(kube, edge, kamailio)
+    )
 
     # kubectl get midreg counts what the phones registered.
     def contacts_column() -> str:
@@ -172,7 +179,9 @@ def test_rolling_update_under_load_loses_nothing(
     assert phones.wait_ok(phones.ok_counts(), 60), phones.describe()
     assert not phones.failures(since), phones.failures(since)[:20]
     assert kamailio.location_size() == (USERS, 2 * USERS)
-    call_every_device(tmp_path, kamailio, phones, sample_users(), "after-rollout")
+    call_every_device(
+        tmp_path, kamailio, phones, sample_users(), "after-rollout", diag=edge_diag(kube, edge, kamailio)
+    )
     print(
         f"rollout of {edge.spec['replicas']} pods under load: {rollout:.1f} s, longest wait "
         f"{phones.longest_wait(since, phones.clock()):.2f} s"
@@ -218,7 +227,9 @@ def test_killed_container_and_force_deleted_pod(
         )
         assert not phones.failures(since), (how, phones.failures(since)[:20])
         assert kamailio.location_size() == (USERS, 2 * USERS)
-    call_every_device(tmp_path, kamailio, phones, sample_users(), "after-kill")
+    call_every_device(
+        tmp_path, kamailio, phones, sample_users(), "after-kill", diag=edge_diag(kube, edge, kamailio)
+    )
     print(f"longest unanswered REGISTER: {windows}")
     assert all(w <= 2.0 for w in windows.values()), windows
 
@@ -256,7 +267,9 @@ def test_scale_out_and_in_under_load_with_the_operator_replaced(
     assert kamailio.location_size() == (USERS, 2 * USERS)
     # After the rollout, the lost pods and the scaling: every phone is callable.
     every = [f"u{i:04d}" for i in range(USERS)]
-    call_every_device(tmp_path, kamailio, phones, every, "after-scale", rate=100)
+    call_every_device(
+        tmp_path, kamailio, phones, every, "after-scale", rate=100, diag=edge_diag(kube, edge, kamailio)
+    )
     print(f"scale-out 2 -> 4 Ready: {scale_out:.1f} s")
 
 
