@@ -85,11 +85,6 @@ def names(ref: Ref) -> dict[str, str]:
     }
 
 
-def service_host_variable(ref: Ref) -> str:
-    """The variable holding the SIP Service's cluster IP in the pods (Kubernetes' service links)."""
-    return names(ref)["service"].upper().replace("-", "_").replace(".", "_") + "_SERVICE_HOST"
-
-
 def drain_budget(spec: MidRegistrarSpec) -> tuple[float, float]:
     """(drain_grace, drain_timeout) fitting in spec.terminationGracePeriodSeconds with a margin.
 
@@ -193,11 +188,13 @@ def render_deployment(spec: MidRegistrarSpec, ref: Ref) -> Obj:
         env.append({"name": "MIDREG_ADVERTISE", "value": "$(NODE_IP)"})
     elif not spec.network.advertise:
         # Listening on 0.0.0.0, a pod would write 127.0.0.1 into the Via, Contact and Path it sends the main
-        # registrar. With no public address given, it advertises the SIP Service's cluster IP (the service
-        # variable the kubelet sets, since the Service is applied before the pods): stable across rollouts and
-        # pod loss, where a pod's own address would leave the main registrar calling a pod that is gone; any
-        # pod reached there hands a call to the pod holding the phone's flow.
-        env.append({"name": "MIDREG_ADVERTISE", "value": f"$({service_host_variable(ref)})"})
+        # registrar. With no public address given it advertises its own: the main registrar then reaches
+        # the pod directly, on the same address and port the pod relays from. (The Service's cluster IP would
+        # make that path asymmetric: main -> Service -> pod is DNATed, pod -> main is not, and the kernel
+        # drops main's requests whose NATed reply tuple collides with the pod's own flow to main.) A pod
+        # that is gone is replaced at main when its phones refresh through another pod: their flow changed,
+        # so that refresh is relayed with the new pod's address.
+        env.append({"name": "MIDREG_ADVERTISE", "value": "$(POD_IP)"})
     if spec.etcd.endpoints and spec.transports:
         # Peers hand this pod the requests for the phone flows it holds: its own address, never the Service.
         first = spec.transports[0]
@@ -245,8 +242,6 @@ def render_deployment(spec: MidRegistrarSpec, ref: Ref) -> Obj:
     pod_spec: Obj = {
         "serviceAccountName": n["serviceaccount"],
         "automountServiceAccountToken": False,
-        # The SIP Service's address reaches the pods as a service variable (MIDREG_ADVERTISE above).
-        "enableServiceLinks": True,
         "terminationGracePeriodSeconds": spec.termination_grace_period_seconds + PRESTOP_SLEEP_SECONDS,
         "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}, "runAsNonRoot": True},
         "containers": [container],

@@ -314,7 +314,7 @@ class MidRegistrar:
         if mode is Mode.MIRROR or pending.view.star:
             return None  # mirror relays everything; `Contact: *` is relayed in every mode (§3.1 item 5)
         if mode is Mode.CONTACT:
-            return throttle.decide_contact(pending, record, now)
+            return throttle.decide_contact(pending, record, now, self.store.member_id)
         gone = record is not None and self._holder_gone(record.meta, now)
         return throttle.decide_aor(pending, record, now, holder_gone=gone)
 

@@ -42,8 +42,14 @@ def _relay(reason: str) -> Decision:
 # ------------------------------------------------------------------------------------------- mode contact
 
 
-def decide_contact(pending: PendingRegister, record: AorRecord | None, now: float) -> Decision:
-    """SPEC §5.2: absorb only when every contact is a known, unchanged refresh inside the window."""
+def decide_contact(
+    pending: PendingRegister, record: AorRecord | None, now: float, me: str | None = None
+) -> Decision:
+    """SPEC §5.2: absorb only when every contact is a known, unchanged refresh inside the window.
+
+    ``me`` is this process's member id: a refresh of a binding whose flow another process held is relayed
+    once, so that the main registrar holds this process's address (its Via, Contact or Path) from then on,
+    not the address of a process that may be gone."""
     view = pending.view
     if record is None or not record.bindings:
         return _relay("AoR unknown")
@@ -58,6 +64,8 @@ def decide_contact(pending: PendingRegister, record: AorRecord | None, now: floa
             return _relay("new contact")
         if binding.relayed_at is None or binding.main_expires is None:
             return _relay("no relay state")
+        if me is not None and binding.owner is not None and binding.owner != me:
+            return _relay("flow moved to this process")
         if not same_flow(binding.source, view.source):
             return _relay("source address, transport or connection changed")
         if binding.call_id != request.call_id:

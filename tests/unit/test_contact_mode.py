@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from pathlib import Path
 
 from registrar.core import digest
@@ -333,6 +334,29 @@ def test_t56_refresh_from_another_address_is_relayed_not_absorbed() -> None:
     assert len(relayed) == 1
     (b,) = m.store.load("alice@example.com").bindings.values()  # type: ignore[union-attr]
     assert b.source == PHONE  # calls keep going to the phone until main confirms the change
+
+
+def test_a_refresh_whose_flow_another_process_held_is_relayed_once_with_this_process_address() -> None:
+    """A pod is gone and its phone refreshes through this one (same source: the Service moved the flow):
+    main still holds the gone pod's address, so the refresh is relayed once, then absorbed again."""
+    m = Contact()
+    _initial(m)
+    record = m.store.load("alice@example.com")
+    assert record is not None
+    moved = record.copy()
+    (ctid,) = moved.bindings
+    moved.bindings[ctid] = replace(moved.bindings[ctid], owner="pod-a")
+    m.store.commit(moved, record)
+    m.advance(20)
+    relayed, replies = _refresh(m, 11)
+    assert len(relayed) == 1 and replies == []
+    assert relayed[0].contacts[0].uri.host == "10.0.0.2"  # this process's advertised address
+    m.feed(main_ok(relayed[0]), MAIN)
+    assert m.to_phone().status == 200
+    (b,) = m.store.load("alice@example.com").bindings.values()  # type: ignore[union-attr]
+    assert b.owner == m.store.member_id
+    m.advance(20)
+    assert _refresh(m, 12)[0] == []
 
 
 def test_t57_challenged_deregister_is_resent_once_with_credentials() -> None:

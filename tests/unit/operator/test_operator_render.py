@@ -192,14 +192,14 @@ def test_etcd_pods_tell_peers_their_own_address() -> None:
     assert not [e for e in c["env"] if e["name"] == "MIDREG_INTERNAL_ADDRESS"], "no peers without etcd"
 
 
-def test_service_mode_pods_advertise_the_service_address_unless_one_is_given() -> None:
-    """Listening on 0.0.0.0, a registrar would write 127.0.0.1 into what it sends the main registrar; a pod's
-    own address would be gone after a rollout. The Service's cluster IP stays."""
+def test_service_mode_pods_advertise_their_own_address_unless_one_is_given() -> None:
+    """Listening on 0.0.0.0, a registrar would write 127.0.0.1 into what it sends the main registrar."""
     pod = render.render_deployment(spec(network={"mode": "service"}), REF)["spec"]["template"]["spec"]
     (c,) = pod["containers"]
-    var = render.names(REF)["service"].upper().replace("-", "_") + "_SERVICE_HOST"
-    assert {"name": "MIDREG_ADVERTISE", "value": f"$({var})"} in c["env"]
-    assert pod["enableServiceLinks"] is True
+    assert {"name": "MIDREG_ADVERTISE", "value": "$(POD_IP)"} in c["env"]
+    # POD_IP is defined before it is used ($(VAR) expands only earlier variables).
+    names = [e["name"] for e in c["env"]]
+    assert names.index("POD_IP") < names.index("MIDREG_ADVERTISE")
     given = spec(network={"mode": "service", "advertise": "sip.example.com"})
     (c,) = render.render_deployment(given, REF)["spec"]["template"]["spec"]["containers"]
     assert not [e for e in c["env"] if e["name"] == "MIDREG_ADVERTISE"]
