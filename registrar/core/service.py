@@ -314,7 +314,10 @@ class MidRegistrar:
         if mode is Mode.MIRROR or pending.view.star:
             return None  # mirror relays everything; `Contact: *` is relayed in every mode (§3.1 item 5)
         if mode is Mode.CONTACT:
-            return throttle.decide_contact(pending, record, now, self.store.member_id)
+            # With Path insertion the main registrar keeps the phone's own Contact and reaches it through our
+            # Path: a relay from the process now holding the flow repoints that Path in place.
+            me = self.store.member_id if self.settings.insertion is Insertion.PATH else None
+            return throttle.decide_contact(pending, record, now, me)
         gone = record is not None and self._holder_gone(record.meta, now)
         return throttle.decide_aor(pending, record, now, holder_gone=gone)
 

@@ -47,9 +47,9 @@ def decide_contact(
 ) -> Decision:
     """SPEC §5.2: absorb only when every contact is a known, unchanged refresh inside the window.
 
-    ``me`` is this process's member id: a refresh of a binding whose flow another process held is relayed
-    once, so that the main registrar holds this process's address (its Via, Contact or Path) from then on,
-    not the address of a process that may be gone."""
+    ``me`` (given with Path insertion) is this process's member id: a refresh of a binding whose flow
+    another process held is relayed once, so that the Path the main registrar keeps for the phone names
+    this process from then on, not a process that may be gone."""
     view = pending.view
     if record is None or not record.bindings:
         return _relay("AoR unknown")

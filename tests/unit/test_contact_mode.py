@@ -336,10 +336,11 @@ def test_t56_refresh_from_another_address_is_relayed_not_absorbed() -> None:
     assert b.source == PHONE  # calls keep going to the phone until main confirms the change
 
 
-def test_a_refresh_whose_flow_another_process_held_is_relayed_once_with_this_process_address() -> None:
+def test_path_insertion_relays_once_a_refresh_whose_flow_another_process_held() -> None:
     """A pod is gone and its phone refreshes through this one (same source: the Service moved the flow):
-    main still holds the gone pod's address, so the refresh is relayed once, then absorbed again."""
-    m = Contact()
+    main still routes to the phone through the gone pod's Path, so the refresh is relayed once with this
+    process's Path (same Contact: main updates it in place), then absorbed again."""
+    m = Contact(insertion="path")
     _initial(m)
     record = m.store.load("alice@example.com")
     assert record is not None
@@ -350,13 +351,29 @@ def test_a_refresh_whose_flow_another_process_held_is_relayed_once_with_this_pro
     m.advance(20)
     relayed, replies = _refresh(m, 11)
     assert len(relayed) == 1 and replies == []
-    assert relayed[0].contacts[0].uri.host == "10.0.0.2"  # this process's advertised address
+    assert "@10.0.0.2:5060;lr" in relayed[0].headers.get("path")  # this process's advertised address
+    assert relayed[0].contacts[0].uri.host == "192.0.2.10"  # the phone's own Contact
     m.feed(main_ok(relayed[0]), MAIN)
     assert m.to_phone().status == 200
     (b,) = m.store.load("alice@example.com").bindings.values()  # type: ignore[union-attr]
     assert b.owner == m.store.member_id
     m.advance(20)
     assert _refresh(m, 12)[0] == []
+
+
+def test_contact_insertion_absorbs_a_refresh_whose_flow_another_process_held() -> None:
+    """With Contact insertion the processes are reached at one shared address (a Service) and hand a call
+    to the flow's holder: a moved flow changes nothing main holds."""
+    m = Contact()
+    _initial(m)
+    record = m.store.load("alice@example.com")
+    assert record is not None
+    moved = record.copy()
+    (ctid,) = moved.bindings
+    moved.bindings[ctid] = replace(moved.bindings[ctid], owner="pod-a")
+    m.store.commit(moved, record)
+    m.advance(20)
+    assert _refresh(m, 11)[0] == []
 
 
 def test_t57_challenged_deregister_is_resent_once_with_credentials() -> None:
