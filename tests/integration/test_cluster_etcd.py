@@ -592,6 +592,7 @@ def test_aggregated_contact_moves_off_a_killed_process(cluster: ck.Cluster) -> N
             return [x for x in c.kam_contacts("erin") if x.expires > 0]
 
         first = phone.register(a.addr, local)
+        relayed_at = time.monotonic()
         assert sipkit.status_code(first) == 200, c.diag(f"first → {first!r}")
         held = live()
         assert [hostport(x.address) for x in held] == [f"127.0.0.1:{a.port}"], c.diag(
@@ -606,6 +607,10 @@ def test_aggregated_contact_moves_off_a_killed_process(cluster: ck.Cluster) -> N
         a.kill9()
         ck.poll_until(lambda: b.metrics().get("midregistrar_members") == 2, 10.0)
         assert b.metrics().get("midregistrar_members") == 2, c.diag("B still counts A as a member")
+        # A holder missing from the member view counts as gone only once its last relay is older than a
+        # member lease (--member-ttl 2): before that it may be a member still on its way through the watch. A
+        # process killed right after its relay can leave the view sooner than that (seen once in make test).
+        time.sleep(max(0.0, relayed_at + 2.5 - time.monotonic()))
         moved = phone.register(b.addr, local)
         assert sipkit.status_code(moved) == 200, c.diag(f"through B → {moved!r}")
         ck.poll_until(lambda: [hostport(x.address) for x in live()] == [f"127.0.0.1:{b.port}"], 3.0, 0.05)

@@ -336,18 +336,23 @@ def test_t56_refresh_from_another_address_is_relayed_not_absorbed() -> None:
     assert b.source == PHONE  # calls keep going to the phone until main confirms the change
 
 
+def _flow_held_by(m: Core, owner: str) -> None:
+    """The phone's binding as another process that held its flow left it in the shared store."""
+    record = m.store.load("alice@example.com")
+    assert record is not None
+    moved = record.copy()
+    (ctid,) = moved.bindings
+    moved.bindings[ctid] = replace(moved.bindings[ctid], owner=owner)
+    m.store.commit(moved, record)
+
+
 def test_path_insertion_relays_once_a_refresh_whose_flow_another_process_held() -> None:
     """A pod is gone and its phone refreshes through this one (same source: the Service moved the flow):
     main still routes to the phone through the gone pod's Path, so the refresh is relayed once with this
     process's Path (same Contact: main updates it in place), then absorbed again."""
     m = Contact(insertion="path")
     _initial(m)
-    record = m.store.load("alice@example.com")
-    assert record is not None
-    moved = record.copy()
-    (ctid,) = moved.bindings
-    moved.bindings[ctid] = replace(moved.bindings[ctid], owner="pod-a")
-    m.store.commit(moved, record)
+    _flow_held_by(m, "pod-a")
     m.advance(20)
     relayed, replies = _refresh(m, 11)
     assert len(relayed) == 1 and replies == []
@@ -366,12 +371,7 @@ def test_contact_insertion_absorbs_a_refresh_whose_flow_another_process_held() -
     to the flow's holder: a moved flow changes nothing main holds."""
     m = Contact()
     _initial(m)
-    record = m.store.load("alice@example.com")
-    assert record is not None
-    moved = record.copy()
-    (ctid,) = moved.bindings
-    moved.bindings[ctid] = replace(moved.bindings[ctid], owner="pod-a")
-    m.store.commit(moved, record)
+    _flow_held_by(m, "pod-a")
     m.advance(20)
     assert _refresh(m, 11)[0] == []
 
