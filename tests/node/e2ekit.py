@@ -337,7 +337,7 @@ def diagnostics(kube: Kube, ns: str, selector: str, kam: thrkit.KamailioMain, us
 def call_every_device(
     tmp: Path,
     kam: thrkit.KamailioMain,
-    phones: Phones,
+    fleets: list[ck.Fleet],
     users: list[str],
     name: str,
     rate: float = 20,
@@ -345,27 +345,25 @@ def call_every_device(
 ) -> None:
     """Calls placed by Kamailio (its own lookup and forking) to `users`: every device of each gets this
     call's INVITE."""
-    before = [invites(f) for f in phones.fleets]
+    before = [invites(f) for f in fleets]
     targets = [ck.CallTarget(u, f"sip:{u}@{DOMAIN}") for u in users]
     wait = 60 + len(users) / rate
     outcome = ck.place_calls(tmp, kam, targets, name, rate=rate, wait=wait, local_ip=noderig.HOST_IP)
     failed = outcome.failed()
     if failed:
-        got = [invites(f) for f in phones.fleets]
-        arrived = {
-            u: [f.name for i, f in enumerate(phones.fleets) if got[i][u] > before[i][u]] for u in failed
-        }
+        got = [invites(f) for f in fleets]
+        arrived = {u: [f.name for i, f in enumerate(fleets) if got[i][u] > before[i][u]] for u in failed}
         raise AssertionError(
             f"calls failed: {list(failed.items())[:10]}; devices that got the INVITE: {arrived}\n"
             f"{outcome.result.describe()[-4000:]}\n{diag(list(failed)) if diag else ''}"
         )
 
     def missing() -> list[str]:
-        now = [invites(f) for f in phones.fleets]
+        now = [invites(f) for f in fleets]
         return [
             f"{user} on {fleet.name}"
             for user in users
-            for i, fleet in enumerate(phones.fleets)
+            for i, fleet in enumerate(fleets)
             if user in fleet.users and now[i][user] <= before[i][user]
         ]
 

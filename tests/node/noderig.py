@@ -386,11 +386,10 @@ class Node:
 
     def _record(self, procs: Sequence[Proc]) -> None:
         assert self.state is not None
-        for p in procs:
+        etcd = [self.cp.etcd.proc] if self.cp and self.cp.etcd and self.cp.etcd.proc else []
+        for p in [*procs, *etcd]:
             if p.popen.pid not in self.state.pids:
                 self.state.pids.append(p.popen.pid)
-        if self.cp and self.cp.etcd and self.cp.etcd.proc:
-            self.state.pids.append(self.cp.etcd.proc.popen.pid)
         self.state.save()
 
     def _start(self, name: str, argv: Sequence[str]) -> Proc:

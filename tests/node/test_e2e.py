@@ -131,7 +131,7 @@ def test_phones_register_through_services_and_calls_reach_every_device(
         view = aor_view([pod], f"u0003@{DOMAIN}")
         assert view is not None and len(view["bindings"]) == 2, view
     call_every_device(
-        tmp_path, kamailio, phones, sample_users(), "first-calls", diag=edge_diag(kube, edge, kamailio)
+        tmp_path, kamailio, phones.fleets, sample_users(), "first-calls", diag=edge_diag(kube, edge, kamailio)
     )
 
     # kubectl get midreg counts what the phones registered.
@@ -180,7 +180,12 @@ def test_rolling_update_under_load_loses_nothing(
     assert not phones.failures(since), phones.failures(since)[:20]
     assert kamailio.location_size() == (USERS, 2 * USERS)
     call_every_device(
-        tmp_path, kamailio, phones, sample_users(), "after-rollout", diag=edge_diag(kube, edge, kamailio)
+        tmp_path,
+        kamailio,
+        phones.fleets,
+        sample_users(),
+        "after-rollout",
+        diag=edge_diag(kube, edge, kamailio),
     )
     print(
         f"rollout of {edge.spec['replicas']} pods under load: {rollout:.1f} s, longest wait "
@@ -228,7 +233,7 @@ def test_killed_container_and_force_deleted_pod(
         assert not phones.failures(since), (how, phones.failures(since)[:20])
         assert kamailio.location_size() == (USERS, 2 * USERS)
     call_every_device(
-        tmp_path, kamailio, phones, sample_users(), "after-kill", diag=edge_diag(kube, edge, kamailio)
+        tmp_path, kamailio, phones.fleets, sample_users(), "after-kill", diag=edge_diag(kube, edge, kamailio)
     )
     print(f"longest unanswered REGISTER: {windows}")
     assert all(w <= 2.0 for w in windows.values()), windows
@@ -268,7 +273,13 @@ def test_scale_out_and_in_under_load_with_the_operator_replaced(
     # After the rollout, the lost pods and the scaling: every phone is callable.
     every = [f"u{i:04d}" for i in range(USERS)]
     call_every_device(
-        tmp_path, kamailio, phones, every, "after-scale", rate=100, diag=edge_diag(kube, edge, kamailio)
+        tmp_path,
+        kamailio,
+        phones.fleets,
+        every,
+        "after-scale",
+        rate=100,
+        diag=edge_diag(kube, edge, kamailio),
     )
     print(f"scale-out 2 -> 4 Ready: {scale_out:.1f} s")
 
@@ -345,9 +356,7 @@ def test_mode_aor_on_the_node_address(
         for user in ("h007", "h042", "h999"):
             held = kamailio.lookup(user)
             assert len(held) == 1 and noderig.NODE_IP in held[0].address, held
-        phones = Phones.__new__(Phones)
-        phones.fleets = fleets
-        call_every_device(tmp_path, kamailio, phones, ["h007", "h042"], "aor-calls")
+        call_every_device(tmp_path, kamailio, fleets, ["h007", "h042"], "aor-calls")
     finally:
         for f in fleets:
             f.stop()
