@@ -37,7 +37,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from registrar.config import Settings
-from registrar.core.records import RECORD_VERSION, AorRecord, Binding, MainMeta
+from registrar.records import RECORD_VERSION, AorRecord, Binding, MainMeta
 from registrar.sip.transport import Peer
 from registrar.store.etcd import EtcdStore, _encode_binding
 from registrar.store.etcd_client import EtcdClient, op_put

@@ -18,10 +18,10 @@ from prometheus_client import CollectorRegistry
 
 from registrar.config import Listen, Settings, StoreKind, split_hostport
 from registrar.core import digest
-from registrar.core.records import AorRecord, Binding
 from registrar.core.service import MidRegistrar
 from registrar.http.app import EngineCollector, StoreStats, make_app
 from registrar.net.server import SipServer, build_stack
+from registrar.records import AorRecord, Binding
 from registrar.store.base import Pending, Store, StoreUnavailable
 from registrar.store.memory import MemoryStore
 

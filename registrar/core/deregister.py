@@ -11,7 +11,7 @@ import heapq
 import math
 from array import array
 
-from registrar.core.records import Binding, MainMeta
+from registrar.records import Binding, MainMeta
 from registrar.sip.message import Header, Headers, Request
 from registrar.sip.transport import Peer, peer_for_uri
 from registrar.sip.uri import parse_uri

@@ -7,7 +7,7 @@ import base64
 from dataclasses import dataclass
 
 from registrar.config import Settings
-from registrar.core.records import Binding
+from registrar.records import Binding
 from registrar.sip.uri import URI, SipURI
 
 

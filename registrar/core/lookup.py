@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from registrar.config import Settings
 from registrar.core.gruu import decode_temp_gruu, instance_id
 from registrar.core.policy import RegistrarError, aor_from_uri, canonical_aor
-from registrar.core.records import Binding
 from registrar.core.register import reply_contact_id
+from registrar.records import Binding
 from registrar.sip.errors import ParseError
 from registrar.sip.headers import parse_address
 from registrar.sip.message import Request

@@ -19,7 +19,7 @@ from registrar.core.policy import (
     escape_aor,
     lifetimes,
 )
-from registrar.core.records import AorRecord, Binding, MainMeta
+from registrar.records import AorRecord, Binding, MainMeta
 from registrar.sip.errors import ParseError
 from registrar.sip.headers import Contact, parse_address
 from registrar.sip.message import Request, Response, make_response

@@ -20,7 +20,7 @@ from registrar.core import deregister, digest, throttle
 from registrar.core import register as reg
 from registrar.core.lookup import Target, branch_target, lookup, lookup_aor, lookup_by_contact
 from registrar.core.policy import RegistrarError, aor_from_uri
-from registrar.core.records import AorRecord, Binding, MainMeta
+from registrar.records import AorRecord, Binding, MainMeta
 from registrar.sip.errors import ParseError
 from registrar.sip.headers import parse_address
 from registrar.sip.message import Request, Response, make_response

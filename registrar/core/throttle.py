@@ -12,7 +12,6 @@ from operator import attrgetter
 
 from registrar.config import Settings
 from registrar.core.policy import escape_aor
-from registrar.core.records import AorRecord, Binding, MainMeta
 from registrar.core.register import (
     PendingRegister,
     _safe_contacts,
@@ -21,6 +20,7 @@ from registrar.core.register import (
     main_meta,
     same_flow,
 )
+from registrar.records import AorRecord, Binding, MainMeta
 from registrar.sip.message import Request, Response
 from registrar.sip.uri import URI, SipURI, parse_uri
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from registrar.core.records import AorRecord, Binding
+from registrar.records import AorRecord, Binding
 
 
 class Pending(Exception):

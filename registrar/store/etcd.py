@@ -43,7 +43,7 @@ from dataclasses import fields, replace
 from typing import Any
 
 from registrar.config import Settings
-from registrar.core.records import (
+from registrar.records import (
     RECORD_VERSION,
     AorRecord,
     Binding,

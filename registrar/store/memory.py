@@ -11,7 +11,7 @@ from __future__ import annotations
 import marshal
 import random
 
-from registrar.core.records import AorRecord, Binding
+from registrar.records import AorRecord, Binding
 
 
 class MemoryStore:

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import pytest
 
 from registrar.config import Settings
-from registrar.core.records import AorRecord, Binding, MainMeta
+from registrar.records import AorRecord, Binding, MainMeta
 from registrar.sip.transport import Peer
 from registrar.store.base import Pending, StoreUnavailable, aor_key, ctid_key
 from registrar.store.etcd import EtcdStore

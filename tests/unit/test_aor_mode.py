@@ -10,8 +10,8 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 
-from registrar.core.records import AorRecord, Binding, MainMeta
 from registrar.core.service import MidRegistrar
+from registrar.records import AorRecord, Binding, MainMeta
 from registrar.sip.message import Request, Response
 from registrar.sip.transport import Peer
 from registrar.store.memory import MemoryStore

@@ -12,7 +12,7 @@ import random
 from dataclasses import replace
 from typing import Any
 
-from registrar.core.records import AorRecord, Binding
+from registrar.records import AorRecord, Binding
 from registrar.sip.message import Request, Response
 from registrar.sip.transport import Peer
 from registrar.store.base import Pending, StoreUnavailable, aor_key

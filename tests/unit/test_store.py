@@ -7,7 +7,7 @@ import random
 from dataclasses import replace
 
 from registrar.core.deregister import ExpirySchedule
-from registrar.core.records import AorRecord, Binding, MainMeta
+from registrar.records import AorRecord, Binding, MainMeta
 from registrar.sip.transport import Peer
 from registrar.store.memory import MemoryStore
 
