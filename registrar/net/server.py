@@ -296,10 +296,6 @@ class SipServer:
         if self._by_addr.get((conn.peer.host, conn.peer.port)) == conn.conn_id:
             del self._by_addr[(conn.peer.host, conn.peer.port)]
 
-    @property
-    def connections(self) -> int:
-        return len(self._conns)
-
     async def _close_idle(self) -> None:
         timeout = self.settings.tcp_idle_timeout
         while True:

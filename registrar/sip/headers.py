@@ -11,9 +11,8 @@ import re
 from dataclasses import dataclass, replace
 
 from registrar.sip.errors import ParseError
-from registrar.sip.uri import URI, SipURI, URIError, parse_uri
+from registrar.sip.uri import URI, URIError, parse_uri
 
-TOKEN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~")
 MAGIC_COOKIE = "z9hG4bK"
 # Methods in common use: tokens by definition, so the token check can be skipped for them.
 KNOWN_METHODS = frozenset(
@@ -40,7 +39,6 @@ Params = tuple[tuple[str, str | None], ...]
 
 _TOKEN_MATCH = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+\Z").match
 _DISPLAY_MATCH = re.compile(r"[A-Za-z0-9\-.!%*_+`'~ \t]*\Z").match
-_PARAM_VALUE_MATCH = re.compile(r"[A-Za-z0-9\-.!%*_+`'~\[\]:]*\Z").match
 
 
 def is_token(text: str) -> bool:
@@ -120,11 +118,6 @@ def parse_params(text: str, where: str) -> Params:
             raise ParseError(f"empty {where} parameter")
         raise ParseError(f"bad {where} parameters {text[1:60]!r}")
     return tuple(out)
-
-
-def _param_value_ok(value: str) -> bool:
-    # token, host (incl. IPv6 reference) or empty
-    return _PARAM_VALUE_MATCH(value) is not None
 
 
 def _end_of_quoted(text: str, start: int) -> int:
@@ -270,10 +263,6 @@ class Via:
         """None when absent, '' when requested without a value, else the port text."""
         return get_param(self.params, "rport")
 
-    @property
-    def sent_by(self) -> tuple[str, int | None]:
-        return self.host, self.port
-
     def with_param(self, name: str, value: str | None) -> Via:
         return replace(self, params=set_param(self.params, name, value))
 
@@ -331,28 +320,6 @@ def _valid_ipv6(text: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _parse_hostport(text: str, where: str) -> tuple[str, int | None]:
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0:
-            raise ParseError(f"bad IPv6 reference in {where}")
-        host, rest = text[: end + 1], text[end + 1 :].strip()
-        if rest and not rest.startswith(":"):
-            raise ParseError(f"bad host in {where}")
-        port_text = rest[1:].strip() if rest else ""
-    else:
-        host, _, port_text = text.partition(":")
-        host = host.strip()
-        port_text = port_text.strip()
-    if not host or any(c in host for c in ' \t<>"@;'):
-        raise ParseError(f"bad host in {where}")
-    if port_text:
-        if not port_text.isdigit() or int(port_text) > 65535:
-            raise ParseError(f"bad port in {where}")
-        return host, int(port_text)
-    return host, None
 
 
 @dataclass(slots=True)
@@ -427,7 +394,3 @@ def parse_contacts(values: list[str]) -> list[Contact]:
         else:
             out.append(Contact(parse_address(value, "Contact")))
     return out
-
-
-def sip_uri_of(address: Address) -> SipURI | None:
-    return address.uri if isinstance(address.uri, SipURI) else None

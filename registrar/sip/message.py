@@ -546,7 +546,7 @@ def parse_message(data: bytes, *, stream: bool = False) -> Request | Response:
     items: list[Header] = []
     append = items.append
     folded = "\n " in head or "\n\t" in head
-    seen: dict[str, str] = {}  # the first value of each field validate() checks
+    seen: dict[str, str] = {}  # the first value of each field _validate() checks
     duplicate: str | None = None
     for line in _unfold(lines[1:], sep) if folded else lines[1:]:
         name, colon, value = line.partition(":")
@@ -692,22 +692,9 @@ def _body(value: str | None, rest: bytes, stream: bool) -> bytes:
 _CHECKED = SINGLE_HEADERS | {"via", "expires"}
 
 
-def validate(msg: Request | Response) -> None:
-    """Framing-level checks every message passes before a transaction sees it (RFC 3261 §8.2, §16.3)."""
-    seen: dict[str, str] = {}
-    duplicate: str | None = None
-    for h in msg.headers:
-        key = h.key
-        if key in _CHECKED:
-            if key not in seen:
-                seen[key] = h.value
-            elif duplicate is None and key in SINGLE_HEADERS:
-                duplicate = key
-    _validate(msg, seen, duplicate)
-
-
 def _validate(msg: Request | Response, seen: dict[str, str], duplicate: str | None) -> None:
-    """:func:`validate` with the fields already collected: ``seen`` holds the first value of each field in
+    """Framing-level checks every message passes before a transaction sees it (RFC 3261 §8.2, §16.3).
+    The parser collects the fields on its one pass: ``seen`` holds the first value of each field in
     ``_CHECKED``, ``duplicate`` the first single-valued field found twice."""
     if duplicate is not None:
         raise ParseError(f"duplicate {duplicate} header field")

@@ -117,9 +117,7 @@ class ResponseContext:
     hold_final: bool = False
     branches: list[Branch] = field(default_factory=list)
     best: Response | None = None
-    sent_2xx: bool = False
     finished: bool = False
-    cancelled: bool = False
 
     @property
     def invite(self) -> bool:

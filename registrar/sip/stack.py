@@ -365,7 +365,6 @@ class Stack:
             if invite.last_status < 200:
                 self.respond(invite, make_response(invite.request, 487, to_tag=invite.to_tag))
             return
-        ctx.cancelled = True
         for branch in ctx.branches:
             self._cancel_branch(branch)
 
@@ -535,7 +534,6 @@ class Stack:
         if 200 <= status < 300:
             if ctx.invite:
                 # Every 2xx to an INVITE goes upstream at once; the others are cancelled.
-                ctx.sent_2xx = True
                 self._relay_upstream(ctx, response, force=True)
                 for other in ctx.branches:
                     if other is not branch:

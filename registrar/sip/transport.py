@@ -32,9 +32,6 @@ class Peer:
     def reliable(self) -> bool:
         return self.transport in RELIABLE
 
-    def without_conn(self) -> Peer:
-        return Peer(self.transport, self.host, self.port, None, self.local)
-
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
         return f"{self.transport}:{host}:{self.port}"
