@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 from registrar.config import Listen, Settings, StoreKind, split_hostport
 from registrar.core import digest
 from registrar.core.service import MidRegistrar
+from registrar.http.aors import aor_json
 from registrar.http.app import EngineCollector, StoreStats, make_app
 from registrar.net.server import SipServer, build_stack
 from registrar.records import AorRecord, Binding
@@ -152,7 +153,8 @@ class Registrar:
         assert self.server is not None
         for _ in range(3):
             try:
-                return self.core.aor_view(aor, self.server.now)
+                record = self.store.load(aor)
+                return None if record is None else aor_json(record, self.settings.mode, self.server.now)
             except Pending as wait:
                 fetched: asyncio.Future[float] = asyncio.get_running_loop().create_future()
                 self.core.park(wait.key, _settle(fetched))

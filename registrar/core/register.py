@@ -266,7 +266,7 @@ def granted_expires(
     header = reply.headers.get("expires")
     header_expires = int(header) if header and header.isdigit() else None
     granted: dict[int, tuple[int, str]] = {}
-    for contact in _safe_contacts(reply):
+    for contact in reply_contacts(reply):
         if contact.star:
             continue
         if settings.insertion is Insertion.PATH:
@@ -396,7 +396,8 @@ def same_flow(a: Peer, b: Peer) -> bool:
     return a.transport == b.transport and a.host == b.host and a.port == b.port and a.conn == b.conn
 
 
-def _safe_contacts(reply: Response) -> list[Contact]:
+def reply_contacts(reply: Response) -> list[Contact]:
+    """The Contacts a main registrar's 2xx lists; none when they do not parse, as if it listed none."""
     try:
         return reply.contacts
     except ParseError:

@@ -14,10 +14,10 @@ from registrar.config import Settings
 from registrar.core.policy import escape_aor
 from registrar.core.register import (
     PendingRegister,
-    _safe_contacts,
     confirmed_binding,
     enforce_max_contacts,
     main_meta,
+    reply_contacts,
     same_flow,
 )
 from registrar.records import AorRecord, Binding, MainMeta
@@ -262,7 +262,7 @@ def apply_aor_2xx(
     echoed: str | None = None
     owner: str | None = None
     header = reply.headers.get("expires")
-    candidates = [c for c in _safe_contacts(reply) if not c.star and escaped in str(c.uri)]
+    candidates = [c for c in reply_contacts(reply) if not c.star and escaped in str(c.uri)]
     if candidates:
         # Main lists every contact it holds for the AoR: prefer the one we relayed over another process's.
         sent = hostport_of(pending.aggregated)

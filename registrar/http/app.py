@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from registrar.core.service import CoreStats
+from registrar.core.state import CoreStats
 from registrar.sip.stack import StackStats
 
 

@@ -491,8 +491,8 @@ class SharedStore(MemoryStore):
         return self.live.get(member)
 
 
-def _shared(live: dict[str, str]) -> Core:
-    m = Aor()
+def _shared(live: dict[str, str], **settings: object) -> Core:
+    m = Aor(**settings)
     m.store = SharedStore(live)
     m.core = MidRegistrar(m.settings, m.rig.stack, m.store, random.Random(1))
     return m
@@ -556,8 +556,7 @@ def test_aggregated_contact_of_a_process_that_left_moves_here_and_the_old_one_is
 def test_423_retry_sends_the_same_aggregated_contact() -> None:
     """A 423 above outgoing_expires is retried once with the higher lifetime, and with the same aggregated
     contact as the first try (here the one main holds for the AoR: live process A's address)."""
-    m = _shared({"A": "udp:10.0.0.9:5080"})
-    m.core.settings = m.settings = m.settings.model_copy(update={"raise_on_423": True})
+    m = _shared({"A": "udp:10.0.0.9:5080"}, raise_on_423=True)
     _held_by_a(m)
     _send(m, C, f"{CONTACTS[C]};expires=120")  # a new device: relayed
     [first], _ = _split(m, C)

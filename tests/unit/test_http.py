@@ -9,6 +9,7 @@ from typing import Any
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
 
+from registrar.http.aors import aor_json
 from registrar.http.app import EngineCollector, make_app
 from tests.unit.corekit import PHONE, Core, main_ok, register
 from tests.unit.stackkit import MAIN
@@ -33,7 +34,8 @@ def test_endpoints_and_aor_view() -> None:
     ready = {"value": True}
 
     async def view(aor: str) -> dict[str, Any] | None:
-        return m.core.aor_view(aor, m.now)
+        record = m.store.load(aor)
+        return None if record is None else aor_json(record, m.settings.mode, m.now)
 
     app = make_app(registry, lambda: ready["value"], view)
 
