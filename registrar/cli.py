@@ -1,4 +1,4 @@
-"""The ``midregistrar`` command (DESIGN.md §8).
+"""The ``midregistrar`` command (docs/configuration.md).
 
 Every :class:`~registrar.config.Settings` field is an option (``--min-expires``), an environment variable
 (``MIDREG_MIN_EXPIRES``) and a key of the ``--config`` YAML file, options winning. A bad value exits 2 with

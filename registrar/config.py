@@ -41,7 +41,7 @@ class ContactIdInsertion(StrEnum):
 
 
 class PathMode(StrEnum):
-    """How Path headers sent by the phone side are kept (SPEC §8.4)."""
+    """How Path headers sent by the phone side are kept (behaviour §8.4)."""
 
     OFF = "off"
     LAZY = "lazy"
@@ -102,7 +102,7 @@ def split_hostport(text: str, default_port: int) -> tuple[str, int]:
 
 
 class Settings(BaseModel):
-    """Every setting of ``midregistrar run`` with its default (SPEC.md §10 names kept where they fit)."""
+    """Every setting of ``midregistrar run`` with its default (behaviour §10 names kept where they fit)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -117,7 +117,7 @@ class Settings(BaseModel):
     )
     main_registrar: str | None = Field(None, description="SIP URI of the main registrar/PBX (required).")
     main_proxy: str | None = Field(
-        None, description="Outbound proxy toward the main registrar (SPEC §2.2 hop)."
+        None, description="Outbound proxy toward the main registrar (behaviour §2.2 hop)."
     )
     record_route: bool = Field(
         False, description="Record-Route proxied dialogs so in-dialog requests come back."
@@ -132,7 +132,7 @@ class Settings(BaseModel):
         None, description="HOST:PORT for /healthz, /readyz, /metrics and /v1/aors/{aor}."
     )
 
-    # Mid-registrar behaviour (SPEC.md §10)
+    # Mid-registrar behaviour (behaviour §10)
     mode: Mode = Field(Mode.MIRROR, description="mirror (relay all), contact (per-contact) or aor (per-AoR).")
     insertion: Insertion = Field(
         Insertion.CONTACT, description="contact: rewrite Contacts to point here; path: keep them, add Path."

@@ -1,4 +1,4 @@
-"""Generated De-REGISTERs (SPEC §5.4 per contact, §6.4 per AoR) and their expiry schedule.
+"""Generated De-REGISTERs (behaviour §5.4 per contact, §6.4 per AoR) and their expiry schedule.
 
 A De-REGISTER is a fresh out-of-dialog REGISTER built from what was stored when the REGISTER was last
 relayed: its R-URI, From/To, Call-ID and a CSeq above anything the main registrar has seen for that
@@ -30,12 +30,12 @@ def deregister_request(meta: MainMeta, call_id: str, cseq: int, contact: str, ta
 
 
 def next_hop(meta: MainMeta) -> Peer:
-    """The stored next hop, else the stored R-URI (SPEC §5.4, T31)."""
+    """The stored next hop, else the stored R-URI (behaviour §5.4, T31)."""
     return peer_for_uri(parse_uri(meta.hop or meta.ruri))
 
 
 def contact_deregister(meta: MainMeta, binding: Binding, tag: str) -> Request | None:
-    """Mode contact: one De-REGISTER for a contact the main registrar still holds (SPEC §5.4)."""
+    """Mode contact: one De-REGISTER for a contact the main registrar still holds (behaviour §5.4)."""
     if binding.main_contact is None or binding.relayed_call_id is None:
         return None
     cseq = binding.relayed_cseq + 1
@@ -43,7 +43,7 @@ def contact_deregister(meta: MainMeta, binding: Binding, tag: str) -> Request | 
 
 
 def aor_deregister(meta: MainMeta, tag: str) -> Request | None:
-    """Mode aor: one De-REGISTER for the aggregated contact once the AoR is empty (SPEC §6.4)."""
+    """Mode aor: one De-REGISTER for the aggregated contact once the AoR is empty (behaviour §6.4)."""
     if meta.no_dr or meta.main_contact is None or meta.call_id is None:
         return None
     return deregister_request(meta, meta.call_id, meta.cseq + 1, meta.main_contact, tag)

@@ -1,8 +1,8 @@
 """HTTP digest for SIP (RFC 2617 / RFC 3261 §22.4), MD5 with qop=auth or none.
 
-The client side answers a main registrar's challenge to a generated De-REGISTER (SPEC T57); the server side
-is the optional local gate in front of absorbed REGISTERs (SPEC §11, T55). Nonces are HMACs of a timestamp
-under a per-process secret, so verifying one needs no state.
+The client side answers a main registrar's challenge to a generated De-REGISTER (T57); the server side
+is the optional local gate in front of absorbed REGISTERs (behaviour §11, T55). Nonces are HMACs of a
+timestamp under a per-process secret, so verifying one needs no state.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""GRUUs for registered instances (RFC 5627, SPEC §8.6): the mid-registrar owns the bindings, so it issues
-them. Off unless enabled (OpenSIPS' ``disable_gruu`` defaults to on)."""
+"""GRUUs for registered instances (RFC 5627, behaviour §8.6): the mid-registrar owns the bindings, so it
+issues them. Off unless enabled (OpenSIPS' ``disable_gruu`` defaults to on)."""
 
 from __future__ import annotations
 

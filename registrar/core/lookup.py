@@ -1,4 +1,4 @@
-"""Lookup of requests from the main registrar (SPEC.md §9).
+"""Lookup of requests from the main registrar (behaviour §9).
 
 Modes mirror and contact: the contact id in the Request-URI names exactly one binding. Mode aor: the
 Request-URI's user part is the escaped AoR, and every valid contact becomes a parallel branch in q order.
@@ -24,7 +24,7 @@ from registrar.store.base import Store
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """One branch: the phone's Contact, the next hop, and the Route set its Path asks for (SPEC §8.4)."""
+    """One branch: the phone's Contact, the next hop, and the Route set its Path asks for (behaviour §8.4)."""
 
     uri: URI
     peer: Peer
@@ -89,7 +89,7 @@ def lookup_aor(request: Request, store: Store, now: float, settings: Settings) -
 
 def branch_target(binding: Binding) -> Target | None:
     """The phone's Contact as Request-URI; next hop its first Path URI (with the Path as Route set), else
-    the flow it registered from (SPEC §8.4, §8.5)."""
+    the flow it registered from (behaviour §8.4, §8.5)."""
     try:
         uri = parse_uri(binding.contact)
     except URIError:
@@ -104,7 +104,8 @@ def branch_target(binding: Binding) -> Target | None:
 
 
 def lookup_by_contact(aor: str | None, request_uri: URI, store: Store, now: float) -> Target | None:
-    """Path insertion: a request routed back through us targets the phone's own Contact (SPEC §8.2 [REC])."""
+    """Path insertion: a request routed back through us targets the phone's own Contact
+    (behaviour §8.2 [REC])."""
     record = store.load(aor) if aor else None
     if record is None:
         return None

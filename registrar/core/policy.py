@@ -1,4 +1,4 @@
-"""Registrar rules shared by every mode: AoR canonical form (SPEC §3.2) and lifetimes (SPEC §3.3)."""
+"""Registrar rules shared by every mode: AoR canonical form and lifetimes (behaviour §3.2, §3.3)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ MAX_CONTACT_LEN = 255
 
 
 class RegistrarError(Exception):
-    """A REGISTER is refused: ``status`` and the ``P-Registrar-Error`` text (SPEC §3.1, §3.5)."""
+    """A REGISTER is refused: ``status`` and the ``P-Registrar-Error`` text (behaviour §3.1, §3.5)."""
 
     def __init__(self, status: int, text: str) -> None:
         super().__init__(text)
@@ -27,7 +27,8 @@ class RegistrarError(Exception):
 
 
 def canonical_aor(uri: URI, settings: Settings) -> str:
-    """The AoR of a To URI: user %-unescaped, realm prefix stripped, host lower-cased (SPEC §3.2, T06)."""
+    """The AoR of a To URI: user %-unescaped, realm prefix stripped, host lower-cased
+    (behaviour §3.2, T06)."""
     if isinstance(uri, TelURI):
         user, host = uri.number, ""
     elif isinstance(uri, SipURI):
@@ -62,7 +63,7 @@ class Lifetimes:
 
 
 def requested_expires(contact: Contact, header: int | None, settings: Settings) -> int:
-    """e_req: Contact ;expires, else the Expires header, else the default (SPEC §3.3)."""
+    """e_req: Contact ;expires, else the Expires header, else the default (behaviour §3.3)."""
     value = contact.expires
     if value:
         return int(value) if value.isdigit() else settings.default_expires
@@ -95,7 +96,7 @@ def lifetimes(
 
 
 def escape_aor(aor: str, settings: Settings) -> str:
-    """The user part of the aggregated contact (SPEC §6.1): %-escaped AoR, '@' as at_escape_str."""
+    """The user part of the aggregated contact (behaviour §6.1): %-escaped AoR, '@' as at_escape_str."""
     if not aor.isascii():
         raise RegistrarError(500, "AoR cannot be escaped into a contact")
     user, at, host = aor.partition("@")
@@ -106,7 +107,7 @@ def escape_aor(aor: str, settings: Settings) -> str:
 
 
 def aor_from_uri(uri: URI, settings: Settings) -> str | None:
-    """The AoR an aggregated contact stands for: user part un-escaped (SPEC §9.2 step 1)."""
+    """The AoR an aggregated contact stands for: user part un-escaped (behaviour §9.2 step 1)."""
     if not isinstance(uri, SipURI) or not uri.user:
         return None
     user = uri.user

@@ -1,4 +1,4 @@
-"""REGISTER handling as pure functions (SPEC.md §3, §4): validate, rewrite for the main registrar, apply
+"""REGISTER handling as pure functions (behaviour §3, §4): validate, rewrite for the main registrar, apply
 its 2xx, build the replies. Nothing here awaits, sends or reads a clock: ``now`` and ids come in.
 """
 
@@ -29,7 +29,7 @@ from registrar.sip.uri import URI, SipURI, URIError, parse_uri
 
 @dataclass(slots=True)
 class RegisterView:
-    """A validated REGISTER: its AoR, contacts and the Expires header (SPEC §3.1)."""
+    """A validated REGISTER: its AoR, contacts and the Expires header (behaviour §3.1)."""
 
     request: Request
     aor: str
@@ -54,15 +54,16 @@ class PendingRegister:
 
     view: RegisterView
     planned: list[PlannedContact]
-    ruri: str = ""  # the Request-URI it was relayed with (SPEC §2.2 ru)
-    hop: str | None = None  # the outbound proxy it went through (SPEC §2.2 hop)
+    ruri: str = ""  # the Request-URI it was relayed with (behaviour §2.2 ru)
+    hop: str | None = None  # the outbound proxy it went through (behaviour §2.2 hop)
     aggregated: str | None = None  # mode aor: the aggregated contact it was relayed with
     aggregated_owner: str | None = None  # and the member whose address that contact carries
     retried_423: bool = False
 
 
 def inspect(request: Request, source: Peer, settings: Settings) -> RegisterView:
-    """Validate a REGISTER (SPEC §3.1 items 2–4); raise :class:`RegistrarError` with the reply to send."""
+    """Validate a REGISTER (behaviour §3.1 items 2–4); raise :class:`RegistrarError` with the reply to
+    send."""
     try:
         to = request.to
         request.call_id  # noqa: B018
@@ -100,7 +101,7 @@ def supports_path(request: Request) -> bool:
 
 
 def check_path(request: Request, paths: list[str], settings: Settings) -> None:
-    """Path from the phone side (SPEC §8.4): syntax, a loose-routing first hop, path-strict's 420."""
+    """Path from the phone side (behaviour §8.4): syntax, a loose-routing first hop, path-strict's 420."""
     try:
         first = parse_address(paths[0], "Path")
         for value in paths[1:]:
@@ -114,7 +115,7 @@ def check_path(request: Request, paths: list[str], settings: Settings) -> None:
 
 
 def gruu_context(view: RegisterView, hostport: str, now: float, settings: Settings) -> GruuContext | None:
-    """GRUUs go to UAs that ask for them with `Supported: gruu` when enabled (SPEC §8.6)."""
+    """GRUUs go to UAs that ask for them with `Supported: gruu` when enabled (behaviour §8.6)."""
     if not settings.gruu or not any(v.lower() == "gruu" for v in view.request.headers.values("supported")):
         return None
     return GruuContext(view.aor, hostport, now)
@@ -139,7 +140,7 @@ def path_received(paths: list[str]) -> str | None:
 
 
 def find_binding(record: AorRecord | None, contact: Contact) -> Binding | None:
-    """Match by RFC 3261 URI comparison (usrloc matching_mode 0, SPEC §3.4)."""
+    """Match by RFC 3261 URI comparison (usrloc matching_mode 0, behaviour §3.4)."""
     if record is None:
         return None
     uri = contact.uri
@@ -157,7 +158,8 @@ def find_binding(record: AorRecord | None, contact: Contact) -> Binding | None:
 
 
 def check_cseq(view: RegisterView, binding: Binding | None, now: float, settings: Settings) -> bool:
-    """SPEC §3.4. Returns True when the contact is a retransmission to skip; raises 400 when out of order."""
+    """CSeq rules (behaviour §3.4): True when the contact is a retransmission to skip; 400 when out of
+    order."""
     if binding is None or binding.call_id != view.request.call_id:
         return False
     n = view.request.cseq.seq + (1 if settings.allow_dup_cseq else 0)
@@ -176,10 +178,10 @@ def plan(
     new_id: Callable[[], int],
     rng: random.Random | None = None,
 ) -> PendingRegister:
-    """Decide each contact's id and lifetimes, re-using the id of a known binding (SPEC §4.2)."""
+    """Decide each contact's id and lifetimes, re-using the id of a known binding (behaviour §4.2)."""
     planned: list[PlannedContact] = []
     if view.star:
-        return PendingRegister(view, planned)  # relayed unchanged (SPEC §3.1 item 5)
+        return PendingRegister(view, planned)  # relayed unchanged (behaviour §3.1 item 5)
     for contact in view.contacts:
         binding = find_binding(record, contact)
         if check_cseq(view, binding, now, settings):
@@ -191,7 +193,8 @@ def plan(
 
 
 def rewritten_contact(pc: PlannedContact, hostport: str, settings: Settings) -> str:
-    """The Contact the main registrar sees: it points back at us and carries the contact id (SPEC §4.2)."""
+    """The Contact the main registrar sees: it points back at us and carries the contact id
+    (behaviour §4.2)."""
     extra = settings.extra_contact_params
     if settings.contact_id_insertion is ContactIdInsertion.CT_USERNAME:
         uri = f"sip:{pc.ctid}@{hostport}{extra}"
@@ -203,7 +206,7 @@ def rewritten_contact(pc: PlannedContact, hostport: str, settings: Settings) -> 
 
 
 def kept_contact(pc: PlannedContact) -> str:
-    """Path insertion: the phone's own Contact, with the outgoing lifetime as its expires (SPEC §8.2)."""
+    """Path insertion: the phone's own Contact, with the outgoing lifetime as its expires (behaviour §8.2)."""
     address = pc.contact.address
     assert address is not None
     return str(address.without_params("expires").with_param("expires", str(pc.life.outgoing)))
@@ -217,7 +220,7 @@ def path_uri(aor: str, hostport: str, settings: Settings) -> str:
 
 def relayed_request(pending: PendingRegister, main: URI, hostport: str, settings: Settings) -> Request:
     """The REGISTER sent to the main registrar in modes mirror and contact: new R-URI, rewritten contacts,
-    no Path (SPEC §3.1, §4.2, §5.1)."""
+    no Path (behaviour §3.1, §4.2, §5.1)."""
     out = pending.view.request.copy()
     out.uri = main
     pending.ruri = str(main)
@@ -245,7 +248,7 @@ def relayed_request(pending: PendingRegister, main: URI, hostport: str, settings
 
 
 def reply_contact_id(uri: URI, settings: Settings) -> int | None:
-    """The contact id a URI from the main registrar carries, if any (SPEC §8.1)."""
+    """The contact id a URI from the main registrar carries, if any (behaviour §8.1)."""
     if not isinstance(uri, SipURI):
         return None
     if settings.contact_id_insertion is ContactIdInsertion.CT_USERNAME:
@@ -260,7 +263,7 @@ def reply_contact_id(uri: URI, settings: Settings) -> int | None:
 def granted_expires(
     reply: Response, settings: Settings, planned: list[PlannedContact] | None = None
 ) -> dict[int, tuple[int, str]]:
-    """Contact id → (lifetime granted, our contact URI as echoed) in a main registrar's 2xx (SPEC §4.3).
+    """Contact id → (lifetime granted, our contact URI as echoed) in a main registrar's 2xx (behaviour §4.3).
 
     With Path insertion the main registrar holds the phone's own contacts: they are matched by URI."""
     header = reply.headers.get("expires")
@@ -286,7 +289,7 @@ def granted_expires(
 
 
 def main_meta(pending: PendingRegister, old: MainMeta | None) -> MainMeta:
-    """From/To/R-URI of the last relayed REGISTER, kept to build De-REGISTERs (SPEC §2.2 F, T, ru)."""
+    """From/To/R-URI of the last relayed REGISTER, kept to build De-REGISTERs (behaviour §2.2 F, T, ru)."""
     request = pending.view.request
     from_uri, to_uri = str(request.from_.uri), str(request.to.uri)
     if old is None:
@@ -297,7 +300,7 @@ def main_meta(pending: PendingRegister, old: MainMeta | None) -> MainMeta:
 def apply_2xx(
     pending: PendingRegister, record: AorRecord | None, reply: Response, now: float, settings: Settings
 ) -> tuple[AorRecord | None, list[Binding]]:
-    """Update the AoR from the main registrar's 2xx in modes mirror and contact (SPEC §4.3 [REC], §5.3).
+    """Update the AoR from the main registrar's 2xx in modes mirror and contact (behaviour §4.3 [REC], §5.3).
 
     Returns the new record (None when nothing is left) and the bindings evicted to respect max_contacts
     with force-registration (mode contact sends them a De-REGISTER).
@@ -362,7 +365,8 @@ def confirmed_binding(
 
 
 def enforce_max_contacts(record: AorRecord, keep: set[int], now: float, settings: Settings) -> list[Binding]:
-    """With force-registration, evict the oldest other valid contacts beyond max_contacts (SPEC §10.3)."""
+    """With force-registration, evict the oldest other valid contacts beyond max_contacts
+    (behaviour §10.3)."""
     limit = settings.max_contacts
     valid = [b for b in record.bindings.values() if b.valid(now)]
     if not limit or len(valid) <= limit:
@@ -377,7 +381,8 @@ def enforce_max_contacts(record: AorRecord, keep: set[int], now: float, settings
 def check_max_contacts(
     pending: PendingRegister, record: AorRecord | None, now: float, settings: Settings
 ) -> None:
-    """[REC] decided before relaying: too many contacts → 503 unless force-registration (SPEC §10.3, T35)."""
+    """[REC] decided before relaying: too many contacts → 503 unless force-registration
+    (behaviour §10.3, T35)."""
     limit = settings.max_contacts
     if not limit or settings.force_registration:
         return
@@ -419,7 +424,8 @@ def _contact_methods(contact: Contact) -> list[str] | None:
 def format_binding(
     binding: Binding, now: float, settings: Settings, gruu: GruuContext | None = None, cap: int | None = None
 ) -> str:
-    """A Contact value for a 200 OK: UA URI, q, remaining expires, GRUUs, received when NATed (SPEC §3.5)."""
+    """A Contact value for a 200 OK: UA URI, q, remaining expires, GRUUs, received when NATed
+    (behaviour §3.5)."""
     parts = [f"<{binding.contact}>"]
     if binding.q is not None:
         parts.append(f";q={binding.q:g}")
@@ -469,7 +475,7 @@ def rewrite_reply(
     gruu: GruuContext | None = None,
     cap: int | None = None,
 ) -> Response:
-    """The main registrar's reply as the UA sees it: our bindings, no Expires (SPEC §4.3 steps 2, 5)."""
+    """The main registrar's reply as the UA sees it: our bindings, no Expires (behaviour §4.3 steps 2, 5)."""
     out = reply.copy()
     out.headers.remove("contact")
     out.headers.remove("expires")
@@ -487,7 +493,8 @@ def binding_reply(
     gruu: GruuContext | None = None,
     cap: int | None = None,
 ) -> Response:
-    """A locally built reply listing every valid binding of this AoR, never another's (SPEC §3.5 [REC])."""
+    """A locally built reply listing every valid binding of this AoR, never another's
+    (behaviour §3.5 [REC])."""
     out = make_response(request, 200)
     _add_bindings(out, record, now, settings, paths, gruu, cap)
     return out
@@ -502,8 +509,8 @@ def _add_bindings(
     gruu: GruuContext | None,
     cap: int | None,
 ) -> None:
-    """List every valid binding and echo the Path; ``cap`` bounds the lifetimes shown (a draining process,
-    DESIGN §6)."""
+    """List every valid binding and echo the Path; ``cap`` bounds the lifetimes shown (a draining process:
+    architecture "Networking and flow ownership")."""
     bindings: list[Binding] = []
     if record is not None:
         if len(record.bindings) == 1:  # the usual AoR: nothing to sort
@@ -519,7 +526,8 @@ def _add_bindings(
 
 
 def error_reply(request: Request, error: RegistrarError, settings: Settings) -> Response:
-    """A locally built error with P-Registrar-Error, and Retry-After on 5xx when configured (SPEC §3.5)."""
+    """A locally built error with P-Registrar-Error, and Retry-After on 5xx when configured
+    (behaviour §3.5)."""
     out = make_response(request, error.status)
     out.headers.add("P-Registrar-Error", error.text)
     if error.status == 420:

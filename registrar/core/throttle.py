@@ -1,5 +1,5 @@
-"""Absorb or relay: the throttling decisions of modes contact (SPEC §5) and aor (SPEC §6), with the
-safe-absorption rules of SPEC §11 [REC], plus mode aor's aggregated contact and its 2xx processing.
+"""Absorb or relay: the throttling decisions of modes contact (behaviour §5) and aor (behaviour §6), with the
+safe-absorption rules of behaviour §11 [REC], plus mode aor's aggregated contact and its 2xx processing.
 
 Pure functions: a decision takes the request, the AoR as stored and ``now`` and returns what to do.
 """
@@ -45,7 +45,8 @@ def _relay(reason: str) -> Decision:
 def decide_contact(
     pending: PendingRegister, record: AorRecord | None, now: float, me: str | None = None
 ) -> Decision:
-    """SPEC §5.2: absorb only when every contact is a known, unchanged refresh inside the window.
+    """Mode contact (behaviour §5.2): absorb only when every contact is a known, unchanged refresh inside the
+    window.
 
     ``me`` (given with Path insertion) is this process's member id: a refresh of a binding whose flow
     another process held is relayed once, so that the Path the main registrar keeps for the phone names
@@ -117,9 +118,10 @@ def aggregated_uri(aor: str, hostport: str, settings: Settings) -> str:
 def decide_aor(
     pending: PendingRegister, record: AorRecord | None, now: float, holder_gone: bool = False
 ) -> Decision:
-    """SPEC §6.2 with changes staged (T53 [REC]) and new devices relayed (§11 [REC]). ``holder_gone``: the
-    aggregated contact carries the address of a process that has left (shared store): relay, so that the
-    main registrar learns a live one, unless a relay is already on its way."""
+    """Absorb or relay in mode aor (behaviour §6.2), with changes staged (T53 [REC]) and new devices relayed
+    (§11 [REC]). ``holder_gone``: the aggregated contact carries the address of a process that has left
+    (shared store): relay, so that the main registrar learns a live one, unless a relay is already on its
+    way."""
     view = pending.view
     valid = record.valid_bindings(now) if record is not None else []
     if record is None or not valid:
@@ -173,7 +175,8 @@ def decide_aor(
 
 
 def relayed_aor_request(pending: PendingRegister, main: URI, hostport: str, settings: Settings) -> Request:
-    """All contacts replaced by one aggregated contact (SPEC §6.1; [REC] expires 0 for de-registrations)."""
+    """All contacts replaced by one aggregated contact (behaviour §6.1; [REC] expires 0 for
+    de-registrations)."""
     view = pending.view
     out = view.request.copy()
     out.uri = main
@@ -253,7 +256,8 @@ def keep_held_contact(
 def apply_aor_2xx(
     pending: PendingRegister, record: AorRecord | None, reply: Response, now: float, settings: Settings
 ) -> tuple[AorRecord | None, list[Binding]]:
-    """SPEC §6.3: find the aggregated contact by its escaped AoR, update the AoR meta, then the contacts."""
+    """A 2xx in mode aor (behaviour §6.3): find the aggregated contact by its escaped AoR, update the AoR
+    meta, then the contacts."""
     view = pending.view
     if view.star:
         return None, []
@@ -286,7 +290,7 @@ def apply_aor_2xx(
             meta, call_id=request.call_id, cseq=cseq, no_dr=True, relayed_at=0.0
         )  # main dropped it
     else:
-        # [REC] expO is refreshed on every 2xx (SPEC §12, §6.3 [OBS])
+        # [REC] expO is refreshed on every 2xx (behaviour §12, §6.3 [OBS])
         meta = replace(
             meta,
             call_id=request.call_id,

@@ -1,7 +1,7 @@
-"""Mode aor (AoR throttling), SPEC.md §6 and §9.2, test list §15 D, on the virtual clock.
+"""Mode aor (AoR throttling), behaviour §6 and §9.2, test cases of behaviour §15 D, on the virtual clock.
 
-Where SPEC gives [OBS] and [REC], these tests pin [REC]: a new device is relayed (never absorbed
-unauthenticated, §11), changes are staged and committed only on the main registrar's 2xx (T53), the UA never
+Where the behaviour reference gives [OBS] and [REC], these tests pin [REC]: a new device is relayed (never
+absorbed unauthenticated, §11), changes are staged and committed only on the main registrar's 2xx (T53), the UA never
 sees the main registrar's Expires header (T52) and expO is refreshed on every 2xx.
 """
 

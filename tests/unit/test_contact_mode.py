@@ -1,4 +1,4 @@
-"""Mode contact (contact throttling), SPEC.md §5 and test list §15 C/E, on the virtual clock."""
+"""Mode contact (contact throttling), behaviour §5 and the test cases of §15 C/E, on the virtual clock."""
 
 from __future__ import annotations
 

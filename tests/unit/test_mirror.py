@@ -1,4 +1,4 @@
-"""Mode mirror end to end through the sans-IO pipeline (SPEC.md §3, §4, §9.1; test list §15 A/B)."""
+"""Mode mirror end to end through the sans-IO pipeline (behaviour §3, §4, §9.1; behaviour §15 A/B)."""
 
 from __future__ import annotations
 

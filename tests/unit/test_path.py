@@ -1,4 +1,4 @@
-"""Path (RFC 3327): from the phone side (SPEC §8.4, T08, T09) and Path insertion toward main (§8.2 [REC])."""
+"""Path (RFC 3327): from the phone side (behaviour §8.4, T08, T09) and Path insertion toward main (§8.2 [REC])."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""AoR canonical form (SPEC §3.2, T06), lifetimes (§3.3) and the mode-aor escaping (§6.1, T40)."""
+"""AoR canonical form (behaviour §3.2, T06), lifetimes (§3.3) and the mode-aor escaping (§6.1, T40)."""
 
 from __future__ import annotations
 
