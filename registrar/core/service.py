@@ -1,15 +1,10 @@
 """The mid-registrar over the sans-IO stack (behaviour §1: REGISTER → save → relay or answer; request from
 the main registrar → lookup → forward; expiry → De-REGISTER).
 
-:class:`MidRegistrar` is what the stack and the store talk to. It hands each event to the part that does
-that job, the way OpenSIPS splits save, lookup and timer:
-
-- :mod:`registrar.core.registration`: REGISTERs and the main registrar's answers to relayed ones;
-- :mod:`registrar.core.routing`: every other request, to the phone's flow or the process holding it;
-- :mod:`registrar.core.expiry`: the expiry timer and generated De-REGISTERs.
-
-The parts share one :class:`~registrar.core.state.CoreState`. Nothing here touches a socket; the shell
-drains the stack after each call.
+:class:`MidRegistrar` is what the stack and the store talk to: it hands each event to the part that does
+that job (:class:`~registrar.core.registration.Registration`, :class:`~registrar.core.routing.Routing`,
+:class:`~registrar.core.expiry.Expiry`), which share one :class:`~registrar.core.state.CoreState`.
+Nothing here touches a socket; the shell drains the stack after each call.
 """
 
 from __future__ import annotations
