@@ -5,9 +5,9 @@ timer.
 for that job; the parts share one ``state.CoreState``:
 
 - ``registration``: REGISTERs from phones and the main registrar's answers (behaviour §3–§7), with the
-  rules in ``register`` (validation, relayed request, 2xx, replies), ``throttle`` (absorb or relay,
-  §5.2, §6), ``policy`` (AoR and lifetimes, §3.2, §3.3), ``gruu`` (§8.6) and ``gate`` (what an absorbed
-  REGISTER must pass, §11);
+  rules in ``register`` (validation, relayed request, 2xx), ``reply`` (what the phone is answered, §3.5),
+  ``throttle`` (absorb or relay, §5.2, §6), ``policy`` (AoR and lifetimes, §3.2, §3.3), ``gruu`` (§8.6)
+  and ``gate`` (what an absorbed REGISTER must pass, §11);
 - ``routing``: requests from the main registrar to the phones and hand-off to the process holding the
   flow (§8.4, §8.5, §9), with the rules in ``lookup``;
 - ``expiry``: the expiry timer and generated De-REGISTERs (§5.4, §6.4), built by ``deregister`` and

@@ -8,7 +8,7 @@ from __future__ import annotations
 from registrar.config import Settings
 from registrar.core.digest import DigestGate
 from registrar.core.policy import RegistrarError
-from registrar.core.register import error_reply
+from registrar.core.reply import error_reply
 from registrar.sip.message import Request, Response, make_response
 from registrar.sip.uri import SipURI
 

@@ -2,9 +2,9 @@
 registrar, and on its final answer commit the bindings and answer the phone.
 
 The rules are pure functions: :mod:`registrar.core.register` (validation, planning, the relayed request,
-the 2xx, the replies), :mod:`registrar.core.throttle` (absorb or relay in modes contact and aor, the
-aggregated contact) and :mod:`registrar.core.gate` (what an absorbed REGISTER must pass). This module
-applies them to the stack's events and the store.
+the 2xx), :mod:`registrar.core.reply` (what the phone is answered), :mod:`registrar.core.throttle`
+(absorb or relay in modes contact and aor, the aggregated contact) and :mod:`registrar.core.gate` (what
+an absorbed REGISTER must pass). This module applies them to the stack's events and the store.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import replace
 from functools import partial
 
 from registrar.config import Insertion, Mode, Settings
-from registrar.core import deregister, throttle
+from registrar.core import deregister, reply, throttle
 from registrar.core import register as reg
 from registrar.core.expiry import Expiry
 from registrar.core.gate import Gate
@@ -58,21 +58,21 @@ class Registration:
             if not view.contacts:
                 # A binding query is answered here with the current bindings (behaviour §3.1 item 6 [REC]).
                 state.stats.registers_answered += 1
-                state.stack.respond(event.txn, reg.binding_reply(request, record, now, settings))
+                state.stack.respond(event.txn, reply.binding_reply(request, record, now, settings))
                 return
             settings = self._settings_for(view.aor)
             pending = reg.plan(view, record, now, settings, state.store.new_contact_id, state.rng)
             if not view.star and not pending.planned:
                 # every contact repeats the last CSeq seen: a retransmission, answered from state (§3.4)
                 state.stats.registers_answered += 1
-                state.stack.respond(event.txn, reg.binding_reply(request, record, now, settings))
+                state.stack.respond(event.txn, reply.binding_reply(request, record, now, settings))
                 return
             reg.check_max_contacts(pending, record, now, settings)
             decision = self._decide(pending, record, now)
         except RegistrarError as err:
             state.stats.register_errors += 1
             log.debug("REGISTER for %s refused with %s: %s", request.to.uri, err.status, err.text)
-            state.stack.respond(event.txn, reg.error_reply(request, err, settings))
+            state.stack.respond(event.txn, reply.error_reply(request, err, settings))
             return
         if decision is not None and not decision.relay:
             gate = self.gate
@@ -88,10 +88,10 @@ class Registration:
 
             def answer() -> None:
                 state.stats.registers_answered += 1
-                paths = view.paths if reg.echo_path(view, settings) else None
-                gruu = reg.gruu_context(view, state.stack.local_for(event.peer).hostport, now, settings)
-                reply = reg.binding_reply(request, absorbed, now, settings, paths, gruu, state.cap())
-                state.stack.respond(event.txn, reply)
+                paths = view.paths if reply.echo_path(view, settings) else None
+                gruu = reply.gruu_context(view, state.stack.local_for(event.peer).hostport, now, settings)
+                ok = reply.binding_reply(request, absorbed, now, settings, paths, gruu, state.cap())
+                state.stack.respond(event.txn, ok)
 
             state.commit(view.aor, absorbed, record, answer, partial(self.redo, event))
             return
@@ -152,10 +152,10 @@ class Registration:
                 self.expiry.send(dereg, deregister.next_hop(updated.meta))
             if settings.mode is Mode.CONTACT and updated is not None and updated.meta is not None:
                 self.expiry.withdraw_contacts(updated.meta, evicted)
-            paths = pending.view.paths if reg.echo_path(pending.view, settings) else None
-            gruu = reg.gruu_context(pending.view, state.stack.local_for(ctx.source).hostport, now, settings)
-            reply = reg.rewrite_reply(response, updated, now, settings, paths, gruu, state.cap())
-            state.stack.finish(ctx, reply)
+            paths = pending.view.paths if reply.echo_path(pending.view, settings) else None
+            gruu = reply.gruu_context(pending.view, state.stack.local_for(ctx.source).hostport, now, settings)
+            rewritten = reply.rewrite_reply(response, updated, now, settings, paths, gruu, state.cap())
+            state.stack.finish(ctx, rewritten)
 
         def again(later: float) -> None:
             self.relays[id(ctx)] = pending
