@@ -35,6 +35,9 @@ TIMER_GRAIN = 0.01  # seconds: SIP timers are ≥ 500 ms, 10 ms late is nothing;
 # receiver costs ~15 µs of our CPU, one sent while the receiver is already awake ~4 µs. At most this many are
 # held, so a burst's first answer waits well under 1 ms; a lone datagram's answer leaves a few µs later.
 SEND_BATCH = 8
+# A TCP handshake still not done after this many seconds has lost its SYN three times (Linux resends it
+# after 1, 3 and 7 s): the next hop is not there. Its transactions fail with 503 rather than at Timer B/F.
+CONNECT_TIMEOUT = 10.0
 
 
 class Application(Protocol):
@@ -80,6 +83,9 @@ class _Conn:
     peer: Peer
     framer: StreamFramer
     last_activity: float
+    # The (host, port) the connection is known by: the address dialled (maybe a DNS name) for the ones we
+    # open, the remote address for the ones accepted.
+    addr: tuple[str, int]
 
 
 class SipServer:
@@ -100,6 +106,7 @@ class SipServer:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._idle_task: asyncio.Task[None] | None = None
+        self._closing = False
 
     @property
     def now(self) -> float:
@@ -142,6 +149,7 @@ class SipServer:
         return out
 
     async def close(self) -> None:
+        self._closing = True  # connections lost from now on are ours to close, not transport errors
         if self._timer is not None:
             self._timer.cancel()
         if self._idle_task is not None:
@@ -271,30 +279,46 @@ class SipServer:
         key = (peer.host, peer.port)
         index = next((i for i, lst in enumerate(self.settings.listen) if lst.transport.value == "tcp"), 0)
         try:
-            await self.loop.create_connection(lambda: _TcpProtocol(self, index), peer.host, peer.port)
-        except OSError as exc:
-            log.warning("cannot connect to %s: %s", peer, exc)
+            await asyncio.wait_for(
+                self.loop.create_connection(lambda: _TcpProtocol(self, index, key), peer.host, peer.port),
+                CONNECT_TIMEOUT,
+            )
+        except (OSError, TimeoutError) as exc:
+            log.warning("cannot connect to %s: %s", peer, str(exc) or "timed out")
             self._pending.pop(key, None)
-            return
+            if not self._closing:
+                self.stack.transport_error(peer, self.now)
+                self.flush()
 
     # ------------------------------------------------------------------------------------ connections
 
-    def connection_made(self, transport: asyncio.Transport, index: int) -> _Conn:
+    def connection_made(
+        self, transport: asyncio.Transport, index: int, dialled: tuple[str, int] | None
+    ) -> _Conn:
         host, port = transport.get_extra_info("peername")[:2]
         conn_id = self._next_conn
         self._next_conn += 1
-        conn = _Conn(conn_id, transport, Peer("tcp", host, port, conn_id, index), StreamFramer(), self.now)
+        addr = dialled or (host, port)
+        peer = Peer("tcp", host, port, conn_id, index)
+        conn = _Conn(conn_id, transport, peer, StreamFramer(), self.now, addr)
         self._conns[conn_id] = conn
-        self._by_addr[(host, port)] = conn_id
-        for data in self._pending.pop((host, port), []):
+        self._by_addr[addr] = conn_id
+        for data in self._pending.pop(addr, []):
             transport.write(data)
         return conn
 
     def connection_lost(self, conn: _Conn) -> None:
+        """A connection closed or reset: client transactions whose request it carried and that still wait
+        for their final response fail now (a response on a closed connection can only come back on a new
+        one the peer opens, and the peer has most likely gone)."""
         self._conns.pop(conn.conn_id, None)
         self.app.flow_closed(conn.conn_id)
-        if self._by_addr.get((conn.peer.host, conn.peer.port)) == conn.conn_id:
-            del self._by_addr[(conn.peer.host, conn.peer.port)]
+        if self._by_addr.get(conn.addr) == conn.conn_id:
+            del self._by_addr[conn.addr]
+        if not self._closing:
+            host, port = conn.addr
+            self.stack.transport_error(Peer("tcp", host, port, None, conn.peer.local), self.now)
+            self.flush()
 
     async def _close_idle(self) -> None:
         timeout = self.settings.tcp_idle_timeout
@@ -321,14 +345,16 @@ class _UdpProtocol(asyncio.DatagramProtocol):
 
 
 class _TcpProtocol(asyncio.Protocol):
-    def __init__(self, server: SipServer, index: int) -> None:
+    def __init__(self, server: SipServer, index: int, dialled: tuple[str, int] | None = None) -> None:
         self.server = server
         self.index = index
+        self.dialled = dialled
         self.conn: _Conn | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
-        self.conn = self.server.connection_made(typing.cast(asyncio.Transport, transport), self.index)
+        transport = typing.cast(asyncio.Transport, transport)
+        self.conn = self.server.connection_made(transport, self.index, self.dialled)
 
     def data_received(self, data: bytes) -> None:
         if self.conn is not None:

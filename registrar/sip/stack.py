@@ -37,15 +37,21 @@ from registrar.sip.proxy import (
     strip_top_via,
 )
 from registrar.sip.transaction import (
+    TIMEOUT,
+    ClientKey,
     ClientTransaction,
+    InviteClient,
+    InviteServer,
+    NonInviteClient,
+    NonInviteServer,
     ServerKey,
     ServerTransaction,
     State,
+    Timed,
+    Timer,
     Timers,
-    Transaction,
     client_key,
     server_key,
-    timeout_response,
 )
 from registrar.sip.transport import Peer, response_peer
 from registrar.sip.uri import URI, SipURI
@@ -86,7 +92,8 @@ class ProxyFinal:
 
 @dataclass(slots=True)
 class ClientResult:
-    """Final response (or a synthesized 408) for a request the application originated."""
+    """Final response for a request the application originated: received, or synthesized when none came
+    (408 when Timer F fired, ``timed_out``; 503 when the transport failed)."""
 
     handle: int
     request: Request
@@ -116,9 +123,9 @@ class StackStats:
     loops: int = 0
 
 
-# A timer in the heap: (deadline, unique sequence number, transaction, timer name). Plain tuples compare in C;
-# the unique sequence number settles ties, so the transaction is never compared.
-_Timer = tuple[float, int, int, str]  # deadline, sequence, id of the transaction, timer name
+# A timer in the heap: (deadline, unique sequence number, id of the transaction, timer). Plain tuples
+# compare in C; the unique sequence number settles ties, so the rest is never compared.
+_HeapEntry = tuple[float, int, int, Timer]
 
 
 class Stack:
@@ -142,12 +149,12 @@ class Stack:
         self._now = 0.0
         self._out: list[tuple[bytes, Peer]] = []
         self._events: list[Event] = []
-        self._heap: list[_Timer] = []
-        # The live timers of each transaction, by id (the transaction, name -> sequence number): a heap entry
+        self._heap: list[_HeapEntry] = []
+        # The live timers of each transaction, by id (the transaction, timer -> sequence number): a heap entry
         # whose number is not there any more was disarmed or re-armed, and a terminated transaction drops
         # them all at once. The heap holds ids, not transactions, so an ended transaction is freed at once
         # instead of lingering until its last (cancelled) timer's deadline.
-        self._armed: dict[int, tuple[Transaction, dict[str, int]]] = {}
+        self._armed: dict[int, tuple[Timed, dict[Timer, int]]] = {}
         self._seq = itertools.count()
         self._servers: dict[ServerKey, ServerTransaction] = {}
         # Answered non-INVITE server transactions over UDP, for Timer J: the key joined into one string ->
@@ -156,7 +163,9 @@ class Stack:
         # lingers for the same 64*T1, so a FIFO of (deadline, key) replaces timer-heap entries.
         self._completed: dict[str, bytes] = {}
         self._completed_fifo: deque[tuple[float, str]] = deque()
-        self._clients: dict[tuple[str, str], ClientTransaction] = {}
+        self._clients: dict[ClientKey, ClientTransaction] = {}
+        # Client transactions over connection-oriented transports: the ones a lost connection can fail.
+        self._reliable_clients: set[ClientTransaction] = set()
         self._ctx_of_server: dict[int, ResponseContext] = {}
         self._ctx_of_client: dict[int, ResponseContext] = {}
         self._handles: dict[int, int] = {}
@@ -178,8 +187,8 @@ class Stack:
         linger = fifo[0][0] if fifo else None
         heap = self._heap
         while heap:
-            deadline, seq, key, name = heap[0]
-            if self._live(key, name, seq):
+            deadline, seq, key, timer = heap[0]
+            if self._live(key, timer, seq):
                 return deadline if linger is None or deadline < linger else linger
             heapq.heappop(heap)
         return linger
@@ -200,23 +209,23 @@ class Stack:
     def send(self, data: bytes, peer: Peer) -> None:
         self._out.append((data, peer))
 
-    def arm(self, txn: Transaction, name: str, delay: float) -> None:
+    def arm(self, txn: Timed, timer: Timer, delay: float) -> None:
         seq = next(self._seq)
         key = id(txn)
         entry = self._armed.get(key)
         if entry is None:
             entry = self._armed[key] = (txn, {})
-        entry[1][name] = seq
-        heapq.heappush(self._heap, (self._now + delay, seq, key, name))
+        entry[1][timer] = seq
+        heapq.heappush(self._heap, (self._now + delay, seq, key, timer))
 
-    def disarm(self, txn: Transaction, name: str) -> None:
+    def disarm(self, txn: Timed, timer: Timer) -> None:
         entry = self._armed.get(id(txn))
         if entry is not None:
-            entry[1].pop(name, None)
+            entry[1].pop(timer, None)
 
-    def _live(self, key: int, name: str, seq: int) -> bool:
+    def _live(self, key: int, timer: Timer, seq: int) -> bool:
         entry = self._armed.get(key)
-        return entry is not None and entry[1].get(name) == seq
+        return entry is not None and entry[1].get(timer) == seq
 
     def response_in(self, txn: ClientTransaction, response: Response) -> None:
         ctx = self._ctx_of_client.get(id(txn))
@@ -226,29 +235,30 @@ class Stack:
             handle = self._handles.pop(id(txn))
             self._events.append(ClientResult(handle, txn.request, response))
 
-    def timed_out(self, txn: ClientTransaction) -> None:
-        response = timeout_response(txn.request)
+    def failed(self, txn: ClientTransaction, status: int) -> None:
+        """No response will come (Timer B/F, a transport error): the TU gets a local ``status`` response
+        instead, the way a proxy treats a branch that timed out (§16.7 step 2, §16.9)."""
+        response = make_response(txn.request, status)
         ctx = self._ctx_of_client.get(id(txn))
         if ctx is not None:
             self._proxy_response(ctx, txn, response)
         elif id(txn) in self._handles:
             handle = self._handles.pop(id(txn))
-            self._events.append(ClientResult(handle, txn.request, response, timed_out=True))
+            self._events.append(ClientResult(handle, txn.request, response, timed_out=status == TIMEOUT))
 
-    def completed(self, txn: ServerTransaction, data: bytes, peer: Peer, linger: float) -> None:
-        """A non-INVITE server transaction sent its final response: Timer J needs only those bytes (§17.2.2).
-        Over a reliable transport it ends at once."""
+    def completed(self, txn: NonInviteServer, data: bytes, peer: Peer, timer_j: float) -> None:
+        """A non-INVITE server transaction sent its final response: for Timer J the stack keeps just those
+        bytes (§17.2.2) and drops the object. Over a reliable transport Timer J is zero: it ends at once."""
         self._armed.pop(id(txn), None)
         self._ctx_of_server.pop(id(txn), None)
         key = txn.key
         if self._servers.get(key) is txn:
             del self._servers[key]
-        txn.state = State.TERMINATED
-        if linger <= 0:
+        if timer_j <= 0:
             return
         flat = _flat_key(key)
         if flat not in self._completed:  # (a key comes back only after its entry expired)
-            self._completed_fifo.append((self._now + linger, flat))
+            self._completed_fifo.append((self._now + timer_j, flat))
         self._completed[flat] = data
 
     def _resend_completed(self, key: ServerKey, via: Via, peer: Peer) -> bool:
@@ -261,15 +271,16 @@ class Stack:
         self.send(data, response_peer(via, peer))
         return True
 
-    def terminated(self, txn: Transaction) -> None:
+    def terminated(self, txn: ServerTransaction | ClientTransaction) -> None:
         self._armed.pop(id(txn), None)
-        if isinstance(txn, ServerTransaction):
+        if isinstance(txn, InviteServer | NonInviteServer):
             if self._servers.get(txn.key) is txn:
                 del self._servers[txn.key]
             self._ctx_of_server.pop(id(txn), None)
-        elif isinstance(txn, ClientTransaction):
+        else:
             if self._clients.get(txn.key) is txn:
                 del self._clients[txn.key]
+            self._reliable_clients.discard(txn)
             self._ctx_of_client.pop(id(txn), None)
             self._handles.pop(id(txn), None)
 
@@ -283,13 +294,25 @@ class Stack:
             while fifo and fifo[0][0] <= now:
                 completed.pop(fifo.popleft()[1], None)
         while self._heap and self._heap[0][0] <= now:
-            _, seq, key, name = heapq.heappop(self._heap)
+            _, seq, key, timer = heapq.heappop(self._heap)
             entry = self._armed.get(key)
-            if entry is None or entry[1].get(name) != seq:
+            if entry is None or entry[1].get(timer) != seq:
                 continue
             txn, timers = entry
-            del timers[name]
-            txn.on_timer(name, now)
+            del timers[timer]
+            txn.on_timer(timer)
+
+    def transport_error(self, peer: Peer, now: float) -> None:
+        """A connection to ``peer``'s address (host and port as the request was sent to them) could not be
+        opened (refused, unreachable, timed out) or was lost: every client transaction whose request went
+        there and is still waiting fails at once with a local 503 (RFC 3261 §17.1.4, §8.1.3.1) instead of
+        waiting for Timer B/F."""
+        self._now = now
+        if not peer.reliable:
+            return
+        host, port = peer.host, peer.port
+        for txn in [t for t in self._reliable_clients if t.peer.host == host and t.peer.port == port]:
+            txn.on_transport_error()
 
     def receive(self, data: bytes, peer: Peer, now: float) -> None:
         """Bytes of one datagram (or one framed stream message) arrived from a peer."""
@@ -331,7 +354,7 @@ class Stack:
             return
         if txn is None and self._completed and self._resend_completed(key, via, peer):
             return
-        txn = ServerTransaction(self, self.timers, request, peer, key)
+        txn = (InviteServer if method == "INVITE" else NonInviteServer)(self, self.timers, request, peer, key)
         txn.reply_to = response_peer(via, peer)
         self._servers[key] = txn
         if request.headers.get("max-forwards") == "0" and method != "OPTIONS":
@@ -352,7 +375,7 @@ class Stack:
             return
         if self._completed and self._resend_completed(key, request.top_via, peer):
             return
-        txn = ServerTransaction(self, self.timers, request, peer, key)
+        txn = NonInviteServer(self, self.timers, request, peer, key)
         self._servers[key] = txn
         invite = self._servers.get((*key[:-1], "INVITE"))
         if invite is None or invite.state is State.TERMINATED:
@@ -456,8 +479,7 @@ class Stack:
             via = Via(local.transport.upper(), local.host, local.port, (("branch", branch), ("rport", None)))
             rr = f"<sip:{local.hostport};lr>" if self.record_route else None
             copy = forward_copy(base, uri=uri, via=via, record_route=rr, drop_top_route=False)
-            client = ClientTransaction(self, self.timers, copy, peer)
-            self._clients[client.key] = client
+            client = self._client(copy, peer)
             self._ctx_of_client[id(client)] = ctx
             ctx.branches.append(Branch(client, peer))
             client.start()
@@ -490,8 +512,7 @@ class Stack:
         request.headers.prepend("Via", str(via))
         if "max-forwards" not in request.headers:
             request.headers.add("Max-Forwards", "70")
-        client = ClientTransaction(self, self.timers, request, peer)
-        self._clients[client.key] = client
+        client = self._client(request, peer)
         handle = next(self._handle_seq)
         self._handles[id(client)] = handle
         client.start()
@@ -503,6 +524,17 @@ class Stack:
         via = Via(local.transport.upper(), local.host, local.port, (("branch", make_branch(request, "ack")),))
         copy = forward_copy(request, uri=None, via=via)
         self.send(copy.to_bytes(stream=peer.reliable), peer)
+
+    def _client(self, request: Request, peer: Peer) -> ClientTransaction:
+        """A new client transaction for ``request``, known to the stack; the caller starts it once it has
+        recorded what the responses belong to."""
+        client = (InviteClient if request.method == "INVITE" else NonInviteClient)(
+            self, self.timers, request, peer
+        )
+        self._clients[client.key] = client
+        if peer.reliable:
+            self._reliable_clients.add(client)
+        return client
 
     def local_for(self, peer: Peer) -> LocalAddress:
         for address in self.locals:
@@ -569,10 +601,7 @@ class Stack:
             branch.cancel_wanted = True  # §9.1: wait for a provisional response before cancelling
             return
         branch.cancelled = True
-        cancel = build_cancel(branch.txn.request)
-        client = ClientTransaction(self, self.timers, cancel, branch.target)
-        self._clients[client.key] = client
-        client.start()
+        self._client(build_cancel(branch.txn.request), branch.target).start()
 
 
 def _stamp_received(request: Request, peer: Peer) -> Via:

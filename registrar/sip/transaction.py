@@ -1,37 +1,62 @@
-"""RFC 3261 §17 transactions as plain state machines.
+"""RFC 3261 §17 transactions: one class per state machine of figures 5–8 (and RFC 6026's Accepted state).
 
-A transaction never touches a socket or a clock: it is told the time, and it writes what it wants done
-(send these bytes to that peer, arm this timer, hand this response up) into its :class:`Outbox`. The stack
-owns the transactions, drains the outbox and fires timers when their deadline passes.
+A transaction never touches a socket or a clock: it writes what it wants done (send these bytes to that
+peer, arm this timer, hand this response up) into its :class:`Outbox`. The stack owns the transactions,
+drains the outbox, fires timers when their deadline passes and reports transport errors.
 
-Timers (seconds, from :class:`Timers`): A/E retransmit client requests over UDP (T1 doubling; E capped at
-T2), B/F time a client transaction out (64·T1), D (32 s) and K (T4) absorb response retransmissions at
-the client, G retransmits a final INVITE response over UDP, H (64·T1) waits for its ACK, I (T4) absorbs ACK
-retransmissions, J (64·T1) absorbs request retransmissions at a non-INVITE server. Unreliable transports
-only get retransmissions and the wait states; over TCP those timers are zero.
+Each machine has one method per input of its figure (a response from the network, a request
+retransmission, a response from the TU, a timer, a transport error); inside, one branch per state, in the
+figure's order. Unreliable transports get the retransmission timers and the wait states; over TCP the wait
+timers are zero (§17.1.1.2, §17.1.2.2, §17.2.1, §17.2.2).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
-from typing import Protocol
+from enum import Enum, StrEnum
+from typing import ClassVar, Protocol
 
 from registrar.sip.errors import ParseError
 from registrar.sip.headers import MAGIC_COOKIE, Via
-from registrar.sip.message import Header, Headers, Request, Response, make_response
+from registrar.sip.message import Header, Headers, Request, Response
 from registrar.sip.transport import Peer
 
 
 @dataclass(frozen=True, slots=True)
 class Timers:
+    """The base intervals of RFC 3261 table 4, in seconds."""
+
     t1: float = 0.5
     t2: float = 4.0
     t4: float = 5.0
 
     @property
-    def b(self) -> float:
+    def timeout(self) -> float:
+        """64·T1: Timers B, F, H, J and L."""
         return 64 * self.t1
+
+
+# Timer D is "at least 32 s" over an unreliable transport, whatever T1 is (§17.1.1.2).
+TIMER_D = 32.0
+
+
+class Timer(StrEnum):
+    """The timers of RFC 3261 table 4 (and RFC 6026's L), named by their letter.
+
+    A StrEnum: the stack keys its live-timer table by timer, and str hashing runs in C.
+    """
+
+    A = "A"  # INVITE client, unreliable: retransmit the INVITE; T1, doubling
+    B = "B"  # INVITE client: no final response; 64·T1
+    D = "D"  # INVITE client after a non-2xx final: absorb its retransmissions; 32 s unreliable, else 0
+    E = "E"  # non-INVITE client, unreliable: retransmit; T1 doubling up to T2, T2 once Proceeding
+    F = "F"  # non-INVITE client: no final response; 64·T1
+    G = "G"  # INVITE server, unreliable: retransmit the non-2xx final; T1 doubling up to T2
+    H = "H"  # INVITE server: no ACK for the non-2xx final; 64·T1
+    I = "I"  # INVITE server after the ACK: absorb ACK retransmissions; T4 unreliable, else 0  # noqa: E741
+    J = "J"  # non-INVITE server after its final: absorb request retransmissions; 64·T1 unreliable, else 0
+    K = "K"  # non-INVITE client after its final: absorb response retransmissions; T4 unreliable, else 0
+    L = "L"  # INVITE server after a 2xx (RFC 6026 Accepted): absorb INVITE retransmissions; 64·T1
 
 
 class State(Enum):
@@ -44,22 +69,34 @@ class State(Enum):
     TERMINATED = "terminated"
 
 
+# Statuses a client transaction reports when no response came: Timer B/F (§17.1.1.2, §17.1.2.2; §8.1.3.1
+# says the TU treats it as 408) and a transport error (§17.1.4, §8.1.3.1: treated as 503).
+TIMEOUT = 408
+TRANSPORT_ERROR = 503
+
+
+class Timed(Protocol):
+    """A machine with timers: the stack calls back when one it armed fires."""
+
+    def on_timer(self, timer: Timer) -> None: ...
+
+
 class Outbox(Protocol):
     """What a transaction can ask of its stack."""
 
     def send(self, data: bytes, peer: Peer) -> None: ...
 
-    def arm(self, txn: Transaction, name: str, delay: float) -> None: ...
+    def arm(self, txn: Timed, timer: Timer, delay: float) -> None: ...
 
-    def disarm(self, txn: Transaction, name: str) -> None: ...
+    def disarm(self, txn: Timed, timer: Timer) -> None: ...
 
     def response_in(self, txn: ClientTransaction, response: Response) -> None: ...
 
-    def timed_out(self, txn: ClientTransaction) -> None: ...
+    def failed(self, txn: ClientTransaction, status: int) -> None: ...
 
-    def terminated(self, txn: Transaction) -> None: ...
+    def terminated(self, txn: ServerTransaction | ClientTransaction) -> None: ...
 
-    def completed(self, txn: ServerTransaction, data: bytes, peer: Peer, linger: float) -> None: ...
+    def completed(self, txn: NonInviteServer, data: bytes, peer: Peer, timer_j: float) -> None: ...
 
 
 ServerKey = tuple[str, ...]
@@ -93,62 +130,49 @@ def client_key(response: Response) -> ClientKey:
 
 
 class Transaction:
-    """Common state of all four machines."""
+    """What the four machines share: the stack, the timer values, the peer and the current state."""
 
     __slots__ = ("outbox", "peer", "state", "timers")
 
-    def __init__(self, outbox: Outbox, timers: Timers, peer: Peer) -> None:
-        self.outbox = outbox
-        self.timers = timers
-        self.peer = peer
-        self.state = State.TRYING
+    outbox: Outbox
+    timers: Timers
+    peer: Peer
+    state: State
 
     @property
     def reliable(self) -> bool:
         return self.peer.reliable
 
-    def on_timer(self, name: str, now: float) -> None:
-        raise NotImplementedError
-
-    def _terminate(self) -> None:
-        if self.state is not State.TERMINATED:
-            self.state = State.TERMINATED
-            self.outbox.terminated(self)
-
 
 # ---------------------------------------------------------------------------------------------- server
 
 
-class ServerTransaction(Transaction):
-    """INVITE (§17.2.1, with RFC 6026's Accepted state) and non-INVITE (§17.2.2) server transactions."""
+class _Server(Transaction):
+    """What both server machines share: the request served and the last response sent on it.
 
-    __slots__ = (
-        "_g_interval",
-        "_request",
-        "invite",
-        "key",
-        "last_response",
-        "last_status",
-        "reply_to",
-        "response_peer",
-        "to_tag",
-    )
+    Transport errors on responses are not reported to server transactions: a response that cannot be sent
+    is lost like a dropped datagram, and Timer H or J (or the peer's next retransmission) ends the
+    transaction.
+    """
+
+    __slots__ = ("_request", "key", "last_response", "last_status", "reply_to", "response_peer", "to_tag")
+
+    invite: ClassVar[bool]
+    initial: ClassVar[State]
 
     def __init__(self, outbox: Outbox, timers: Timers, request: Request, peer: Peer, key: ServerKey) -> None:
-        # Transaction.__init__ inlined: one is built for every request that arrives.
+        # One is built for every request that arrives: a single __init__, no super() chain.
         self.outbox = outbox
         self.timers = timers
         self.peer = peer
+        self.state = self.initial
         self._request: Request | None = request
         self.key = key
-        self.invite = request.method == "INVITE"
-        self.state = State.PROCEEDING if self.invite else State.TRYING
         self.last_response: bytes | None = None
         self.last_status = 0
         self.response_peer = peer
         self.reply_to: Peer | None = None  # where responses go, when the stack worked it out on arrival
         self.to_tag: str | None = None
-        self._g_interval = timers.t1
 
     @property
     def request(self) -> Request:
@@ -160,102 +184,162 @@ class ServerTransaction(Transaction):
     @property
     def answered(self) -> bool:
         """A final response was sent: the transaction only absorbs retransmissions from now on."""
-        return self.state in (State.COMPLETED, State.CONFIRMED, State.TERMINATED, State.ACCEPTED)
+        return self.state in _ANSWERED
 
-    def send_response(self, response: Response, peer: Peer) -> None:
-        """The TU answers. Provisional responses keep the transaction open; finals move it on."""
-        if self.state in (State.COMPLETED, State.CONFIRMED, State.TERMINATED):
-            return
-        if self.state is State.ACCEPTED:
-            if 200 <= response.status < 300:  # 2xx retransmissions from the TU go through
-                self.outbox.send(response.to_bytes(stream=peer.reliable), peer)
-            return
+    def _send(self, response: Response, peer: Peer) -> bytes:
+        """Send a response from the TU and remember it for retransmitted requests."""
         data = response.to_bytes(stream=peer.reliable)
         self.last_response = data
         self.last_status = response.status
         self.response_peer = peer
         self.outbox.send(data, peer)
-        if response.status < 200:
-            if self.state is State.TRYING:
-                self.state = State.PROCEEDING
-            return
-        if self.invite:
-            if response.status < 300:
-                # RFC 6026: absorb INVITE retransmissions for 64*T1, pass 2xx retransmissions.
+        return data
+
+
+_ANSWERED = frozenset({State.COMPLETED, State.CONFIRMED, State.ACCEPTED, State.TERMINATED})
+
+
+class InviteServer(_Server):
+    """INVITE server transaction: RFC 3261 figure 7 with RFC 6026's Accepted state (figure 5 there).
+
+    ========== ========================= ============================================ ==========
+    state      input                     action                                       next
+    ========== ========================= ============================================ ==========
+    (start)    INVITE                    pass it up (the stack sends 100 Trying)      Proceeding
+    Proceeding 1xx from TU               send it                                      Proceeding
+    Proceeding INVITE                    resend the last provisional                  Proceeding
+    Proceeding 2xx from TU               send it, arm L                               Accepted
+    Proceeding 300-699 from TU           send it, arm G (unreliable) and H            Completed
+    Accepted   2xx from TU               send it                                      Accepted
+    Accepted   INVITE                    absorb (the stack passes the ACK up)         Accepted
+    Accepted   Timer L                                                                Terminated
+    Completed  INVITE                    resend the final                             Completed
+    Completed  Timer G                   resend the final, G doubled up to T2         Completed
+    Completed  ACK                       disarm G and H, arm I                        Confirmed
+    Completed  Timer H                   disarm G                                     Terminated
+    Confirmed  Timer I                                                                Terminated
+    ========== ========================= ============================================ ==========
+    """
+
+    __slots__ = ("_g_interval",)
+
+    invite = True
+    initial = State.PROCEEDING
+
+    def send_response(self, response: Response, peer: Peer) -> None:
+        """The TU answers."""
+        status = response.status
+        state = self.state
+        if state is State.PROCEEDING:
+            self._send(response, peer)
+            if status < 200:
+                return
+            if status < 300:
+                # RFC 6026: absorb INVITE retransmissions for 64·T1, let the TU's 2xx retransmissions through.
                 self.state = State.ACCEPTED
-                self.outbox.arm(self, "L", self.timers.b)
-            else:
-                self.state = State.COMPLETED
-                if not self.reliable:
-                    self.outbox.arm(self, "G", self._g_interval)
-                self.outbox.arm(self, "H", self.timers.b)
-        else:
+                self.outbox.arm(self, Timer.L, self.timers.timeout)
+                return
             self.state = State.COMPLETED
-            # Timer J keeps this transaction for 32 s to absorb retransmissions with the bytes of the last
-            # response: the stack keeps just those bytes and where they went (no object for the cyclic GC
-            # to walk), and this object and its parsed request are freed.
-            self._request = None
-            self.outbox.completed(self, data, peer, 0 if self.reliable else self.timers.b)
+            if not self.reliable:
+                self._g_interval = self.timers.t1
+                self.outbox.arm(self, Timer.G, self._g_interval)
+            self.outbox.arm(self, Timer.H, self.timers.timeout)
+        elif state is State.ACCEPTED and 200 <= status < 300:
+            self.outbox.send(response.to_bytes(stream=peer.reliable), peer)
 
     def on_retransmission(self, request: Request) -> None:
-        """The same request again (or the ACK of a non-2xx final)."""
+        """The INVITE again, or the ACK of a non-2xx final (the stack passes the ACK of a 2xx up)."""
+        state = self.state
         if request.method == "ACK":
-            if self.state is State.COMPLETED:
+            if state is State.COMPLETED:
                 self.state = State.CONFIRMED
-                self.outbox.disarm(self, "G")
-                self.outbox.disarm(self, "H")
-                self.outbox.arm(self, "I", 0 if self.reliable else self.timers.t4)
-            return
-        if self.state in (State.PROCEEDING, State.COMPLETED) and self.last_response is not None:
+                self.outbox.disarm(self, Timer.G)
+                self.outbox.disarm(self, Timer.H)
+                self.outbox.arm(self, Timer.I, 0 if self.reliable else self.timers.t4)
+        elif (state is State.PROCEEDING or state is State.COMPLETED) and self.last_response is not None:
             self.outbox.send(self.last_response, self.response_peer)
 
-    def on_timer(self, name: str, now: float) -> None:
-        if name == "G" and self.state is State.COMPLETED and self.last_response is not None:
-            self.outbox.send(self.last_response, self.response_peer)
-            self._g_interval = min(2 * self._g_interval, self.timers.t2)
-            self.outbox.arm(self, "G", self._g_interval)
-        elif name == "H" and self.state is State.COMPLETED:
-            self.outbox.disarm(self, "G")
-            self._terminate()
-        elif (name == "I" and self.state is State.CONFIRMED) or (
-            name in ("J", "L") and self.state in (State.COMPLETED, State.ACCEPTED)
+    def on_timer(self, timer: Timer) -> None:
+        state = self.state
+        if state is State.COMPLETED:
+            if timer is Timer.G and self.last_response is not None:
+                self.outbox.send(self.last_response, self.response_peer)
+                self._g_interval = min(2 * self._g_interval, self.timers.t2)
+                self.outbox.arm(self, Timer.G, self._g_interval)
+            elif timer is Timer.H:
+                self.outbox.disarm(self, Timer.G)
+                _terminate(self)
+        elif (state is State.CONFIRMED and timer is Timer.I) or (
+            state is State.ACCEPTED and timer is Timer.L
         ):
-            self._terminate()
+            _terminate(self)
 
-    def on_transport_error(self) -> None:
-        self._terminate()
+
+class NonInviteServer(_Server):
+    """Non-INVITE server transaction: RFC 3261 figure 8.
+
+    ========== ========================= ============================================ ==========
+    state      input                     action                                       next
+    ========== ========================= ============================================ ==========
+    (start)    request                   pass it up                                   Trying
+    Trying     request                   absorb (nothing sent yet)                    Trying
+    Trying     1xx from TU               send it                                      Proceeding
+    Trying     200-699 from TU           send it, hand the bytes to the stack         Completed
+    Proceeding 1xx from TU               send it                                      Proceeding
+    Proceeding request                   resend the last provisional                  Proceeding
+    Proceeding 200-699 from TU           send it, hand the bytes to the stack         Completed
+    ========== ========================= ============================================ ==========
+
+    Completed is kept by the stack, not by this object: for Timer J it needs only the response bytes and
+    where they went, so this object and its parsed request are freed at once (see ``Stack.completed``);
+    the stack resends those bytes for each retransmitted request and forgets them when J fires.
+    """
+
+    __slots__ = ()
+
+    invite = False
+    initial = State.TRYING
+
+    def send_response(self, response: Response, peer: Peer) -> None:
+        """The TU answers."""
+        state = self.state
+        if state is not State.TRYING and state is not State.PROCEEDING:
+            return
+        data = self._send(response, peer)
+        if response.status < 200:
+            self.state = State.PROCEEDING
+            return
+        self.state = State.COMPLETED
+        self._request = None
+        self.outbox.completed(self, data, peer, 0 if self.reliable else self.timers.timeout)
+
+    def on_retransmission(self, request: Request) -> None:
+        """The same request again, while this object still holds the transaction."""
+        if self.state is State.PROCEEDING and self.last_response is not None:
+            self.outbox.send(self.last_response, self.response_peer)
 
 
 # ---------------------------------------------------------------------------------------------- client
 
 
-class ClientTransaction(Transaction):
-    """INVITE (§17.1.1) and non-INVITE (§17.1.2) client transactions."""
+class _Client(Transaction):
+    """What both client machines share: the request (and its bytes, for retransmissions) and its key."""
 
-    __slots__ = (
-        "_ack",
-        "_interval",
-        "_request",
-        "branch",
-        "data",
-        "final",
-        "invite",
-        "key",
-        "provisional_seen",
-    )
+    __slots__ = ("_interval", "_request", "branch", "data", "key", "provisional_seen")
+
+    initial: ClassVar[State]
 
     def __init__(self, outbox: Outbox, timers: Timers, request: Request, peer: Peer) -> None:
-        super().__init__(outbox, timers, peer)
+        self.outbox = outbox
+        self.timers = timers
+        self.peer = peer
+        self.state = self.initial
         self._request: Request | None = request
-        self.invite = request.method == "INVITE"
         self.branch = request.top_via.branch or ""
         self.key: ClientKey = (self.branch, request.method)
-        self.state = State.CALLING if self.invite else State.TRYING
         self.data = request.to_bytes(stream=peer.reliable)
         self._interval = timers.t1
-        self.final: Response | None = None
         self.provisional_seen = False
-        self._ack: bytes | None = None
 
     @property
     def request(self) -> Request:
@@ -264,78 +348,181 @@ class ClientTransaction(Transaction):
             raise RuntimeError("the request of a completed non-INVITE client transaction was released")
         return self._request
 
+
+class InviteClient(_Client):
+    """INVITE client transaction: RFC 3261 figure 5.
+
+    ========== ========================= ============================================ ==========
+    state      input                     action                                       next
+    ========== ========================= ============================================ ==========
+    (start)    INVITE from the TU        send it, arm A (unreliable) and B            Calling
+    Calling    Timer A                   resend the INVITE, A doubled                 Calling
+    Calling    1xx                       disarm A, pass it up                         Proceeding
+    Calling    2xx                       disarm A and B, pass it up                   Terminated
+    Calling    300-699                   disarm A and B, send ACK, pass up, arm D     Completed
+    Calling    Timer B                   disarm A, 408 to the TU                      Terminated
+    Calling    transport error           disarm A and B, 503 to the TU                Terminated
+    Proceeding 1xx                       pass it up                                   Proceeding
+    Proceeding 2xx                       disarm B, pass it up                         Terminated
+    Proceeding 300-699                   disarm B, send ACK, pass up, arm D           Completed
+    Proceeding Timer B                   408 to the TU                                Terminated
+    Proceeding transport error           disarm B, 503 to the TU                      Terminated
+    Completed  300-699                   resend the ACK                               Completed
+    Completed  transport error                                                        Terminated
+    Completed  Timer D                                                                Terminated
+    ========== ========================= ============================================ ==========
+
+    Timer B stays armed in Proceeding (figure 5 disarms it there): a proxied INVITE that rings longer
+    than 64·T1 gets 408, where a proxy's Timer C (§16.8) would allow three minutes.
+    """
+
+    __slots__ = ("_ack",)
+
+    initial = State.CALLING
+
     def start(self) -> None:
+        """Send the request and arm the first timers."""
         self.outbox.send(self.data, self.peer)
         if not self.reliable:
-            self.outbox.arm(self, "A" if self.invite else "E", self._interval)
-        self.outbox.arm(self, "B" if self.invite else "F", self.timers.b)
+            self.outbox.arm(self, Timer.A, self._interval)
+        self.outbox.arm(self, Timer.B, self.timers.timeout)
 
     def on_response(self, response: Response) -> None:
+        """A response matched this transaction (§17.1.3)."""
         status = response.status
-        if self.state is State.COMPLETED:
-            if self.invite and status >= 300 and self._ack is not None:
-                self.outbox.send(self._ack, self.peer)  # retransmitted final: resend our ACK
-            return
-        if self.state is State.TERMINATED:
-            return
-        if status < 200:
-            self.provisional_seen = True
-            if self.state in (State.CALLING, State.TRYING):
+        state = self.state
+        if state is State.CALLING or state is State.PROCEEDING:
+            if state is State.CALLING:
+                self.outbox.disarm(self, Timer.A)  # A runs only while Calling
+            if status < 200:
+                self.provisional_seen = True
                 self.state = State.PROCEEDING
-                if self.invite:
-                    self.outbox.disarm(self, "A")
-            self.outbox.response_in(self, response)
-            return
-        self.final = response
-        self.outbox.disarm(self, "A" if self.invite else "E")
-        self.outbox.disarm(self, "B" if self.invite else "F")
-        if self.invite and status < 300:
-            self.outbox.response_in(self, response)
-            self._terminate()
-            return
-        if self.invite:
-            self._ack = build_ack(self.request, response).to_bytes(stream=self.reliable)
+                self.outbox.response_in(self, response)
+                return
+            self.outbox.disarm(self, Timer.B)
+            if status < 300:
+                self.outbox.response_in(self, response)
+                _terminate(self)
+                return
+            self._ack: bytes = build_ack(self.request, response).to_bytes(stream=self.reliable)
             self.outbox.send(self._ack, self.peer)
             self.state = State.COMPLETED
             self.outbox.response_in(self, response)
-            self.outbox.arm(self, "D", 0 if self.reliable else 32.0)
-        else:
-            self.state = State.COMPLETED
-            self.outbox.response_in(self, response)
-            self._request, self.final = None, None  # only response retransmissions to absorb now
-            self.outbox.arm(self, "K", 0 if self.reliable else self.timers.t4)
+            self.outbox.arm(self, Timer.D, 0 if self.reliable else TIMER_D)
+        elif state is State.COMPLETED and status >= 300:
+            self.outbox.send(self._ack, self.peer)  # a retransmitted final: resend our ACK
 
-    def on_timer(self, name: str, now: float) -> None:
-        if name in ("A", "E") and self.state in (State.CALLING, State.TRYING, State.PROCEEDING):
-            if name == "A" and self.state is not State.CALLING:
-                return
+    def on_timer(self, timer: Timer) -> None:
+        state = self.state
+        if timer is Timer.A and state is State.CALLING:
             self.outbox.send(self.data, self.peer)
-            if name == "A":
-                self._interval *= 2
-            else:
-                # In Proceeding, E fires every T2 (§17.1.2.2).
-                base = (
-                    self.timers.t2
-                    if self.state is State.PROCEEDING
-                    else min(2 * self._interval, self.timers.t2)
-                )
-                self._interval = base
-            self.outbox.arm(self, name, self._interval)
-        elif name in ("B", "F") and self.state in (State.CALLING, State.TRYING, State.PROCEEDING):
-            self.outbox.disarm(self, "A" if self.invite else "E")
-            self.state = State.TERMINATED
-            self.outbox.timed_out(self)
-            self.outbox.terminated(self)
-        elif name in ("D", "K") and self.state is State.COMPLETED:
-            self._terminate()
+            self._interval *= 2
+            self.outbox.arm(self, Timer.A, self._interval)
+        elif timer is Timer.B and state is State.CALLING:
+            _fail(self, TIMEOUT, Timer.A)
+        elif timer is Timer.B and state is State.PROCEEDING:
+            _fail(self, TIMEOUT)
+        elif timer is Timer.D and state is State.COMPLETED:
+            _terminate(self)
 
     def on_transport_error(self) -> None:
-        if self.state in (State.CALLING, State.TRYING, State.PROCEEDING):
-            self.outbox.disarm(self, "A" if self.invite else "E")
-            self.outbox.disarm(self, "B" if self.invite else "F")
-            self.state = State.TERMINATED
-            self.outbox.timed_out(self)
-            self.outbox.terminated(self)
+        """The request could not be delivered, or its connection was lost before a final response."""
+        state = self.state
+        if state is State.CALLING:
+            _fail(self, TRANSPORT_ERROR, Timer.A, Timer.B)
+        elif state is State.PROCEEDING:
+            _fail(self, TRANSPORT_ERROR, Timer.B)
+        elif state is State.COMPLETED:
+            _terminate(self)
+
+
+class NonInviteClient(_Client):
+    """Non-INVITE client transaction: RFC 3261 figure 6.
+
+    ========== ========================= ============================================ ==========
+    state      input                     action                                       next
+    ========== ========================= ============================================ ==========
+    (start)    request from the TU       send it, arm E (unreliable) and F            Trying
+    Trying     Timer E                   resend, E doubled up to T2                   Trying
+    Trying     1xx                       pass it up                                   Proceeding
+    Trying     200-699                   disarm E and F, pass it up, arm K            Completed
+    Trying     Timer F                   disarm E, 408 to the TU                      Terminated
+    Trying     transport error           disarm E and F, 503 to the TU                Terminated
+    Proceeding Timer E                   resend, E set to T2                          Proceeding
+    Proceeding 1xx                       pass it up                                   Proceeding
+    Proceeding 200-699                   disarm E and F, pass it up, arm K            Completed
+    Proceeding Timer F                   disarm E, 408 to the TU                      Terminated
+    Proceeding transport error           disarm E and F, 503 to the TU                Terminated
+    Completed  200-699                   absorb                                       Completed
+    Completed  Timer K                                                                Terminated
+    ========== ========================= ============================================ ==========
+
+    In Completed only response retransmissions are left to absorb: the request is released.
+    """
+
+    __slots__ = ()
+
+    initial = State.TRYING
+
+    def start(self) -> None:
+        """Send the request and arm the first timers."""
+        self.outbox.send(self.data, self.peer)
+        if not self.reliable:
+            self.outbox.arm(self, Timer.E, self._interval)
+        self.outbox.arm(self, Timer.F, self.timers.timeout)
+
+    def on_response(self, response: Response) -> None:
+        """A response matched this transaction (§17.1.3)."""
+        state = self.state
+        if state is not State.TRYING and state is not State.PROCEEDING:
+            return
+        if response.status < 200:
+            self.provisional_seen = True
+            self.state = State.PROCEEDING
+            self.outbox.response_in(self, response)
+            return
+        self.outbox.disarm(self, Timer.E)
+        self.outbox.disarm(self, Timer.F)
+        self.state = State.COMPLETED
+        self.outbox.response_in(self, response)
+        self._request = None
+        self.outbox.arm(self, Timer.K, 0 if self.reliable else self.timers.t4)
+
+    def on_timer(self, timer: Timer) -> None:
+        state = self.state
+        if timer is Timer.E and (state is State.TRYING or state is State.PROCEEDING):
+            self.outbox.send(self.data, self.peer)
+            t2 = self.timers.t2
+            self._interval = t2 if state is State.PROCEEDING else min(2 * self._interval, t2)
+            self.outbox.arm(self, Timer.E, self._interval)
+        elif timer is Timer.F and (state is State.TRYING or state is State.PROCEEDING):
+            _fail(self, TIMEOUT, Timer.E)
+        elif timer is Timer.K and state is State.COMPLETED:
+            _terminate(self)
+
+    def on_transport_error(self) -> None:
+        """The request could not be delivered, or its connection was lost before a final response."""
+        if self.state is State.TRYING or self.state is State.PROCEEDING:
+            _fail(self, TRANSPORT_ERROR, Timer.E, Timer.F)
+
+
+ServerTransaction = InviteServer | NonInviteServer
+ClientTransaction = InviteClient | NonInviteClient
+
+
+def _terminate(txn: ServerTransaction | ClientTransaction) -> None:
+    if txn.state is not State.TERMINATED:
+        txn.state = State.TERMINATED
+        txn.outbox.terminated(txn)
+
+
+def _fail(txn: ClientTransaction, status: int, *armed: Timer) -> None:
+    """No final response will come: disarm the ``armed`` timers, report ``status`` to the TU and end."""
+    for timer in armed:
+        txn.outbox.disarm(txn, timer)
+    txn.state = State.TERMINATED
+    txn.outbox.failed(txn, status)
+    txn.outbox.terminated(txn)
 
 
 def build_ack(invite: Request, response: Response) -> Request:
@@ -353,8 +540,3 @@ def build_ack(invite: Request, response: Response) -> Request:
     items.append(Header("CSeq", f"{invite.cseq.seq} ACK"))
     items.append(Header("Content-Length", "0"))
     return Request("ACK", invite.uri, Headers(items))
-
-
-def timeout_response(request: Request) -> Response:
-    """The 408 a client transaction's timeout stands for (RFC 3261 §16.7 step 2 / §8.1.3.1)."""
-    return make_response(request, 408)
