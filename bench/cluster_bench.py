@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import random
@@ -37,10 +36,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from registrar.config import Settings
-from registrar.records import RECORD_VERSION, AorRecord, Binding, MainMeta
+from registrar.records import AorRecord, Binding, MainMeta
 from registrar.sip.transport import Peer
-from registrar.store.etcd import EtcdStore, _encode_binding
+from registrar.store.etcd import EtcdStore
 from registrar.store.etcd_client import EtcdClient, op_put
+from registrar.store.etcd_layout import EtcdKeys, encode_binding, encode_head, encode_index
 from tests.etcdkit import running_etcd
 from tests.integration import sipkit
 
@@ -153,7 +153,7 @@ async def _populate(endpoint: str, bindings: int) -> float:
     hold = now + 7200
     async with EtcdClient([endpoint], timeout=30.0) as c:
         lease = await c.grant(7200)
-        prefix = PREFIX.encode()
+        keys = EtcdKeys(PREFIX.encode())
         t0 = time.perf_counter()
         starts = iter(range(0, bindings, 40))
 
@@ -164,16 +164,10 @@ async def _populate(endpoint: str, bindings: int) -> float:
                     record = _record(i, now, 3600)
                     (binding,) = record.bindings.values()
                     binding = Binding(**{**binding.to_dict(), "source": binding.source, "owner": "gone-pod"})
-                    head = prefix + b"aor/" + record.aor.encode()
-                    value = {
-                        "v": RECORD_VERSION,
-                        "aor": record.aor,
-                        "meta": record.meta.to_dict() if record.meta else None,
-                        "ctids": [str(binding.ctid)],
-                    }
-                    ops.append(op_put(head, json.dumps(value).encode(), lease))
-                    ops.append(op_put(head + b"/ct/%d" % binding.ctid, _encode_binding(binding, hold), lease))
-                    ops.append(op_put(prefix + b"ctid/%d" % binding.ctid, record.aor.encode(), lease))
+                    aor, ctid = record.aor, binding.ctid
+                    ops.append(op_put(keys.head(aor), encode_head(aor, record.meta, [ctid]), lease))
+                    ops.append(op_put(keys.binding(aor, ctid), encode_binding(binding, hold), lease))
+                    ops.append(op_put(keys.index(ctid), encode_index(aor), lease))
                 await c.txn([], ops)
 
         await asyncio.gather(*(worker() for _ in range(16)))

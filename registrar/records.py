@@ -1,8 +1,14 @@
-"""The mid-registrar's state: an AoR record and its contact bindings (DESIGN.md §5, SPEC.md §2).
+"""The mid-registrar's state: an AoR record and its contact bindings (behaviour §2; docs/architecture.md
+"Shared state in etcd").
 
-Plain dataclasses with a JSON form (``to_dict``/``from_dict``, versioned with ``v``) so that every store
-backend keeps the same records, and a positional form (``to_tuple``/``from_tuple``) for a store that holds
-them in its own process.
+The model both the core (which decides) and the stores (which keep) import; it imports neither. Plain
+dataclasses with two public encodings:
+
+- a JSON form (``to_dict``/``from_dict``, versioned with ``RECORD_VERSION``): what is written where other
+  processes read it (etcd), so its field names are a wire format;
+- a positional form (``to_tuple``/``from_tuple``): plain values only, for ``marshal``, kept inside one
+  process (the memory store, the etcd store's cache). Its layout follows the dataclasses and is never
+  written anywhere; only this module knows the positions.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ class Binding:
     methods: list[str] | None = None
     user_agent: str | None = None
     updated_at: float = 0.0
-    # What the main registrar holds for this contact (mode contact; SPEC §2.2 exp, expO, LRTs, Con, CID).
+    # What the main registrar holds for this contact (mode contact; behaviour §2.2 exp, expO, LRTs, Con, CID).
     local_expires: int = 0  # exp: lifetime granted to the UA at the last relayed registration
     main_expires: int | None = None  # expO: lifetime the main registrar granted
     relayed_at: float | None = None  # LRTs: time of the last 2xx from the main registrar
@@ -60,10 +66,22 @@ class Binding:
         data["source"] = Peer(**data["source"])
         return cls(**data)
 
+    def to_tuple(self) -> tuple[Any, ...]:
+        """The field values in declaration order, ``source`` as a tuple of its own (in-process only)."""
+        values = list(_binding_fields(self))
+        values[_SOURCE] = _peer_values(self.source)
+        return tuple(values)
+
+    @classmethod
+    def from_tuple(cls, values: tuple[Any, ...]) -> Binding:
+        args = list(values)
+        args[_SOURCE] = Peer(*args[_SOURCE])
+        return cls(*args)
+
 
 @dataclass(slots=True)
 class MainMeta:
-    """How to reach the main registrar for this AoR, and (mode aor) what it holds (SPEC §2.3)."""
+    """How to reach the main registrar for this AoR, and (mode aor) what it holds (behaviour §2.3)."""
 
     from_uri: str
     to_uri: str
@@ -128,11 +146,11 @@ class AorRecord:
         tuple of its own: plain values only, for ``marshal``. In-process only: the layout follows the
         dataclasses, so it is never written anywhere (that is what ``to_dict`` is for)."""
         meta = None if self.meta is None else _meta_values(self.meta)
-        return (self.version, meta, *map(_binding_values, self.bindings.values()))
+        return (self.version, meta, *(b.to_tuple() for b in self.bindings.values()))
 
     @classmethod
     def from_tuple(cls, aor: str, values: tuple[Any, ...]) -> AorRecord:
-        found = {b.ctid: b for b in map(_binding_from_values, values[2:])}
+        found = {b.ctid: b for b in map(Binding.from_tuple, values[2:])}
         meta = values[1]
         return cls(aor, found, values[0], None if meta is None else MainMeta(*meta))
 
@@ -149,15 +167,3 @@ _BINDING_FIELDS = [f.name for f in fields(Binding)]
 _SOURCE = _BINDING_FIELDS.index("source")
 _CTID = _BINDING_FIELDS.index("ctid")
 _binding_fields = attrgetter(*_BINDING_FIELDS)
-
-
-def _binding_values(b: Binding) -> tuple[Any, ...]:
-    values = list(_binding_fields(b))
-    values[_SOURCE] = _peer_values(b.source)
-    return tuple(values)
-
-
-def _binding_from_values(values: tuple[Any, ...]) -> Binding:
-    args = list(values)
-    args[_SOURCE] = Peer(*args[_SOURCE])
-    return Binding(*args)

@@ -1,7 +1,7 @@
 """The registrar's etcd, seen by the operator through etcd's v3 HTTP/JSON gateway.
 
-Two jobs: delete a MidRegistrar's key prefix (finalizer) and count its AoRs and contacts (status).
-Keys follow DESIGN §5: ``<prefix>aor/<aor>`` for an AoR, ``<prefix>aor/<aor>/ct/<ctid>`` for a binding.
+Two jobs: delete a MidRegistrar's key prefix (finalizer) and count its AoRs and contacts (status). The keys
+are the registrar's own (registrar/store/etcd_layout.py, which imports no gRPC): this module only reads them.
 """
 
 from __future__ import annotations
@@ -14,22 +14,13 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
+from registrar.store.etcd_layout import EtcdKeys, KeyKind, prefix_range_end
+
 COUNT_LIMIT = 200_000
 
 
 class EtcdUnavailable(Exception):
     """No endpoint answered (or every one refused the request)."""
-
-
-def prefix_range_end(prefix: bytes) -> bytes:
-    """etcd's range end for 'every key starting with prefix' (increment the last byte < 0xff)."""
-    end = bytearray(prefix)
-    while end:
-        if end[-1] < 0xFF:
-            end[-1] += 1
-            return bytes(end)
-        end.pop()
-    return b"\0"  # the whole keyspace
 
 
 def _b64(data: bytes) -> str:
@@ -50,16 +41,9 @@ class Counts:
 
 def count_keys(keys: list[bytes], prefix: bytes) -> Counts:
     """Classify keys under prefix: AoR records and their contact bindings (other records ignored)."""
-    aor_root = prefix + b"aor/"
-    aors = contacts = 0
-    for key in keys:
-        if not key.startswith(aor_root):
-            continue
-        if b"/ct/" in key[len(aor_root) :]:
-            contacts += 1
-        else:
-            aors += 1
-    return Counts(aors=aors, contacts=contacts)
+    layout = EtcdKeys(prefix)
+    kinds = [parsed.kind for parsed in map(layout.parse, keys) if parsed is not None]
+    return Counts(aors=kinds.count(KeyKind.HEAD), contacts=kinds.count(KeyKind.BINDING))
 
 
 @dataclass
@@ -123,7 +107,7 @@ class EtcdGateway:
 
     def counts(self, prefix: str) -> Counts | None:
         """AoR and contact counts, or None when there are more keys than COUNT_LIMIT (then unknown)."""
-        key = prefix.encode() + b"aor/"
+        key = EtcdKeys(prefix.encode()).aors
         data = self.call(
             "/v3/kv/range",
             {

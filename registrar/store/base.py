@@ -1,4 +1,4 @@
-"""The store interface every backend implements (DESIGN.md §5).
+"""The store interface every backend implements (docs/architecture.md "Store seam").
 
 The core is synchronous and never awaits: it reads and writes through this interface, and a backend that
 needs the network (etcd) answers from its own memory when it can and otherwise tells the core to wait:
@@ -87,9 +87,6 @@ class Store(Protocol):
 
     def member_address(self, member: str) -> str | None:
         """The internal SIP address (``transport:host:port``) of a live member, None when it is gone."""
-
-    def purge_expired(self, now: float) -> int:
-        """Drop bindings (and empty AoRs) whose expiry has passed; returns how many bindings went."""
 
     def counts(self) -> tuple[int, int]:
         """(AoRs, bindings) held."""

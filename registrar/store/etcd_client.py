@@ -1,4 +1,5 @@
-"""A small asyncio etcd v3 layer for the etcd store (DESIGN.md §5; docs/architecture.md "etcd client choice").
+"""A small asyncio etcd v3 layer for the etcd store (docs/architecture.md "Shared state in etcd", "etcd client
+choice").
 
 Built on etcd3aio (the only gRPC etcd client this process imports: two of them clash on proto symbols). It
 adds what the registrar needs and the library leaves to its caller:
@@ -36,7 +37,6 @@ from etcd3aio import (
     EtcdPermissionDeniedError,
     EtcdTransientError,
     EtcdUnauthenticatedError,
-    prefix_range_end,
 )
 from etcd3aio import EtcdError as _LibError
 from etcd3aio._protobuf import (
@@ -55,6 +55,8 @@ from etcd3aio.auth import AuthService
 from etcd3aio.kv import KVService
 from etcd3aio.lease import LeaseService
 from etcd3aio.maintenance import MaintenanceService
+
+from registrar.store.etcd_layout import prefix_range_end
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +82,6 @@ __all__ = [
     "op_delete",
     "op_get",
     "op_put",
-    "prefix_range_end",
     "value_is",
 ]
 
@@ -950,13 +951,17 @@ class LeasePool:
         """Leases this pool holds (not yet ended, not revoked)."""
         return len(self._by_id)
 
+    def lease_ids(self) -> list[int]:
+        """The leases this pool holds."""
+        return list(self._by_id)
+
     async def close(self, revoke: bool = False) -> None:
         """Stop background grants; with ``revoke``, revoke every lease (deletes their keys: tests only)."""
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if revoke:
-            for lease_id in list(self._by_id):
+            for lease_id in self.lease_ids():
                 with contextlib.suppress(EtcdError):
                     await self.client.revoke(lease_id)
         self._buckets.clear()

@@ -1,4 +1,4 @@
-"""The embedded in-memory store: one process, no dependencies (DESIGN.md §1).
+"""The embedded in-memory store: one process, no dependencies (docs/architecture.md).
 
 Records are held marshalled, one bytes object per AoR (~400 bytes with one contact) instead of the ~15
 objects of a live record (~2 KB with object headers, GC links and allocator rounding): issue 3 asks for
@@ -86,18 +86,6 @@ class MemoryStore:
             ctid = self._rng.getrandbits(63)
             if ctid and ctid not in self._ctids:
                 return ctid
-
-    def purge_expired(self, now: float) -> int:
-        gone = 0
-        for aor in list(self._aors):
-            record = self.load(aor)
-            assert record is not None
-            expired = [c for c, b in record.bindings.items() if not b.valid(now)]
-            if expired:
-                gone += len(expired)
-                kept = AorRecord(aor, {c: b for c, b in record.bindings.items() if b.valid(now)})
-                self.commit(kept)
-        return gone
 
     def counts(self) -> tuple[int, int]:
         return len(self._aors), self._bindings

@@ -1,4 +1,5 @@
-"""registrar/store/etcd_client.py against a real etcd (tests/etcdkit.py): the guarantees DESIGN.md §5 builds on.
+"""registrar/store/etcd_client.py against a real etcd (tests/support/etcd.py): the guarantees the etcd store
+builds on (docs/architecture.md "Shared state in etcd").
 
 CAS and create-only races, bucketed leases for 100,000 keys, DELETE-on-expiry with prev_kv, a watch that
 resumes across an etcd restart and a network cut, Compacted → re-list, EtcdUnavailable and recovery, auth and
@@ -34,7 +35,7 @@ from registrar.store.etcd_client import (
     op_get,
     op_put,
 )
-from tests.etcdkit import EtcdServer, etcd_server, make_test_pki
+from tests.support.etcd import EtcdServer, etcd_server, etcd_tls
 
 pytestmark = pytest.mark.integration
 __all__ = ["etcd_server"]  # the fixture, collected from this module
@@ -427,7 +428,7 @@ def test_user_password(tmp_path: Path) -> None:
 
 def test_mutual_tls(tmp_path: Path) -> None:
     try:
-        pki = make_test_pki(tmp_path / "pki")
+        pki = etcd_tls(tmp_path / "pki")
     except (OSError, subprocess.CalledProcessError) as exc:
         pytest.skip(f"openssl cannot make test certificates: {exc}")
     server = EtcdServer(tmp_path / "tls", tls=pki).start()

@@ -1,4 +1,4 @@
-"""registrar/store/etcd.py against a real etcd (tests/etcdkit.py): several EtcdStore instances (different member
+"""registrar/store/etcd.py against a real etcd (tests/support/etcd.py): several EtcdStore instances (different member
 ids) in one event loop, as several registrar processes would be, with a listener that records every callback.
 
 Fetch → Pending → store_ready; one compare-and-swap per decision (two stores from one version: exactly one
@@ -28,7 +28,7 @@ from registrar.sip.transport import Peer
 from registrar.store.base import Pending, StoreUnavailable, aor_key, ctid_key
 from registrar.store.etcd import EtcdStore
 from registrar.store.etcd_client import EtcdClient
-from tests.etcdkit import EtcdServer, etcd_server
+from tests.support.etcd import EtcdServer, etcd_server
 
 pytestmark = pytest.mark.integration
 __all__ = ["etcd_server"]  # the fixture, collected from this module
@@ -248,7 +248,7 @@ def test_cas_conflict_exactly_one_wins(etcd_server: EtcdServer) -> None:
             head = await raw(etcd_server, f"{prefix}aor/{aor}")
             assert head is not None and len(head["ctids"]) == 3  # no contact lost
             winner, rw = (b, rb) if loser is a else (a, ra)
-            await rw.wait(lambda: aor not in winner._cache, what="the winner's copy dropped by the watch")
+            await rw.wait(lambda: aor not in winner.cache, what="the winner's copy dropped by the watch")
             final = await load(winner, rw, aor)
             assert final is not None and len(final.bindings) == 3
         finally:
@@ -298,7 +298,7 @@ def test_owner_refreshes_cost_no_call_until_lapse_near(etcd_server: EtcdServer) 
             stored = await raw(etcd_server, f"{prefix}aor/{aor}/ct/1")
             assert stored is not None and stored["hold"] == pytest.approx(hold + a.hold, abs=0.01)
             # the peer's cached copy was invalidated by the watch and reads the newly written expiry
-            await rb.wait(lambda: aor not in b._cache, what="b invalidated")
+            await rb.wait(lambda: aor not in b.cache, what="b invalidated")
             peer_after = await load(b, rb, aor)
             assert peer_after is not None and peer_after.bindings[1].expires_at == pytest.approx(hold)
             # a change peers need (the contact) always writes
@@ -338,7 +338,7 @@ def test_refresh_on_another_store_takes_ownership(etcd_server: EtcdServer) -> No
             assert mine is not None and b.owns(mine.bindings[5]) and mine.bindings[5].source.conn == 11
             assert mine.bindings[5].expires_at == pytest.approx(now + 120)
             # a's copy is dropped by the watch; read again it shows b's binding, and a no longer holds it
-            await ra.wait(lambda: aor not in a._cache, what="a invalidated")
+            await ra.wait(lambda: aor not in a.cache, what="a invalidated")
             seen = await load(a, ra, aor)
             assert seen is not None
             moved = seen.bindings[5]
@@ -469,7 +469,7 @@ def test_watch_invalidates_after_another_stores_write(etcd_server: EtcdServer) -
             new.bindings[2] = binding(2, now + 60)
             assert await write(b, rb, new, old) is True
             t0 = time.monotonic()
-            await ra.wait(lambda: aor not in a._cache, what="a's copy dropped")
+            await ra.wait(lambda: aor not in a.cache, what="a's copy dropped")
             print(f"\ninvalidation seen after {1000 * (time.monotonic() - t0):.1f} ms")
             seen = await load(a, ra, aor)
             assert seen is not None and set(seen.bindings) == {1, 2}
@@ -612,7 +612,7 @@ def test_figures_calls_per_refresh_memory_fetch_latency(etcd_server: EtcdServer)
             # memory: what the owner holds (overlay + its cached AoRs) per binding, freed when dropped; all of it
             # allocated while traced: AoRs fetched again, one more round of absorbed refreshes
             tracemalloc.start()
-            a._cache.clear()
+            a.cache.clear()
             aors = [f"user{i}@example.com" for i in range(n)]
             for i, aor in enumerate(aors):
                 old = await load(a, ra, aor)
@@ -622,9 +622,10 @@ def test_figures_calls_per_refresh_memory_fetch_latency(etcd_server: EtcdServer)
                 assert a.commit(new, old) is None
             gc.collect()
             before = tracemalloc.take_snapshot()
-            cache, overlay, ctids = a._cache, a._overlay, a._ctids
-            a._cache, a._overlay, a._ctids = {}, {}, {}
-            del cache, overlay, ctids, aors[:]
+            a.cache.clear()
+            a.cache.ctids.clear()
+            a.overlay.clear()
+            del aors[:]
             gc.collect()
             after = tracemalloc.take_snapshot()
             tracemalloc.stop()
@@ -671,7 +672,7 @@ def test_started_while_etcd_down_then_recovers(etcd_server: EtcdServer) -> None:
             assert await load(a, ra, aor) is None
             now = time.time()
             assert await write(b, rb, AorRecord(aor, {1: binding(1, now + 60)}, meta=META), None)
-            await ra.wait(lambda: aor not in a._cache, what="a's watch works")  # started late, sees changes
+            await ra.wait(lambda: aor not in a.cache, what="a's watch works")  # started late, sees changes
             seen = await load(a, ra, aor)
             assert seen is not None and 1 in seen.bindings
         finally:
@@ -691,7 +692,7 @@ def test_lease_gone_under_the_pool_is_granted_again(etcd_server: EtcdServer) -> 
             assert await write(
                 a, ra, AorRecord("one@example.com", {1: binding(1, now + 60)}, meta=META), None
             )
-            leases = list(a.pool._by_id)
+            leases = a.pool.lease_ids()
             assert leases
             async with EtcdClient([etcd_server.endpoint]) as c:
                 for lease in leases:
@@ -752,11 +753,7 @@ def test_watch_on_compacted_history_drops_the_cache_keeps_the_overlay(etcd_serve
             assert await load(a, ra, aor) is not None
             await asyncio.sleep(0.2)
             # a's watch falls behind (stopped here), history moves on and is compacted, then it resumes
-            resume_at = a._watch_rev + 1
-            assert a._watch_task is not None
-            a._watch_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await a._watch_task
+            resume_at = await a.stop_watch()
             old = await load(b, rb, aor)
             assert old is not None
             new = old.copy()
@@ -764,9 +761,9 @@ def test_watch_on_compacted_history_drops_the_cache_keeps_the_overlay(etcd_serve
             assert await write(b, rb, new, old) is True
             async with EtcdClient([etcd_server.endpoint]) as c:
                 await c.compact(await c.revision())
-            assert aor in a._cache  # stale: nothing told a yet
-            a._watch_task = asyncio.get_running_loop().create_task(a._watch_loop(resume_at))
-            await ra.wait(lambda: aor not in a._cache, what="cache dropped on Compacted")
+            assert aor in a.cache  # stale: nothing told a yet
+            a.start_watch(resume_at)
+            await ra.wait(lambda: aor not in a.cache, what="cache dropped on Compacted")
             seen = await load(a, ra, aor)
             assert seen is not None and set(seen.bindings) == {1, 2}
             assert seen.bindings[1].source.conn == 4  # the overlay survived
@@ -774,7 +771,7 @@ def test_watch_on_compacted_history_drops_the_cache_keeps_the_overlay(etcd_serve
             again = seen.copy()
             del again.bindings[2]
             assert await write(a, ra, again, seen) is True
-            await rb.wait(lambda: aor not in b._cache, what="b sees a's write")
+            await rb.wait(lambda: aor not in b.cache, what="b sees a's write")
             c_new = await load(b, rb, aor)
             assert c_new is not None and set(c_new.bindings) == {1}
             other = await load(b, rb, aor)
@@ -782,7 +779,7 @@ def test_watch_on_compacted_history_drops_the_cache_keeps_the_overlay(etcd_serve
             more = other.copy()
             more.bindings[3] = binding(3, now + 60)
             assert await write(b, rb, more, other) is True
-            await ra.wait(lambda: aor not in a._cache, what="a's resumed watch sees b's write")
+            await ra.wait(lambda: aor not in a.cache, what="a's resumed watch sees b's write")
         finally:
             await stop_all(a, b)
 

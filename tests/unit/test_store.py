@@ -66,8 +66,6 @@ def test_store_keeps_the_contact_id_index_in_step() -> None:
     assert store.find_ctid(1) is None and store.find_ctid(3) is not None and store.counts() == (1, 2)
     store.delete("a@x")
     assert store.find_ctid(2) is None and store.load("a@x") is None and store.counts() == (0, 0)
-    store.commit(AorRecord("b@x", {4: _binding(4)}))
-    assert store.purge_expired(150.0) == 1 and store.counts() == (0, 0)
 
 
 def test_expiry_wheel_fires_at_the_exact_time() -> None:

@@ -1,0 +1,108 @@
+"""What one registrar process last read from etcd: fetched AoRs and the contact-id index.
+
+The core is synchronous and the etcd store answers it from here; the watch drops what changed elsewhere.
+An AoR is held packed (one ``marshal`` blob of plain values) as etcd held it at one revision, and decoded
+per load: for its owner a binding reads as the owner's overlay holds it, for a peer with the expiry the
+owner vouches for (:func:`~registrar.store.overlay.foreign_expiry`) and without the owner's connection.
+"""
+
+from __future__ import annotations
+
+import itertools
+import marshal
+from dataclasses import replace
+from typing import Any
+
+from registrar.records import AorRecord, Binding, MainMeta
+from registrar.store.overlay import Held, Overlay, foreign_expiry
+
+CACHE_LIMIT = 200_000  # fetched AoRs (and contact ids) kept; the oldest go first
+
+# One binding as cached: (ctid, owner, hold, mod_revision, Binding.to_tuple()).
+Item = tuple[int, str | None, float, int, tuple[Any, ...]]
+
+
+def cached_item(binding: Binding, hold: float, mod_revision: int) -> Item:
+    return (binding.ctid, binding.owner, hold, mod_revision, binding.to_tuple())
+
+
+class CachedAor:
+    """A fetched AoR: ``rev`` is the revision it is known at (events up to it are in), ``version`` the head's
+    mod_revision (0: no head), ``data`` its bindings (:data:`Item`), packed."""
+
+    __slots__ = ("data", "meta", "rev", "version")
+
+    def __init__(self, rev: int, version: int, meta: MainMeta | None, items: tuple[Item, ...]) -> None:
+        self.rev = rev
+        self.version = version
+        self.meta = meta
+        self.data = marshal.dumps(items)
+
+    @classmethod
+    def absent(cls) -> CachedAor:
+        """An AoR never written: a create compares its head absent."""
+        return cls(0, 0, None, ())
+
+    def items(self) -> dict[int, Item]:
+        return {item[0]: item for item in marshal.loads(self.data)}
+
+    def held(self) -> dict[int, Held]:
+        return {i[0]: Held(i[1], i[2], i[3]) for i in marshal.loads(self.data)}
+
+    def record(self, aor: str, member: str, overlay: Overlay, now: float) -> AorRecord | None:
+        """The AoR as ``member`` sees it at ``now``; None when etcd holds nothing of it."""
+        items: tuple[Item, ...] = marshal.loads(self.data)
+        if not self.version and not items:
+            return None
+        bindings: dict[int, Binding] = {}
+        for ctid, owner, hold, _rev, values in items:
+            own = overlay.get(ctid) if owner == member else None
+            if own is not None:
+                bindings[ctid] = own
+                continue
+            binding = Binding.from_tuple(values)  # a fresh object: set before anyone shares it
+            binding.expires_at = foreign_expiry(binding.expires_at, binding.local_expires, hold, now)
+            if binding.source.conn is not None:
+                binding.source = replace(binding.source, conn=None)  # a connection of the owner process
+            bindings[ctid] = binding
+        return AorRecord(aor, bindings, self.version, self.meta)
+
+
+class AorCache:
+    """Fetched AoRs by name (bounded, oldest first out) and the contact-id index ``ctids`` (ctid → AoR, ""
+    while etcd has no such contact id)."""
+
+    __slots__ = ("_aors", "ctids")
+
+    def __init__(self) -> None:
+        self._aors: dict[str, CachedAor] = {}
+        self.ctids: dict[int, str] = {}
+
+    def get(self, aor: str) -> CachedAor | None:
+        return self._aors.get(aor)
+
+    def put(self, aor: str, entry: CachedAor) -> None:
+        aors = self._aors
+        aors.pop(aor, None)
+        if len(aors) >= CACHE_LIMIT:
+            for old in list(itertools.islice(aors, len(aors) // 10 + 1)):
+                del aors[old]
+        aors[aor] = entry
+
+    def drop(self, aor: str) -> CachedAor | None:
+        return self._aors.pop(aor, None)
+
+    def clear(self) -> None:
+        """Forget every fetched AoR (the contact-id index stays: it only names AoRs)."""
+        self._aors.clear()
+
+    def index(self, ctid: int, aor: str) -> None:
+        if len(self.ctids) >= CACHE_LIMIT:
+            self.ctids.clear()
+        self.ctids[ctid] = aor
+
+    def __contains__(self, aor: str) -> bool:
+        return aor in self._aors
+
+    def __len__(self) -> int:
+        return len(self._aors)
