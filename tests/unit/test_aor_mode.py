@@ -1,8 +1,8 @@
 """Mode aor (AoR throttling), behaviour §6 and §9.2, test cases of behaviour §15 D, on the virtual clock.
 
 Where the behaviour reference gives [OBS] and [REC], these tests pin [REC]: a new device is relayed (never
-absorbed unauthenticated, §11), changes are staged and committed only on the main registrar's 2xx (T53), the UA never
-sees the main registrar's Expires header (T52) and expO is refreshed on every 2xx.
+absorbed unauthenticated, §11), changes are staged and committed only on the main registrar's 2xx (T53),
+the UA never sees the main registrar's Expires header (T52) and expO is refreshed on every 2xx.
 """
 
 from __future__ import annotations
