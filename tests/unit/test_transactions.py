@@ -225,3 +225,68 @@ def test_a_completed_non_invite_client_transaction_releases_its_request() -> Non
         txn.request  # noqa: B018
     rig.feed(response_to(sent, 200), MAIN)  # a retransmitted final is still absorbed
     assert rig.take_events() == []
+
+
+def test_invite_client_timer_a_doubles_until_timer_b() -> None:
+    rig = make_rig()
+    rig.feed(request_bytes("INVITE"), MAIN)
+    [event] = rig.take_events()
+    assert isinstance(event, IncomingRequest)
+    rig.stack.proxy(event.txn, [(None, PHONE)])
+    rig.drain()
+    rig.take()
+    sent: list[tuple[float, str | int]] = []
+    for _ in range(65):  # 0.5 s steps (exact in binary) up to 32.5 s
+        rig.advance(0.5)
+        sent += [(rig.now, m.method if isinstance(m, Request) else m.status) for m, _ in rig.take()]
+    retransmissions = [0.5, 1.5, 3.5, 7.5, 15.5, 31.5]  # Timer A: T1, doubling
+    # Timer B (64*T1) answers the caller 408, which the server side then retransmits with Timer G
+    assert sent == [(t, "INVITE") for t in retransmissions] + [(32.0, 408), (32.5, 408)]
+
+
+def test_invite_client_keeps_absorbing_a_non_2xx_final_for_timer_d() -> None:
+    rig = make_rig()
+    rig.feed(request_bytes("INVITE"), MAIN)
+    [event] = rig.take_events()
+    assert isinstance(event, IncomingRequest)
+    rig.stack.proxy(event.txn, [(None, PHONE)])
+    rig.drain()
+    [invite] = [m for m, _ in rig.take() if isinstance(m, Request) and m.method == "INVITE"]
+    rig.feed(response_to(invite, 486), PHONE)
+    rig.feed(request_bytes("ACK", to_tag=event.txn.to_tag), MAIN)  # the caller ACKs our 486
+    rig.take()
+    rig.advance(31.9)
+    rig.feed(response_to(invite, 486), PHONE)
+    assert [m.method for m, _ in rig.take() if isinstance(m, Request)] == ["ACK"]  # still in Completed
+    rig.advance(0.2)  # Timer D = 32 s
+    assert rig.stack.active_transactions == 0
+
+
+def test_invite_server_accepted_absorbs_the_invite_until_timer_l() -> None:
+    rig = make_rig()
+    data = request_bytes("INVITE")
+    rig.feed(data, MAIN)
+    event = _incoming(rig)
+    rig.stack.respond(event.txn, make_response(event.request, 200))
+    rig.drain()
+    assert [r.status for r, _ in rig.take() if isinstance(r, Response)] == [100, 200]
+    rig.feed(data, MAIN)  # RFC 6026: a retransmitted INVITE is absorbed, the 2xx is the TU's to resend
+    assert rig.take() == [] and rig.take_events() == []
+    rig.advance(31.9)
+    assert rig.stack.active_transactions == 1
+    rig.advance(0.2)  # Timer L = 64*T1
+    assert rig.stack.active_transactions == 0
+
+
+def test_non_invite_client_retransmits_every_t2_once_proceeding() -> None:
+    rig = make_rig()
+    rig.stack.send_request(_options("sip:10.0.0.3:5070", "o4"), MAIN)
+    rig.drain()
+    [(sent, _)] = rig.take()
+    assert isinstance(sent, Request)
+    rig.feed(response_to(sent, 100), MAIN)
+    times = []
+    for _ in range(26):
+        rig.advance(0.5)
+        times += [rig.now for m, _ in rig.take() if isinstance(m, Request)]
+    assert times == [0.5, 4.5, 8.5, 12.5]  # E: T1 while Trying, then T2 in Proceeding
