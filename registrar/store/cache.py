@@ -70,13 +70,19 @@ class CachedAor:
 
 class AorCache:
     """Fetched AoRs by name (bounded, oldest first out) and the contact-id index ``ctids`` (ctid → AoR, ""
-    while etcd has no such contact id)."""
+    while etcd has no such contact id).
 
-    __slots__ = ("_aors", "ctids")
+    A read (fetch, or a compare-and-swap that returns the AoR) answers at some revision while the watch
+    goes on: ``changed`` drops a copy older than a change the watch showed and, while reads are in flight,
+    remembers the change's revision, so that a read that started before it is known ``stale``."""
+
+    __slots__ = ("_aors", "_reads", "_recent", "ctids")
 
     def __init__(self) -> None:
         self._aors: dict[str, CachedAor] = {}
         self.ctids: dict[int, str] = {}
+        self._reads = 0
+        self._recent: dict[str, int] = {}  # AoR → last revision the watch showed, while reads are in flight
 
     def get(self, aor: str) -> CachedAor | None:
         return self._aors.get(aor)
@@ -95,6 +101,28 @@ class AorCache:
     def clear(self) -> None:
         """Forget every fetched AoR (the contact-id index stays: it only names AoRs)."""
         self._aors.clear()
+
+    def changed(self, aor: str, rev: int) -> None:
+        """The watch showed a change of ``aor`` at ``rev``."""
+        if self._reads:
+            self._recent[aor] = max(self._recent.get(aor, 0), rev)
+        entry = self._aors.get(aor)
+        if entry is not None and rev > entry.rev:
+            del self._aors[aor]
+
+    def reading(self) -> None:
+        """A read of etcd starts."""
+        self._reads += 1
+
+    def read_done(self) -> None:
+        self._reads -= 1
+        if self._reads <= 0:
+            self._reads = 0
+            self._recent.clear()
+
+    def stale(self, aor: str, rev: int) -> bool:
+        """Whether a read at ``rev`` is older than a change of ``aor`` the watch has already shown."""
+        return self._recent.get(aor, 0) > rev
 
     def index(self, ctid: int, aor: str) -> None:
         if len(self.ctids) >= CACHE_LIMIT:

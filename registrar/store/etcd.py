@@ -128,11 +128,9 @@ class EtcdStore:
         self._writing: dict[str, int] = {}
         self._tickets = itertools.count(1)
         self._ops: dict[asyncio.Task[None], Callable[[], None]] = {}  # in flight → how to fail it
-        self._inflight = 0
         # Data calls in flight at once: a burst (every phone re-registering after an outage) queues here
         # instead of starving the client so that calls miss their deadline and the store turns unavailable.
         self._limit = asyncio.Semaphore(64)
-        self._recent: dict[str, int] = {}  # AoR → last event revision, while something is in flight
         self._tasks: set[asyncio.Task[Any]] = set()
         self._watch_task: asyncio.Task[None] | None = None
         self._health_task: asyncio.Task[None] | None = None
@@ -319,7 +317,7 @@ class EtcdStore:
 
     async def _run_fetch(self, aor: str) -> None:
         me = asyncio.current_task()
-        self._inflight += 1
+        self.cache.reading()
         try:
             for _ in range(5):
                 self.calls += 1
@@ -332,7 +330,7 @@ class EtcdStore:
         except EtcdError as exc:
             log.warning("fetch of %s failed: %s", aor, exc)
         finally:
-            self._done_inflight()
+            self.cache.read_done()
             if self._ops.pop(me, None) is not None:  # type: ignore[arg-type]
                 self._fetch_done(aor)
 
@@ -344,7 +342,7 @@ class EtcdStore:
         """Cache what a fetch (or a lost compare-and-swap) read at ``result.revision``; False when the watch
         has already shown a later change of this AoR (the read is stale: read again)."""
         rev = result.revision
-        if self._recent.get(aor, 0) > rev:
+        if self.cache.stale(aor, rev):
             return False
         heads, kvs = result.results[0].kvs, result.results[1].kvs
         meta = decode_head_meta(heads[0].value) if heads else None
@@ -391,12 +389,6 @@ class EtcdStore:
         finally:
             if self._ops.pop(me, None) is not None:  # type: ignore[arg-type]
                 self._ctid_done(ctid)
-
-    def _done_inflight(self) -> None:
-        self._inflight -= 1
-        if self._inflight <= 0:
-            self._inflight = 0
-            self._recent.clear()
 
     # ------------------------------------------------------------------------------------------ writes
 
@@ -475,7 +467,7 @@ class EtcdStore:
         self, ticket: int, aor: str, entry: CachedAor, record: AorRecord, plan: WritePlan, now: float
     ) -> None:
         me = asyncio.current_task()
-        self._inflight += 1
+        self.cache.reading()
         ok = False
         try:
             ok = await self._write(aor, entry, record, plan, now)
@@ -486,7 +478,7 @@ class EtcdStore:
             log.warning("write of %s failed: %s", aor, exc)
             self.cache.drop(aor)
         finally:
-            self._done_inflight()
+            self.cache.read_done()
             if self._ops.pop(me, None) is not None:  # type: ignore[arg-type]
                 self._write_done(aor)
                 if self.listener is not None:
@@ -560,7 +552,7 @@ class EtcdStore:
             else:
                 items.append(stored[ctid])
         version = rev if record.bindings else 0
-        if self._recent.get(aor, 0) > rev:
+        if self.cache.stale(aor, rev):
             self.cache.drop(aor)  # already changed again elsewhere: fetch afresh when asked
         else:
             self.cache.put(aor, CachedAor(rev, version, record.meta, tuple(items)))
@@ -625,11 +617,7 @@ class EtcdStore:
         kind = key.kind
         if kind in (KeyKind.HEAD, KeyKind.BINDING, KeyKind.AOR_OTHER):
             aor = key.aor
-            if self._inflight:
-                self._recent[aor] = max(self._recent.get(aor, 0), rev)
-            entry = self.cache.get(aor)
-            if entry is not None and rev > entry.rev:
-                self.cache.drop(aor)
+            self.cache.changed(aor, rev)
             if kind is KeyKind.HEAD:
                 if deleted and event.prev_kv is not None:
                     self.orphans.head_deleted(rev, aor, event.prev_kv)

@@ -70,6 +70,21 @@ def test_cache_is_bounded_oldest_first() -> None:
     assert len(cache) == 0 and cache.ctids == {1: "a@x"}
 
 
+def test_watch_change_drops_older_copies_and_marks_reads_in_flight_stale() -> None:
+    cache = AorCache()
+    cache.put("a@x", CachedAor(10, 8, None, ()))
+    cache.changed("a@x", 10)  # the change the copy already holds
+    assert "a@x" in cache
+    cache.changed("a@x", 11)
+    assert "a@x" not in cache
+    assert not cache.stale("a@x", 5)  # no read was in flight: nothing remembered
+    cache.reading()
+    cache.changed("a@x", 12)
+    assert cache.stale("a@x", 11) and not cache.stale("a@x", 12) and not cache.stale("b@x", 1)
+    cache.read_done()
+    assert not cache.stale("a@x", 11)  # forgotten once no read is in flight
+
+
 def kv(ctid: int, mod_revision: int) -> KeyValue:
     return KeyValue(b"/p/aor/a@x/ct/%d" % ctid, b"{}", mod_revision, 1, 1, 0)
 
