@@ -64,15 +64,15 @@ test: install lint sip-tools etcd cluster-rig node-tools node-rig image ## Every
 
 .PHONY: bench
 bench: install sip-tools etcd cluster-rig node-tools node-rig image ## All benchmarks (long); copy the figures and commands into docs/benchmarks.md
-	$(PY) bench/run.py all
-	$(PY) bench/throttle_bench.py all
-	$(PY) bench/latency_probe.py
-	$(PY) bench/sipp_pacing.py --costs 0,30,45,60,113
-	$(PY) bench/memory_bench.py --contacts 100000 --mode contact
-	$(PY) bench/etcd_bench.py
-	$(PY) bench/cluster_bench.py all
-	$(PY) bench/operator_bench.py
-	$(PY) bench/node_bench.py
+	$(PY) -m bench.run all
+	$(PY) -m bench.throttle_bench all
+	$(PY) -m bench.latency_probe
+	$(PY) -m bench.sipp_pacing --costs 0,30,45,60,113
+	$(PY) -m bench.memory_bench --contacts 100000 --mode contact
+	$(PY) -m bench.etcd_bench
+	$(PY) -m bench.cluster_bench all
+	$(PY) -m bench.operator_bench
+	$(PY) -m bench.node_bench
 
 .PHONY: clean
 clean: ## Remove the virtualenv and caches (not the tool cache in $(MIDREG_CACHE))
@@ -111,7 +111,7 @@ test-node: install node-tools node-rig sip-tools ## Only the node tier: the char
 
 .PHONY: node-clean
 node-clean: install ## Tear down a test node that an interrupted run left (namespace, processes, mounts, cgroups, sysctls)
-	$(PY) -m tests.node.noderig cleanup
+	$(PY) -m tests.support.node cleanup
 
 .PHONY: kind-up
 kind-up: ## Create a local kind cluster (needs Docker and kind; not run here)

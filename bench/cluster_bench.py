@@ -1,19 +1,20 @@
 """etcd store benchmarks (issue 4 item 8): leases for N contacts, time to ready with N bindings in etcd,
 De-REGISTER delay after expiry, and etcd calls per absorbed refresh.
 
-    .venv/bin/python bench/cluster_bench.py leases  [--contacts 100000]
-    .venv/bin/python bench/cluster_bench.py ready   [--bindings 500000]
-    .venv/bin/python bench/cluster_bench.py dereg   [--phones 300] [--expires 10]
-    .venv/bin/python bench/cluster_bench.py refresh [--phones 1000] [--rounds 40] [--scale 20]
-    .venv/bin/python bench/cluster_bench.py throughput [--users 10000] [--tp-start 2000]
-    .venv/bin/python bench/cluster_bench.py all
+    python -m bench.cluster_bench leases  [--contacts 100000]
+    python -m bench.cluster_bench ready   [--bindings 500000]
+    python -m bench.cluster_bench dereg   [--phones 300] [--expires 10]
+    python -m bench.cluster_bench refresh [--phones 1000] [--rounds 40] [--scale 20]
+    python -m bench.cluster_bench throughput [--users 10000] [--tp-start 2000]
+    python -m bench.cluster_bench all
 
-Each part starts its own etcd (tests/etcdkit.py: loopback, --unsafe-no-fsync, auto-compaction) and, where it
-says so, a real ``midregistrar run --store etcd`` process; the phones and the main registrar of ``dereg`` and
-``refresh`` are small asyncio UDP peers in this script (a fake main answers every REGISTER with 200 and the
-contacts it got), so what is measured is the registrar and etcd, not SIPp's pacing. Prints markdown headed
-by the command that produced it. Throughput with the etcd store against the memory store is measured with
-SIPp by the ``throughput`` part, with ``bench/throttle_bench.py``'s ramp (memory store, then etcd store).
+from the repository's root. Each part starts its own etcd (tests/support/etcd.py: loopback, --unsafe-no-fsync,
+auto-compaction) and, where it says so, a real ``midregistrar run --store etcd`` process; the phones and the
+main registrar of ``dereg`` and ``refresh`` are small asyncio UDP peers in this script (a fake main answers
+every REGISTER with 200 and the contacts it got), so what is measured is the registrar and etcd, not SIPp's
+pacing. Prints markdown headed by the command that produced it. Throughput with the etcd store against the
+memory store is measured with SIPp by the ``throughput`` part, with ``bench.throttle_bench``'s ramp (memory
+store, then etcd store). The De-REGISTER delays are nearest-rank percentiles (tests/support/stats.py).
 """
 
 from __future__ import annotations
@@ -33,25 +34,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from registrar.config import Settings
 from registrar.records import AorRecord, Binding, MainMeta
 from registrar.sip.transport import Peer
 from registrar.store.etcd import EtcdStore
 from registrar.store.etcd_client import EtcdClient, op_put
 from registrar.store.etcd_layout import EtcdKeys, encode_binding, encode_head, encode_index
-from tests.etcdkit import running_etcd
-from tests.integration import sipkit
+from tests.support import REPO
+from tests.support.etcd import running_etcd
+from tests.support.kamailio import Kamailio
+from tests.support.ports import free_port
+from tests.support.registrar import Registrar
+from tests.support.sip import LOOPBACK
+from tests.support.stats import percentile
 
-LOOP = "127.0.0.1"
-REPO = Path(__file__).resolve().parent.parent
 PREFIX = "/midregistrar/bench/cluster/"
-
-
-def pct(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 # ------------------------------------------------------------------------------------------ leases
@@ -137,11 +134,11 @@ async def _leases(endpoint: str, contacts: int) -> list[tuple[str, str]]:
     ]
 
 
-def _registrar(main: int, endpoint: str, prefix: str, workdir: Path, *more: str) -> sipkit.Registrar:
+def _registrar(main: int, endpoint: str, prefix: str, workdir: Path, *more: str) -> Registrar:
     """A ``midregistrar run --store etcd`` in mode contact on loopback (not started yet)."""
     extra = ["--store", "etcd", "--etcd-endpoints", endpoint, "--etcd-prefix", prefix]
     extra += ["--outgoing-expires", "3600", "--log-level", "warning", *more]
-    return sipkit.Registrar((LOOP, main), mode="contact", transports=("udp",), extra=extra, workdir=workdir)
+    return Registrar((LOOPBACK, main), mode="contact", transports=("udp",), extra=extra, workdir=workdir)
 
 
 # ------------------------------------------------------------------------------------------ ready
@@ -176,7 +173,7 @@ async def _populate(endpoint: str, bindings: int) -> float:
 
 def _ready(endpoint: str, bindings: int, work: Path) -> list[tuple[str, str]]:
     populate = asyncio.run(_populate(endpoint, bindings))
-    main = sipkit.free_port()
+    main = free_port()
     times = []
     rss = []
     for run in range(3):
@@ -263,16 +260,16 @@ class Phones(asyncio.DatagramProtocol):
         port = self.transport.get_extra_info("sockname")[1]
         msg = (
             f"REGISTER sip:bench.test SIP/2.0\r\n"
-            f"Via: SIP/2.0/UDP {LOOP}:{port};rport;branch=z9hG4bK-{user}-{cseq}\r\n"
+            f"Via: SIP/2.0/UDP {LOOPBACK}:{port};rport;branch=z9hG4bK-{user}-{cseq}\r\n"
             f"Max-Forwards: 70\r\nFrom: <sip:{user}@bench.test>;tag={user}\r\nTo: <sip:{user}@bench.test>\r\n"
             f"Call-ID: {user}-call\r\nCSeq: {cseq} REGISTER\r\n"
-            f"Contact: <sip:{user}@{LOOP}:{port}>;expires={expires}\r\nContent-Length: 0\r\n\r\n"
+            f"Contact: <sip:{user}@{LOOPBACK}:{port}>;expires={expires}\r\nContent-Length: 0\r\n\r\n"
         )
         self.transport.sendto(msg.encode(), target)
 
 
 def _metric(http_port: int, name: str) -> float:
-    with urllib.request.urlopen(f"http://{LOOP}:{http_port}/metrics", timeout=5) as r:
+    with urllib.request.urlopen(f"http://{LOOPBACK}:{http_port}/metrics", timeout=5) as r:
         text = r.read().decode()
     total = 0.0
     for line in text.splitlines():
@@ -284,9 +281,9 @@ def _metric(http_port: int, name: str) -> float:
 async def _peers(main: int) -> tuple[FakeMain, Phones, asyncio.DatagramTransport, asyncio.DatagramTransport]:
     loop = asyncio.get_running_loop()
     fm = FakeMain()
-    t1, _ = await loop.create_datagram_endpoint(lambda: fm, local_addr=(LOOP, main))
+    t1, _ = await loop.create_datagram_endpoint(lambda: fm, local_addr=(LOOPBACK, main))
     ph = Phones()
-    t2, _ = await loop.create_datagram_endpoint(lambda: ph, local_addr=(LOOP, 0))
+    t2, _ = await loop.create_datagram_endpoint(lambda: ph, local_addr=(LOOPBACK, 0))
     return fm, ph, t1, t2
 
 
@@ -296,7 +293,7 @@ async def _peers(main: int) -> tuple[FakeMain, Phones, asyncio.DatagramTransport
 async def _dereg(
     endpoint: str, phones: int, expires: int, work: Path, processes: int
 ) -> list[tuple[str, str]]:
-    main = sipkit.free_port()
+    main = free_port()
     fm, ph, t1, t2 = await _peers(main)
     regs = []
     try:
@@ -334,7 +331,7 @@ async def _dereg(
         ("De-REGISTERs at the main registrar / duplicates", f"{len(fm.deregs)} / {dup}"),
         (
             "delay after expiry p50 / p99 / max (s)",
-            f"{pct(delays, 50):.2f} / **{pct(delays, 99):.2f}** / {max(delays):.2f}",
+            f"{percentile(delays, 50):.2f} / **{percentile(delays, 99):.2f}** / {max(delays):.2f}",
         ),
     ]
 
@@ -345,7 +342,7 @@ async def _dereg(
 async def _refresh(endpoint: str, phones: int, rounds: int, scale: int, work: Path) -> list[tuple[str, str]]:
     """Phones refreshing at their expiry, all times divided by ``scale`` (60 s phones and the default 600 s
     hold become 60/scale and 600/scale): etcd calls per absorbed refresh at steady state, in minutes."""
-    main = sipkit.free_port()
+    main = free_port()
     fm, ph, t1, t2 = await _peers(main)
     expires = max(1, round(60 / scale))
     hold = max(5, round(600 / scale))
@@ -398,10 +395,10 @@ async def _refresh(endpoint: str, phones: int, rounds: int, scale: int, work: Pa
 
 
 def _throughput(endpoint: str, args: argparse.Namespace, work: Path) -> list[tuple[str, str]]:
-    """The same SIPp ramp as ``throttle_bench.py throughput`` (10,000 users absorbed after pre-registration,
-    Kamailio as main), once on a process with the memory store and once with the etcd store."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import throttle_bench as tb
+    """The same SIPp ramp as ``bench.throttle_bench throughput`` (10,000 users absorbed after
+    pre-registration, Kamailio as main), once on a process with the memory store and once with the etcd
+    store."""
+    from bench import throttle_bench as tb
 
     tb_args = argparse.Namespace(
         users=args.users, step=10.0, factor=1.25, max_rate=80000, half_runs=1, rest=2.0, load_expires=300,
@@ -412,7 +409,7 @@ def _throughput(endpoint: str, args: argparse.Namespace, work: Path) -> list[tup
         f.write("SEQUENTIAL\n")
         for i in range(args.users):
             f.write(f"user{i:05d};x;bench.test\n")
-    kam = tb.sipkit.Kamailio(REPO / "bench" / "kamailio" / "registrar.cfg", children=2, workdir=work / "kam")
+    kam = Kamailio(REPO / "bench" / "kamailio" / "registrar.cfg", children=2, workdir=work / "kam")
     runs: dict[str, Any] = {}
     note = ""
     print(tb.HEADER, flush=True)
@@ -425,7 +422,7 @@ def _throughput(endpoint: str, args: argparse.Namespace, work: Path) -> list[tup
             reg = tb.throughput_registrar(kam.port, work / f"tp-{store}", extra).start(ready_timeout=30)
             tr = tb.TRun(f"mid ({store})", command=reg.command)
             try:
-                port = tb.sipkit.free_port()
+                port = free_port()
                 tb.preregister(tr, reg.addr, port, users, tb_args, work)
                 tb.ramp(tr, reg.addr, reg.pid, port, users, tb_args, work, reg, args.tp_start)
                 if store == "etcd":

@@ -1,10 +1,11 @@
 """etcd client layer benchmark: put-with-lease/s through LeasePool, CAS txn/s, live leases for N bindings.
 
-    .venv/bin/python bench/etcd_bench.py [--keys 100000] [--concurrency 64] [--bucket 5] [--max-keys 1000]
+    python -m bench.etcd_bench [--keys 100000] [--concurrency 64] [--bucket 5] [--max-keys 1000]
 
-Starts its own etcd (tests/etcdkit.py: loopback, --unsafe-no-fsync, auto-compaction), so etcd and this client
-share the machine's cores like in the integration tests. Prints a markdown table (medians of ``--runs``)
-headed by the command that produced it. CPU µs/op is this process's CPU per call: the registrar's budget.
+Starts its own etcd (tests/support/etcd.py: loopback, --unsafe-no-fsync, auto-compaction), so etcd and this
+client share the machine's cores like in the integration tests. Prints a markdown table (medians of
+``--runs``) headed by the command that produced it. CPU µs/op is this process's CPU per call: the
+registrar's budget.
 """
 
 from __future__ import annotations
@@ -17,12 +18,9 @@ import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from registrar.store.etcd_client import EtcdClient, LeasePool, mod_revision_is, op_put
-from tests.etcdkit import running_etcd
+from tests.support.etcd import running_etcd
 
 
 async def timed(n: int, concurrency: int, op: Callable[[int], Awaitable[object]]) -> tuple[float, float]:
@@ -142,7 +140,7 @@ def main() -> None:
     args = parser.parse_args()
     with running_etcd() as server:
         rows = asyncio.run(bench(server.endpoint, args))
-    command = " ".join([".venv/bin/python", "bench/etcd_bench.py", *sys.argv[1:]])
+    command = " ".join(["python -m bench.etcd_bench", *sys.argv[1:]])
     print(f"`{command}` (etcd 3.5.1 --unsafe-no-fsync on loopback, {os.cpu_count()} cores shared, medians)\n")
     print("| measurement | result |")
     print("| --- | --- |")

@@ -1,13 +1,14 @@
 """Compare the asyncio etcd clients etcd3aio and aetcd on what the registrar needs (docs/architecture.md).
 
-The two cannot be imported in one process (duplicate proto symbols), so each runs in its own venv::
+The two cannot be imported in one process (duplicate proto symbols), so each runs in its own venv (from the
+repository's root)::
 
     python3 -m venv /tmp/v-etcd3aio && /tmp/v-etcd3aio/bin/pip install etcd3aio==0.3.0 pytest
     python3 -m venv /tmp/v-aetcd && /tmp/v-aetcd/bin/pip install aetcd==1.0.0 pytest
-    PYTHONPATH=. /tmp/v-etcd3aio/bin/python bench/etcd_client_compare.py etcd3aio
-    PYTHONPATH=. /tmp/v-aetcd/bin/python bench/etcd_client_compare.py aetcd
+    /tmp/v-etcd3aio/bin/python -m bench.etcd_client_compare etcd3aio
+    /tmp/v-aetcd/bin/python -m bench.etcd_client_compare aetcd
 
-Each run starts its own etcd (tests/etcdkit.py) and prints one JSON line per measurement. It uses each
+Each run starts its own etcd (tests/support/etcd.py) and prints one JSON line per measurement. It uses each
 library's own API (no wrapper), since what is compared is what the library gives.
 """
 
@@ -21,7 +22,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from tests.etcdkit import EtcdServer, running_etcd
+from tests.support.etcd import EtcdServer, running_etcd
 
 VALUE = b"x" * 300  # about a binding's JSON
 CONCURRENCY = 32

@@ -1,6 +1,6 @@
-"""``midregistrar`` with its UDP shell timed from inside, for ``latency_probe.py --split``.
+"""``midregistrar`` with its UDP shell timed from inside, for ``python -m bench.latency_probe --split``.
 
-    MIDREG_BENCH_TIMINGS=out.json python bench/instrumented_cli.py run ...
+    MIDREG_BENCH_TIMINGS=out.json python -m bench.instrumented_cli run ...
 
 Wraps ``SipServer.datagram``/``flush``/``fire_timers`` and hooks ``gc.callbacks``; at exit writes, per
 datagram, the time from its read to the flush that sent its answer (what the process itself adds: parsing,
@@ -18,8 +18,6 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from registrar.cli import main
 from registrar.net import server

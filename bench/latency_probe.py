@@ -1,12 +1,13 @@
 """Absorbed-refresh latency to the microsecond beside a SIPp load (issue 3's p99 goal).
 
-    .venv/bin/python bench/latency_probe.py [--rate 4200] [--seconds 10] [--probe-rate 200]
+    python -m bench.latency_probe [--rate 4200] [--seconds 10] [--probe-rate 200]
 
 SIPp reports response times in 4 ms buckets, too coarse for a 5 ms goal. This starts Kamailio as main and one
 ``midregistrar`` (mode contact, memory store), pre-registers 10,000 SIPp users and 200 probe users, then runs
-the ``throttle_bench.py`` SIPp load at ``--rate`` while a probe thread refreshes its users (same Call-ID,
-CSeq + 1: absorbed) at ``--probe-rate`` and times each 200 OK with ``perf_counter``. The probe is one more
-process on the same 2 cores, so its figures include a little of its own scheduling.
+the ``throttle_bench`` SIPp load at ``--rate`` while a probe thread refreshes its users (same Call-ID,
+CSeq + 1: absorbed) at ``--probe-rate`` and times each 200 OK with ``perf_counter``; the figures are
+nearest-rank percentiles (tests/support/stats.py). The probe is one more process on the same 2 cores, so its
+figures include a little of its own scheduling.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import throttle_bench as tb
-
-LOOP = tb.LOOP
+from bench import throttle_bench as tb
+from tests.support import REPO
+from tests.support.kamailio import Kamailio
+from tests.support.ports import free_port
+from tests.support.sip import LOOPBACK
+from tests.support.stats import percentile
 
 
 class AbsorbedProbe:
@@ -35,7 +37,7 @@ class AbsorbedProbe:
     def __init__(self, target: tuple[str, int], users: int) -> None:
         self.target = target
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind((LOOP, 0))
+        self.sock.bind((LOOPBACK, 0))
         self.sock.settimeout(0.2)
         self.port = self.sock.getsockname()[1]
         self.users = [f"probe{i:04d}" for i in range(users)]
@@ -51,10 +53,10 @@ class AbsorbedProbe:
         cseq = self.cseq[user]
         return (
             f"REGISTER sip:bench.test SIP/2.0\r\n"
-            f"Via: SIP/2.0/UDP {LOOP}:{self.port};rport;branch=z9hG4bK-{user}-{cseq}\r\n"
+            f"Via: SIP/2.0/UDP {LOOPBACK}:{self.port};rport;branch=z9hG4bK-{user}-{cseq}\r\n"
             f"Max-Forwards: 70\r\nFrom: <sip:{user}@bench.test>;tag={user}\r\nTo: <sip:{user}@bench.test>\r\n"
             f"Call-ID: {user}@probe\r\nCSeq: {cseq} REGISTER\r\n"
-            f"Contact: <sip:{user}@{LOOP}:{self.port}>;expires=300\r\nContent-Length: 0\r\n\r\n"
+            f"Contact: <sip:{user}@{LOOPBACK}:{self.port}>;expires=300\r\nContent-Length: 0\r\n\r\n"
         ).encode()
 
     def send(self, user: str) -> None:
@@ -93,11 +95,6 @@ class AbsorbedProbe:
             time.sleep(max(0.0, next_t - time.perf_counter()))
 
 
-def pct(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rate", type=int, default=4200, help="SIPp load, absorbed REGISTER/s")
@@ -107,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--split",
         action="store_true",
-        help="run the registrar through bench/instrumented_cli.py and report its in-process share",
+        help="run the registrar through bench.instrumented_cli and report its in-process share",
     )
     ap.add_argument("--timer-resol", type=int, default=tb.SIPP_TIMER_RESOL, help="SIPp tick, ms")
     args = ap.parse_args(argv)
@@ -116,24 +113,22 @@ def main(argv: list[str] | None = None) -> int:
         timings = work / "timings.json"
         if args.split:
             os.environ["MIDREG_BENCH_TIMINGS"] = str(timings)
-            os.environ["MIDREG_TEST_CLI"] = (
-                f"{sys.executable} {Path(__file__).with_name('instrumented_cli.py')}"
-            )
+            # The registrar runs from its own work directory: the repository's root on its module path.
+            os.environ["MIDREG_TEST_CLI"] = f"{sys.executable} -m bench.instrumented_cli"
+            os.environ["PYTHONPATH"] = str(REPO)
         tb_args = argparse.Namespace(
             users=args.users, prereg_rate=1000, load_expires=300, cseq_base=int(time.time()) - 10,
             step=args.seconds, timer_resol=args.timer_resol,
         )  # fmt: skip
         users = work / "users.csv"
         users.write_text("SEQUENTIAL\n" + "".join(f"user{i:05d};x;bench.test\n" for i in range(args.users)))
-        kam = tb.sipkit.Kamailio(
-            tb.REPO / "bench" / "kamailio" / "registrar.cfg", children=2, workdir=work / "kam"
-        )
+        kam = Kamailio(REPO / "bench" / "kamailio" / "registrar.cfg", children=2, workdir=work / "kam")
         kam.start()
         reg = None
         try:
             reg = tb.throughput_registrar(kam.port, work / "mid").start(ready_timeout=20)
             tr = tb.TRun("mid")
-            port = tb.sipkit.free_port()
+            port = free_port()
             tb.preregister(tr, reg.addr, port, users, tb_args, work)
             probe = AbsorbedProbe(reg.addr, 200)
             receiver = threading.Thread(target=probe.receive, daemon=True)
@@ -158,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"SIPp: {res.successful} ok, {res.failed} failed; probe answers {probe.codes}")
             print(
                 f"absorbed refresh latency beside {args.rate}/s: n={len(rtts)} "
-                f"p50 {pct(rtts, 50) / 1000:.2f} ms, p90 {pct(rtts, 90) / 1000:.2f} ms, "
-                f"p99 {pct(rtts, 99) / 1000:.2f} ms, p99.9 {pct(rtts, 99.9) / 1000:.2f} ms, "
+                f"p50 {percentile(rtts, 50) / 1000:.2f} ms, p90 {percentile(rtts, 90) / 1000:.2f} ms, "
+                f"p99 {percentile(rtts, 99) / 1000:.2f} ms, p99.9 {percentile(rtts, 99.9) / 1000:.2f} ms, "
                 f"max {max(rtts) / 1000:.2f} ms, mean {statistics.fmean(rtts) / 1000:.2f} ms"
             )
         finally:
@@ -172,14 +167,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def in_process_report(t: dict[str, list]) -> str:
-    """What the registrar itself added (bench/instrumented_cli.py): read → answer sent, timers, GC."""
+    """What the registrar itself added (bench.instrumented_cli): read → answer sent, timers, GC."""
     own = [x * 1e6 for x in t["in_process"]]
     timers = [x * 1e3 for x in t["timers"]]
     lines = [
         f"in-process (datagram read → its answer sent), {len(own)} datagrams: "
-        f"p50 {pct(own, 50) / 1000:.2f} ms,"
-        f" p90 {pct(own, 90) / 1000:.2f} ms, p99 {pct(own, 99) / 1000:.2f} ms, max {max(own) / 1000:.2f} ms",
-        f"timer runs: {len(timers)}, p99 {pct(timers, 99):.2f} ms, max {max(timers):.2f} ms",
+        f"p50 {percentile(own, 50) / 1000:.2f} ms, p90 {percentile(own, 90) / 1000:.2f} ms,"
+        f" p99 {percentile(own, 99) / 1000:.2f} ms, max {max(own) / 1000:.2f} ms",
+        f"timer runs: {len(timers)}, p99 {percentile(timers, 99):.2f} ms, max {max(timers):.2f} ms",
     ]
     for gen in (0, 1, 2):
         pauses = [d * 1e3 for g, d in t["collections"] if g == gen]

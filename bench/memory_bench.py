@@ -1,9 +1,10 @@
 """Memory per registered contact (issue 3 goal: ≤ 1 KB per contact with 100,000 contacts).
 
-Run: ``.venv/bin/python bench/memory_bench.py [--contacts 100000] [--mode contact]``. Registers N distinct
-phones (one contact each) through the real sans-IO pipeline — the stack, the mode's core and the in-memory
-store, with the main registrar's 200 OK fed back — lets the transactions end, and reports the growth of the
-process's resident set size (RSS from /proc) divided by N, with the store's own count as a check.
+Run: ``python -m bench.memory_bench [--contacts 100000] [--mode contact]`` from the repository's root.
+Registers N distinct phones (one contact each) through the real sans-IO pipeline — the stack, the mode's core
+and the in-memory store, with the main registrar's 200 OK fed back — lets the transactions end, and reports
+the growth of the process's resident set size (RSS from /proc) divided by N, with the store's own count as a
+check.
 
 It also reports the cyclic GC's collections during the run (pauses by generation, from ``gc.callbacks``), how
 many objects they found to free, and how long one full collection takes with the N contacts held.
@@ -17,12 +18,8 @@ import gc
 import itertools
 import random
 import statistics
-import sys
 import time
-from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from registrar.config import Settings
 from registrar.core.service import MidRegistrar

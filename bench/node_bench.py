@@ -1,5 +1,6 @@
-#!/usr/bin/env python3
-"""The registrar on a real node (tests/node's rig): `python bench/node_bench.py [--kills 3]` (as root).
+"""The registrar on a real node (tests/support/node.py), from the repository's root, as root:
+
+    python -m bench.node_bench [--kills 3]
 
 Measures, with the images built here, the chart installed by helm and 2,000 SIPp phones (1,000 AoRs, two
 devices each, half through the SIP Service's cluster IP and half through its node port, refreshing every
@@ -30,18 +31,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "operator"))
-
-from tests.helmkit import Helm  # noqa: E402
-from tests.node import noderig  # noqa: E402
-from tests.node.e2ekit import (  # noqa: E402
-    DOMAIN,
+from tests.support.e2e import (
     Deployed,
     Kube,
     Phones,
-    ck,
     deploy_example,
     install_chart,
     owner_pod,
@@ -49,18 +42,22 @@ from tests.node.e2ekit import (  # noqa: E402
     start_kamailio,
     wait_midreg_ready,
 )
+from tests.support.helm import Helm
+from tests.support.node import PHONE_IPS, Node, running_node
+from tests.support.phones import DOMAIN
+from tests.support.sip import sip_request, status_code, udp_exchange
 
 
 def first_register(target: tuple[str, int], timeout: float = 120) -> float:
     """Seconds until one REGISTER sent to `target` is answered 200 (one try per 100 ms)."""
     t0 = time.monotonic()
-    call_id = f"first-register@{noderig.PHONE_IPS[0]}"
+    call_id = f"first-register@{PHONE_IPS[0]}"
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind((noderig.PHONE_IPS[0], 0))
+        sock.bind((PHONE_IPS[0], 0))
         local = sock.getsockname()
         cseq = 1
         while time.monotonic() - t0 < timeout:
-            msg = ck.sipkit.sip_request(
+            msg = sip_request(
                 "REGISTER",
                 f"sip:{DOMAIN}",
                 local,
@@ -71,7 +68,7 @@ def first_register(target: tuple[str, int], timeout: float = 120) -> float:
                 to_uri=f"sip:bench@{DOMAIN}",
             )
             cseq += 1
-            if ck.sipkit.status_code(ck.sipkit.udp_exchange(target, msg, timeout=0.1, sock=sock)) == 200:
+            if status_code(udp_exchange(target, msg, timeout=0.1, sock=sock)) == 200:
                 return time.monotonic() - t0
     raise TimeoutError(f"no 200 from {target} within {timeout} s")
 
@@ -99,7 +96,7 @@ def rollout_steps(pods: list[dict[str, Any]]) -> str:
     return "; ".join(out)
 
 
-def lose_pod(node: noderig.Node, kube: Kube, edge: Deployed, phones: Phones, how: str) -> float:
+def lose_pod(node: Node, kube: Kube, edge: Deployed, phones: Phones, how: str) -> float:
     pod = owner_pod(kube, edge, phones.fleets[0])
     since = phones.clock()
     if how == "container":
@@ -118,10 +115,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--kills", type=int, default=3, help="pod losses of each kind (default 3)")
     args = ap.parse_args()
-    command = "python bench/node_bench.py " + shlex.join(sys.argv[1:])
+    command = "python -m bench.node_bench " + shlex.join(sys.argv[1:])
     rows: list[tuple[str, str]] = []
     tmp = Path(tempfile.mkdtemp(prefix="node-bench-"))
-    with noderig.node() as node:
+    with running_node() as node:
         for k, v in node.timings.items():
             rows.append((f"node tier: {k.removesuffix('_s').replace('_', ' ')}", f"{v:.1f} s"))
         kube = Kube(node)

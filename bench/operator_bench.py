@@ -1,5 +1,7 @@
-#!/usr/bin/env python3
-"""Operator benchmark on the loopback control plane (tests/cluster's rig): `python bench/operator_bench.py`.
+"""Operator benchmark on the loopback control plane (tests/support/controlplane.py), from the repository's
+root:
+
+    python -m bench.operator_bench [--runs 5] [--count 100]
 
 Measures, with the operator running as its own process (`midregistrar-operator`, default settings):
 - apply → Deployment: from the start of `kubectl apply` of one MidRegistrar to its Deployment existing;
@@ -28,10 +30,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "operator"))
-
-from midreg_operator.testing.rig import ControlPlane, control_plane, start  # noqa: E402
+from tests.support import REPO
+from tests.support.controlplane import ControlPlane, control_plane
+from tests.support.process import Proc
 
 CRD = REPO / "crds" / "midregistrar.yaml"
 
@@ -141,7 +142,7 @@ def main() -> int:
             operator.stop()
     dep = [r[0] for r in runs]
     ready = [r[1] for r in runs]
-    cmd = "python bench/operator_bench.py " + shlex.join([f"--runs={args.runs}", f"--count={args.count}"])
+    cmd = "python -m bench.operator_bench " + shlex.join([f"--runs={args.runs}", f"--count={args.count}"])
     print("## Operator\n")
     print(f"`{cmd}` on {platform.machine()} with {os.cpu_count()} cores; control plane v1.37.2 on loopback,")
     print("kwok pods, operator as a separate process with default settings (resync timer 30 s).\n")
@@ -157,11 +158,11 @@ def main() -> int:
     return 0
 
 
-def start_operator(cp: ControlPlane, env: dict[str, str]) -> Any:
+def start_operator(cp: ControlPlane, env: dict[str, str]) -> Proc:
     exe = Path(sys.executable).parent / "midregistrar-operator"
     argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "midreg_operator"]
-    os.environ.update({"KUBECONFIG": env["KUBECONFIG"]})
-    proc = start("operator", [*argv, "--liveness", "", "--log-format", "plain"], cp.workdir)
+    argv += ["--liveness", "", "--log-format", "plain"]
+    proc = Proc(argv, cp.workdir, "operator", env={"KUBECONFIG": env["KUBECONFIG"]})
     time.sleep(3)
     if not proc.alive():
         raise RuntimeError(proc.tail())

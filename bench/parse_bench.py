@@ -1,6 +1,6 @@
 """Parse + serialize cost of a typical REGISTER on one core (issue 2 goal: ≤ 16 µs, i.e. ≥ 60,000/s).
 
-Run: ``.venv/bin/python bench/parse_bench.py``. Prints the median over repeated runs of
+Run: ``python -m bench.parse_bench`` from the repository's root. Prints the median over repeated runs of
 (a) parse + serialize (framing, header split, mandatory-field checks, top Via and CSeq),
 (b) the same plus every typed field a registrar reads (To, From, Contact, Call-ID, Expires), and
 (c) a whole mirror-mode round trip through the sans-IO stack and core (REGISTER in, relayed out, the
@@ -12,12 +12,8 @@ from __future__ import annotations
 import itertools
 import random
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from registrar.config import Settings
 from registrar.core.service import MidRegistrar

@@ -1,23 +1,24 @@
-#!/usr/bin/env python3
-"""Benchmarks: `python bench/run.py all|parse|mirror|kamailio [options]` (`make bench` runs `all`).
+"""Benchmarks: `python -m bench.run all|parse|mirror|kamailio [options]` from the repository's root
+(`make bench` runs `all`).
 
-- `parse`: runs bench/parse_bench.py (parse+serialize of a typical REGISTER) as a subprocess.
+- `parse`: runs `python -m bench.parse_bench` (parse+serialize of a typical REGISTER) as a subprocess.
 - `mirror`: the same rate-stepping SIPp REGISTER load against two relays in front of one SIPp main-registrar
   UAS (answering 200): Kamailio as a plain stateful proxy (bench/kamailio/proxy.cfg), then
   `midregistrar run --mode mirror`. Prints markdown tables (per step and summary with the ratio) and the
   exact commands; also written to bench/results/<time>.md.
 - `kamailio`: only the Kamailio side of `mirror` (to check the harness without the engine).
 
-Method. SIPp (tests/integration/scenarios/load_register.xml) sends one REGISTER per call for 10,000 distinct
+Method. SIPp (tests/support/scenarios/load_register.xml) sends one REGISTER per call for 10,000 distinct
 users from an injection file, at a fixed rate for `--step` seconds per step; the rate grows by `--factor`
 until a step fails, then one step bisects between the last pass and the first failure. A step passes when
 SIPp saw 0 failed calls, 0 unexpected messages and achieved at least 95 % of the offered rate. Latency:
 SIPp's own response times (-trace_rtt: every REGISTER, millisecond resolution) and a Python probe that sends
-`--probe-rate` extra REGISTERs/s through the same target, timed with perf_counter (microseconds). CPU per
-REGISTER: utime+stime from /proc/<pid>/stat of the target process and its children over the step, divided
-by the REGISTERs it relayed. "drops": datagrams the kernel dropped at the target's UDP socket (receive buffer
-full: the target fell behind). "other" is the CPU (in cores) used during the step by processes outside this
-benchmark (e.g. a build running at the same time): figures with other > 0.1 are not comparable.
+`--probe-rate` extra REGISTERs/s through the same target, timed with perf_counter (microseconds); p50 and
+p99 are nearest-rank percentiles (tests/support/stats.py). CPU per REGISTER: utime+stime from
+/proc/<pid>/stat of the target process and its children over the step, divided by the REGISTERs it relayed.
+"drops": datagrams the kernel dropped at the target's UDP socket (receive buffer full: the target fell
+behind). "other" is the CPU (in cores) used during the step by processes outside this benchmark (e.g. a
+build running at the same time): figures with other > 0.1 are not comparable.
 Every loop is bounded (SIPp -m and -timeout; a maximum rate); only 127.0.0.1 is used.
 """
 
@@ -40,23 +41,24 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests" / "integration"))
-
-import sipkit  # noqa: E402
+from tests.support import REPO
+from tests.support.kamailio import Kamailio
+from tests.support.ports import free_port, udp_drops, wait_port
+from tests.support.process import CLK_TCK, Proc, cpu_seconds, tree_cpu_seconds
+from tests.support.registrar import registrar_argv
+from tests.support.sip import LOOPBACK, sip_request, status_code, wait_sip_ready
+from tests.support.sipp import Sipp, ensure_sip_tools
+from tests.support.stats import percentile
+from tests.support.wait import WaitTimeout
 
 BUFF = 4194304
-LOOP = sipkit.LOOPBACK
 
 
 def run_parse() -> int:
-    """Run bench/parse_bench.py (owned by the engine) as a subprocess; 0 when it is not there yet."""
-    script = REPO / "bench" / "parse_bench.py"
-    if not script.exists():
-        print("parse: bench/parse_bench.py not present yet; skipped")
-        return 0
-    print(f"$ {sys.executable} {script.relative_to(REPO)}")
-    return subprocess.run([sys.executable, str(script)], cwd=REPO, check=False).returncode
+    """`python -m bench.parse_bench` as a subprocess (a process of its own: nothing else warms its caches)."""
+    argv = [sys.executable, "-m", "bench.parse_bench"]
+    print(f"$ {shlex.join(argv)}")
+    return subprocess.run(argv, cwd=REPO, check=False).returncode
 
 
 # ----------------------------------------------------------------------------------------------- probe
@@ -69,7 +71,7 @@ class Probe:
         self.target = target
         self.interval = 1.0 / rate if rate > 0 else 0.0
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind((LOOP, 0))
+        self.sock.bind((LOOPBACK, 0))
         self.sock.settimeout(0.2)
         self.local = self.sock.getsockname()
         self.pending: dict[str, float] = {}
@@ -95,7 +97,7 @@ class Probe:
         while not self.stop_evt.is_set():
             user = f"probe{n % 1000:04d}"
             cid = uuid.uuid4().hex
-            msg = sipkit.sip_request(
+            msg = sip_request(
                 "REGISTER",
                 "sip:bench.test",
                 self.local,
@@ -121,7 +123,7 @@ class Probe:
             except (TimeoutError, OSError):
                 continue
             now = time.perf_counter()
-            code = sipkit.status_code(data)
+            code = status_code(data)
             if code is None or code < 200:
                 continue
             cid = ""
@@ -160,7 +162,7 @@ def busy_jiffies() -> float:
     parts = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
     vals = [int(v) for v in parts]
     idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
-    return (sum(vals[:8]) - idle) / sipkit.CLK_TCK
+    return (sum(vals[:8]) - idle) / CLK_TCK
 
 
 @dataclass
@@ -231,7 +233,7 @@ def run_step(
     port: int | None = None,
 ) -> tuple[Step, str]:
     calls = max(1, int(rate * seconds))
-    uac = sipkit.Sipp(
+    uac = Sipp(
         "load_register",
         target,
         port=port,
@@ -251,10 +253,10 @@ def run_step(
         workdir=work / f"{name}-{rate}",
         name="load_register",
     )
-    cpu0 = sipkit.tree_cpu_seconds(pid)
-    drops0 = sipkit.udp_drops(target[1])
+    cpu0 = tree_cpu_seconds(pid)
+    drops0 = udp_drops(target[1])
     busy0 = busy_jiffies()
-    own0 = sipkit.cpu_seconds(os.getpid())
+    own0 = cpu_seconds(os.getpid())
     probe = Probe(target, probe_rate)
     t0 = time.monotonic()
     uac.start()
@@ -262,15 +264,15 @@ def run_step(
     # The UAC's own CPU is "ours": sample it before it exits.
     uac_cpu = 0.0
     while uac.running() and time.monotonic() - t0 < seconds + 40:
-        uac_cpu = sipkit.cpu_seconds(uac.proc.pid) if uac.proc else uac_cpu
+        uac_cpu = cpu_seconds(uac.proc.pid) if uac.proc else uac_cpu
         time.sleep(0.25)
     res = uac.wait(5)
     probe.stop()
     elapsed = time.monotonic() - t0
-    cpu1 = sipkit.tree_cpu_seconds(pid)
-    drops = sipkit.udp_drops(target[1]) - drops0
+    cpu1 = tree_cpu_seconds(pid)
+    drops = udp_drops(target[1]) - drops0
     busy1 = busy_jiffies()
-    own1 = sipkit.cpu_seconds(os.getpid())
+    own1 = cpu_seconds(os.getpid())
     ok, failed = res.successful, res.failed
     unexpected = res.counter("FailedUnexpectedMessage(C)")
     rows = res.rtt_rows()
@@ -308,11 +310,11 @@ def run_step(
         unexpected=unexpected,
         retrans=res.retransmissions,
         achieved=achieved,
-        p50_ms=sipkit.percentile(rtts, 50),
-        p99_ms=sipkit.percentile(rtts, 99),
+        p50_ms=percentile(rtts, 50) if rtts else None,
+        p99_ms=percentile(rtts, 99) if rtts else None,
         mean_ms=(parse_duration_us(res.stat("ResponseTime1(C)")) or 0) / 1000.0 if res.stat_rows() else None,
-        probe_p50_us=sipkit.percentile(probe.rtts_us, 50),
-        probe_p99_us=sipkit.percentile(probe.rtts_us, 99),
+        probe_p50_us=percentile(probe.rtts_us, 50) if probe.rtts_us else None,
+        probe_p99_us=percentile(probe.rtts_us, 99) if probe.rtts_us else None,
         probe_lost=probe.lost,
         cpu_us_per_reg=(target_cpu / relayed * 1e6) if relayed else None,
         drops=drops,
@@ -333,12 +335,12 @@ class _UasCpu:
 
     def set(self, pid: int | None) -> None:
         self.pid = pid
-        self.last = sipkit.cpu_seconds(pid) if pid else 0.0
+        self.last = cpu_seconds(pid) if pid else 0.0
 
     def delta(self) -> float:
         if not self.pid:
             return 0.0
-        now = sipkit.cpu_seconds(self.pid)
+        now = cpu_seconds(self.pid)
         d, self.last = now - self.last, now
         return d
 
@@ -350,9 +352,9 @@ def wait_idle(pid: int, limit: float = 45.0) -> None:
     """After an overload, let the target finish its backlog (its CPU use < 5 % over 1 s; at most `limit`)."""
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
-        c0 = sipkit.tree_cpu_seconds(pid)
+        c0 = tree_cpu_seconds(pid)
         time.sleep(1.0)
-        if sipkit.tree_cpu_seconds(pid) - c0 < 0.05:
+        if tree_cpu_seconds(pid) - c0 < 0.05:
             return
 
 
@@ -379,7 +381,7 @@ def ramp(
     first_fail: int | None = None
     # One SIPp port for every step: each user keeps one contact (a new port per step would add a binding
     # per user per step and grow every reply).
-    port = sipkit.free_port()
+    port = free_port()
 
     def one(rate: int) -> bool:
         nonlocal cmd
@@ -423,7 +425,7 @@ def ramp(
 
 
 def bench_target(kind: str, args: argparse.Namespace, work: Path, users: Path) -> TargetRun:
-    uas = sipkit.Sipp(
+    uas = Sipp(
         "load_uas",
         None,
         keys={"expires": 3600},
@@ -441,11 +443,11 @@ def bench_target(kind: str, args: argparse.Namespace, work: Path, users: Path) -
     run: TargetRun
     try:
         if kind == "kamailio":
-            kam = sipkit.Kamailio(
+            kam = Kamailio(
                 REPO / "bench" / "kamailio" / "proxy.cfg",
                 children=args.kamailio_children,
                 shm_mb=1024,
-                defines={"NEXT_HOP": f'"sip:{LOOP}:{uas.port}"'},
+                defines={"NEXT_HOP": f'"sip:{LOOPBACK}:{uas.port}"'},
                 workdir=work / "kamailio",
             )
             kam.start()
@@ -454,7 +456,7 @@ def bench_target(kind: str, args: argparse.Namespace, work: Path, users: Path) -
             try:
                 run.steps, run.uac_command = ramp(
                     "kamailio",
-                    (LOOP, kam.port),
+                    (LOOPBACK, kam.port),
                     kam.pid,
                     args,
                     users,
@@ -464,36 +466,36 @@ def bench_target(kind: str, args: argparse.Namespace, work: Path, users: Path) -
             finally:
                 kam.stop()
         else:
-            port = sipkit.free_port()
+            port = free_port()
             argv = [
-                *sipkit.registrar_argv(),
+                *registrar_argv(),
                 "run",
                 "--mode",
                 "mirror",
                 "--main-registrar",
-                f"sip:{LOOP}:{uas.port}",
+                f"sip:{LOOPBACK}:{uas.port}",
                 "--listen",
-                f"udp:{LOOP}:{port}",
+                f"udp:{LOOPBACK}:{port}",
                 "--store",
                 "memory",
                 *args.midreg_arg,
             ]
-            proc = sipkit.Proc(argv, work / "midregistrar", "midregistrar")
+            proc = Proc(argv, work / "midregistrar", "midregistrar")
             run = TargetRun("midregistrar mirror", shlex.join(argv), uas_command=uas.command)
             print(f"\n## {run.name}\n$ {run.command}\n$ {uas.command}", flush=True)
             try:
-                sipkit.wait_port(port, "udp", 20, proc)
-                sipkit.wait_sip_ready((LOOP, port), 20, proc)
+                wait_port(port, "udp", 20, proc)
+                wait_sip_ready((LOOPBACK, port), 20, proc)
                 run.steps, run.uac_command = ramp(
                     "midregistrar",
-                    (LOOP, port),
+                    (LOOPBACK, port),
                     proc.pid,
                     args,
                     users,
                     work,
                     lambda: proc.poll() is None,
                 )
-            except (RuntimeError, TimeoutError) as e:
+            except (RuntimeError, WaitTimeout) as e:
                 print(f"midregistrar did not start: {e}", flush=True)
             finally:
                 proc.stop(10)
@@ -608,7 +610,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.what == "parse":
         return run_parse()
     rc = run_parse() if args.what == "all" else 0
-    if not sipkit.ensure_sip_tools():
+    if not ensure_sip_tools():
         print("sipp/kamailio missing: run `make sip-tools`", file=sys.stderr)
         return 1
     args.loadavg = Path("/proc/loadavg").read_text().split()[:3]

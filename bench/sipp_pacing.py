@@ -1,11 +1,11 @@
 """How SIPp's load arrives, and what latency it leaves a server of a given service time (issue 3's p99 goal).
 
-    .venv/bin/python bench/sipp_pacing.py [--rate 4200] [--seconds 12] [--costs 0,60,113]
+    python -m bench.sipp_pacing [--rate 4200] [--seconds 12] [--costs 0,60,113]
 
 For each COST (µs), a stand-in server (this script with ``--serve``: one UDP socket, one thread, nothing but a
 busy loop of COST µs per REGISTER, then a 200 OK echoing Via/From/To/Call-ID/CSeq) takes the throughput
 bench's SIPp load (10,000 users, ``throttle_bench.load_sipp``) while the latency probe of
-``latency_probe.py`` refreshes beside it. The stand-in records each datagram's kernel arrival time
+``bench.latency_probe`` refreshes beside it. The stand-in records each datagram's kernel arrival time
 (SO_TIMESTAMPNS), so the table gives both how bursty the load is (REGISTERs per 1 ms and 10 ms window against
 the mean) and the latency the probe sees from a server whose only cost is its service time. With COST near
 the mid-registrar's CPU per REGISTER, the probe's p99 is what any single-threaded server of that speed gets
@@ -28,10 +28,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import latency_probe as lp
-import throttle_bench as tb
+from bench import latency_probe as lp
+from bench import throttle_bench as tb
+from tests.support import REPO
+from tests.support.ports import free_port
+from tests.support.sip import LOOPBACK
+from tests.support.stats import percentile
 
 SO_TIMESTAMPNS = 35  # Linux
 ECHOED = (b"via:", b"from", b"to: ", b"call", b"cseq")
@@ -42,7 +44,7 @@ def serve(port: int, cost_us: float, out: Path) -> None:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, tb.BUFF)
     sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
-    sock.bind((tb.LOOP, port))
+    sock.bind((LOOPBACK, port))
     arrivals: list[float] = []
     cost = cost_us / 1e6
     clock = time.perf_counter
@@ -71,16 +73,18 @@ def windows(arrivals: list[float], width: float) -> tuple[float, int, int]:
     counts = collections.Counter(int(t / width) for t in arrivals)
     first, last = int(arrivals[0] / width), int(arrivals[-1] / width)
     ordered = sorted(counts.get(i, 0) for i in range(first, last))
-    return sum(ordered) / len(ordered), ordered[int(0.99 * len(ordered))], ordered[-1]
+    return sum(ordered) / len(ordered), int(percentile(ordered, 99)), ordered[-1]
 
 
 def one(cost: float, args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    port = tb.sipkit.free_port()
+    port = free_port()
     out = work / f"standin-{cost}.json"
-    server = subprocess.Popen([sys.executable, __file__, "--serve", str(port), str(cost), str(out)])
+    server = subprocess.Popen(
+        [sys.executable, "-m", "bench.sipp_pacing", "--serve", str(port), str(cost), str(out)], cwd=REPO
+    )
     try:
         time.sleep(0.5)
-        target = (tb.LOOP, port)
+        target = (LOOPBACK, port)
         users = work / "users.csv"
         users.write_text("SEQUENTIAL\n" + "".join(f"user{i:05d};x;bench.test\n" for i in range(args.users)))
         tb_args = argparse.Namespace(
@@ -88,7 +92,7 @@ def one(cost: float, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         )
         loops = max(1, round(args.rate * args.seconds / args.users))
         sipp = tb.load_sipp(
-            target, tb.sipkit.free_port(), users, args.users, args.rate, loops, tb_args, work, f"load-{cost}"
+            target, free_port(), users, args.users, args.rate, loops, tb_args, work, f"load-{cost}"
         )
         probe = lp.AbsorbedProbe(target, 200)
         receiver = threading.Thread(target=probe.receive, daemon=True)
@@ -113,9 +117,9 @@ def one(cost: float, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "cpu_us": data["cpu"] / len(arrivals) * 1e6,
         "w1": windows(steady, 0.001),
         "w10": windows(steady, 0.010),
-        "p50": lp.pct(rtts, 50) / 1000,
-        "p90": lp.pct(rtts, 90) / 1000,
-        "p99": lp.pct(rtts, 99) / 1000,
+        "p50": percentile(rtts, 50) / 1000,
+        "p90": percentile(rtts, 90) / 1000,
+        "p99": percentile(rtts, 99) / 1000,
         "n": len(rtts),
     }
 

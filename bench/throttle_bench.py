@@ -1,27 +1,28 @@
-#!/usr/bin/env python3
 """Throttling benchmarks (issue 3, item 8).
 
-`python bench/throttle_bench.py absorption|throughput|all [options]`:
+`python -m bench.throttle_bench absorption|throughput|all [options]`, from the repository's root:
 
-- `absorption`: SIPp phones (tests/integration/scenarios/thr_bench_phone.xml: AORS users × DEVICES devices,
+- `absorption`: SIPp phones (tests/support/scenarios/thr_bench_phone.xml: AORS users × DEVICES devices,
   each refreshing every INTERVAL s with a lifetime of EXPIRES s, digest-authenticated by Kamailio when
   challenged) against `midregistrar run --mode contact` and `--mode aor` (run side by side, each with its own
-  Kamailio main registrar from tests/integration/kamailio/main_registrar.cfg, digest auth on) for DURATION s.
+  Kamailio main registrar from tests/support/main_registrar.cfg, digest auth on) for DURATION s.
   Counts the REGISTERs reaching Kamailio (its own counters, `kamcmd stats.get_statistics`) and compares them
-  with the theory of SPEC §5.2 / §6.2: replaying the rules on the phones' schedule (relay the first REGISTER
-  of each device; then, per contact in mode contact / per AoR in mode aor, relay the first refresh at or after
-  LRTs + (outgoing − e)), and the steady-state rate (one relay per contact, or per AoR, every outgoing − e s).
+  with the theory of behaviour §5.2 / §6.2: replaying the rules on the phones' schedule (relay the first
+  REGISTER of each device; then, per contact in mode contact / per AoR in mode aor, relay the first refresh at
+  or after LRTs + (outgoing − e)), and the steady-state rate (one relay per contact, or per AoR, every
+  outgoing − e s).
   Kamailio's raw count includes its 401 challenges: every relayed REGISTER costs two (challenge, retry);
   the comparison is on the accepted ones (reg_saved).
 - `throughput`: 10,000 distinct users (injection file), pre-registered, then a rate-stepping refresh load
-  (tests/integration/scenarios/thr_load_register.xml: one Call-ID per user, growing CSeq, same Contact and
+  (tests/support/scenarios/thr_load_register.xml: one Call-ID per user, growing CSeq, same Contact and
   source) against Kamailio as a plain in-memory registrar (bench/kamailio/registrar.cfg, no auth, 2 children)
   and against ONE `midregistrar run --mode contact --store memory` process (main registrar: that Kamailio),
   where every refresh is absorbed. A step passes with 0 failed calls, 0 retransmissions, 0 unexpected
   messages, every REGISTER answered, ≥ 95 % of the offered rate and, for the mid-registrar, 0 REGISTERs
   relayed. Rates grow by FACTOR until a step fails, then BISECT bisection steps between the last passing and
   the first failing rate; then HALF_RUNS runs at half the best rate give the p99 there (median quoted).
-  Latency: SIPp response times (-trace_rtt, ms resolution). CPU per REGISTER: utime+stime of the target (and
+  Latency: SIPp response times (-trace_rtt, ms resolution), p50 and p99 as nearest-rank percentiles
+  (tests/support/stats.py). CPU per REGISTER: utime+stime of the target (and
   its children) from /proc/<pid>/stat over the step. CPU wait: time the target and SIPp spent runnable but
   waiting for a core (/proc/<pid>/schedstat), in ms per second of the step: other work on the machine.
 
@@ -43,16 +44,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests" / "integration"))
-sys.path.insert(0, str(REPO / "tests" / "integration" / "kamailio"))
-
-import sipkit  # noqa: E402
-import thrkit  # noqa: E402
+from tests.support import REPO
+from tests.support.kamailio import Kamailio, KamailioMain
+from tests.support.ports import free_port
+from tests.support.process import process_tree, tree_cpu_seconds
+from tests.support.registrar import Registrar, metric
+from tests.support.sip import LOOPBACK
+from tests.support.sipp import SCENARIOS, Sipp, ensure_sip_tools
+from tests.support.stats import percentile
 
 BUFF = 4194304
 SIPP_TIMER_RESOL = 10  # ms: SIPp's own default tick for its pause timers
-LOOP = sipkit.LOOPBACK
 PASSWORD = "s3cret"
 
 
@@ -77,9 +79,9 @@ def run_delay(pids: list[int]) -> float:
 
 def theory(mode: str, starts: list[tuple[int, float]], period: float, window: float, e: int, out: int) -> int:
     """Relays accepted by main for devices (aor index, first REGISTER time) refreshing every `period` s, up
-    to `window` s, by the SPEC rules (mode contact §5.2: per contact, relay when now − LRTs ≥ out − e; mode
-    aor §6.2: per AoR, relay when now ≥ LRTs + max(expO − exp) = LRTs + out − e; a new device's first
-    REGISTER is relayed in both modes — SPEC §11 [REC], issue 3 item 5)."""
+    to `window` s, by the rules (mode contact, behaviour §5.2: per contact, relay when now − LRTs ≥ out − e;
+    mode aor, behaviour §6.2: per AoR, relay when now ≥ LRTs + max(expO − exp) = LRTs + out − e; a new
+    device's first REGISTER is relayed in both modes — behaviour §11 [REC], issue 3 item 5)."""
     threshold = out - e
     events: list[tuple[float, int, int]] = []  # (time, aor, device)
     for dev, (aor, t0) in enumerate(starts):
@@ -126,9 +128,9 @@ class AbsorptionRun:
 
 
 def absorption_one(mode: str, args: argparse.Namespace, work: Path, out: AbsorptionRun) -> None:
-    mid_port = sipkit.free_port()
-    kam = thrkit.KamailioMain(work / f"kam-{mode}", mid_port=mid_port, password=PASSWORD, quiet=True)
-    reg = sipkit.Registrar(
+    mid_port = free_port()
+    kam = KamailioMain(work / f"kam-{mode}", mid_port=mid_port, password=PASSWORD, quiet=True)
+    reg = Registrar(
         kam.addr,
         mode=mode,
         port=mid_port,
@@ -145,12 +147,12 @@ def absorption_one(mode: str, args: argparse.Namespace, work: Path, out: Absorpt
                 f.write(f"ph{a:05d};{PASSWORD};bench.test;d{d}\n")
     out.devices, out.aors = n_dev, args.aors
     out.kam_cmd = kam.command
-    phones: sipkit.Sipp | None = None
+    phones: Sipp | None = None
     try:
         kam.start()
         reg.start(ready_timeout=20)
         out.reg_cmd = reg.command
-        phones = sipkit.Sipp(
+        phones = Sipp(
             "thr_bench_phone",
             reg.addr,
             keys={"expires": args.expires},
@@ -175,10 +177,10 @@ def absorption_one(mode: str, args: argparse.Namespace, work: Path, out: Absorpt
         time.sleep(max(0.0, args.duration - (time.monotonic() - t0)))
         out.seconds = time.monotonic() - t0
         c = kam.counters()
-        m = thrkit.metrics(reg)
+        m = reg.metrics()
         out.kam_total, out.kam_saved, out.kam_challenged = c["reg_total"], c["reg_saved"], c["reg_challenged"]
-        out.relayed = thrkit.metric(m, "midregistrar_registers", outcome="relayed")
-        out.absorbed = thrkit.metric(m, "midregistrar_registers", outcome="absorbed")
+        out.relayed = metric(m, "midregistrar_registers", outcome="relayed")
+        out.absorbed = metric(m, "midregistrar_registers", outcome="absorbed")
         res = phones.stop()
         out.phone_failed = res.failed
         # Device i (0-based, file order) starts at i / rate; refreshes every interval (+ ~1 ms response).
@@ -214,7 +216,7 @@ def run_absorption(args: argparse.Namespace, work: Path) -> str:
         t.join(args.duration + 300)
     la1 = loadavg()
     lines = [
-        "### Absorption (REGISTERs reaching Kamailio vs SPEC §5.2/§6.2 theory)",
+        "### Absorption (REGISTERs reaching Kamailio vs behaviour §5.2/§6.2 theory)",
         "",
         f"`{sys.executable} {' '.join(sys.argv)}` — load average before {la0}, after {la1}",
         "",
@@ -282,20 +284,18 @@ class TRun:
 
 
 def load_scenario(work: Path, loops: int) -> Path:
-    text = (
-        (sipkit.SCENARIOS / "thr_load_register.xml").read_text().replace('value="LOOPS"', f'value="{loops}"')
-    )
+    text = (SCENARIOS / "thr_load_register.xml").read_text().replace('value="LOOPS"', f'value="{loops}"')
     p = work / f"thr_load_register_{loops}.xml"
     p.write_text(text)
     return p
 
 
-def throughput_registrar(main_port: int, workdir: Path, extra: tuple[str, ...] = ()) -> sipkit.Registrar:
+def throughput_registrar(main_port: int, workdir: Path, extra: tuple[str, ...] = ()) -> Registrar:
     """The one registrar process every throughput figure is taken on: mode contact, one UDP socket, a
     lifetime at main far above the users' so that every refresh is absorbed (memory store unless ``extra``
     says otherwise)."""
-    return sipkit.Registrar(
-        (LOOP, main_port),
+    return Registrar(
+        (LOOPBACK, main_port),
         mode="contact",
         transports=("udp",),
         extra=["--outgoing-expires", "3600", "--log-level", "warning", *extra],
@@ -313,10 +313,10 @@ def load_sipp(
     args: argparse.Namespace,
     work: Path,
     name: str,
-) -> sipkit.Sipp:
+) -> Sipp:
     d_ms = max(1, round(n * 1000.0 / rate))
     seconds = loops * d_ms / 1000.0
-    return sipkit.Sipp(
+    return Sipp(
         load_scenario(work, loops),
         target,
         port=port,
@@ -359,16 +359,16 @@ def t_step(
     rate: int,
     args: argparse.Namespace,
     work: Path,
-    reg: sipkit.Registrar | None,
+    reg: Registrar | None,
     tag: str,
 ) -> TStep:
     n = args.users
     loops = max(1, round(rate * args.step / n))
     s = load_sipp(target, port, users, n, rate, loops, args, work, f"{tr.name}-{tag}-{rate}")
     tr.sipp_command = s.command
-    m0 = thrkit.metrics(reg) if reg else {}
-    cpu0 = sipkit.tree_cpu_seconds(pid)
-    targets = sipkit.process_tree(pid)
+    m0 = reg.metrics() if reg else {}
+    cpu0 = tree_cpu_seconds(pid)
+    targets = process_tree(pid)
     wait0 = run_delay(targets)
     t0 = time.monotonic()
     s.start()
@@ -381,13 +381,13 @@ def t_step(
         time.sleep(0.2)
     res = s.wait(max(1.0, deadline - time.monotonic()))
     elapsed = time.monotonic() - t0
-    cpu = sipkit.tree_cpu_seconds(pid) - cpu0
+    cpu = tree_cpu_seconds(pid) - cpu0
     wait_target = (run_delay(targets) - wait0) / elapsed * 1e3
     wait_sipp = (sipp_wait1 - sipp_wait0) / elapsed * 1e3 if sipp_pid else None
     relayed = 0.0
     if reg:
-        m1 = thrkit.metrics(reg)
-        relayed = thrkit.metric(m1, "midregistrar_registers", outcome="relayed") - thrkit.metric(
+        m1 = reg.metrics()
+        relayed = metric(m1, "midregistrar_registers", outcome="relayed") - metric(
             m0, "midregistrar_registers", outcome="relayed"
         )
     rows = res.rtt_rows()
@@ -435,8 +435,8 @@ def t_step(
         retrans=retrans,
         unexpected=unexpected,
         achieved=achieved,
-        p50=sipkit.percentile(rtts, 50),
-        p99=sipkit.percentile(rtts, 99),
+        p50=percentile(rtts, 50) if rtts else None,
+        p99=percentile(rtts, 99) if rtts else None,
         cpu_us=cpu / regs * 1e6 if regs else None,
         relayed=relayed,
         passed=passed,
@@ -450,9 +450,9 @@ def t_step(
     if not passed:  # let an overloaded target finish its backlog (CPU < 5 % over 1 s, at most 30 s)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            c0 = sipkit.tree_cpu_seconds(pid)
+            c0 = tree_cpu_seconds(pid)
             time.sleep(1.0)
-            if sipkit.tree_cpu_seconds(pid) - c0 < 0.05:
+            if tree_cpu_seconds(pid) - c0 < 0.05:
                 break
     return step
 
@@ -531,20 +531,20 @@ def run_throughput(args: argparse.Namespace, work: Path) -> str:
     args.cseq_base = int(time.time()) - 10
     print(HEADER, flush=True)
     print(RULE, flush=True)
-    kam = sipkit.Kamailio(REPO / "bench" / "kamailio" / "registrar.cfg", children=2, workdir=work / "kam")
+    kam = Kamailio(REPO / "bench" / "kamailio" / "registrar.cfg", children=2, workdir=work / "kam")
     kam_run = TRun("kamailio", command=kam.command)
     mid_run = TRun("midregistrar")
-    reg: sipkit.Registrar | None = None
+    reg: Registrar | None = None
     try:
         kam.start()
         if "kamailio" in args.targets:
-            port = sipkit.free_port()
-            preregister(kam_run, (LOOP, kam.port), port, users, args, work)
-            ramp(kam_run, (LOOP, kam.port), kam.pid, port, users, args, work, None, args.start)
+            port = free_port()
+            preregister(kam_run, (LOOPBACK, kam.port), port, users, args, work)
+            ramp(kam_run, (LOOPBACK, kam.port), kam.pid, port, users, args, work, None, args.start)
         if "mid" in args.targets:
             reg = throughput_registrar(kam.port, work / "mid").start(ready_timeout=20)
             mid_run.command = reg.command
-            port = sipkit.free_port()
+            port = free_port()
             preregister(mid_run, reg.addr, port, users, args, work)
             ramp(mid_run, reg.addr, reg.pid, port, users, args, work, reg, args.mid_start)
     finally:
@@ -627,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
         "--timer-resol", type=int, default=SIPP_TIMER_RESOL, help="throughput: SIPp's pause timer tick, ms"
     )
     args = ap.parse_args(argv)
-    if not sipkit.ensure_sip_tools():
+    if not ensure_sip_tools():
         print("sipp/kamailio unavailable: run `make sip-tools`")
         return 1
     work = Path(tempfile.mkdtemp(prefix="thr-bench-"))

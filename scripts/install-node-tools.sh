@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install what the node tier of the tests and `make image` need, from Debian, when missing: containerd, runc,
 # the CNI plugins, iptables (kube-proxy), buildah and debootstrap (images without Docker). Idempotent and fast
-# when present. Nothing is started here: tests/node/noderig.py runs containerd with its own config.
+# when present. Nothing is started here: tests/support/node.py runs containerd with its own config.
 set -euo pipefail
 
 need=()

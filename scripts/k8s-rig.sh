@@ -12,7 +12,7 @@
 #                                 k8s.io/kubernetes module's build/pause/linux/pause.c
 #
 # The control plane itself (PKI, etcd, processes on loopback) is started by the pytest session fixture in
-# tests/cluster/conftest.py through midreg_operator.testing.rig, which calls `build` first when needed.
+# tests/cluster/conftest.py through tests/support/controlplane.py, which calls `build` first when needed.
 set -euo pipefail
 
 K8S_VERSION="${K8S_VERSION:-v1.37.2}"

@@ -1,28 +1,14 @@
-"""Helpers shared by the cluster tests (a uniquely named module: no clash with other test folders)."""
+"""Helpers shared by the cluster tests: kubectl reads and writes as cluster admin, MidRegistrar objects and
+their conditions."""
 
 from __future__ import annotations
 
 import json
 import subprocess
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from midreg_operator.testing.rig import ControlPlane
-
-T = TypeVar("T")
-
-
-def wait_until(fn: Callable[[], T | None], timeout: float, what: str, interval: float = 0.3) -> T:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+from tests.support.controlplane import ControlPlane
 
 
 class Cluster:

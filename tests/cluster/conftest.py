@@ -18,10 +18,11 @@ import pytest
 os.environ.setdefault("MIDREG_OPERATOR_RESYNC_SECONDS", "2")
 os.environ.setdefault("MIDREG_OPERATOR_RETRY_SECONDS", "2")
 
-from cluster_helpers import Cluster
 from kopf.testing import KopfRunner
 
-from midreg_operator.testing.rig import ControlPlane, Etcd, control_plane
+from tests.cluster.cluster_helpers import Cluster
+from tests.support.controlplane import ControlPlane, control_plane
+from tests.support.etcd import EtcdServer
 
 REPO = Path(__file__).resolve().parents[2]
 CRD = REPO / "crds" / "midregistrar.yaml"
@@ -57,8 +58,8 @@ def operator_kubeconfig(rig: ControlPlane) -> Path:
 
 
 @pytest.fixture(scope="session")
-def registrar_etcd(rig: ControlPlane) -> Iterator[Etcd]:
-    etcd = Etcd(rig.workdir, "registrar-etcd").start()
+def registrar_etcd(rig: ControlPlane) -> Iterator[EtcdServer]:
+    etcd = EtcdServer(rig.workdir, "registrar-etcd", compaction_retention="1h").start()
     yield etcd
     etcd.stop()
 

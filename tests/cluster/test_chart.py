@@ -18,10 +18,13 @@ from typing import Any
 
 import pytest
 import yaml
-from cluster_helpers import Cluster, condition, wait_until
 
-from midreg_operator.testing.rig import ControlPlane, free_port, start
-from tests.helmkit import CHART, Helm
+from tests.cluster.cluster_helpers import Cluster, condition
+from tests.support.controlplane import ControlPlane
+from tests.support.helm import CHART, Helm
+from tests.support.ports import free_port
+from tests.support.process import Proc
+from tests.support.wait import WaitTimeout, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -226,7 +229,7 @@ def test_helm_install_creates_every_object(helm: Helm, cluster: Cluster, release
     role = cluster.get("role", FULLNAME, release["watched"])
     assert role is not None
     # The operator pod runs (kwok) with the chart's ServiceAccount.
-    pods = wait_until(
+    pods = wait_for(
         lambda: [
             p
             for p in _pods(cluster, release["ns"])
@@ -269,7 +272,7 @@ def test_operator_with_the_charts_identity_reconciles_an_example(
     saved = {k: os.environ.get(k) for k in [*env, "KUBECONFIG"]}
     os.environ.update({**env, "KUBECONFIG": str(kubeconfig)})
     try:
-        proc = start(f"chart-operator-{ns}", [str(exe), *args], rig.workdir)
+        proc = Proc([str(exe), *args], rig.workdir, f"chart-operator-{ns}")
     finally:
         for k, v in saved.items():
             if v is None:
@@ -293,8 +296,8 @@ def test_operator_with_the_charts_identity_reconciles_an_example(
             return obj if fresh and condition(obj, "Ready").get("status") == "True" else None
 
         try:
-            obj = wait_until(ready, 90, "example MidRegistrar Ready under the chart's operator")
-        except AssertionError as exc:
+            obj = wait_for(ready, 90, "example MidRegistrar Ready under the chart's operator")
+        except WaitTimeout as exc:
             raise AssertionError(f"{exc}\n{proc.tail(40)}") from None
         assert obj["status"]["replicas"] == 2
         for kind, objname in [
@@ -313,7 +316,7 @@ def test_operator_with_the_charts_identity_reconciles_an_example(
         cluster.kubectl("delete", "midreg", name, "-n", watched, "--timeout=60s")
     finally:
         proc.stop()
-    log = proc.log.read_text()
+    log = proc.output()
     refused = [line for line in log.splitlines() if re.search(r" 403 |[Ff]orbidden", line)]
     assert not refused, "\n".join(refused[:10])
     assert "succeeded" in log, log[-3000:]
@@ -339,7 +342,7 @@ def test_helm_upgrade_with_changed_values_rolls_the_operator(
         ]
         return fresh if fresh and not {p["metadata"]["uid"] for p in pods} & old_pods else []
 
-    (pod,) = wait_until(rolled, 90, "the operator pod replaced by the upgrade")
+    (pod,) = wait_for(rolled, 90, "the operator pod replaced by the upgrade")
     assert "--verbose" in pod["spec"]["containers"][0]["args"]
     assert "2" in helm("history", RELEASE, "-n", ns).stdout
 
@@ -351,9 +354,7 @@ def test_helm_uninstall_leaves_no_operator_objects(
     objs = _manifest(helm, ns)
     helm("uninstall", RELEASE, "-n", ns)
     for kind, name, namespace in map(_ref, objs):
-        wait_until(
-            lambda k=kind, n=name, s=namespace: cluster.get(k, n, s) is None, 30, f"{kind}/{name} gone"
-        )
+        wait_for(lambda k=kind, n=name, s=namespace: cluster.get(k, n, s) is None, 30, f"{kind}/{name} gone")
     assert cluster.get("role", FULLNAME, release["watched"]) is None
     assert cluster.get("crd", "midregistrars.sip.midregistrar.io") is not None, "Helm keeps the CRD"
-    wait_until(lambda: not _pods(cluster, ns), 60, "operator pods gone")
+    wait_for(lambda: not _pods(cluster, ns), 60, "operator pods gone")

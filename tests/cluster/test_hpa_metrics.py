@@ -22,11 +22,12 @@ from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 import pytest
-from cluster_helpers import Cluster, midregistrar, wait_until
 from kopf.testing import KopfRunner
 
 from midreg_operator.render import REGISTER_RATE_METRIC
-from midreg_operator.testing.rig import ControlPlane
+from tests.cluster.cluster_helpers import Cluster, midregistrar
+from tests.support.controlplane import ControlPlane
+from tests.support.wait import WaitTimeout, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -198,8 +199,8 @@ def metrics_api(cluster: Cluster, rig: ControlPlane) -> Iterator[MetricsAPI]:
         return True
 
     try:
-        wait_until(available, 60, "the test's metrics APIServices Available")
-    except AssertionError as exc:
+        wait_for(available, 60, "the test's metrics APIServices Available")
+    except WaitTimeout as exc:
         raise AssertionError(
             f"{exc}\n{cluster.get('apiservice', names[0])}\nrequests: {api.requests[-10:]}"
         ) from None
@@ -208,7 +209,7 @@ def metrics_api(cluster: Cluster, rig: ControlPlane) -> Iterator[MetricsAPI]:
         cluster.kubectl("delete", "apiservice", name, check=False)
     # Until discovery forgets them, the namespace controller stalls on the groups (slow namespace deletion
     # for the tests that follow).
-    wait_until(
+    wait_for(
         lambda: "metrics.k8s.io" not in cluster.kubectl("api-versions").stdout, 30, "metrics groups gone"
     )
     server.shutdown()
@@ -240,7 +241,7 @@ def test_register_rate_scales_up_then_down_after_the_window(
             },
         )
     )
-    hpa = wait_until(lambda: cluster.get("hpa", "load", ns), 30, "HPA rendered by the operator")
+    hpa = wait_for(lambda: cluster.get("hpa", "load", ns), 30, "HPA rendered by the operator")
     assert {m["type"] for m in hpa["spec"]["metrics"]} == {"Resource", "Pods"}
 
     def diag() -> str:
@@ -249,11 +250,11 @@ def test_register_rate_scales_up_then_down_after_the_window(
         )
 
     try:
-        wait_until(
+        wait_for(
             lambda: _replicas(cluster, "midreg", "load", ns) == 3, 60, "HPA scales the MidRegistrar to 3"
         )
-        wait_until(lambda: _replicas(cluster, "deployment", "load", ns) == 3, 30, "operator follows to 3")
-    except AssertionError as exc:
+        wait_for(lambda: _replicas(cluster, "deployment", "load", ns) == 3, 30, "operator follows to 3")
+    except WaitTimeout as exc:
         raise AssertionError(f"{exc}\n{diag()}") from None
     status = (cluster.get("hpa", "load", ns) or {})["status"]
     pods_metric = [m for m in status.get("currentMetrics") or [] if m["type"] == "Pods"]
@@ -262,13 +263,13 @@ def test_register_rate_scales_up_then_down_after_the_window(
     metrics_api.rate[ns] = 1.0  # 3 pods at 1/s against 10/s: one pod is enough
     low_since = time.monotonic()
     try:
-        wait_until(
+        wait_for(
             lambda: _replicas(cluster, "midreg", "load", ns) == 1, window + 45, "scale-down after the window"
         )
-    except AssertionError as exc:
+    except WaitTimeout as exc:
         raise AssertionError(f"{exc}\n{diag()}") from None
     elapsed = time.monotonic() - low_since
     # The last high recommendation may predate the drop by one sync (5 s): the window still holds.
     assert elapsed >= window - 6, f"scaled down after {elapsed:.1f}s, before the {window}s window"
-    wait_until(lambda: _replicas(cluster, "deployment", "load", ns) == 1, 30, "operator follows to 1")
+    wait_for(lambda: _replicas(cluster, "deployment", "load", ns) == 1, 30, "operator follows to 1")
     cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)

@@ -11,12 +11,16 @@ from typing import Any
 
 import pytest
 import yaml
-from cluster_helpers import Cluster, condition, midregistrar, wait_until
 from kopf.testing import KopfRunner
 
 from midreg_operator.etcd import EtcdGateway
 from midreg_operator.render import CONFIG_HASH_ANNOTATION
-from midreg_operator.testing.rig import ControlPlane, Etcd, free_port
+from tests.cluster.cluster_helpers import Cluster, condition, midregistrar
+from tests.support.controlplane import ControlPlane
+from tests.support.etcd import EtcdServer
+from tests.support.ports import free_port
+from tests.support.process import Proc
+from tests.support.wait import WaitTimeout, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -87,7 +91,7 @@ def life_ns(cluster: Cluster) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def alpha(cluster: Cluster, operator: KopfRunner, registrar_etcd: Etcd, life_ns: str) -> dict[str, Any]:
+def alpha(cluster: Cluster, operator: KopfRunner, registrar_etcd: EtcdServer, life_ns: str) -> dict[str, Any]:
     gw = EtcdGateway([registrar_etcd.endpoint])
     prefix = f"/midregistrar/{life_ns}/alpha/"
     for key in [
@@ -106,7 +110,7 @@ def alpha(cluster: Cluster, operator: KopfRunner, registrar_etcd: Etcd, life_ns:
         obj = cluster.get("midreg", "alpha", life_ns)
         return obj if condition(obj, "Ready").get("status") == "True" else None
 
-    return wait_until(ready, 90, "MidRegistrar alpha Ready")
+    return wait_for(ready, 90, "MidRegistrar alpha Ready")
 
 
 def test_valid_midregistrar_yields_owned_objects(
@@ -184,7 +188,7 @@ def test_spec_change_rolls_the_deployment(cluster: Cluster, alpha: dict[str, Any
         ann = (d or {}).get("spec", {}).get("template", {}).get("metadata", {}).get("annotations", {})
         return d if ann.get(CONFIG_HASH_ANNOTATION, old_hash) != old_hash else None
 
-    wait_until(rolled, 30, "config hash change on the pod template")
+    wait_for(rolled, 30, "config hash change on the pod template")
     cm = cluster.get("configmap", "alpha-config", life_ns)
     assert cm is not None and yaml.safe_load(cm["data"]["config.yaml"])["default_expires"] == 1800
 
@@ -194,7 +198,7 @@ def test_spec_change_rolls_the_deployment(cluster: Cluster, alpha: dict[str, Any
         fresh = st.get("observedGeneration") == (obj or {}).get("metadata", {}).get("generation")
         return obj if fresh and condition(obj, "Ready").get("status") == "True" else None
 
-    wait_until(ready_again, 60, "Ready again after the rollout")
+    wait_for(ready_again, 60, "Ready again after the rollout")
     pods = json.loads(
         cluster.kubectl(
             "get", "pods", "-n", life_ns, "-l", "app.kubernetes.io/instance=alpha", "-o", "json"
@@ -213,7 +217,7 @@ def test_deleted_service_comes_back(cluster: Cluster, alpha: dict[str, Any], lif
         svc = cluster.get("service", "alpha", life_ns)
         return svc if svc and svc["metadata"]["uid"] != before["metadata"]["uid"] else None
 
-    svc = wait_until(back, 30, "the SIP Service recreated")
+    svc = wait_for(back, 30, "the SIP Service recreated")
     assert svc["spec"]["type"] == "NodePort"
 
 
@@ -233,7 +237,7 @@ def test_edited_deployment_is_repaired(cluster: Cluster, alpha: dict[str, Any], 
         d = cluster.get("deployment", "alpha", life_ns)
         return bool(d) and d["spec"]["template"]["spec"]["containers"][0]["image"] != "evil:1"  # type: ignore[index]
 
-    wait_until(repaired, 30, "the Deployment's image repaired")
+    wait_for(repaired, 30, "the Deployment's image repaired")
 
 
 def test_kubectl_scale_reaches_the_deployment(cluster: Cluster, alpha: dict[str, Any], life_ns: str) -> None:
@@ -243,7 +247,7 @@ def test_kubectl_scale_reaches_the_deployment(cluster: Cluster, alpha: dict[str,
         d = cluster.get("deployment", "alpha", life_ns)
         return bool(d) and d["spec"]["replicas"] == 5  # type: ignore[index]
 
-    wait_until(scaled, 30, "Deployment replicas 5")
+    wait_for(scaled, 30, "Deployment replicas 5")
 
     def ready5() -> dict[str, Any] | None:
         obj = cluster.get("midreg", "alpha", life_ns)
@@ -252,7 +256,7 @@ def test_kubectl_scale_reaches_the_deployment(cluster: Cluster, alpha: dict[str,
             obj if st.get("readyReplicas") == 5 and condition(obj, "Ready").get("status") == "True" else None
         )
 
-    wait_until(ready5, 60, "5 ready registrar pods in status")
+    wait_for(ready5, 60, "5 ready registrar pods in status")
     scale = json.loads(
         cluster.kubectl("get", "midreg", "alpha", "-n", life_ns, "--subresource=scale", "-o", "json").stdout
     )
@@ -261,12 +265,12 @@ def test_kubectl_scale_reaches_the_deployment(cluster: Cluster, alpha: dict[str,
 
 
 def test_delete_collects_owned_objects_and_cleans_etcd(
-    cluster: Cluster, alpha: dict[str, Any], life_ns: str, registrar_etcd: Etcd
+    cluster: Cluster, alpha: dict[str, Any], life_ns: str, registrar_etcd: EtcdServer
 ) -> None:
     gw = EtcdGateway([registrar_etcd.endpoint])
     assert gw.counts(f"/midregistrar/{life_ns}/alpha/") is not None
     cluster.kubectl("delete", "midreg", "alpha", "-n", life_ns, "--timeout=60s")
-    wait_until(lambda: cluster.get("midreg", "alpha", life_ns) is None, 30, "MidRegistrar gone")
+    wait_for(lambda: cluster.get("midreg", "alpha", life_ns) is None, 30, "MidRegistrar gone")
     for kind, name in [
         ("deployment", "alpha"),
         ("service", "alpha"),
@@ -275,7 +279,7 @@ def test_delete_collects_owned_objects_and_cleans_etcd(
         ("pdb", "alpha"),
         ("serviceaccount", "alpha-registrar"),
     ]:
-        wait_until(lambda k=kind, n=name: cluster.get(k, n, life_ns) is None, 60, f"{kind}/{name} collected")
+        wait_for(lambda k=kind, n=name: cluster.get(k, n, life_ns) is None, 60, f"{kind}/{name} collected")
     left = gw.call(
         "/v3/kv/range", {"key": _b64(f"/midregistrar/{life_ns}/alpha/"), "range_end": _b64_end(life_ns)}
     )
@@ -308,7 +312,7 @@ def test_missing_secret_degrades_then_recovers(cluster: Cluster, operator: KopfR
         c = condition(cluster.get("midreg", "creds", ns), "Degraded")
         return c if c.get("status") == "True" else None
 
-    c = wait_until(degraded, 30, "Degraded condition")
+    c = wait_for(degraded, 30, "Degraded condition")
     assert c["reason"] == "SecretNotFound"
     assert f"{ns}/etcd-creds" in c["message"]
     assert cluster.get("deployment", "creds", ns) is not None  # the rest is still applied
@@ -322,8 +326,8 @@ def test_missing_secret_degrades_then_recovers(cluster: Cluster, operator: KopfR
         )
 
     try:
-        wait_until(healed, 30, "Degraded cleared and Ready once the Secret exists")
-    except AssertionError as exc:
+        wait_for(healed, 30, "Degraded cleared and Ready once the Secret exists")
+    except WaitTimeout as exc:
         pods = cluster.kubectl("get", "pods,events", "-n", ns, "-o", "wide").stdout
         raise AssertionError(f"{exc}\n{pods}\n{cluster.get('midreg', 'creds', ns)}") from None
 
@@ -336,14 +340,14 @@ def test_hpa_drives_replicas_through_the_scale_subresource(
             "auto", ns, replicas=1, autoscaling={"enabled": True, "minReplicas": 3, "maxReplicas": 4}
         )
     )
-    hpa = wait_until(lambda: cluster.get("hpa", "auto", ns), 30, "HPA created")
+    hpa = wait_for(lambda: cluster.get("hpa", "auto", ns), 30, "HPA created")
     assert hpa["spec"]["scaleTargetRef"] == {
         "apiVersion": "sip.midregistrar.io/v1alpha1",
         "kind": "MidRegistrar",
         "name": "auto",
     }
     # The real HPA controller raises the MidRegistrar to minReplicas through /scale; the operator follows.
-    wait_until(
+    wait_for(
         lambda: (cluster.get("deployment", "auto", ns) or {}).get("spec", {}).get("replicas") == 3,
         60,
         "HPA minReplicas carried to the Deployment",
@@ -358,15 +362,15 @@ def test_hpa_drives_replicas_through_the_scale_subresource(
         "-p",
         '{"spec":{"autoscaling":{"enabled":false}}}',
     )
-    wait_until(lambda: cluster.get("hpa", "auto", ns) is None, 30, "HPA removed when autoscaling is off")
+    wait_for(lambda: cluster.get("hpa", "auto", ns) is None, 30, "HPA removed when autoscaling is off")
 
 
 def test_host_network_mode(cluster: Cluster, operator: KopfRunner, ns: str) -> None:
     cluster.apply(midregistrar("edge", ns, replicas=1, network={"mode": "hostNetwork"}))
-    dep = wait_until(lambda: cluster.get("deployment", "edge", ns), 30, "Deployment")
+    dep = wait_for(lambda: cluster.get("deployment", "edge", ns), 30, "Deployment")
     pod = dep["spec"]["template"]["spec"]
     assert pod["hostNetwork"] is True and pod["dnsPolicy"] == "ClusterFirstWithHostNet"
-    obj = wait_until(
+    obj = wait_for(
         lambda: (
             (o := cluster.get("midreg", "edge", ns)) and condition(o, "Ready").get("status") == "True" and o
         ),
@@ -381,7 +385,7 @@ def test_finalizer_retries_while_etcd_is_unreachable(
 ) -> None:
     port = free_port()
     cluster.apply(midregistrar("lost", ns, replicas=1, etcd={"endpoints": [f"127.0.0.1:{port}"]}))
-    wait_until(
+    wait_for(
         lambda: condition(cluster.get("midreg", "lost", ns), "Degraded").get("reason") == "EtcdUnreachable",
         30,
         "Degraded EtcdUnreachable while running",
@@ -393,14 +397,14 @@ def test_finalizer_retries_while_etcd_is_unreachable(
         c = condition(obj, "Degraded")
         return c if c.get("reason") == "EtcdCleanupPending" else None
 
-    c = wait_until(pending, 30, "EtcdCleanupPending condition")
+    c = wait_for(pending, 30, "EtcdCleanupPending condition")
     assert "retrying" in c["message"] and f"127.0.0.1:{port}" in c["message"]
     obj = cluster.get("midreg", "lost", ns)
     assert obj is not None and obj["metadata"].get("deletionTimestamp")
     assert "sip.midregistrar.io/etcd-cleanup" in obj["metadata"]["finalizers"]
-    etcd = Etcd(rig.workdir, f"late-etcd-{port}", client_port=port).start()
+    etcd = EtcdServer(rig.workdir, f"late-etcd-{port}", client_port=port, compaction_retention="1h").start()
     try:
-        wait_until(
+        wait_for(
             lambda: cluster.get("midreg", "lost", ns) is None, 30, "deletion completes once etcd is back"
         )
     finally:
@@ -443,36 +447,22 @@ def test_operator_process_serves_liveness_and_logs_json(
     cluster: Cluster, rig: ControlPlane, operator_kubeconfig: Any, ns: str
 ) -> None:
     """The shipped entry point (`midregistrar-operator`), namespace-scoped, as the Deployment would run it."""
-    import os
     import sys
     import urllib.request
     from pathlib import Path
 
-    from midreg_operator.testing.rig import start
-
     port = free_port()
     exe = Path(sys.executable).parent / "midregistrar-operator"
-    env_kc = os.environ.get("KUBECONFIG")
-    os.environ["KUBECONFIG"] = str(operator_kubeconfig)
-    try:
-        proc = start(
-            f"operator-{ns}",
-            [
-                str(exe),
-                "--namespace",
-                ns,
-                "--liveness",
-                f"http://127.0.0.1:{port}/healthz",
-                "--log-format",
-                "json",
-            ],
-            rig.workdir,
-        )
-    finally:
-        if env_kc is None:
-            os.environ.pop("KUBECONFIG", None)
-        else:
-            os.environ["KUBECONFIG"] = env_kc
+    argv = [
+        str(exe),
+        "--namespace",
+        ns,
+        "--liveness",
+        f"http://127.0.0.1:{port}/healthz",
+        "--log-format",
+        "json",
+    ]
+    proc = Proc(argv, rig.workdir, f"operator-{ns}", env={"KUBECONFIG": str(operator_kubeconfig)})
     try:
 
         def live() -> bool:
@@ -482,14 +472,14 @@ def test_operator_process_serves_liveness_and_logs_json(
             except OSError:
                 return False
 
-        wait_until(live, 30, "operator liveness endpoint")
+        wait_for(live, 30, "operator liveness endpoint")
         cluster.apply(midregistrar("scoped", ns, replicas=1))
-        wait_until(
+        wait_for(
             lambda: cluster.get("deployment", "scoped", ns), 30, "Deployment from the namespaced operator"
         )
     finally:
         proc.stop()
-    lines = [line for line in proc.log.read_text().splitlines() if line.strip()]
+    lines = [line for line in proc.output().splitlines() if line.strip()]
     assert lines
     for line in lines:
         assert isinstance(json.loads(line), dict), line

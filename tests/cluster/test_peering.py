@@ -27,11 +27,14 @@ from typing import Any
 
 import pytest
 import yaml
-from cluster_helpers import Cluster, midregistrar, wait_until
-from test_chart import CHART, Helm
 
 from midreg_operator.peering import priority_from_name
-from midreg_operator.testing.rig import ControlPlane, Proc, free_port, start
+from tests.cluster.cluster_helpers import Cluster, midregistrar
+from tests.support.controlplane import ControlPlane
+from tests.support.helm import CHART, Helm
+from tests.support.ports import free_port
+from tests.support.process import Proc
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -73,11 +76,11 @@ def _operator(rig: ControlPlane, kubeconfig: Path, pod: str, ns: str) -> Proc:
         f"--peering-lifetime={LIFETIME}",
     ]
     with _environ(KUBECONFIG=str(kubeconfig), POD_NAME=pod, POD_ID=pod):
-        return start(f"{pod}-{ns}", [str(exe), *args], rig.workdir)
+        return Proc([str(exe), *args], rig.workdir, f"{pod}-{ns}")
 
 
 def _log(proc: Proc) -> str:
-    return proc.log.read_text(errors="replace")
+    return proc.output()
 
 
 def _records(proc: Proc, ns: str) -> list[dict[str, Any]]:
@@ -130,10 +133,10 @@ def test_only_the_higher_priority_acts_and_the_standby_takes_over(
     low = _operator(rig, operator_kubeconfig, low_pod, ns)
     procs = [low]
     try:
-        wait_until(lambda: _in_log(low, "Activity 'configure' succeeded"), 30, f"{low_pod} started")
+        wait_for(lambda: _in_log(low, "Activity 'configure' succeeded"), 30, f"{low_pod} started")
         high = _operator(rig, operator_kubeconfig, high_pod, ns)
         procs.append(high)
-        wait_until(lambda: _in_log(low, "Pausing operations in favour of"), 30, f"{low_pod} pauses")
+        wait_for(lambda: _in_log(low, "Pausing operations in favour of"), 30, f"{low_pod} pauses")
         # Peering is no lock: until the lower one has seen the higher one's first keep-alive, and while it
         # finishes a listing or handler already under way, both may act (harmless: reconciliation is
         # level-based server-side apply). Let that hand-over settle before the exclusive part.
@@ -141,29 +144,29 @@ def test_only_the_higher_priority_acts_and_the_standby_takes_over(
 
         # Created while both run: reconciled by the active (higher) one only.
         cluster.apply(midregistrar("first", ns))
-        wait_until(lambda: _reconciled(cluster, ns, "first"), 60, "first reconciled")
-        wait_until(lambda: _acted_on(high, ns, "first"), 30, f"{high_pod} reconciles first")
+        wait_for(lambda: _reconciled(cluster, ns, "first"), 60, "first reconciled")
+        wait_for(lambda: _acted_on(high, ns, "first"), 30, f"{high_pod} reconciles first")
         time.sleep(3)  # more than one resync interval (MIDREG_OPERATOR_RESYNC_SECONDS=2): the timer ran again
         assert len(_acted_on(high, ns, "first")) >= 2, high.tail(40)
         assert not _records(low, ns), low.tail(40)
         assert "Pausing" not in _log(high), high.tail(40)
 
         # The active one crashes: no farewell, so the standby waits for its keep-alive to expire.
-        os.kill(high.popen.pid, signal.SIGKILL)
-        high.popen.wait(10)
+        os.kill(high.pid, signal.SIGKILL)
+        high.wait(10)
         killed = time.monotonic()
-        wait_until(lambda: _in_log(low, "Resuming operations"), LIFETIME + 15, f"{low_pod} resumes")
+        wait_for(lambda: _in_log(low, "Resuming operations"), LIFETIME + 15, f"{low_pod} resumes")
         took = time.monotonic() - killed
         assert took <= LIFETIME + 5, f"take-over took {took:.1f}s (peering lifetime {LIFETIME}s)"
 
         cluster.apply(midregistrar("second", ns))
-        wait_until(lambda: _reconciled(cluster, ns, "second"), 60, "second reconciled")
-        wait_until(lambda: _acted_on(low, ns, "second"), 30, f"{low_pod} reconciles second after take-over")
+        wait_for(lambda: _reconciled(cluster, ns, "second"), 60, "second reconciled")
+        wait_for(lambda: _acted_on(low, ns, "second"), 30, f"{low_pod} reconciles second after take-over")
         # Delete while an operator still runs: it removes its finalizer. First let the take-over settle (the
         # resumed operator's timer has run for both objects): a deletion within about a second of the
         # resume was seen to leave the finalizer in place although kopf logged "Deletion is processed".
         for name in ("first", "second"):
-            wait_until(
+            wait_for(
                 lambda n=name: any(m.startswith("Timer") for m in _acted_on(low, ns, n)),
                 30,
                 f"{low_pod} resyncs {name}",

@@ -1,7 +1,8 @@
-"""Three `midregistrar run --store etcd` processes sharing one real etcd (issue 4, item 7; DESIGN.md §5–6).
+"""Three `midregistrar run --store etcd` processes sharing one real etcd (issue 4, item 7; architecture "Shared
+state in etcd" and "Networking and flow ownership").
 
-Every test starts, on loopback ports: Kamailio as the main registrar (tests/integration/kamailio/
-main_registrar.cfg without digest, so REGISTERs and De-REGISTERs from any of the processes are saved; a binrpc
+Every test starts, on loopback ports: Kamailio as the main registrar (tests/support/main_registrar.cfg
+without digest, so REGISTERs and De-REGISTERs from any of the processes are saved; a binrpc
 socket for `kamcmd ul.dump`; one log line per REGISTER received, with its source si:sp), then processes A, B and
 C (`--store etcd`, one etcd prefix per test, each its own SIP, HTTP and internal port), then SIPp phones
 (scenarios/cluster_phones.xml: a fleet of users on one port, re-targetable to another process without changing
@@ -11,7 +12,7 @@ Kamailio holds, to whichever process the test names (on loopback each process ha
 own lookup would always pick the relaying process; in a cluster they share one address). Who sent an INVITE to
 a phone is read from its top Via (the process that sends a request puts its own socket there).
 
-The etcd server (tests/etcdkit.py) is shared by the module; every process, SIPp and Kamailio is stopped by
+The etcd server (tests/support/etcd.py) is shared by the module; every process, SIPp and Kamailio is stopped by
 PID in the fixture's teardown. Short lifetimes (`--min-expires 1`, phones 4–60 s, `--etcd-hold 5`,
 `--member-ttl 2`, `--etcd-timeout 1`) keep the module near three minutes.
 """
@@ -19,27 +20,22 @@ PID in the fixture's teardown. Short lifetimes (`--min-expires 1`, phones 4–60
 from __future__ import annotations
 
 import re
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
-
-import clusterkit as ck  # noqa: E402
-import sipkit  # noqa: E402
-import thrkit  # noqa: E402  (on sys.path through clusterkit)
-
-from tests.etcdkit import EtcdServer, etcd_server  # noqa: E402
+from tests.support.cluster import Cluster, Node
+from tests.support.etcd import EtcdServer, etcd_server
+from tests.support.kamailio import UlContact
+from tests.support.phones import DOMAIN, CallTarget, Fleet, UdpPhone, place_calls, received_invites
+from tests.support.registrar import metric
+from tests.support.sip import SipMessage, status_code, via_port
+from tests.support.wait import poll
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("sip_tools")]
 __all__ = ["etcd_server"]  # the module-scoped fixture, collected from here
-
-DOMAIN = ck.DOMAIN
 
 
 def node_args(outgoing: int) -> list[str]:
@@ -53,13 +49,13 @@ def node_args(outgoing: int) -> list[str]:
 
 
 @pytest.fixture
-def cluster(tmp_path: Path, etcd_server: EtcdServer, request: pytest.FixtureRequest) -> Iterator[ck.Cluster]:
+def cluster(tmp_path: Path, etcd_server: EtcdServer, request: pytest.FixtureRequest) -> Iterator[Cluster]:
     if etcd_server.pid is None:  # a previous test may have left it stopped or paused
         etcd_server.start()
     else:
         etcd_server.resume()
     name = re.sub(r"[^A-Za-z0-9_-]+", "-", request.node.name)
-    c = ck.Cluster(tmp_path, etcd_server, f"/midregistrar/test/{name}/")
+    c = Cluster(tmp_path, etcd_server, f"/midregistrar/test/{name}/")
     yield c
     c.stop()
     if etcd_server.pid is not None:
@@ -71,18 +67,18 @@ def hostport(uri: str) -> str:
     return uri.split("@", 1)[-1].split(";", 1)[0].split(">", 1)[0]
 
 
-def kam_uri(c: ck.Cluster, user: str) -> str:
+def kam_uri(c: Cluster, user: str) -> str:
     """The one contact Kamailio holds for `user` (its AoR is the user part)."""
     held = c.kam_contacts(user)
     assert held, f"Kamailio holds no contact for {user}\n" + c.diag()
     return held[0].address
 
 
-def invites_for(fleet: ck.Fleet, user: str) -> list[ck.SipMessage]:
+def invites_for(fleet: Fleet, user: str) -> list[SipMessage]:
     """INVITEs the fleet received for `user` (mode contact: R-URI user; mode aor: the phone's Contact)."""
     seen: set[str] = set()
     out = []
-    for m in ck.received_invites(fleet):
+    for m in received_invites(fleet):
         if not (m.ruri or "").startswith(f"sip:{user}@"):
             continue
         key = m.vias[0] if m.vias else m.text  # a retransmission repeats the top Via (its branch)
@@ -92,15 +88,15 @@ def invites_for(fleet: ck.Fleet, user: str) -> list[ck.SipMessage]:
     return out
 
 
-def metric(node: ck.Node, name: str) -> float:
-    return thrkit.metric(node.metrics(), name)
+def node_metric(node: Node, name: str) -> float:
+    return metric(node.metrics(), name)
 
 
-def via_ports(msg: ck.SipMessage) -> list[int | None]:
-    return [ck.via_port(v) for v in msg.vias]
+def via_ports(msg: SipMessage) -> list[int | None]:
+    return [via_port(v) for v in msg.vias]
 
 
-def check_one_deregister(c: ck.Cluster, user: str, senders: dict[str, ck.Node]) -> None:
+def check_one_deregister(c: Cluster, user: str, senders: dict[str, Node]) -> None:
     """Exactly one De-REGISTER for `user` reached Kamailio, from one of `senders`, and its transaction ended
     with Kamailio's answer (on loopback a second copy can only be a duplicate or a retransmission that
     should not have happened: Kamailio answers within milliseconds, Timer E is 500 ms)."""
@@ -126,7 +122,7 @@ def check_one_deregister(c: ck.Cluster, user: str, senders: dict[str, ck.Node]) 
 
 
 @pytest.mark.parametrize("mode", ["contact", "aor"])
-def test_call_through_b_reaches_phone_registered_through_a(cluster: ck.Cluster, mode: str) -> None:
+def test_call_through_b_reaches_phone_registered_through_a(cluster: Cluster, mode: str) -> None:
     """Registered through A; INVITE from main through B. alice's flow stays with A: B hands the INVITE to A,
     which sends it to the phone (top Via = A, B's Via below). bob moved his refreshes to B: B sends directly."""
     c = cluster.start(mode, extra=node_args(outgoing=60))
@@ -149,7 +145,7 @@ def test_call_through_b_reaches_phone_registered_through_a(cluster: ck.Cluster, 
         assert f"@127.0.0.1:{a.port};ctid=" in uris["alice"], info
     else:
         assert uris["alice"].startswith(f"sip:alice%40{DOMAIN}@127.0.0.1:"), info
-    out = ck.place_calls(c.tmp, b, [ck.CallTarget(u, uri) for u, uri in uris.items()], "calls-via-b", rate=5)
+    out = place_calls(c.tmp, b, [CallTarget(u, uri) for u, uri in uris.items()], "calls-via-b", rate=5)
     info = c.diag(info, out.result.describe()[-5000:])
     assert not out.failed(), f"every call through B must be answered 200: {out.finals}\n" + info
     assert sum(ln.startswith("BYE final=200") for ln in out.result.logs) == 2, info
@@ -168,12 +164,12 @@ def test_call_through_b_reaches_phone_registered_through_a(cluster: ck.Cluster, 
     ports = via_ports(inv[0])
     assert ports[0] == b.port, f"bob's flow is B's now: B sends directly, Vias {inv[0].vias}\n" + info
     assert a.port not in ports, f"no detour through A: {inv[0].vias}\n" + info
-    handoffs = {n.name: metric(n, "midregistrar_handoffs") for n in c.nodes.values()}
+    handoffs = {n.name: node_metric(n, "midregistrar_handoffs") for n in c.nodes.values()}
     assert handoffs == {"A": 0, "B": 1, "C": 0}, f"B handed one INVITE (alice's) to A: {handoffs}\n" + info
     assert all(node.alive() for node in c.nodes.values()), info
 
 
-def test_tcp_flow_is_handed_to_its_owner_and_480_once_the_owner_is_gone(cluster: ck.Cluster) -> None:
+def test_tcp_flow_is_handed_to_its_owner_and_480_once_the_owner_is_gone(cluster: Cluster) -> None:
     """A TCP phone's flow is a connection to A: a call through B is handed to A, which sends it over that
     connection; once A is dead (its member lease gone), the flow is gone too and B answers 480. Only the INVITE
     transaction is checked: the UDP caller's ACK and BYE go straight to the phone's TCP-only Contact (no
@@ -183,7 +179,7 @@ def test_tcp_flow_is_handed_to_its_owner_and_480_once_the_owner_is_gone(cluster:
     tina = c.fleet("tina", ["tina"], a, expires=10, every_ms=1000, transport="t1")
     assert tina.wait_ok(2, 15), "tina registers over TCP through A\n" + c.diag()
     uri = kam_uri(c, "tina")
-    out = ck.place_calls(c.tmp, b, [ck.CallTarget("tina", uri)], "tcp-via-b", rate=5, recv_timeout_ms=2000)
+    out = place_calls(c.tmp, b, [CallTarget("tina", uri)], "tcp-via-b", rate=5, recv_timeout_ms=2000)
     info = c.diag(out.result.describe()[-4000:])
     assert out.finals == {"tina": "200"}, f"the call through B reaches the TCP phone: {out.finals}\n" + info
     inv = invites_for(tina, "tina")
@@ -192,7 +188,7 @@ def test_tcp_flow_is_handed_to_its_owner_and_480_once_the_owner_is_gone(cluster:
 
     a.kill9()
     time.sleep(3.5)  # A's member lease (2 s) is gone
-    out = ck.place_calls(c.tmp, b, [ck.CallTarget("tina", uri)], "tcp-after-kill", rate=5)
+    out = place_calls(c.tmp, b, [CallTarget("tina", uri)], "tcp-after-kill", rate=5)
     info = c.diag(out.result.describe()[-4000:])
     assert out.finals == {"tina": "480"}, f"a dead TCP flow gives 480: {out.finals}\n" + info
     assert len(invites_for(tina, "tina")) == 1, "no INVITE reaches the phone any more\n" + info
@@ -203,9 +199,7 @@ def test_tcp_flow_is_handed_to_its_owner_and_480_once_the_owner_is_gone(cluster:
 
 
 @pytest.mark.parametrize("mode", ["contact", "aor"])
-def test_kill9_a_under_load_loses_no_binding_and_calls_reach_every_phone(
-    cluster: ck.Cluster, mode: str
-) -> None:
+def test_kill9_a_under_load_loses_no_binding_and_calls_reach_every_phone(cluster: Cluster, mode: str) -> None:
     """20 phones refresh through A (20 REGISTERs/s), 5 through B, 5 through C; A is killed with SIGKILL. Once its
     member lease is gone, B reaches A's UDP phones directly; the phones then move to B. No binding is lost (B,
     C, Kamailio) and a call through C reaches every phone, from the process that holds its flow. Mode contact
@@ -223,7 +217,7 @@ def test_kill9_a_under_load_loses_no_binding_and_calls_reach_every_phone(
     held = {u: kam_uri(c, u) for _, u in users}
     assert all(len(c.kam_contacts(u)) == 1 for _, u in users), c.diag(c.kam.ul_dump()[-3000:])  # type: ignore[union-attr]
 
-    members = {n.name: metric(n, "midregistrar_members") for n in c.nodes.values()}
+    members = {n.name: node_metric(n, "midregistrar_members") for n in c.nodes.values()}
     assert members == {"A": 3, "B": 3, "C": 3}, f"every process sees three live members: {members}"
     # kill -9 A while its 20 phones refresh through it (20 REGISTERs/s) and B, C take 10/s.
     a.kill9()
@@ -231,11 +225,11 @@ def test_kill9_a_under_load_loses_no_binding_and_calls_reach_every_phone(
     c.notes.append(f"A killed at {time.strftime('%H:%M:%S')}")
     # Once A's member lease is gone (2 s), B reaches A's UDP phones directly at their received address.
     time.sleep(max(0.0, t_kill + 3.5 - time.monotonic()))
-    members = {n.name: metric(n, "midregistrar_members") for n in (b, cc)}
+    members = {n.name: node_metric(n, "midregistrar_members") for n in (b, cc)}
     assert members == {"B": 2, "C": 2}, (
         f"A's member lease is gone 3.5 s after the kill: {members}\n" + c.diag()
     )
-    out = ck.place_calls(c.tmp, b, [ck.CallTarget(u, held[u]) for u in fa.users], "orphans-via-b", rate=20)
+    out = place_calls(c.tmp, b, [CallTarget(u, held[u]) for u in fa.users], "orphans-via-b", rate=20)
     info = c.diag(out.result.describe()[-4000:])
     assert not out.failed(), (
         f"A is dead: its UDP phones must be reached from B directly: {out.failed()}\n" + info
@@ -263,7 +257,7 @@ def test_kill9_a_under_load_loses_no_binding_and_calls_reach_every_phone(
         now = at_kamailio()
         return all([hostport(x) for x in now[u]] == [b_hostport] for u in moved)
 
-    ck.poll_until(settled, 3.0, 0.05)
+    poll(settled, 3.0, 0.05)
     now = at_kamailio()
     for _, u in users:
         if u in moved:
@@ -279,7 +273,7 @@ def test_kill9_a_under_load_loses_no_binding_and_calls_reach_every_phone(
         assert not deregs, f"nothing was de-registered: {deregs}\n" + c.diag()
 
     # Calls still reach every registered phone, through C (hand-off to B for the phones whose flow B holds).
-    out = ck.place_calls(c.tmp, cc, [ck.CallTarget(u, held[u]) for _, u in users], "all-via-c", rate=20)
+    out = place_calls(c.tmp, cc, [CallTarget(u, held[u]) for _, u in users], "all-via-c", rate=20)
     info = c.diag(out.result.describe()[-4000:])
     assert not out.failed(), f"every phone answers a call through C: {out.failed()}\n" + info
     for f, u in users:
@@ -299,7 +293,7 @@ def test_kill9_a_under_load_loses_no_binding_and_calls_reach_every_phone(
 
 
 @pytest.mark.parametrize("mode", ["contact", "aor"])
-def test_expired_phone_gives_exactly_one_deregister_from_its_owner(cluster: ck.Cluster, mode: str) -> None:
+def test_expired_phone_gives_exactly_one_deregister_from_its_owner(cluster: Cluster, mode: str) -> None:
     """T58 with three processes: carol registers through A and stops refreshing; A owns her binding, and
     B and C see it expire too. Exactly one De-REGISTER reaches Kamailio, from A, within 2 s of expiry."""
     c = cluster.start(mode, extra=node_args(outgoing=60))
@@ -309,14 +303,14 @@ def test_expired_phone_gives_exactly_one_deregister_from_its_owner(cluster: ck.C
     assert kb.wait_ok(1, 15) and kc.wait_ok(1, 15), c.diag()
     expires = 4
     quit_ = c.fleet("quit", ["carol"], a, expires=expires, every_ms=600_000)
-    t_ok = ck.poll_until(lambda: quit_.ok_counts()["carol"] and time.monotonic(), 15, interval=0.02)
+    t_ok = poll(lambda: quit_.ok_counts()["carol"] and time.monotonic(), 15, interval=0.02)
     assert t_ok, "carol registers through A\n" + c.diag()
     expiry = float(t_ok) + expires  # the 200 left A before we saw it: the real expiry is slightly earlier
     assert c.kam_contacts("carol"), c.diag()
     for node in (b, cc):
-        assert ck.poll_until(lambda n=node: n.contacts(f"carol@{DOMAIN}"), 3), f"{node.name} sees carol"
+        assert poll(lambda n=node: n.contacts(f"carol@{DOMAIN}"), 3), f"{node.name} sees carol"
 
-    t_seen = ck.poll_until(lambda: c.kam_deregs("carol") and time.monotonic(), expires + 6, interval=0.05)
+    t_seen = poll(lambda: c.kam_deregs("carol") and time.monotonic(), expires + 6, interval=0.05)
     info = c.diag("register lines at Kamailio:\n" + "\n".join(c.kam_register_lines()[-20:]))
     assert t_seen, "carol's expiry must produce a De-REGISTER at Kamailio\n" + info
     delay = float(t_seen) - expiry
@@ -332,7 +326,7 @@ def test_expired_phone_gives_exactly_one_deregister_from_its_owner(cluster: ck.C
     assert all(n.alive() for n in c.nodes.values()), info
 
 
-def test_orphaned_binding_gives_exactly_one_deregister_from_a_survivor(cluster: ck.Cluster) -> None:
+def test_orphaned_binding_gives_exactly_one_deregister_from_a_survivor(cluster: Cluster) -> None:
     """T58 when the owner dies: carol registers through A, A is killed with SIGKILL, carol never refreshes.
     Her binding stays routable until its lease ends (expiry + --etcd-hold 5 s); then exactly one of B and C
     wins the claim and sends the one De-REGISTER."""
@@ -341,15 +335,13 @@ def test_orphaned_binding_gives_exactly_one_deregister_from_a_survivor(cluster: 
     a, b, cc = c["A"], c["B"], c["C"]
     expires = 3
     quit_ = c.fleet("quit", ["carol"], a, expires=expires, every_ms=600_000)
-    t_ok = ck.poll_until(lambda: quit_.ok_counts()["carol"] and time.monotonic(), 15, interval=0.02)
+    t_ok = poll(lambda: quit_.ok_counts()["carol"] and time.monotonic(), 15, interval=0.02)
     assert t_ok, "carol registers through A\n" + c.diag()
     expiry = float(t_ok) + expires
     for node in (b, cc):
-        assert ck.poll_until(lambda n=node: n.contacts(f"carol@{DOMAIN}"), 3), f"{node.name} sees carol"
+        assert poll(lambda n=node: n.contacts(f"carol@{DOMAIN}"), 3), f"{node.name} sees carol"
     a.kill9()
-    t_seen = ck.poll_until(
-        lambda: c.kam_deregs("carol") and time.monotonic(), expires + hold + 8, interval=0.05
-    )
+    t_seen = poll(lambda: c.kam_deregs("carol") and time.monotonic(), expires + hold + 8, interval=0.05)
     info = c.diag("register lines at Kamailio:\n" + "\n".join(c.kam_register_lines()[-20:]))
     assert t_seen, "the orphaned binding must still be de-registered at Kamailio\n" + info
     delay = float(t_seen) - expiry
@@ -369,7 +361,7 @@ def test_orphaned_binding_gives_exactly_one_deregister_from_a_survivor(cluster: 
 
 @pytest.mark.parametrize("cut", ["pause", "stop"])
 def test_etcd_cut_30s_gives_503_unready_then_full_recovery(
-    cluster: ck.Cluster, etcd_server: EtcdServer, cut: str
+    cluster: Cluster, etcd_server: EtcdServer, cut: str
 ) -> None:
     """etcd away for 30 s under load: SIGSTOP (a network cut: connections hang, calls time out) or a clean stop
     (connections refused). Phones refreshing meanwhile and new phones get 503 with Retry-After (never a guessed
@@ -396,7 +388,7 @@ def test_etcd_cut_30s_gives_503_unready_then_full_recovery(
     c.notes.append(f"etcd {cut} at {time.strftime('%H:%M:%S')}")
     # New phones during the cut: registering needs etcd, so they must get 503 with Retry-After.
     late = c.fleet("late", ["late1", "late2"], b, expires=60, every_ms=2000)
-    unready = ck.poll_until(lambda: all(n.readyz() == 503 for n in c.nodes.values()), 6, interval=0.2)
+    unready = poll(lambda: all(n.readyz() == 503 for n in c.nodes.values()), 6, interval=0.2)
     t_unready = time.monotonic() - t_cut
     readyz_seen: list[dict[str, int | None]] = []
     crashed: list[str] = []
@@ -440,9 +432,9 @@ def test_etcd_cut_30s_gives_503_unready_then_full_recovery(
         "every 503 carries Retry-After\n" + "\n".join(during_503[:20]) + "\n" + info
     )
 
-    unavailable = {n.name: metric(n, "midregistrar_store_unavailable") for n in c.nodes.values()}
+    unavailable = {n.name: node_metric(n, "midregistrar_store_unavailable") for n in c.nodes.values()}
     assert sum(unavailable.values()) >= len(during_503), f"503s counted: {unavailable}\n" + c.diag()
-    ready = ck.poll_until(lambda: all(n.readyz() == 200 for n in c.nodes.values()), 20, interval=0.2)
+    ready = poll(lambda: all(n.readyz() == 200 for n in c.nodes.values()), 20, interval=0.2)
     print(f"[{cut}] ready again {time.monotonic() - t_resume:.1f} s after etcd came back")
     assert ready, (
         f"/readyz true again after etcd returns (waited {time.monotonic() - t_resume:.1f} s)\n" + c.diag()
@@ -465,19 +457,19 @@ def test_etcd_cut_30s_gives_503_unready_then_full_recovery(
 # ----------------------------------------------------------------------------------------------- 5. T59
 
 
-def test_two_processes_race_on_one_aor_at_the_relay_threshold(cluster: ck.Cluster) -> None:
+def test_two_processes_race_on_one_aor_at_the_relay_threshold(cluster: Cluster) -> None:
     """T59, mode aor: device 1 of alice refreshes through A and device 2 through B at the same instant, when
     the aggregated registration at Kamailio is due. Kamailio receives at most one aggregated refresh per race;
     afterwards it holds alice's binding and every process lists both devices."""
     outgoing, local = 10, 6  # the aggregated refresh is due outgoing - local = 4 s after the last relay
     c = cluster.start("aor", extra=node_args(outgoing=outgoing))
     a, b = c["A"], c["B"]
-    d1, d2 = ck.UdpPhone("alice"), ck.UdpPhone("alice")
+    d1, d2 = UdpPhone("alice"), UdpPhone("alice")
     try:
         r1 = d1.register(a.addr, local)
         r2 = d2.register(b.addr, local)
         info = c.diag(f"d1 → {r1!r}\nd2 → {r2!r}")
-        assert sipkit.status_code(r1) == 200 and sipkit.status_code(r2) == 200, info
+        assert status_code(r1) == 200 and status_code(r2) == 200, info
         t_relay = time.monotonic()
         assert len(c.kam_register_lines()) == 2, "both initial registrations are relayed\n" + info
         for rnd in range(3):
@@ -492,7 +484,7 @@ def test_two_processes_race_on_one_aor_at_the_relay_threshold(cluster: ck.Cluste
             info = c.diag(
                 f"round {rnd}: d1 → {f1!r}\nd2 → {f2!r}\nREGISTERs at Kamailio:\n" + "\n".join(lines)
             )
-            assert sipkit.status_code(f1) == 200 and sipkit.status_code(f2) == 200, (
+            assert status_code(f1) == 200 and status_code(f2) == 200, (
                 f"round {rnd}: both refreshes complete with 200\n" + info
             )
             assert len(lines) <= 1, f"round {rnd}: at most ONE aggregated refresh reaches Kamailio\n" + info
@@ -526,7 +518,7 @@ def test_two_processes_race_on_one_aor_at_the_relay_threshold(cluster: ck.Cluste
 
 
 def test_first_registrations_of_one_aor_through_two_processes_leave_one_aggregated_contact(
-    cluster: ck.Cluster,
+    cluster: Cluster,
 ) -> None:
     """Mode aor: the first REGISTERs of two devices of a new AoR reach A and B at the same instant, so each
     relays with its own aggregated contact before either 2xx is stored. Kamailio must end with ONE contact for
@@ -535,23 +527,23 @@ def test_first_registrations_of_one_aor_through_two_processes_leave_one_aggregat
     outgoing, local = 30, 20
     c = cluster.start("aor", extra=node_args(outgoing=outgoing))
     a, b = c["A"], c["B"]
-    phones: list[ck.UdpPhone] = []
+    phones: list[UdpPhone] = []
     try:
         for rnd in range(3):
             user = f"dora{rnd}"
-            d1, d2 = ck.UdpPhone(user), ck.UdpPhone(user)
+            d1, d2 = UdpPhone(user), UdpPhone(user)
             phones += [d1, d2]
             n0 = len(c.kam_register_lines())
             p1 = d1.send_register(a.addr, local)  # the same instant, two processes, no state yet
             p2 = d2.send_register(b.addr, local)
             f1, f2 = d1.recv_final(p1, a.addr), d2.recv_final(p2, b.addr)
             info = c.diag(f"round {rnd}: d1 → {f1!r}\nd2 → {f2!r}")
-            assert sipkit.status_code(f1) == 200 and sipkit.status_code(f2) == 200, info
+            assert status_code(f1) == 200 and status_code(f2) == 200, info
 
-            def live(user: str = user) -> list[thrkit.UlContact]:
+            def live(user: str = user) -> list[UlContact]:
                 return [x for x in c.kam_contacts(user) if x.expires > 0]
 
-            ck.poll_until(lambda: len(live()) == 1, 3.0, interval=0.05)
+            poll(lambda: len(live()) == 1, 3.0, interval=0.05)
             held = live()
             lines = c.kam_register_lines()[n0:]
             assert c.kam is not None
@@ -563,7 +555,7 @@ def test_first_registrations_of_one_aor_through_two_processes_leave_one_aggregat
             for node in c.nodes.values():
                 # the other process's commit reaches this one's cache through the watch: milliseconds
                 aor = f"{user}@{DOMAIN}"
-                ck.poll_until(lambda n=node, a=aor, w=both: sorted(n.contacts(a)) == w, 2.0, 0.05)
+                poll(lambda n=node, a=aor, w=both: sorted(n.contacts(a)) == w, 2.0, 0.05)
                 got = node.contacts(f"{user}@{DOMAIN}")
                 assert sorted(got) == both, (
                     f"round {rnd}: {node.name} must hold both devices, has {got}\n" + info
@@ -577,7 +569,7 @@ def test_first_registrations_of_one_aor_through_two_processes_leave_one_aggregat
             phone.close()
 
 
-def test_aggregated_contact_moves_off_a_killed_process(cluster: ck.Cluster) -> None:
+def test_aggregated_contact_moves_off_a_killed_process(cluster: Cluster) -> None:
     """Mode aor: erin's aggregated contact at Kamailio carries A's address (A relayed her first REGISTER).
     A is killed. Her next refresh, through B, is relayed with B's address and A's contact is de-registered:
     Kamailio holds one contact for her, at a process that is alive, instead of sending her calls to a dead
@@ -585,35 +577,35 @@ def test_aggregated_contact_moves_off_a_killed_process(cluster: ck.Cluster) -> N
     outgoing, local = 60, 10
     c = cluster.start("aor", extra=node_args(outgoing=outgoing))
     a, b = c["A"], c["B"]
-    phone = ck.UdpPhone("erin")
+    phone = UdpPhone("erin")
     try:
 
-        def live() -> list[thrkit.UlContact]:
+        def live() -> list[UlContact]:
             return [x for x in c.kam_contacts("erin") if x.expires > 0]
 
         first = phone.register(a.addr, local)
         relayed_at = time.monotonic()
-        assert sipkit.status_code(first) == 200, c.diag(f"first → {first!r}")
+        assert status_code(first) == 200, c.diag(f"first → {first!r}")
         held = live()
         assert [hostport(x.address) for x in held] == [f"127.0.0.1:{a.port}"], c.diag(
             f"Kamailio holds {held}"
         )
         n0 = len(c.kam_register_lines())
         again = phone.register(a.addr, local)
-        assert sipkit.status_code(again) == 200 and len(c.kam_register_lines()) == n0, "absorbed by A"
+        assert status_code(again) == 200 and len(c.kam_register_lines()) == n0, "absorbed by A"
 
-        ck.poll_until(lambda: b.metrics().get("midregistrar_members") == 3, 5.0)
+        poll(lambda: b.metrics().get("midregistrar_members") == 3, 5.0)
         assert b.metrics().get("midregistrar_members") == 3, c.diag("B sees the three processes")
         a.kill9()
-        ck.poll_until(lambda: b.metrics().get("midregistrar_members") == 2, 10.0)
+        poll(lambda: b.metrics().get("midregistrar_members") == 2, 10.0)
         assert b.metrics().get("midregistrar_members") == 2, c.diag("B still counts A as a member")
         # A holder missing from the member view counts as gone only once its last relay is older than a
         # member lease (--member-ttl 2): before that it may be a member still on its way through the watch. A
         # process killed right after its relay can leave the view sooner than that (seen once in make test).
         time.sleep(max(0.0, relayed_at + 2.5 - time.monotonic()))
         moved = phone.register(b.addr, local)
-        assert sipkit.status_code(moved) == 200, c.diag(f"through B → {moved!r}")
-        ck.poll_until(lambda: [hostport(x.address) for x in live()] == [f"127.0.0.1:{b.port}"], 3.0, 0.05)
+        assert status_code(moved) == 200, c.diag(f"through B → {moved!r}")
+        poll(lambda: [hostport(x.address) for x in live()] == [f"127.0.0.1:{b.port}"], 3.0, 0.05)
         held = live()
         lines = c.kam_register_lines()[n0:]
         assert c.kam is not None

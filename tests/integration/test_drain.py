@@ -1,4 +1,4 @@
-"""Drain on SIGTERM at the process level (DESIGN §6, issue 6 item 4).
+"""Drain on SIGTERM at the process level (architecture "Networking and flow ownership", issue 6 item 4).
 
 Three `midregistrar run` processes (memory store, mirror mode, one SIPp UAS as the main registrar) sit
 behind a tiny UDP forwarder written here, standing in for a Service: it polls each process's /readyz and
@@ -21,11 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-import sipkit
+
+from tests.support.registrar import Registrar
+from tests.support.sip import LOOPBACK, sip_request, status_code, udp_exchange
+from tests.support.sipp import Sipp
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("sip_tools")]
 
-LOOP = sipkit.LOOPBACK
 DRAIN_GRACE = 4.0
 DRAIN_EXPIRES = 5
 DRAIN_TIMEOUT = 3.0
@@ -37,7 +39,7 @@ EXPIRES_RE = re.compile(rb"^(?:Expires)\s*:\s*(\d+)|;expires=(\d+)", re.I | re.M
 class Forwarder:
     """UDP round-robin over the ready backends, with failover: a stand-in for a Service's endpoints."""
 
-    backends: list[sipkit.Registrar]
+    backends: list[Registrar]
     ready: list[bool] = field(default_factory=list)
     # (time, backend index, Call-ID) of every request forwarded, and (time, index, code, expires) of replies.
     sent: list[tuple[float, int, bytes]] = field(default_factory=list)
@@ -46,9 +48,9 @@ class Forwarder:
     def __post_init__(self) -> None:
         self.ready = [True] * len(self.backends)
         self.front = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.front.bind((LOOP, 0))
+        self.front.bind((LOOPBACK, 0))
         self.up = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.up.bind((LOOP, 0))
+        self.up.bind((LOOPBACK, 0))
         self._stop = threading.Event()
         self._next = 0
         self._route: dict[bytes, tuple[int, tuple[str, int]]] = {}
@@ -101,20 +103,20 @@ class Forwarder:
                     idx = self._by_addr.get(src, -1)
                     e = EXPIRES_RE.search(data)
                     expires = int(e.group(1) or e.group(2)) if e else None
-                    self.replies.append((now, idx, sipkit.status_code(data), expires))
+                    self.replies.append((now, idx, status_code(data), expires))
                     if call_id in self._route:
                         self.front.sendto(data, self._route[call_id][1])
 
 
 @pytest.fixture
-def cluster3(tmp_path: Path) -> Iterator[tuple[sipkit.Sipp, list[sipkit.Registrar]]]:
-    main = sipkit.Sipp("main_uas", None, timeout_s=110, workdir=tmp_path / "main", trace_msg=False)
+def cluster3(tmp_path: Path) -> Iterator[tuple[Sipp, list[Registrar]]]:
+    main = Sipp("main_uas", None, timeout_s=110, workdir=tmp_path / "main", trace_msg=False)
     main.start().wait_bound()
-    regs: list[sipkit.Registrar] = []
+    regs: list[Registrar] = []
     try:
         for i in range(3):
-            reg = sipkit.Registrar(
-                (LOOP, main.port),
+            reg = Registrar(
+                (LOOPBACK, main.port),
                 mode="mirror",
                 transports=("udp",),
                 extra=[
@@ -136,14 +138,14 @@ def cluster3(tmp_path: Path) -> Iterator[tuple[sipkit.Sipp, list[sipkit.Registra
 
 
 def test_sigterm_drains_one_of_three_without_a_failed_register(
-    cluster3: tuple[sipkit.Sipp, list[sipkit.Registrar]], tmp_path: Path
+    cluster3: tuple[Sipp, list[Registrar]], tmp_path: Path
 ) -> None:
     _main, regs = cluster3
     fwd = Forwarder(regs).start()
     users = tmp_path / "users.csv"
     users.write_text("SEQUENTIAL\n" + "".join(f"phone{i};x;example.test\n" for i in range(20)))
     rate, seconds = 25, 14
-    phones = sipkit.Sipp(
+    phones = Sipp(
         "load_register",
         fwd.addr,
         keys={"expires": 600},
@@ -167,16 +169,16 @@ def test_sigterm_drains_one_of_three_without_a_failed_register(
         assert victim.readyz() != 200, "/readyz still 200 after SIGTERM"
         # During its grace it still answers, telling the phone to come back soon (drain expires).
         time.sleep(0.5)
-        req = sipkit.sip_request(
+        req = sip_request(
             "REGISTER",
             "sip:example.test",
-            (LOOP, 0),
+            (LOOPBACK, 0),
             from_uri="sip:late@example.test",
             to_uri="sip:late@example.test",
-            headers=[("Contact", f"<sip:late@{LOOP}:5999>;expires=600"), ("Expires", "600")],
+            headers=[("Contact", f"<sip:late@{LOOPBACK}:5999>;expires=600"), ("Expires", "600")],
         )
-        reply = sipkit.udp_exchange(victim.addr, req, timeout=2.0)
-        assert sipkit.status_code(reply) == 200, reply
+        reply = udp_exchange(victim.addr, req, timeout=2.0)
+        assert status_code(reply) == 200, reply
         e = EXPIRES_RE.search(reply or b"")
         assert e is not None and int(e.group(1) or e.group(2)) <= DRAIN_EXPIRES, reply
         # Exits 0 within grace + timeout (+ scheduling slack).

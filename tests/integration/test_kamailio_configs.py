@@ -5,25 +5,28 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import sipkit
+
+from tests.support import REPO
+from tests.support.kamailio import Kamailio
+from tests.support.sip import LOOPBACK
+from tests.support.sipp import Sipp, run_sipp
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("sip_tools")]
 
-LOOP = sipkit.LOOPBACK
-KAM = sipkit.REPO / "bench" / "kamailio"
+KAM = REPO / "bench" / "kamailio"
 PHONE = {"user": "alice", "domain": "example.test", "expires": 1800}
 
 
 def test_proxy_cfg_relays_registers_to_next_hop(tmp_path: Path) -> None:
-    uas = sipkit.Sipp("main_uas", None, timeout_s=60, workdir=tmp_path / "uas").start().wait_bound()
-    kam = sipkit.Kamailio(
-        KAM / "proxy.cfg", defines={"NEXT_HOP": f'"sip:{LOOP}:{uas.port}"'}, workdir=tmp_path / "kam"
+    uas = Sipp("main_uas", None, timeout_s=60, workdir=tmp_path / "uas").start().wait_bound()
+    kam = Kamailio(
+        KAM / "proxy.cfg", defines={"NEXT_HOP": f'"sip:{LOOPBACK}:{uas.port}"'}, workdir=tmp_path / "kam"
     )
     try:
         assert kam.check().returncode == 0
         kam.start()
-        phone = sipkit.run_sipp(
-            "phone_register", (LOOP, kam.port), keys=PHONE, calls=1, wait=30, workdir=tmp_path / "phone"
+        phone = run_sipp(
+            "phone_register", (LOOPBACK, kam.port), keys=PHONE, calls=1, wait=30, workdir=tmp_path / "phone"
         )
     finally:
         kam.stop()
@@ -35,16 +38,16 @@ def test_proxy_cfg_relays_registers_to_next_hop(tmp_path: Path) -> None:
 @pytest.mark.parametrize("auth", [False, True], ids=["open", "digest"])
 def test_registrar_cfg_registers(tmp_path: Path, auth: bool) -> None:
     defines: dict[str, object] = {"WITH_AUTH": 1, "AUTH_PASSWORD": '"pw"'} if auth else {}
-    kam = sipkit.Kamailio(KAM / "registrar.cfg", defines=defines, workdir=tmp_path / "kam")
+    kam = Kamailio(KAM / "registrar.cfg", defines=defines, workdir=tmp_path / "kam")
     users = tmp_path / "users.csv"
     users.write_text("SEQUENTIAL\n" + "".join(f"user{i:03d};pw;example.test\n" for i in range(50)))
     try:
         assert kam.check().returncode == 0
         kam.start()
         if auth:
-            good = sipkit.run_sipp(
+            good = run_sipp(
                 "load_register_auth",
-                (LOOP, kam.port),
+                (LOOPBACK, kam.port),
                 keys={"expires": 600},
                 inf=users,
                 calls=50,
@@ -54,9 +57,9 @@ def test_registrar_cfg_registers(tmp_path: Path, auth: bool) -> None:
                 workdir=tmp_path / "good",
             )
             users.write_text("SEQUENTIAL\nuser000;wrong;example.test\n")
-            bad = sipkit.run_sipp(
+            bad = run_sipp(
                 "load_register_auth",
-                (LOOP, kam.port),
+                (LOOPBACK, kam.port),
                 keys={"expires": 600},
                 inf=users,
                 calls=1,
@@ -66,8 +69,13 @@ def test_registrar_cfg_registers(tmp_path: Path, auth: bool) -> None:
             )
             assert bad.successful == 0, "a wrong password must not register"
         else:
-            good = sipkit.run_sipp(
-                "phone_register", (LOOP, kam.port), keys=PHONE, calls=1, wait=30, workdir=tmp_path / "good"
+            good = run_sipp(
+                "phone_register",
+                (LOOPBACK, kam.port),
+                keys=PHONE,
+                calls=1,
+                wait=30,
+                workdir=tmp_path / "good",
             )
     finally:
         kam.stop()

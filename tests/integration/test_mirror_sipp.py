@@ -1,7 +1,8 @@
 """`midregistrar run --mode mirror` end to end with SIPp phones and a SIPp main registrar (issue 2, item 5).
 
-Written against the command-line contract (DESIGN.md §8) and SPEC.md §4 (mode 0): every test starts the real
-CLI as a subprocess on free loopback ports, `--main-registrar` pointing at a SIPp UAS scenario.
+Written against the command-line contract (docs/configuration.md) and behaviour §4 (mode 0): every test
+starts the real CLI as a subprocess on free loopback ports, `--main-registrar` pointing at a SIPp UAS
+scenario.
 """
 
 from __future__ import annotations
@@ -15,11 +16,23 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import sipkit
+
+from tests.support import REPO
+from tests.support.kamailio import Kamailio
+from tests.support.ports import free_port
+from tests.support.registrar import Registrar, registrar_argv
+from tests.support.sip import (
+    LOOPBACK,
+    options,
+    read_sip_stream_message,
+    sip_request,
+    status_code,
+    udp_exchange,
+)
+from tests.support.sipp import SCENARIOS, Sipp, SippResult, run_sipp
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("sip_tools")]
 
-LOOP = sipkit.LOOPBACK
 CT_RE = re.compile(
     r"^<sip:(?P<user>[^@>]+)@(?P<host>[^:;>]+):(?P<port>\d+);ctid=(?P<ctid>\d+)>;expires=(?P<exp>\d+)$"
 )
@@ -29,12 +42,12 @@ CT_RE = re.compile(
 
 
 @pytest.fixture
-def main_uas(tmp_path: Path) -> Iterator[Callable[..., sipkit.Sipp]]:
+def main_uas(tmp_path: Path) -> Iterator[Callable[..., Sipp]]:
     """Start a SIPp main-registrar UAS (scenario name, e.g. "main_uas_403"); stopped after the test."""
-    started: list[sipkit.Sipp] = []
+    started: list[Sipp] = []
 
-    def start(scenario: str = "main_uas", **keys: object) -> sipkit.Sipp:
-        uas = sipkit.Sipp(scenario, None, keys=keys, timeout_s=170, workdir=tmp_path / f"uas-{len(started)}")
+    def start(scenario: str = "main_uas", **keys: object) -> Sipp:
+        uas = Sipp(scenario, None, keys=keys, timeout_s=170, workdir=tmp_path / f"uas-{len(started)}")
         uas.start().wait_bound()
         started.append(uas)
         return uas
@@ -46,13 +59,13 @@ def main_uas(tmp_path: Path) -> Iterator[Callable[..., sipkit.Sipp]]:
 
 
 @pytest.fixture
-def registrar(tmp_path: Path) -> Iterator[Callable[..., sipkit.Registrar]]:
+def registrar(tmp_path: Path) -> Iterator[Callable[..., Registrar]]:
     """Start `midregistrar run --mode mirror` in front of a main UAS; stopped (SIGTERM) after the test."""
-    started: list[sipkit.Registrar] = []
+    started: list[Registrar] = []
 
-    def start(main: sipkit.Sipp | tuple[str, int], *extra: str) -> sipkit.Registrar:
-        addr = (LOOP, main.port) if isinstance(main, sipkit.Sipp) else main
-        reg = sipkit.Registrar(addr, mode="mirror", extra=extra, workdir=tmp_path / f"midreg-{len(started)}")
+    def start(main: Sipp | tuple[str, int], *extra: str) -> Registrar:
+        addr = (LOOPBACK, main.port) if isinstance(main, Sipp) else main
+        reg = Registrar(addr, mode="mirror", extra=extra, workdir=tmp_path / f"midreg-{len(started)}")
         started.append(reg)
         return reg.start(ready_timeout=20)
 
@@ -63,15 +76,15 @@ def registrar(tmp_path: Path) -> Iterator[Callable[..., sipkit.Registrar]]:
 
 def sipp_phone(
     scenario: str,
-    reg: sipkit.Registrar,
+    reg: Registrar,
     tmp_path: Path,
     transport: str = "u1",
     wait: float = 40,
     **keys: object,
-) -> sipkit.SippResult:
+) -> SippResult:
     base = {"user": "alice", "domain": "example.test", "expires": 1800}
     base.update(keys)
-    return sipkit.run_sipp(
+    return run_sipp(
         scenario,
         reg.addr,
         keys=base,
@@ -83,13 +96,13 @@ def sipp_phone(
     )
 
 
-def reply_code(res: sipkit.SippResult) -> int | None:
+def reply_code(res: SippResult) -> int | None:
     """The final response code logged by phone_register_once.xml."""
     codes = res.log_values("code")
     return int(codes[-1]) if codes else None
 
 
-def received_registers(uas: sipkit.Sipp) -> list[dict[str, str]]:
+def received_registers(uas: Sipp) -> list[dict[str, str]]:
     """The REGISTERs the main UAS logged, as dicts of cid/cseq/contact/expires_hdr/ruri."""
     res = uas.result or uas.stop()
     out = []
@@ -102,9 +115,9 @@ def received_registers(uas: sipkit.Sipp) -> list[dict[str, str]]:
 def diag(*parts: object) -> str:
     text = []
     for p in parts:
-        if isinstance(p, sipkit.SippResult):
+        if isinstance(p, SippResult):
             text.append(p.describe())
-        elif isinstance(p, sipkit.Registrar):
+        elif isinstance(p, Registrar):
             text.append(f"--- midregistrar: {p.command}\n{p.log()}")
         else:
             text.append(str(p))
@@ -150,7 +163,7 @@ def test_register_refresh_deregister(main_uas, registrar, tmp_path, transport):
     assert own not in replies[3], f"after de-REGISTER the binding is gone: {replies[3]}"
 
 
-def phone_port(res: sipkit.SippResult) -> int:
+def phone_port(res: SippResult) -> int:
     return int(res.argv[res.argv.index("-p") + 1])
 
 
@@ -197,7 +210,7 @@ def test_timeout_gives_408(main_uas, registrar, tmp_path):
     assert reply_code(phone) == 408, "phone must get 408 when main never answers\n" + diag(phone, reg)
     assert 5.0 <= took <= 15.0, f"408 should come after Timer F (6.4 s with --t1 0.1), took {took:.1f} s"
     assert len(received_registers(uas)) >= 1, "the REGISTER must have been forwarded to main"
-    assert sipkit.options(reg.addr) == 200, "still serving after the timeout"
+    assert options(reg.addr) == 200, "still serving after the timeout"
 
 
 # -------------------------------------------------------------------------------------------- calls
@@ -206,12 +219,12 @@ def test_timeout_gives_408(main_uas, registrar, tmp_path):
 def test_invite_from_main_reaches_phone(main_uas, registrar, tmp_path):
     uas = main_uas("main_uas")
     reg = registrar(uas)
-    phone = sipkit.Sipp(
+    phone = Sipp(
         "phone_register_answer",
         reg.addr,
         keys={"user": "alice", "domain": "example.test", "expires": 300},
         calls=1,
-        extra=["-oocsf", str(sipkit.SCENARIOS / "phone_answer_ooc.xml"), "-d", "30000"],
+        extra=["-oocsf", str(SCENARIOS / "phone_answer_ooc.xml"), "-d", "30000"],
         workdir=tmp_path / "phone",
     ).start()
     try:
@@ -225,8 +238,8 @@ def test_invite_from_main_reaches_phone(main_uas, registrar, tmp_path):
                 ctid = m.group(1) if m else None
             time.sleep(0.1)
         assert ctid, "phone did not register through the mid-registrar\n" + diag(reg)
-        ruri = f"sip:alice@{LOOP}:{reg.port};ctid={ctid}"
-        caller = sipkit.run_sipp(
+        ruri = f"sip:alice@{LOOPBACK}:{reg.port};ctid={ctid}"
+        caller = run_sipp(
             "main_invite_uac",
             reg.addr,
             keys={"ruri": ruri, "caller": "pbx"},
@@ -259,15 +272,15 @@ def test_invite_to_unknown_ctid_gets_404(main_uas, registrar, tmp_path):
     uas = main_uas("main_uas")
     reg = registrar(uas)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind((LOOP, 0))
-        msg = sipkit.sip_request(
+        s.bind((LOOPBACK, 0))
+        msg = sip_request(
             "INVITE",
-            f"sip:nobody@{LOOP}:{reg.port};ctid=987654321",
+            f"sip:nobody@{LOOPBACK}:{reg.port};ctid=987654321",
             s.getsockname(),
-            headers=[("Contact", f"<sip:pbx@{LOOP}:{s.getsockname()[1]}>")],
+            headers=[("Contact", f"<sip:pbx@{LOOPBACK}:{s.getsockname()[1]}>")],
         )
-        reply = sipkit.udp_exchange(reg.addr, msg, timeout=5, sock=s)
-    assert sipkit.status_code(reply) == 404, f"unknown ctid must be 404, got {reply!r}\n" + diag(reg)
+        reply = udp_exchange(reg.addr, msg, timeout=5, sock=s)
+    assert status_code(reply) == 404, f"unknown ctid must be 404, got {reply!r}\n" + diag(reg)
 
 
 # ----------------------------------------------------------------------------------------- bad input
@@ -275,12 +288,12 @@ def test_invite_to_unknown_ctid_gets_404(main_uas, registrar, tmp_path):
 
 def test_options_to_itself(main_uas, registrar):
     reg = registrar(main_uas("main_uas"))
-    assert sipkit.options(reg.addr, transport="UDP") == 200
-    assert sipkit.options(reg.addr, transport="TCP") == 200
+    assert options(reg.addr, transport="UDP") == 200
+    assert options(reg.addr, transport="TCP") == 200
 
 
 def _register_bytes(local: tuple[str, int], transport: str = "UDP", drop: str | None = None) -> bytes:
-    msg = sipkit.sip_request(
+    msg = sip_request(
         "REGISTER",
         "sip:example.test",
         local,
@@ -298,7 +311,7 @@ def _udp_collect(dest: tuple[str, int], data: bytes, wait: float = 1.5) -> tuple
     """Send one datagram; collect every reply for `wait` seconds; return (codes, local port)."""
     codes: list[int | None] = []
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind((LOOP, 0))
+        s.bind((LOOPBACK, 0))
         s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
         s.sendto(data, dest)
         deadline = time.monotonic() + wait
@@ -308,7 +321,7 @@ def _udp_collect(dest: tuple[str, int], data: bytes, wait: float = 1.5) -> tuple
                 reply, _ = s.recvfrom(65535)
             except TimeoutError:
                 break
-            codes.append(sipkit.status_code(reply))
+            codes.append(status_code(reply))
         return codes, s.getsockname()[1]
 
 
@@ -330,7 +343,7 @@ def test_bad_datagram_then_still_serving(main_uas, registrar, name):
     uas = main_uas("main_uas")
     reg = registrar(uas)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind((LOOP, 0))
+        probe.bind((LOOPBACK, 0))
         local = probe.getsockname()
     data = BAD_DATAGRAMS[name](local)
     codes, _ = _udp_collect(reg.addr, data)
@@ -341,7 +354,7 @@ def test_bad_datagram_then_still_serving(main_uas, registrar, name):
     else:
         assert all(c in (400, 413, 513) for c in codes), f"{name}: only 400 (or nothing) allowed, got {codes}"
     assert reg.proc is not None and reg.proc.poll() is None, "the process died\n" + diag(reg)
-    assert sipkit.options(reg.addr) == 200, f"after {name}: OPTIONS must still get 200\n" + diag(reg)
+    assert options(reg.addr) == 200, f"after {name}: OPTIONS must still get 200\n" + diag(reg)
     assert not received_registers(uas), "nothing malformed may be relayed to main"
 
 
@@ -372,18 +385,18 @@ def test_tcp_wrong_content_length_then_still_serving(main_uas, registrar, name):
         buf = bytearray()
         deadline = time.monotonic() + 1.5
         while (left := deadline - time.monotonic()) > 0:
-            msg = sipkit.read_sip_stream_message(s, buf, left)
+            msg = read_sip_stream_message(s, buf, left)
             if msg is None:
                 break
-            codes.append(sipkit.status_code(msg))
+            codes.append(status_code(msg))
     if name == "content-length-too-small":
         # The REGISTER with a 4-byte body is a valid message and may be relayed (any answer to it is fine);
         # the bytes after it are garbage: only 400 or a closed connection.
         codes = codes[1:] if codes and codes[0] != 400 else codes
     assert all(c == 400 for c in codes), f"{name}: only 400 (or a closed connection) allowed, got {codes}"
     assert reg.proc is not None and reg.proc.poll() is None, "the process died\n" + diag(reg)
-    assert sipkit.options(reg.addr, transport="TCP") == 200, f"after {name}: TCP OPTIONS\n" + diag(reg)
-    assert sipkit.options(reg.addr, transport="UDP") == 200, f"after {name}: UDP OPTIONS\n" + diag(reg)
+    assert options(reg.addr, transport="TCP") == 200, f"after {name}: TCP OPTIONS\n" + diag(reg)
+    assert options(reg.addr, transport="UDP") == 200, f"after {name}: UDP OPTIONS\n" + diag(reg)
 
 
 # -------------------------------------------------------------------------------------- process life
@@ -414,14 +427,14 @@ def test_ready_line_and_sigterm_exits_0(main_uas, registrar):
     ids=["mode", "listen", "main-registrar", "t1", "unknown"],
 )
 def test_bad_option_exits_2_with_one_line(bad):
-    port = sipkit.free_port()
+    port = free_port()
     argv = [
-        *sipkit.registrar_argv(),
+        *registrar_argv(),
         "run",
         "--listen",
-        f"udp:{LOOP}:{port}",
+        f"udp:{LOOPBACK}:{port}",
         "--main-registrar",
-        f"sip:{LOOP}:9",
+        f"sip:{LOOPBACK}:9",
         "--store",
         "memory",
         *bad,
@@ -453,7 +466,7 @@ def test_retransmitted_register_is_absorbed(main_uas, registrar):
     uas = main_uas("main_uas")
     reg = registrar(uas)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind((LOOP, 0))
+        s.bind((LOOPBACK, 0))
         msg = _register_bytes(s.getsockname())
         s.sendto(msg, reg.addr)
         time.sleep(0.05)
@@ -463,7 +476,7 @@ def test_retransmitted_register_is_absorbed(main_uas, registrar):
         while (left := deadline - time.monotonic()) > 0:
             s.settimeout(left)
             try:
-                codes.append(sipkit.status_code(s.recvfrom(65535)[0]))
+                codes.append(status_code(s.recvfrom(65535)[0]))
             except TimeoutError:
                 break
     assert 200 in codes, f"the REGISTER must be answered 200: {codes}\n" + diag(reg)
@@ -478,7 +491,7 @@ def test_http_endpoints(main_uas, registrar, tmp_path):
     reg = registrar(main_uas("main_uas"))
     phone = sipp_phone("phone_register_once", reg, tmp_path)
     assert reply_code(phone) == 200, diag(phone, reg)
-    base = f"http://{LOOP}:{reg.http_port}"
+    base = f"http://{LOOPBACK}:{reg.http_port}"
     with urllib.request.urlopen(base + "/healthz", timeout=3) as r:
         assert r.status == 200
     with urllib.request.urlopen(base + "/metrics", timeout=3) as r:
@@ -492,19 +505,19 @@ def test_http_endpoints(main_uas, registrar, tmp_path):
 
 def test_kamailio_main_registrar_with_digest_and_call(registrar, tmp_path):
     """Phone → mid-registrar → Kamailio registrar (digest auth); then Kamailio routes a call to the phone."""
-    kam = sipkit.Kamailio(
-        sipkit.REPO / "bench" / "kamailio" / "registrar.cfg",
+    kam = Kamailio(
+        REPO / "bench" / "kamailio" / "registrar.cfg",
         defines={"WITH_AUTH": 1, "AUTH_PASSWORD": '"s3cret"'},
         workdir=tmp_path / "kamailio",
     ).start()
     try:
-        reg = registrar((LOOP, kam.port))
-        phone = sipkit.Sipp(
+        reg = registrar((LOOPBACK, kam.port))
+        phone = Sipp(
             "phone_register_auth",
             reg.addr,
             keys={"user": "alice", "password": "s3cret", "domain": "example.test", "expires": 300},
             calls=1,
-            extra=["-oocsf", str(sipkit.SCENARIOS / "phone_answer_ooc.xml"), "-d", "30000"],
+            extra=["-oocsf", str(SCENARIOS / "phone_answer_ooc.xml"), "-d", "30000"],
             workdir=tmp_path / "phone",
         ).start()
         logs = phone.workdir / "logs.log"
@@ -518,9 +531,9 @@ def test_kamailio_main_registrar_with_digest_and_call(registrar, tmp_path):
                 "digest REGISTER through the mid-registrar to Kamailio failed\n"
                 + diag(reg, kam.log()[-3000:])
             )
-            caller = sipkit.run_sipp(
+            caller = run_sipp(
                 "main_invite_uac",
-                (LOOP, kam.port),
+                (LOOPBACK, kam.port),
                 keys={"ruri": "sip:alice@example.test", "caller": "pbx"},
                 calls=1,
                 wait=40,

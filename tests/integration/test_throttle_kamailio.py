@@ -1,9 +1,9 @@
 """Mid-registrar modes `contact` and `aor` against a real Kamailio main registrar (issue 3, item 7).
 
-Every test starts, on loopback ports: Kamailio from tests/integration/kamailio/main_registrar.cfg (in-memory
-registrar, digest auth for every REGISTER, except de-registrations coming from the mid-registrar's own
-IP:port, which are trusted, SPEC §11; a binrpc ctl socket for `kamcmd ul.dump` / `stats.get_statistics`), then the real
-`midregistrar run` process pointing at it, then SIPp phones (tests/integration/scenarios/thr_*.xml).
+Every test starts, on loopback ports: Kamailio from tests/support/main_registrar.cfg (in-memory registrar,
+digest auth for every REGISTER, except de-registrations coming from the mid-registrar's own IP:port, which
+are trusted, behaviour §11; a binrpc ctl socket for `kamcmd ul.dump` / `stats.get_statistics`), then the
+real `midregistrar run` process pointing at it, then SIPp phones (tests/support/scenarios/thr_*.xml).
 What Kamailio holds and how many REGISTERs it received is read from Kamailio itself (ul.dump, counters
 kept by its config); the mid-registrar's side from `/v1/aors/{aor}` and `/metrics`.
 
@@ -15,20 +15,20 @@ mid-registrar, which forks it to both devices.
 from __future__ import annotations
 
 import re
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import sipkit
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "kamailio"))
-import thrkit
+from tests.support.kamailio import KamailioMain
+from tests.support.ports import free_port
+from tests.support.registrar import Registrar, metric
+from tests.support.sipp import SCENARIOS, Sipp, run_sipp
+from tests.support.wait import poll
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("sip_tools")]
 
-LOOP = sipkit.LOOPBACK
 DOMAIN = "example.test"
 PASSWORD = "s3cret"
 
@@ -38,14 +38,14 @@ class Rig:
 
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
-        self.kam: thrkit.KamailioMain | None = None
-        self.reg: sipkit.Registrar | None = None
-        self.phones: list[sipkit.Sipp] = []
+        self.kam: KamailioMain | None = None
+        self.reg: Registrar | None = None
+        self.phones: list[Sipp] = []
 
     def start(self, mode: str, *extra: str) -> Rig:
-        mid_port = sipkit.free_port()
-        self.kam = thrkit.KamailioMain(self.tmp / "kamailio", mid_port=mid_port, password=PASSWORD).start()
-        self.reg = sipkit.Registrar(
+        mid_port = free_port()
+        self.kam = KamailioMain(self.tmp / "kamailio", mid_port=mid_port, password=PASSWORD).start()
+        self.reg = Registrar(
             self.kam.addr,
             mode=mode,
             port=mid_port,
@@ -62,12 +62,12 @@ class Rig:
         every_ms: int,
         name: str,
         ooc: str | None = None,
-    ) -> sipkit.Sipp:
+    ) -> Sipp:
         assert self.reg is not None
         extra = ["-d", str(every_ms), "-recv_timeout", "20000"]
         if ooc:
-            extra += ["-oocsf", str(sipkit.SCENARIOS / ooc)]
-        p = sipkit.Sipp(
+            extra += ["-oocsf", str(SCENARIOS / ooc)]
+        p = Sipp(
             "thr_phone",
             self.reg.addr,
             keys={"user": user, "password": PASSWORD, "domain": DOMAIN, "expires": expires},
@@ -95,7 +95,7 @@ class Rig:
             parts.append(f"--- midregistrar: {self.reg.command}\n{self.reg.log()}")
         for p in self.phones:
             if p.proc is not None:
-                res = sipkit.SippResult(p.proc.returncode, p.workdir, p.argv, stderr=p.proc.stderr())
+                res = p.traces()
                 parts.append(f"--- phone {p.name}\n" + res.describe()[-4000:])
         if self.kam is not None:
             parts.append("--- kamailio\n" + self.kam.log()[-4000:])
@@ -115,16 +115,16 @@ def has_auth(kamailio_line: str) -> bool:
     return bool(m and int(m.group(1)) > 0)
 
 
-def replies(p: sipkit.Sipp) -> list[str]:
-    return thrkit.log_lines(p, "REPLY code=200")
+def replies(p: Sipp) -> list[str]:
+    return p.log_lines("REPLY code=200")
 
 
-def wait_replies(rig: Rig, phones: list[sipkit.Sipp], n: int, timeout: float) -> None:
-    ok = thrkit.wait_for(lambda: all(len(replies(p)) >= n for p in phones), timeout)
+def wait_replies(rig: Rig, phones: list[Sipp], n: int, timeout: float) -> None:
+    ok = poll(lambda: all(len(replies(p)) >= n for p in phones), timeout)
     assert ok, f"every phone should have {n} 200 OK(s) within {timeout} s\n" + rig.diag()
 
 
-def port_of(p: sipkit.Sipp) -> int:
+def port_of(p: Sipp) -> int:
     return p.port
 
 
@@ -142,12 +142,12 @@ def test_contact_mode_relays_authenticated_initial_and_absorbs_refreshes(rig: Ri
     wait_replies(rig, phones, 1, 15)
     time.sleep(0.3)
     after_initial = rig.kam.counters()
-    m0 = thrkit.metrics(rig.reg)
+    m0 = rig.reg.metrics()
     info = rig.diag(f"kamailio counters after the initial registrations: {after_initial}")
 
     # End to end digest: each device was challenged by Kamailio (401 relayed) and its retry accepted.
     for p in phones:
-        assert thrkit.log_lines(p, "CHALLENGE code=401"), f"{p.name}: Kamailio's 401 must reach it\n" + info
+        assert p.log_lines("CHALLENGE code=401"), f"{p.name}: Kamailio's 401 must reach it\n" + info
     assert after_initial["reg_challenged"] == 3, info
     challenged = [ln for ln in rig.kam.register_lines() if not has_auth(ln)]
     assert len(challenged) == 3, info
@@ -161,19 +161,19 @@ def test_contact_mode_relays_authenticated_initial_and_absorbs_refreshes(rig: Ri
     n0 = {p.name: len(replies(p)) for p in phones}
     wait_replies(rig, phones, max(n0.values()) + 4, 15)
     after_refresh = rig.kam.counters()
-    m1 = thrkit.metrics(rig.reg)
+    m1 = rig.reg.metrics()
     refreshes = sum(len(replies(p)) - n0[p.name] for p in phones)
     info = rig.diag(f"counters: {after_initial} → {after_refresh}; {refreshes} refreshes")
     assert after_refresh == after_initial, "refreshes must not reach Kamailio\n" + info
-    absorbed = thrkit.metric(m1, "midregistrar_registers", outcome="absorbed") - thrkit.metric(
+    absorbed = metric(m1, "midregistrar_registers", outcome="absorbed") - metric(
         m0, "midregistrar_registers", outcome="absorbed"
     )
-    relayed = thrkit.metric(m1, "midregistrar_registers", outcome="relayed") - thrkit.metric(
+    relayed = metric(m1, "midregistrar_registers", outcome="relayed") - metric(
         m0, "midregistrar_registers", outcome="relayed"
     )
     assert relayed == 0, f"no REGISTER relayed during refreshes, metrics say {relayed}\n" + info
     assert absorbed >= refreshes >= 12, f"absorbed {absorbed} for {refreshes} refreshes\n" + info
-    assert thrkit.metric(m1, "midregistrar_registers", outcome="relayed") >= 6, info
+    assert metric(m1, "midregistrar_registers", outcome="relayed") >= 6, info
 
     # Each phone is told its own contact with at most its 10 s, never the rewritten one.
     for p in phones:
@@ -197,7 +197,7 @@ def test_contact_mode_relays_authenticated_initial_and_absorbs_refreshes(rig: Ri
         assert 30 <= c.expires <= 56, f"outgoing lifetime 60 minus the time since the relay: {c}\n" + info
     kam_ctids = {ct_re.match(c.address).group(2) for c in alice}  # type: ignore[union-attr]
 
-    view = thrkit.aor_view(rig.reg, f"alice@{DOMAIN}")
+    view = rig.reg.aor_view(f"alice@{DOMAIN}")
     assert view is not None, info
     assert view["mode"] == "contact" and len(view["bindings"]) == 2, view
     assert {b["ctid"] for b in view["bindings"]} == kam_ctids, f"same ids on both sides: {view}"
@@ -219,7 +219,7 @@ def test_contact_mode_expired_phone_is_deregistered_at_kamailio(rig: Rig) -> Non
     held = rig.kam.contacts_of("alice")
     info = rig.diag(f"ul.dump:\n{rig.kam.ul_dump()[-3000:]}")
     assert len(held) == 2, info
-    view = thrkit.aor_view(rig.reg, f"alice@{DOMAIN}")
+    view = rig.reg.aor_view(f"alice@{DOMAIN}")
     assert view is not None and len(view["bindings"]) == 2, info
     gone_ctid = next(b["ctid"] for b in view["bindings"] if f"@127.0.0.1:{quitter_port}" in b["contact"])
 
@@ -227,21 +227,21 @@ def test_contact_mode_expired_phone_is_deregistered_at_kamailio(rig: Rig) -> Non
     def dropped() -> bool:
         return all(not c.address.endswith(f";ctid={gone_ctid}") for c in rig.kam.contacts_of("alice"))
 
-    ok = thrkit.wait_for(dropped, 8, interval=0.2)
+    ok = poll(dropped, 8, interval=0.2)
     took = time.monotonic() - t_reg
     counters = rig.kam.counters()
-    m = thrkit.metrics(rig.reg)
+    m = rig.reg.metrics()
     info = rig.diag(f"counters {counters}; took {took:.1f} s; ul.dump:\n{rig.kam.ul_dump()[-3000:]}")
     assert ok, "the expired phone's contact must be removed from Kamailio by the De-REGISTER\n" + info
     assert took <= 3 + 2 + 1.5, f"De-REGISTER must leave within 2 s of expiry, took {took:.1f} s\n" + info
-    assert thrkit.metric(m, "midregistrar_deregisters_sent") == 1, info
+    assert metric(m, "midregistrar_deregisters_sent") == 1, info
     assert counters["dereg_trusted"] == 1, "Kamailio accepted one trusted De-REGISTER\n" + info
     dereg = [ln for ln in rig.kam.register_lines() if f";ctid={gone_ctid}>;expires=0" in ln]
     assert len(dereg) == 1 and not has_auth(dereg[0]), f"one unauthenticated De-REGISTER: {dereg}\n" + info
     left = rig.kam.contacts_of("alice")
     assert len(left) == 1 and not left[0].address.endswith(gone_ctid), "the refreshing device stays\n" + info
     time.sleep(1.0)
-    assert thrkit.metric(thrkit.metrics(rig.reg), "midregistrar_deregisters_sent") == 1, "exactly one"
+    assert metric(rig.reg.metrics(), "midregistrar_deregisters_sent") == 1, "exactly one"
 
 
 # ---------------------------------------------------------------------------------------------- mode aor
@@ -264,14 +264,12 @@ def test_aor_mode_one_aggregated_contact_and_call_forks_to_both_devices(rig: Rig
     assert len(held) == 1, "Kamailio must hold ONE aggregated contact for the two devices\n" + info
     assert held[0].address == f"sip:alice%40{DOMAIN}@127.0.0.1:{rig.reg.port}", info
     assert 50 <= held[0].expires <= 60, f"outgoing lifetime 60: {held[0]}\n" + info
-    view = thrkit.aor_view(rig.reg, f"alice@{DOMAIN}")
+    view = rig.reg.aor_view(f"alice@{DOMAIN}")
     assert view is not None and view["mode"] == "aor" and len(view["bindings"]) == 2, f"{view}\n" + info
-    assert thrkit.log_lines(d1, "CHALLENGE code=401"), (
-        "the first device is authenticated by Kamailio\n" + info
-    )
+    assert d1.log_lines("CHALLENGE code=401"), "the first device is authenticated by Kamailio\n" + info
 
     # A call from the main side: SIPp UAC → Kamailio (lookup → aggregated contact) → mid-registrar → fork.
-    caller = sipkit.run_sipp(
+    caller = run_sipp(
         "main_invite_uac",
         rig.kam.addr,
         keys={"ruri": f"sip:alice@{DOMAIN}", "caller": "pbx"},
@@ -280,26 +278,24 @@ def test_aor_mode_one_aggregated_contact_and_call_forks_to_both_devices(rig: Rig
         workdir=rig.tmp / "caller",
         extra=["-recv_timeout", "20000"],
     )
-    thrkit.wait_for(lambda: thrkit.log_lines(d1, "CALL done") and thrkit.log_lines(d2, "CALL acked487"), 5)
+    poll(lambda: d1.log_lines("CALL done") and d2.log_lines("CALL acked487"), 5)
     info = rig.diag(caller.describe()[-5000:])
-    inv1, inv2 = thrkit.log_lines(d1, "CALL invite"), thrkit.log_lines(d2, "CALL invite")
+    inv1, inv2 = d1.log_lines("CALL invite"), d2.log_lines("CALL invite")
     assert inv1 and inv2, "the INVITE must reach BOTH devices (parallel fork)\n" + info
     assert f"ruri=sip:alice@127.0.0.1:{d1_port}" in inv1[0], inv1
     assert f"ruri=sip:alice@127.0.0.1:{port_of(d2)}" in inv2[0], inv2
     assert caller.returncode == 0, "INVITE → 200, ACK, BYE → 200 must complete\n" + info
     assert any(ln.startswith("INVITE final=200") for ln in caller.logs), info
     assert any(ln.startswith("BYE final=200") for ln in caller.logs), info
-    assert thrkit.log_lines(d1, "CALL acked") and thrkit.log_lines(d1, "CALL done"), info
-    assert thrkit.log_lines(d2, "CALL cancelled"), "the ringing device's branch must be CANCELled\n" + info
+    assert d1.log_lines("CALL acked") and d1.log_lines("CALL done"), info
+    assert d2.log_lines("CALL cancelled"), "the ringing device's branch must be CANCELled\n" + info
 
     # Both devices stop refreshing: when the AoR empties, one De-REGISTER of the aggregated contact.
     before = rig.kam.counters()
-    ok = thrkit.wait_for(
-        lambda: not rig.kam.contacts_of("alice"), max(1.0, 12 - (time.monotonic() - t_reg)) + 4
-    )
+    ok = poll(lambda: not rig.kam.contacts_of("alice"), max(1.0, 12 - (time.monotonic() - t_reg)) + 4)
     counters = rig.kam.counters()
-    m = thrkit.metrics(rig.reg)
+    m = rig.reg.metrics()
     info = rig.diag(f"counters {before} → {counters}; ul.dump:\n{rig.kam.ul_dump()[-2000:]}")
     assert ok, "the aggregated contact must be removed at Kamailio when the last device expires\n" + info
-    assert thrkit.metric(m, "midregistrar_deregisters_sent") == 1, info
+    assert metric(m, "midregistrar_deregisters_sent") == 1, info
     assert counters["dereg_trusted"] == 1, info

@@ -1,4 +1,4 @@
-"""Session fixtures of the node tier: one real node (tests/node/noderig.py) with its control plane, the chart
+"""Session fixtures of the node tier: one real node (tests/support/node.py) with its control plane, the chart
 installed by the real helm from the images built here, the chart's etcd on a local volume, and Kamailio on
 the host as the main registrar.
 
@@ -11,35 +11,36 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.helmkit import Helm
-from tests.node import noderig
-from tests.node.e2ekit import Kube, install_chart, start_kamailio, thrkit
+from tests.support.e2e import Kube, install_chart, start_kamailio
+from tests.support.helm import Helm
+from tests.support.kamailio import KamailioMain
+from tests.support.node import Node, running_node
 
 
 @pytest.fixture(scope="session")
-def node() -> Iterator[noderig.Node]:
-    with noderig.node() as n:
+def node() -> Iterator[Node]:
+    with running_node() as n:
         yield n
 
 
 @pytest.fixture(scope="session")
-def kube(node: noderig.Node) -> Kube:
+def kube(node: Node) -> Kube:
     return Kube(node)
 
 
 @pytest.fixture(scope="session")
-def kamailio(tmp_path_factory: pytest.TempPathFactory, node: noderig.Node) -> Iterator[thrkit.KamailioMain]:
+def kamailio(tmp_path_factory: pytest.TempPathFactory, node: Node) -> Iterator[KamailioMain]:
     kam = start_kamailio(tmp_path_factory.mktemp("kamailio-main"))
     yield kam
     kam.stop()
 
 
 @pytest.fixture(scope="session")
-def helm(node: noderig.Node) -> Helm:
+def helm(node: Node) -> Helm:
     assert node.cp is not None
     return Helm(node.cp)
 
 
 @pytest.fixture(scope="session")
-def platform(node: noderig.Node, kube: Kube, helm: Helm) -> dict[str, float]:
+def platform(node: Node, kube: Kube, helm: Helm) -> dict[str, float]:
     return {"helm_install_s": install_chart(node, kube, helm)}

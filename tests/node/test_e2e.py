@@ -19,9 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.node import noderig
-from tests.node.e2ekit import (
-    DOMAIN,
+from tests.support.e2e import (
     ETCD_ENDPOINT,
     EXPIRES,
     REFRESH_MS,
@@ -33,30 +31,31 @@ from tests.node.e2ekit import (
     Deployed,
     Kube,
     Phones,
-    aor_view,
     call_every_device,
-    ck,
     deploy_example,
     diagnostics,
     example,
-    http_get,
-    metrics,
     owner_pod,
     pod_ready,
+    pods_aor_view,
     sample_users,
-    thrkit,
     wait_midreg_ready,
 )
+from tests.support.kamailio import KamailioMain
+from tests.support.node import HOST_IP, NODE_IP, NODE_NAME, PHONE_IPS, Node
+from tests.support.phones import DOMAIN, Fleet
+from tests.support.registrar import http_get, metrics
+from tests.support.wait import poll
 
 pytestmark = pytest.mark.node
 
 
-def edge_diag(kube: Kube, edge: Deployed, kam: thrkit.KamailioMain) -> Callable[[list[str]], str]:
+def edge_diag(kube: Kube, edge: Deployed, kam: KamailioMain) -> Callable[[list[str]], str]:
     return lambda users: diagnostics(kube, edge.ns, edge.selector, kam, users)
 
 
 @pytest.fixture(scope="module")
-def edge(kube: Kube, platform: dict[str, float], kamailio: thrkit.KamailioMain) -> Deployed:
+def edge(kube: Kube, platform: dict[str, float], kamailio: KamailioMain) -> Deployed:
     return deploy_example(kube, kamailio)
 
 
@@ -92,7 +91,8 @@ def test_example_midregistrar_runs_real_pods(kube: Kube, edge: Deployed) -> None
         (c,) = pod["status"]["containerStatuses"]
         assert c["ready"] and c["state"].get("running"), c
         # Ready means listening and etcd reachable: the pod runs the operator's ConfigMap (the etcd store).
-        assert http_get(pod["status"]["podIP"], 9090, "/readyz").strip() == "ready"
+        code, body = http_get(pod["status"]["podIP"], 9090, "/readyz")
+        assert (code, body.strip()) == (200, "ready")
         m = metrics(pod["status"]["podIP"], 9090)
         assert m.get("midregistrar_etcd_up") == 1.0, m
     log = kube("logs", "-n", edge.ns, pods[0]["metadata"]["name"])
@@ -105,7 +105,7 @@ def test_example_midregistrar_runs_real_pods(kube: Kube, edge: Deployed) -> None
 
 
 def test_phones_register_through_services_and_calls_reach_every_device(
-    tmp_path: Path, kube: Kube, edge: Deployed, phones: Phones, kamailio: thrkit.KamailioMain
+    tmp_path: Path, kube: Kube, edge: Deployed, phones: Phones, kamailio: KamailioMain
 ) -> None:
     t0 = time.monotonic()
     phones.start()
@@ -114,21 +114,21 @@ def test_phones_register_through_services_and_calls_reach_every_device(
     assert not phones.failures(), phones.failures()[:20]
     devices = 2 * USERS
     # The main registrar holds every device (mode contact: one contact each, relayed once).
-    assert thrkit.wait_for(lambda: kamailio.location_size() == (USERS, devices), 30), kamailio.location_size()
+    assert poll(lambda: kamailio.location_size() == (USERS, devices), 30), kamailio.location_size()
     for user in sample_users():
         held = kamailio.lookup(user)
         assert len(held) == 2, held
     # The registrar recorded each phone's real source address: no SNAT through the ClusterIP or NodePort.
     pods = kube.ready_pods(edge.ns, edge.selector)
     for user in sample_users():
-        view = aor_view(pods, f"{user}@{DOMAIN}")
+        view = pods_aor_view(pods, f"{user}@{DOMAIN}")
         assert view is not None, user
         received = sorted(b["received"].split(":")[1] for b in view["bindings"])
         group = 0 if int(user[1:]) < USERS // 2 else 2
-        assert received == sorted(noderig.PHONE_IPS[group : group + 2]), view
+        assert received == sorted(PHONE_IPS[group : group + 2]), view
     # Both pods share state through etcd: every pod sees every AoR.
     for pod in pods:
-        view = aor_view([pod], f"u0003@{DOMAIN}")
+        view = pods_aor_view([pod], f"u0003@{DOMAIN}")
         assert view is not None and len(view["bindings"]) == 2, view
     call_every_device(
         tmp_path, kamailio, phones.fleets, sample_users(), "first-calls", diag=edge_diag(kube, edge, kamailio)
@@ -151,7 +151,7 @@ def test_phones_register_through_services_and_calls_reach_every_device(
 
 
 def test_rolling_update_under_load_loses_nothing(
-    tmp_path: Path, kube: Kube, edge: Deployed, phones: Phones, kamailio: thrkit.KamailioMain
+    tmp_path: Path, kube: Kube, edge: Deployed, phones: Phones, kamailio: KamailioMain
 ) -> None:
     assert phones.running()
     since = phones.clock()
@@ -195,11 +195,11 @@ def test_rolling_update_under_load_loses_nothing(
 
 def test_killed_container_and_force_deleted_pod(
     tmp_path: Path,
-    node: noderig.Node,
+    node: Node,
     kube: Kube,
     edge: Deployed,
     phones: Phones,
-    kamailio: thrkit.KamailioMain,
+    kamailio: KamailioMain,
 ) -> None:
     windows = {}
     for how in ("container-killed", "pod-force-deleted"):
@@ -240,7 +240,7 @@ def test_killed_container_and_force_deleted_pod(
 
 
 def test_scale_out_and_in_under_load_with_the_operator_replaced(
-    tmp_path: Path, kube: Kube, edge: Deployed, phones: Phones, kamailio: thrkit.KamailioMain
+    tmp_path: Path, kube: Kube, edge: Deployed, phones: Phones, kamailio: KamailioMain
 ) -> None:
     since = phones.clock()
     t0 = time.monotonic()
@@ -313,49 +313,47 @@ def test_pods_hold_their_security_context_under_the_real_runtime(kube: Kube, edg
 
 
 def test_mode_aor_on_the_node_address(
-    tmp_path: Path, kube: Kube, platform: dict[str, float], kamailio: thrkit.KamailioMain
+    tmp_path: Path, kube: Kube, platform: dict[str, float], kamailio: KamailioMain
 ) -> None:
     """examples/aor-hostnetwork.yaml: one pod on the node's own address, phones there, Kamailio forks
     nothing (one aggregated contact per AoR) and the registrar forks the call to every device."""
     docs = example("aor-hostnetwork.yaml")
     (mr,) = [d for d in docs if d["kind"] == "MidRegistrar"]
     spec = mr["spec"]
-    spec["mainRegistrar"] = f"sip:{noderig.HOST_IP}:{kamailio.port}"
+    spec["mainRegistrar"] = f"sip:{HOST_IP}:{kamailio.port}"
     spec["etcd"] = {"endpoints": [ETCD_ENDPOINT]}
     spec["replicas"] = 1  # one node
     spec["transports"] = [{"protocol": "udp", "port": 5080}, {"protocol": "tcp", "port": 5080}]
     spec["httpPort"] = 9180
     ns, name = mr["metadata"]["namespace"], mr["metadata"]["name"]
-    kube("label", "node", noderig.NODE_NAME, "sip.midregistrar.io/pool=edge", "--overwrite")
+    kube("label", "node", NODE_NAME, "sip.midregistrar.io/pool=edge", "--overwrite")
     for d in docs:
         if d["kind"] == "Namespace":
             kube.apply(d)
     kube.apply(mr)
     wait_midreg_ready(kube, ns, name, 1)
     (pod,) = kube.ready_pods(ns, SELECTOR.format(name))
-    assert pod["spec"]["hostNetwork"] and pod["status"]["podIP"] == noderig.NODE_IP
+    assert pod["spec"]["hostNetwork"] and pod["status"]["podIP"] == NODE_IP
     users = [f"h{i:03d}" for i in range(USERS)]
     fleets = [
-        ck.Fleet(
-            tmp_path, f"h{i}", users, expires=EXPIRES, every_ms=REFRESH_MS, local_ip=noderig.PHONE_IPS[i]
-        )
+        Fleet(tmp_path, f"h{i}", users, expires=EXPIRES, every_ms=REFRESH_MS, local_ip=PHONE_IPS[i])
         for i in range(2)
     ]
-    target = Addr("node", noderig.NODE_IP, 5080)
+    target = Addr("node", NODE_IP, 5080)
     try:
         for f in fleets:
             f.start(target)
         assert all(f.wait_ok(1, 60) for f in fleets), "\n".join(f.describe() for f in fleets)
-        view = aor_view([pod], f"h007@{DOMAIN}", port=9180)
+        view = pods_aor_view([pod], f"h007@{DOMAIN}", port=9180)
         assert view and view["mode"] == "aor"
-        assert sorted(b["received"].split(":")[1] for b in view["bindings"]) == sorted(noderig.PHONE_IPS[:2])
+        assert sorted(b["received"].split(":")[1] for b in view["bindings"]) == sorted(PHONE_IPS[:2])
         # Kamailio holds ONE aggregated contact per AoR, at the node's address (next to the 2,000 contacts of
         # the mode contact MidRegistrar's phones, still registered).
         want = (2 * USERS, 2 * USERS + USERS)
-        assert thrkit.wait_for(lambda: kamailio.location_size() == want, 20), kamailio.location_size()
+        assert poll(lambda: kamailio.location_size() == want, 20), kamailio.location_size()
         for user in ("h007", "h042", "h999"):
             held = kamailio.lookup(user)
-            assert len(held) == 1 and noderig.NODE_IP in held[0].address, held
+            assert len(held) == 1 and NODE_IP in held[0].address, held
         call_every_device(tmp_path, kamailio, fleets, ["h007", "h042"], "aor-calls")
     finally:
         for f in fleets:

@@ -12,16 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.node import noderig
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.support import REPO, node
 
 
 def test_a_missing_prerequisite_names_its_package_and_make_target(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = noderig.shutil.which
-    monkeypatch.setattr(noderig.shutil, "which", lambda name: None if name == "containerd" else real(name))
-    with pytest.raises(noderig.NodeRigError) as err:
-        noderig.check_prerequisites()
+    real = node.shutil.which
+    monkeypatch.setattr(node.shutil, "which", lambda name: None if name == "containerd" else real(name))
+    with pytest.raises(node.NodeRigError) as err:
+        node.check_prerequisites()
     assert "containerd (Debian package containerd)" in str(err.value)
     assert "make node-tools" in str(err.value)
 
@@ -29,13 +27,13 @@ def test_a_missing_prerequisite_names_its_package_and_make_target(monkeypatch: p
 CHILD = """
 import sys, time
 from pathlib import Path
-from tests.node import noderig
-n = noderig.Node(bindir=Path("/nonexistent"), images=Path("/nonexistent"))
+from tests.support import node
+n = node.Node(bindir=Path("/nonexistent"), images=Path("/nonexistent"))
 n.claim()
-noderig.run("ip", "netns", "add", n.netns)
+node.run("ip", "netns", "add", n.netns)
 # What a kubelet does to the host, and a cgroup of the rig's own.
-noderig._write_sysctl("vm/overcommit_memory", sys.argv[1])
-(noderig.CGROUP_FS / "pids" / n.state.cgroup_root).mkdir()
+node._write_sysctl("vm/overcommit_memory", sys.argv[1])
+(node.CGROUP_FS / "pids" / n.state.cgroup_root).mkdir()
 print(n.state.path, n.netns, n.state.cgroup_root, flush=True)
 time.sleep(600)
 """
@@ -43,7 +41,7 @@ time.sleep(600)
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces, sysctls)")
 def test_the_guardian_tears_down_a_node_whose_test_process_was_killed() -> None:
-    before = noderig._read_sysctl("vm/overcommit_memory")
+    before = node._read_sysctl("vm/overcommit_memory")
     changed = "0" if before == "1" else "1"
     child = subprocess.Popen(
         [sys.executable, "-c", CHILD, changed],
@@ -56,8 +54,8 @@ def test_the_guardian_tears_down_a_node_whose_test_process_was_killed() -> None:
         assert child.stdout is not None
         state_path, netns, cgroup = child.stdout.readline().split()
         assert Path(f"/run/netns/{netns}").exists()
-        assert (noderig.CGROUP_FS / "pids" / cgroup).is_dir()
-        assert noderig._read_sysctl("vm/overcommit_memory") == changed
+        assert (node.CGROUP_FS / "pids" / cgroup).is_dir()
+        assert node._read_sysctl("vm/overcommit_memory") == changed
         os.kill(child.pid, signal.SIGKILL)
         child.wait(10)
         deadline = time.monotonic() + 15
@@ -65,10 +63,10 @@ def test_the_guardian_tears_down_a_node_whose_test_process_was_killed() -> None:
             time.sleep(0.2)
         assert not Path(state_path).exists(), "the guardian did not tear the node down"
         assert not Path(f"/run/netns/{netns}").exists()
-        assert not (noderig.CGROUP_FS / "pids" / cgroup).exists()
-        assert noderig._read_sysctl("vm/overcommit_memory") == before
+        assert not (node.CGROUP_FS / "pids" / cgroup).exists()
+        assert node._read_sysctl("vm/overcommit_memory") == before
     finally:
         if child.poll() is None:
             child.kill()
-        noderig.cleanup_stale()
-        noderig._write_sysctl("vm/overcommit_memory", before)
+        node.cleanup_stale()
+        node._write_sysctl("vm/overcommit_memory", before)

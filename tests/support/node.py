@@ -15,7 +15,7 @@ kubelet's volume mounts must be visible to runc), so every mount lives under the
 is unmounted on teardown. Host-wide settings that the kubelet writes (vm.overcommit_memory, kernel.panic,
 kernel.panic_on_oops) are saved first and restored on teardown; cgroups go under a cgroup root of the rig's
 own. What teardown must undo is written to a state file before it is done, and a guardian process undoes
-it if the test process dies without tearing down (SIGKILL, a crash); `python -m tests.node.noderig cleanup`
+it if the test process dies without tearing down (SIGKILL, a crash); `python -m tests.support.node cleanup`
 (make node-clean) undoes whatever a previous run left.
 """
 
@@ -35,17 +35,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from midreg_operator.testing.rig import (
-    ControlPlane,
-    Proc,
-    RigError,
-    free_port,
-    start,
-    wait_for,
-    write_kubeconfig,
-)
+from tests.support import REPO
+from tests.support.controlplane import ControlPlane, RigError, write_kubeconfig
+from tests.support.ports import free_port
+from tests.support.process import Proc
+from tests.support.wait import WaitTimeout, wait_for
 
-REPO = Path(__file__).resolve().parents[2]
 RIG_SCRIPT = REPO / "scripts" / "k8s-rig.sh"
 IMAGES_SCRIPT = REPO / "scripts" / "build-images.sh"
 STATE_DIR = Path("/run/kube-midregistrar")
@@ -248,7 +243,7 @@ def teardown(state: NodeState) -> list[str]:
 
 def cleanup_stale() -> list[str]:
     """Tear down every node a previous run left behind (its owner process is gone)."""
-    done = []
+    done: list[str] = []
     if not STATE_DIR.is_dir():
         return done
     for path in sorted(STATE_DIR.glob("node-*.json")):
@@ -341,7 +336,7 @@ class Node:
         self.state.save()
         rundir.mkdir(parents=True, exist_ok=True)
         subprocess.Popen(
-            [sys.executable, "-m", "tests.node.noderig", "guard", str(self.state.path), str(os.getpid())],
+            [sys.executable, "-m", "tests.support.node", "guard", str(self.state.path), str(os.getpid())],
             cwd=REPO,
             start_new_session=True,
             stdin=subprocess.DEVNULL,
@@ -386,14 +381,14 @@ class Node:
 
     def _record(self, procs: Sequence[Proc]) -> None:
         assert self.state is not None
-        etcd = [self.cp.etcd.proc] if self.cp and self.cp.etcd and self.cp.etcd.proc else []
-        for p in [*procs, *etcd]:
-            if p.popen.pid not in self.state.pids:
-                self.state.pids.append(p.popen.pid)
+        etcd = self.cp.etcd.pid if self.cp and self.cp.etcd else None
+        for pid in [p.pid for p in procs] + ([etcd] if etcd else []):
+            if pid not in self.state.pids:
+                self.state.pids.append(pid)
         self.state.save()
 
     def _start(self, name: str, argv: Sequence[str]) -> Proc:
-        proc = start(name, _nsenter(self.netns, argv), self.workdir)
+        proc = Proc(_nsenter(self.netns, argv), self.workdir, name)
         self.procs.append(proc)
         self._record([proc])
         return proc
@@ -477,7 +472,7 @@ state = "{r / "containerd-state"}"
 """
         )
         proc = self._start("containerd", ["containerd", "--config", str(config)])
-        wait_for(lambda: self.socket.exists(), 30, "containerd socket", proc)
+        wait_for(self.socket.exists, 30, "containerd socket", interval=0.2, proc=proc)
         wait_for(
             lambda: (
                 subprocess.run(
@@ -487,7 +482,8 @@ state = "{r / "containerd-state"}"
             ),
             30,
             "containerd answering",
-            proc,
+            interval=0.2,
+            proc=proc,
         )
 
     def ctr(self, *args: str, timeout: float = 300) -> str:
@@ -654,7 +650,7 @@ state = "{r / "containerd-state"}"
 
         try:
             wait_for(ready, timeout, f"node {NODE_NAME} Ready")
-        except RigError as exc:
+        except WaitTimeout as exc:
             raise NodeRigError(f"{exc}\n{self.logs()}") from None
 
     def logs(self, n: int = 20) -> str:
@@ -672,7 +668,7 @@ state = "{r / "containerd-state"}"
 
 
 @contextlib.contextmanager
-def node() -> Iterator[Node]:
+def running_node() -> Iterator[Node]:
     check_prerequisites()
     t0 = time.monotonic()
     bindir = build_node_binaries()
@@ -698,7 +694,7 @@ def main(argv: Sequence[str]) -> int:
         for rid in cleanup_stale():
             print(f"tore down node {rid}")
         return 0
-    print("usage: python -m tests.node.noderig guard STATE_FILE PID | cleanup", file=sys.stderr)
+    print("usage: python -m tests.support.node guard STATE_FILE PID | cleanup", file=sys.stderr)
     return 2
 
 

