@@ -124,12 +124,6 @@ class StreamFramer:
             self._started = False
         return out
 
-    def eof(self) -> FramingError | None:
-        """The peer closed the stream: an error if it stopped in the middle of a message."""
-        if self.closed or not self._buf.strip(b"\r\n"):
-            return None
-        return self._close(FramingError(f"connection closed inside a message ({len(self._buf)} bytes)"))
-
     def _skip_keepalives(self, out: list[bytes | Ping | FramingError]) -> bool:
         """Drop CRLFs before a message, reporting each CRLFCRLF; False to wait (a ping may be half in)."""
         buf = self._buf

@@ -263,9 +263,6 @@ class Via:
         """None when absent, '' when requested without a value, else the port text."""
         return get_param(self.params, "rport")
 
-    def with_param(self, name: str, value: str | None) -> Via:
-        return replace(self, params=set_param(self.params, name, value))
-
     def __str__(self) -> str:
         hostport = self.host if self.port is None else f"{self.host}:{self.port}"
         return f"{self.protocol}/{self.transport} {hostport}{format_params(self.params)}"

@@ -9,7 +9,6 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass, field, replace
-from urllib.parse import unquote
 
 from registrar.sip.errors import SipError
 
@@ -66,10 +65,6 @@ class SipURI:
         lname = name.lower()
         return any(key.lower() == lname for key, _ in self.params)
 
-    def with_params(self, **changes: str | None) -> SipURI:
-        """Set (value or None for a flag) parameters, keeping the others in place."""
-        return self.replace(params=_merge(self.params, changes))
-
     def without_params(self, *names: str) -> SipURI:
         drop = {n.lower() for n in names}
         return self.replace(params=tuple(p for p in self.params if p[0].lower() not in drop))
@@ -88,10 +83,6 @@ class SipURI:
         if value:
             return value.lower()
         return "tls" if self.scheme == "sips" else "udp"
-
-    @property
-    def unescaped_user(self) -> str | None:
-        return None if self.user is None else unquote(self.user)
 
     def __str__(self) -> str:
         if self._text is not None:
@@ -243,18 +234,6 @@ def _canon_headers(headers: tuple[tuple[str, str | None], ...]) -> dict[str, str
     return {(_canon(name) or "").lower(): _canon(value) for name, value in headers}
 
 
-def _merge(
-    params: tuple[tuple[str, str | None], ...], changes: dict[str, str | None]
-) -> tuple[tuple[str, str | None], ...]:
-    lower = {k.lower(): (k, v) for k, v in changes.items()}
-    out: list[tuple[str, str | None]] = []
-    for name, value in params:
-        hit = lower.pop(name.lower(), None)
-        out.append((name, hit[1]) if hit else (name, value))
-    out.extend(lower.values())
-    return tuple(out)
-
-
 def parse_uri(text: str) -> URI:
     """Parse a URI; raise :class:`URIError` with the reason."""
     scheme, colon, rest = text.partition(":")
@@ -315,10 +294,3 @@ def _valid_ipv6_reference(host: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def parse_sip_uri(text: str) -> SipURI:
-    uri = parse_uri(text)
-    if not isinstance(uri, SipURI):
-        raise URIError(f"not a sip/sips URI: {text!r}")
-    return uri

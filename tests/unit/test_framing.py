@@ -195,17 +195,6 @@ def test_error_is_last_and_final() -> None:
     assert framer.feed(REGISTER) == [] and framer.closed
 
 
-def test_eof() -> None:
-    framer = StreamFramer()
-    framer.feed(REGISTER + b"\r\n")
-    assert framer.eof() is None  # only a CRLF was pending
-    framer = StreamFramer()
-    framer.feed(INVITE[:50])
-    error = framer.eof()
-    assert isinstance(error, FramingError) and "closed inside a message" in error.reason
-    assert framer.closed
-
-
 def test_framing_errors_compare_by_value() -> None:
     assert FramingError("x") == FramingError("x")
     assert FramingError("x") != FramingError("x", status=513)
