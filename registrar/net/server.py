@@ -107,6 +107,7 @@ class SipServer:
         self._timer_at: float | None = None
         self._idle_task: asyncio.Task[None] | None = None
         self._closing = False
+        self._ip_hosts: dict[str, bool] = {}  # host text -> is an IP literal (ipaddress takes ~5 µs)
 
     @property
     def now(self) -> float:
@@ -246,7 +247,7 @@ class SipServer:
             if transport is None:
                 log.warning("no UDP socket to reach %s", peer)
                 return
-            if _is_ip(peer.host):
+            if self._is_ip(peer.host):
                 transport.sendto(data, (peer.host, peer.port))
             else:
                 self.loop.create_task(self._resolve_and_send(transport, data, peer))
@@ -266,6 +267,23 @@ class SipServer:
             return
         self._pending[key] = [data]
         self.loop.create_task(self._connect(peer))
+
+    def _is_ip(self, host: str) -> bool:
+        """Whether ``host`` is an IP literal (sent at once) or a name (resolved first); one check per
+        response, so the answers are kept, up to 65,536 hosts."""
+        known = self._ip_hosts.get(host)
+        if known is not None:
+            return known
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            known = False
+        else:
+            known = True
+        if len(self._ip_hosts) >= 65536:
+            self._ip_hosts.clear()
+        self._ip_hosts[host] = known
+        return known
 
     async def _resolve_and_send(self, transport: asyncio.DatagramTransport, data: bytes, peer: Peer) -> None:
         try:
@@ -380,22 +398,3 @@ def _earliest(a: float | None, b: float | None) -> float | None:
     if a is None:
         return b
     return a if b is None else min(a, b)
-
-
-_IP_HOSTS: dict[str, bool] = {}  # host text -> is an IP literal (ipaddress takes ~5 µs; one per response)
-
-
-def _is_ip(host: str) -> bool:
-    known = _IP_HOSTS.get(host)
-    if known is not None:
-        return known
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        known = False
-    else:
-        known = True
-    if len(_IP_HOSTS) >= 65536:
-        _IP_HOSTS.clear()
-    _IP_HOSTS[host] = known
-    return known

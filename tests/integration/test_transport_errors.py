@@ -42,13 +42,13 @@ class _Phone(asyncio.DatagramProtocol):
         self.replies.put_nowait(data)
 
 
-async def _register_through(main_port: int) -> tuple[bytes, float]:
-    """Start a mid-registrar whose main registrar is ``sip:127.0.0.1:<main_port>;transport=tcp``, send it a
-    REGISTER from a UDP phone and return the first reply and how long it took."""
+async def _register_through(main_port: int, host: str = LOOP) -> tuple[bytes, float]:
+    """Start a mid-registrar whose main registrar is ``sip:<host>:<main_port>;transport=tcp``, send it a
+    REGISTER from a UDP phone and return the first final reply and how long it took."""
     sip_port = free_port(LOOP)
     settings = Settings(
         listen=[f"udp:{LOOP}:{sip_port}", f"tcp:{LOOP}:{sip_port}"],
-        main_registrar=f"sip:{LOOP}:{main_port};transport=tcp",
+        main_registrar=f"sip:{host}:{main_port};transport=tcp",
         mode="mirror",
     )
     registrar = Registrar(settings)
@@ -101,3 +101,28 @@ def test_connection_dropped_before_the_answer_gives_503_at_once() -> None:
     reply, took = asyncio.run(main())
     assert reply.startswith(b"SIP/2.0 503 "), reply
     assert took < 0.5, f"503 took {took:.3f} s: the lost connection did not fail the transaction"
+
+
+def test_a_main_registrar_named_by_dns_is_reached_over_tcp() -> None:
+    """The connection opened toward a name is filed under that name: the relayed REGISTER waiting for it is
+    written once it is up, and the answer comes back to the phone."""
+
+    async def main() -> tuple[bytes, float]:
+        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            head = (await reader.readuntil(b"\r\n\r\n")).decode()
+            keep = ("via:", "from:", "call-id:", "cseq:", "contact:")
+            lines = [line for line in head.split("\r\n") if line.lower().startswith(keep)]
+            to = next(line for line in head.split("\r\n") if line.lower().startswith("to:"))
+            reply = ["SIP/2.0 200 OK", *lines, f"{to};tag=main1", "Content-Length: 0", "", ""]
+            writer.write("\r\n".join(reply).encode())
+            await writer.drain()
+
+        server = await asyncio.start_server(answer, LOOP, 0)
+        try:
+            return await _register_through(server.sockets[0].getsockname()[1], host="localhost")
+        finally:
+            server.close()
+
+    reply, took = asyncio.run(main())
+    assert reply.startswith(b"SIP/2.0 200 "), reply
+    assert took < 2.0
