@@ -60,6 +60,8 @@ class Timer(StrEnum):
 
 
 class State(Enum):
+    """The states of figures 5–8, with RFC 6026's Accepted; each machine uses its own figure's subset."""
+
     CALLING = "calling"
     TRYING = "trying"
     PROCEEDING = "proceeding"
@@ -381,7 +383,7 @@ class InviteClient(_Client):
     initial = State.CALLING
 
     def start(self) -> None:
-        """Send the request and arm the first timers."""
+        """Send the INVITE and arm the first timers."""
         self.outbox.send(self.data, self.peer)
         if not self.reliable:
             self.outbox.arm(self, Timer.A, self._interval)

@@ -227,14 +227,19 @@ def test_a_completed_non_invite_client_transaction_releases_its_request() -> Non
     assert rig.take_events() == []
 
 
-def test_invite_client_timer_a_doubles_until_timer_b() -> None:
-    rig = make_rig()
+def _proxied_invite(rig) -> tuple[IncomingRequest, Request]:  # type: ignore[no-untyped-def]
+    """An INVITE from MAIN proxied to PHONE: the caller's event and the copy sent on."""
     rig.feed(request_bytes("INVITE"), MAIN)
-    [event] = rig.take_events()
-    assert isinstance(event, IncomingRequest)
+    event = _incoming(rig)
     rig.stack.proxy(event.txn, [(None, PHONE)])
     rig.drain()
-    rig.take()
+    [invite] = [m for m, _ in rig.take() if isinstance(m, Request) and m.method == "INVITE"]
+    return event, invite
+
+
+def test_invite_client_timer_a_doubles_until_timer_b() -> None:
+    rig = make_rig()
+    _proxied_invite(rig)
     sent: list[tuple[float, str | int]] = []
     for _ in range(65):  # 0.5 s steps (exact in binary) up to 32.5 s
         rig.advance(0.5)
@@ -246,12 +251,7 @@ def test_invite_client_timer_a_doubles_until_timer_b() -> None:
 
 def test_invite_client_keeps_absorbing_a_non_2xx_final_for_timer_d() -> None:
     rig = make_rig()
-    rig.feed(request_bytes("INVITE"), MAIN)
-    [event] = rig.take_events()
-    assert isinstance(event, IncomingRequest)
-    rig.stack.proxy(event.txn, [(None, PHONE)])
-    rig.drain()
-    [invite] = [m for m, _ in rig.take() if isinstance(m, Request) and m.method == "INVITE"]
+    event, invite = _proxied_invite(rig)
     rig.feed(response_to(invite, 486), PHONE)
     rig.feed(request_bytes("ACK", to_tag=event.txn.to_tag), MAIN)  # the caller ACKs our 486
     rig.take()
