@@ -108,9 +108,8 @@ class EtcdStore:
             timeout=settings.etcd_timeout,
         )
         self.hold = float(settings.etcd_hold)
-        self.margin = max(
-            1.0, self.hold / 10
-        )  # rewrite when the new expiry comes this close to the lease's end
+        # A binding is written again when its new expiry comes this close to the end of its lease.
+        self.margin = max(1.0, self.hold / 10)
         bucket = max(1.0, min(5.0, self.hold / 60))
         # Each binding puts two keys (binding + index) on its lease: 500 bindings → ≤ ~1,000 keys.
         self.pool = LeasePool(self.client, bucket=bucket, max_keys=500, clock=clock, min_ttl=2)
