@@ -1,7 +1,8 @@
 """The sans-IO SIP stack: transactions, proxy core and stateless error replies behind one object.
 
 Shaped like aioquic's ``QuicConnection``: the shell feeds it (:meth:`Stack.receive` for bytes from a peer,
-:meth:`Stack.handle_timers` when :meth:`Stack.next_deadline` passes) and drains it after every call
+:meth:`Stack.handle_timers` when :meth:`Stack.next_deadline` passes, :meth:`Stack.transport_error` when a
+connection cannot be opened or is lost) and drains it after every call
 (:meth:`Stack.pop_outgoing` for bytes to send, :meth:`Stack.pop_events` for what the application must act
 on). The application answers with commands (:meth:`respond`, :meth:`proxy`, :meth:`finish`,
 :meth:`send_request`). Time is always passed in, so every rule can be tested without sleeping.
