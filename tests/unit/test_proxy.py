@@ -224,3 +224,16 @@ def test_a_response_with_only_our_via_is_not_forwarded() -> None:
     raw = "\r\n".join(line for line in lines if not (line.startswith("Via:") and "10.0.0.3" in line))
     rig.feed(raw.encode(), A)
     assert _responses(rig.take()) == []
+
+
+def test_a_branch_whose_connection_fails_counts_as_503_in_the_best_response() -> None:
+    """§16.9: a transport error on a branch is a 503 from it; a 486 from another branch still wins (§16.7)."""
+    rig = make_rig()
+    over_tcp = Peer("tcp", "198.51.100.7", 5060)
+    _invite(rig, [over_tcp, C])
+    [(ic, _)] = [(m, p) for m, p in _requests(rig.take(), "INVITE") if p == C]
+    rig.stack.transport_error(over_tcp, rig.now)
+    rig.drain()
+    assert _responses(rig.take()) == []  # the other branch is still pending
+    rig.feed(response_to(ic, 486), C)
+    assert _responses(rig.take()) == [486]
