@@ -146,7 +146,7 @@ class AorRecord:
         tuple of its own: plain values only, for ``marshal``. In-process only: the layout follows the
         dataclasses, so it is never written anywhere (that is what ``to_dict`` is for)."""
         meta = None if self.meta is None else _meta_values(self.meta)
-        return (self.version, meta, *(b.to_tuple() for b in self.bindings.values()))
+        return (self.version, meta, *map(Binding.to_tuple, self.bindings.values()))
 
     @classmethod
     def from_tuple(cls, aor: str, values: tuple[Any, ...]) -> AorRecord:
