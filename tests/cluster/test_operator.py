@@ -94,13 +94,13 @@ def life_ns(cluster: Cluster) -> Iterator[str]:
 def alpha(cluster: Cluster, operator: KopfRunner, registrar_etcd: EtcdServer, life_ns: str) -> dict[str, Any]:
     gw = EtcdGateway([registrar_etcd.endpoint])
     prefix = f"/midregistrar/{life_ns}/alpha/"
-    for key in [
+    for key in [  # the registrar's own layout (registrar/store/etcd_layout.py): contact ids are numbers
         "aor/sip:alice@example.com",
-        "aor/sip:alice@example.com/ct/a1",
-        "aor/sip:alice@example.com/ct/a2",
+        "aor/sip:alice@example.com/ct/101",
+        "aor/sip:alice@example.com/ct/102",
         "aor/sip:bob@example.com",
-        "aor/sip:bob@example.com/ct/b1",
-        "ctid/a1",
+        "aor/sip:bob@example.com/ct/201",
+        "ctid/101",
     ]:
         gw.put(prefix + key, "{}")
     gw.put(f"/midregistrar/{life_ns}/other/aor/sip:carol@example.com", "{}")
