@@ -68,7 +68,7 @@ class Expiry:
             del left.bindings[binding.ctid]
         # The write's compare-and-swap makes this process the only sender (T58); on a conflict, look again.
         send = partial(self._expired, record, left, gone, now)
-        state.commit(aor, left, record, send, partial(self._expire, aor, [b.ctid for b in gone]))
+        state.commit(aor, left, record, now, send, partial(self._expire, aor, [b.ctid for b in gone]))
 
     def _expired(self, record: AorRecord, left: AorRecord, gone: list[Binding], now: float) -> None:
         state = self.state

@@ -93,7 +93,7 @@ class Registration:
                 ok = reply.binding_reply(request, absorbed, now, settings, paths, gruu, state.cap())
                 state.stack.respond(event.txn, ok)
 
-            state.commit(view.aor, absorbed, record, answer, partial(self.redo, event))
+            state.commit(view.aor, absorbed, record, now, answer, partial(self.redo, event))
             return
         log.debug("REGISTER for %s relayed: %s", view.aor, decision.reason if decision else "mirror")
         meta = record.meta if record is not None else None
@@ -104,7 +104,7 @@ class Registration:
             marked.meta = replace(meta, relay_until=now + 64 * state.settings.t1)
             held = None if self._holder_gone(meta, now) else meta  # whose aggregated contact to renew
             relay = partial(self._relay, event.txn, pending, settings, held)
-            state.commit(view.aor, marked, record, relay, partial(self.redo, event))
+            state.commit(view.aor, marked, record, now, relay, partial(self.redo, event))
             return
         self._relay(event.txn, pending, settings)
 
@@ -161,7 +161,7 @@ class Registration:
             self.relays[id(ctx)] = pending
             self.redo(event, later)
 
-        state.commit(aor, updated, record, finish, again)
+        state.commit(aor, updated, record, now, finish, again)
 
     def _relay(
         self,
@@ -266,4 +266,4 @@ class Registration:
             return
         cleared = record.copy()
         cleared.meta = replace(record.meta, relay_until=None)
-        self.state.commit(aor, cleared, record)
+        self.state.commit(aor, cleared, record, now)

@@ -70,11 +70,6 @@ class MidRegistrar:
     def store(self) -> Store:
         return self.state.store
 
-    @store.setter
-    def store(self, store: Store) -> None:
-        """Every part reads the store through the shared state: swapping it here swaps it for all."""
-        self.state.store = store
-
     def handle(self, event: Event, now: float) -> None:
         """One stack event. Work the store cannot answer yet is parked and runs again on ``store_ready``."""
         try:

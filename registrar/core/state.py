@@ -65,6 +65,7 @@ class CoreState:
         aor: str,
         record: AorRecord | None,
         old: AorRecord | None,
+        now: float,
         then: Callable[[], None] | None = None,
         again: Callable[[float], None] | None = None,
     ) -> None:
@@ -74,14 +75,14 @@ class CoreState:
         per decision)."""
         store = self.store
         if record is None or not record.bindings:
-            ticket = store.delete(aor, old)
+            ticket = store.delete(aor, old, now)
         else:
             before = old.bindings if old is not None else {}
             me = store.member_id
             for ctid, binding in record.bindings.items():
                 if binding.owner != me and binding is not before.get(ctid):
                     record.bindings[ctid] = replace(binding, owner=me)  # this process holds its flow now
-            ticket = store.commit(record, old)
+            ticket = store.commit(record, old, now)
         if ticket is None:
             self._committed(record, old, then)
         else:

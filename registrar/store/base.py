@@ -71,10 +71,11 @@ class Store(Protocol):
     def load(self, aor: str) -> AorRecord | None:
         """The AoR with its bindings (expired ones included: callers filter on ``now``)."""
 
-    def commit(self, record: AorRecord, old: AorRecord | None = None) -> int | None:
-        """Replace the AoR (``old`` as loaded), keeping the contact-id index in step."""
+    def commit(self, record: AorRecord, old: AorRecord | None, now: float) -> int | None:
+        """Replace the AoR (``old`` as loaded), keeping the contact-id index in step; ``now`` is the
+        caller's clock (what a networked store may keep unwritten depends on it)."""
 
-    def delete(self, aor: str, old: AorRecord | None = None) -> int | None: ...
+    def delete(self, aor: str, old: AorRecord | None, now: float) -> int | None: ...
 
     def find_ctid(self, ctid: int) -> AorRecord | None:
         """The AoR holding a contact id, without scanning (mode mirror/contact lookup)."""

@@ -16,8 +16,9 @@ composition of single-job parts:
 This class holds what ties them together: the fetches and writes in flight, the watch on the whole prefix
 (it invalidates cached AoRs changed elsewhere and feeds the registry and the orphan watch) and the health
 loop. Every call has a deadline; on ``EtcdUnavailable`` the store turns unavailable (``StoreUnavailable``)
-until the health loop sees etcd again, then drops its cache and registers again. Wall-clock time (binding
-expiries, lease ends) comes from ``clock``.
+until the health loop sees etcd again, then drops its cache and registers again. A write takes the
+caller's ``now`` (the core's clock decides what may stay unwritten); reads and the background loops take
+wall-clock time from ``clock``.
 """
 
 from __future__ import annotations
@@ -391,7 +392,7 @@ class EtcdStore:
 
     # ------------------------------------------------------------------------------------------ writes
 
-    def commit(self, record: AorRecord, old: AorRecord | None = None) -> int | None:
+    def commit(self, record: AorRecord, old: AorRecord | None, now: float) -> int | None:
         self._check()
         aor = record.aor
         entry = self.cache.get(aor)
@@ -400,7 +401,6 @@ class EtcdStore:
             entry = CachedAor.absent()  # a create: the head must be absent (compared in the txn)
         if entry is None or entry.version != expected:
             return self._fail_ticket(aor)  # changed (or forgotten) since it was loaded: decide afresh
-        now = self.clock()
         plan = plan_commit(
             old, record, entry.held(), self.member_id, margin=self.margin, hold=self.hold, now=now
         )
@@ -414,18 +414,18 @@ class EtcdStore:
         self._start_write(ticket, aor, entry, record, plan, now)
         return ticket
 
-    def delete(self, aor: str, old: AorRecord | None = None) -> int | None:
+    def delete(self, aor: str, old: AorRecord | None, now: float) -> int | None:
         self._check()
         if old is None:
             entry = self.cache.get(aor)
             if entry is None:
                 return self._fail_ticket(aor)
-            old = entry.record(aor, self.member_id, self.overlay, self.clock())
+            old = entry.record(aor, self.member_id, self.overlay, now)
             if old is None:
                 return None
         if not old.bindings and old.version == 0:
             return None
-        return self.commit(AorRecord(aor, {}, old.version, None), old)
+        return self.commit(AorRecord(aor, {}, old.version, None), old, now)
 
     def _fail_ticket(self, aor: str) -> int:
         """A write that cannot be right (the cache moved on): reported lost at once, without an etcd call."""

@@ -39,7 +39,7 @@ class MemoryStore:
             record.aor = held
         return record
 
-    def commit(self, record: AorRecord, old: AorRecord | None = None) -> None:
+    def commit(self, record: AorRecord, old: AorRecord | None, now: float) -> None:
         aor = record.aor
         held = self._held_ctids(aor)
         if held:
@@ -59,7 +59,7 @@ class MemoryStore:
             self._ctids[ctid] = aor
         return None
 
-    def delete(self, aor: str, old: AorRecord | None = None) -> None:
+    def delete(self, aor: str, old: AorRecord | None, now: float) -> None:
         held = self._held_ctids(aor)
         if held:
             del self._aors[aor]

@@ -134,7 +134,7 @@ async def settle(rec: Recorder, ticket: int | None) -> bool | None:
 
 
 async def write(store: EtcdStore, rec: Recorder, record: AorRecord, old: AorRecord | None) -> bool | None:
-    return await settle(rec, store.commit(record, old))
+    return await settle(rec, store.commit(record, old, time.time()))
 
 
 async def raw(server: EtcdServer, key: str) -> dict[str, Any] | None:
@@ -165,7 +165,7 @@ def test_fetch_commit_and_decoding(etcd_server: EtcdServer) -> None:
             ctid = a.new_contact_id()
             record = AorRecord(aor, {ctid: binding(ctid, now + 60, conn=7)}, meta=META)
             calls = a.calls
-            ticket = a.commit(record, None)
+            ticket = a.commit(record, None, time.time())
             assert ticket is not None
             with pytest.raises(Pending):
                 a.load(aor)  # a write of that AoR is in flight
@@ -232,7 +232,7 @@ def test_cas_conflict_exactly_one_wins(etcd_server: EtcdServer) -> None:
             new_a, new_b = old_a.copy(), old_b.copy()
             new_a.bindings[2] = binding(2, now + 60)
             new_b.bindings[3] = binding(3, now + 60)
-            ta, tb = a.commit(new_a, old_a), b.commit(new_b, old_b)
+            ta, tb = a.commit(new_a, old_a, time.time()), b.commit(new_b, old_b, time.time())
             assert ta is not None and tb is not None
             outcomes = await asyncio.gather(settle(ra, ta), settle(rb, tb))
             assert sorted(outcomes) == [False, True]  # type: ignore[type-var]
@@ -279,7 +279,7 @@ def test_owner_refreshes_cost_no_call_until_lapse_near(etcd_server: EtcdServer) 
                 expires += 60
                 new = old.copy()
                 new.bindings[1] = replace(cur, expires_at=expires, cseq=cur.cseq + 1, updated_at=time.time())
-                assert a.commit(new, old) is None
+                assert a.commit(new, old, time.time()) is None
                 refreshes += 1
                 seen = a.load(aor)
                 assert seen is not None and seen.bindings[1].expires_at == expires  # the owner's truth
@@ -331,7 +331,7 @@ def test_refresh_on_another_store_takes_ownership(etcd_server: EtcdServer) -> No
                 old.bindings[5], expires_at=now + 120, cseq=2, source=Peer("tcp", "192.0.2.1", 5060, 11)
             )
             calls = b.calls
-            ticket = b.commit(new, old)
+            ticket = b.commit(new, old, time.time())
             assert ticket is not None and await settle(rb, ticket) is True and b.calls == calls + 1
             assert new.bindings[5].owner == "b"
             mine = b.load(aor)
@@ -350,7 +350,7 @@ def test_refresh_on_another_store_takes_ownership(etcd_server: EtcdServer) -> No
             assert old is not None
             new = old.copy()
             new.bindings[5] = replace(old.bindings[5], expires_at=now + 180, cseq=3)
-            assert b.commit(new, old) is None
+            assert b.commit(new, old, time.time()) is None
         finally:
             await stop_all(a, b)
 
@@ -439,14 +439,14 @@ def test_owner_delete_aor(etcd_server: EtcdServer) -> None:
             assert await write(a, ra, AorRecord(aor, {1: binding(1, now + 60)}, meta=META), None)
             old = await load(a, ra, aor)
             assert old is not None
-            assert await settle(ra, a.delete(aor, old)) is True
+            assert await settle(ra, a.delete(aor, old, time.time())) is True
             assert a.load(aor) is None
             assert await raw(etcd_server, f"{prefix}aor/{aor}") is None
             assert await raw(etcd_server, f"{prefix}ctid/1") is None
             assert await load(b, rb, aor) is None
             await asyncio.sleep(0.3)
             assert not ra.orphans and not rb.orphans
-            assert a.delete(aor, None) is None  # nothing there: nothing to write
+            assert a.delete(aor, None, time.time()) is None  # nothing there: nothing to write
         finally:
             await stop_all(a, b)
 
@@ -502,7 +502,7 @@ def test_etcd_stopped_then_restarted(etcd_server: EtcdServer) -> None:
                 for call in (
                     lambda: a.load(aor),
                     lambda: a.find_ctid(1),
-                    lambda: a.commit(AorRecord(aor), None),
+                    lambda: a.commit(AorRecord(aor), None, time.time()),
                 ):
                     with pytest.raises(StoreUnavailable):
                         call()
@@ -542,7 +542,7 @@ def test_etcd_paused_then_resumed(etcd_server: EtcdServer) -> None:
                 new = old.copy()
                 new.bindings[2] = binding(2, now + 60)
                 t0 = time.monotonic()
-                ticket = a.commit(new, old)
+                ticket = a.commit(new, old, time.time())
                 assert ticket is not None
                 assert await settle(ra, ticket) is False  # timed out: reported lost, never hung
                 assert time.monotonic() - t0 < 2.5
@@ -584,7 +584,9 @@ def test_figures_calls_per_refresh_memory_fetch_latency(etcd_server: EtcdServer)
             t0 = time.time()
             aors = [f"user{i}@example.com" for i in range(n)]
             tickets = [
-                a.commit(AorRecord(aor, {i + 1: binding(i + 1, t0 + 60, conn=i)}, meta=META), None)
+                a.commit(
+                    AorRecord(aor, {i + 1: binding(i + 1, t0 + 60, conn=i)}, meta=META), None, time.time()
+                )
                 for i, aor in enumerate(aors)
             ]
             assert all(await asyncio.gather(*(settle(ra, t) for t in tickets)))
@@ -600,7 +602,7 @@ def test_figures_calls_per_refresh_memory_fetch_latency(etcd_server: EtcdServer)
                     cur = old.bindings[i + 1]
                     new = old.copy()
                     new.bindings[i + 1] = replace(cur, expires_at=t0 + 60 * (k + 1), cseq=cur.cseq + 1)
-                    ticket = a.commit(new, old)
+                    ticket = a.commit(new, old, time.time())
                     if ticket is None:
                         cpu += time.perf_counter() - start
                         absorbed += 1
@@ -619,7 +621,7 @@ def test_figures_calls_per_refresh_memory_fetch_latency(etcd_server: EtcdServer)
                 assert old is not None
                 new = old.copy()
                 new.bindings[i + 1] = replace(old.bindings[i + 1], cseq=old.bindings[i + 1].cseq + 1)
-                assert a.commit(new, old) is None
+                assert a.commit(new, old, time.time()) is None
             gc.collect()
             before = tracemalloc.take_snapshot()
             a.cache.clear()

@@ -407,7 +407,7 @@ def test_relay_keeps_the_aggregated_contact_the_main_registrar_holds() -> None:
     assert record is not None and record.meta is not None
     other = record.copy()
     other.meta = replace(record.meta, main_contact="sip:alice%40example.com@10.0.0.9:5080")
-    m.store.commit(other)
+    m.store.commit(other, None, m.now)
     _send(m, A, f"{CONTACTS[A]};expires=120", cseq=cseq)
     [relayed], _ = _split(m, A)
     assert [str(c.uri) for c in relayed.contacts] == ["sip:alice%40example.com@10.0.0.9:5080"]
@@ -442,7 +442,7 @@ def test_concurrent_first_registration_elsewhere_keeps_its_contact_and_deregiste
         cseq=1, main_expires=7200, relayed_at=m.now, main_contact=OTHER,
     )  # fmt: skip
     device_b = Binding(9, "sip:alice@198.51.100.7:5060", m.now + 120, B, "cid-other", 1, local_expires=120)
-    m.store.commit(AorRecord("alice@example.com", {9: device_b}, meta=meta))
+    m.store.commit(AorRecord("alice@example.com", {9: device_b}, meta=meta), None, m.now)
     m.feed(_main_ok(relayed, extra=f"Contact: <{OTHER}>;expires=7199"), MAIN)
     sent = m.take()
     [dereg] = [x for x, p in sent if isinstance(x, Request) and p == MAIN]
@@ -470,7 +470,7 @@ def test_stored_contact_main_no_longer_holds_is_replaced_without_deregister() ->
         cseq=1, main_expires=60, relayed_at=m.now - 61, main_contact=OTHER,
     )  # fmt: skip
     device_b = Binding(9, "sip:alice@198.51.100.7:5060", m.now + 120, B, "cid-old", 1, local_expires=120)
-    m.store.commit(AorRecord("alice@example.com", {9: device_b}, meta=stale))
+    m.store.commit(AorRecord("alice@example.com", {9: device_b}, meta=stale), None, m.now)
     m.feed(_main_ok(relayed), MAIN)
     sent = m.take()
     assert not [x for x, p in sent if isinstance(x, Request) and p == MAIN]
@@ -505,7 +505,7 @@ def _held_by_a(m: Core) -> None:
     assert record is not None and record.meta is not None and record.meta.contact_owner == "B"
     moved = record.copy()
     moved.meta = replace(record.meta, main_contact=OTHER, contact_owner="A", call_id="cid-a", cseq=7)
-    m.store.commit(moved, record)
+    m.store.commit(moved, record, m.now)
 
 
 def test_aggregated_contact_of_a_live_process_is_kept_and_refreshed_with_its_address() -> None:
@@ -581,7 +581,7 @@ def test_withdrawal_cseq_is_above_every_relay_with_that_call_id() -> None:
     assert record is not None and record.meta is not None
     moved = record.copy()
     moved.meta = replace(record.meta, main_contact=OTHER, contact_owner="A")
-    m.store.commit(moved, record)
+    m.store.commit(moved, record, m.now)
     m.advance(m.settings.member_ttl)  # A's member lease would have been renewed by now had A lived
     _send(m, A, f"{CONTACTS[A]};expires=120", cseq=2)
     [relayed], _ = _split(m, A)

@@ -343,7 +343,7 @@ def _flow_held_by(m: Core, owner: str) -> None:
     moved = record.copy()
     (ctid,) = moved.bindings
     moved.bindings[ctid] = replace(moved.bindings[ctid], owner=owner)
-    m.store.commit(moved, record)
+    m.store.commit(moved, record, m.now)
 
 
 def test_path_insertion_relays_once_a_refresh_whose_flow_another_process_held() -> None:

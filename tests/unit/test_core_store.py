@@ -12,6 +12,7 @@ import random
 from dataclasses import replace
 from typing import Any
 
+from registrar.core.service import MidRegistrar
 from registrar.records import AorRecord, Binding
 from registrar.sip.message import Request, Response
 from registrar.sip.transport import Peer
@@ -50,11 +51,11 @@ class SlowStore(MemoryStore):
     def _busy(self, aor: str) -> bool:
         return any(name == aor for _, name in self.writes.values())
 
-    def commit(self, record: AorRecord, old: AorRecord | None = None) -> int | None:  # type: ignore[override]
+    def commit(self, record: AorRecord, old: AorRecord | None, now: float) -> int | None:  # type: ignore[override]
         if self.down:
             raise StoreUnavailable()
         if not self.defer:
-            return super().commit(record, old)
+            return super().commit(record, old, now)
         self._ticket += 1
         self.writes[self._ticket] = (record, record.aor)
         return self._ticket
@@ -62,7 +63,7 @@ class SlowStore(MemoryStore):
     def settle(self, ticket: int, ok: bool) -> str:
         record, aor = self.writes.pop(ticket)
         if ok and record is not None:
-            super().commit(record)
+            super().commit(record, None, 0.0)
         return aor
 
     def owns(self, binding: Binding) -> bool:
@@ -76,7 +77,7 @@ def _core(mode: str = "contact", **settings: Any) -> tuple[Core, SlowStore]:
     m = Core(mode=mode, outgoing_expires=3600, **settings)
     store = SlowStore()
     m.store = store
-    m.core.store = store
+    m.core = MidRegistrar(m.settings, m.rig.stack, store, random.Random(1))
     return m, store
 
 
@@ -165,7 +166,7 @@ def test_expiry_is_timed_by_the_owner_only() -> None:
     assert binding.owner == "me", "the process that took the REGISTER holds the flow"
     taken = record.copy()
     taken.bindings[binding.ctid] = replace(binding, owner="other")
-    store.commit(taken)
+    store.commit(taken, None, 0.0)
     m.advance(61)
     assert [x for x, p in m.take() if isinstance(x, Request)] == [], "the owner sends the De-REGISTER, not us"
 
@@ -194,7 +195,7 @@ def _owned_by(store: SlowStore, owner: str, transport: str = "udp") -> None:
         moved.bindings[ctid] = replace(
             b, owner=owner, source=replace(b.source, transport=transport, conn=None)
         )
-    store.commit(moved)
+    store.commit(moved, None, 0.0)
 
 
 def test_request_for_another_process_flow_is_handed_to_it() -> None:

@@ -45,7 +45,7 @@ def test_tuple_form_survives_marshal() -> None:
 def test_store_hands_out_copies_with_the_committed_values() -> None:
     store = MemoryStore(random.Random(1))
     record = _record()
-    store.commit(record)
+    store.commit(record, None, 0.0)
     loaded = store.load("a@x")
     assert loaded == record and loaded is not record and record.version == loaded.version == 1
     loaded.bindings.clear()
@@ -57,14 +57,14 @@ def test_store_hands_out_copies_with_the_committed_values() -> None:
 
 def test_store_keeps_the_contact_id_index_in_step() -> None:
     store = MemoryStore(random.Random(1))
-    store.commit(_record())
+    store.commit(_record(), None, 0.0)
     kept = store.load("a@x")
     assert kept is not None
     del kept.bindings[1]
     kept.bindings[3] = _binding(3)
-    store.commit(kept)
+    store.commit(kept, None, 0.0)
     assert store.find_ctid(1) is None and store.find_ctid(3) is not None and store.counts() == (1, 2)
-    store.delete("a@x")
+    store.delete("a@x", None, 0.0)
     assert store.find_ctid(2) is None and store.load("a@x") is None and store.counts() == (0, 0)
 
 
