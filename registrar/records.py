@@ -78,6 +78,14 @@ class Binding:
         args[_SOURCE] = Peer(*args[_SOURCE])
         return cls(*args)
 
+    def replaced(self, **changes: Any) -> Binding:
+        """``dataclasses.replace`` for the hot path: built from the values in field order (about 4× faster,
+        as an absorbed refresh replaces every binding it touches)."""
+        values = list(_binding_fields(self))
+        for name, value in changes.items():
+            values[_BINDING_AT[name]] = value
+        return Binding(*values)
+
 
 @dataclass(slots=True)
 class MainMeta:
@@ -166,4 +174,5 @@ _meta_values = attrgetter(*(f.name for f in fields(MainMeta)))
 _BINDING_FIELDS = [f.name for f in fields(Binding)]
 _SOURCE = _BINDING_FIELDS.index("source")
 _CTID = _BINDING_FIELDS.index("ctid")
+_BINDING_AT = {name: i for i, name in enumerate(_BINDING_FIELDS)}
 _binding_fields = attrgetter(*_BINDING_FIELDS)

@@ -7,8 +7,7 @@ Pure functions: a decision takes the request, the AoR as stored and ``now`` and 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields, replace
-from operator import attrgetter
+from dataclasses import dataclass, field, replace
 
 from registrar.config import Settings
 from registrar.core.policy import escape_aor
@@ -77,35 +76,25 @@ def decide_contact(
     return Decision(False, "refresh inside the window", updated)
 
 
-_BINDING_FIELDS = [f.name for f in fields(Binding)]
-_binding_values = attrgetter(*_BINDING_FIELDS)
-_AT = {name: i for i, name in enumerate(_BINDING_FIELDS)}
-_EXPIRES_AT, _CSEQ, _RELAYED_CSEQ, _Q = _AT["expires_at"], _AT["cseq"], _AT["relayed_cseq"], _AT["q"]
-_PATH, _USER_AGENT, _UPDATED_AT = _AT["path"], _AT["user_agent"], _AT["updated_at"]
-
-
 def _refreshed(
     binding: Binding, pending: PendingRegister, q: float | None, e: int, now: float, **more: object
 ) -> Binding:
-    """An absorbed refresh: new local expiry and per-request fields; relay state untouched (§5.2 step 5).
-
-    ``dataclasses.replace`` with the fields changed, built from the values in field order (4× faster)."""
+    """An absorbed refresh: new local expiry and per-request fields; relay state untouched (§5.2 step 5)."""
     request = pending.view.request
     cseq = request.cseq.seq
     relayed_cseq = binding.relayed_cseq
     if binding.call_id == binding.relayed_call_id:
         relayed_cseq = max(relayed_cseq, cseq)
-    values = list(_binding_values(binding))
-    values[_EXPIRES_AT] = now + e
-    values[_CSEQ] = cseq
-    values[_RELAYED_CSEQ] = relayed_cseq
-    values[_Q] = q
-    values[_PATH] = list(pending.view.paths)
-    values[_USER_AGENT] = request.headers.get("user-agent")
-    values[_UPDATED_AT] = now
-    for name, value in more.items():
-        values[_AT[name]] = value
-    return Binding(*values)
+    return binding.replaced(
+        expires_at=now + e,
+        cseq=cseq,
+        relayed_cseq=relayed_cseq,
+        q=q,
+        path=list(pending.view.paths),
+        user_agent=request.headers.get("user-agent"),
+        updated_at=now,
+        **more,
+    )
 
 
 # ------------------------------------------------------------------------------------------- mode aor
