@@ -187,15 +187,19 @@ class ControlPlane:
         if not self.with_controllers:
             return
         kc = str(self.kubeconfig)
+        # The controller manager's and the scheduler's clients act as the admin; one instance of each.
+        shared = [
+            f"--kubeconfig={kc}",
+            f"--authentication-kubeconfig={kc}",
+            f"--authorization-kubeconfig={kc}",
+            "--leader-elect=false",
+            "--bind-address=127.0.0.1",
+        ]
         self.procs.append(
             Proc(
                 [
                     str(self.bindir / "kube-controller-manager"),
-                    f"--kubeconfig={kc}",
-                    f"--authentication-kubeconfig={kc}",
-                    f"--authorization-kubeconfig={kc}",
-                    "--leader-elect=false",
-                    "--bind-address=127.0.0.1",
+                    *shared,
                     f"--secure-port={free_port()}",
                     f"--service-account-private-key-file={p / 'sa.key'}",
                     f"--root-ca-file={pki.ca}",
@@ -214,11 +218,7 @@ class ControlPlane:
             Proc(
                 [
                     str(self.bindir / "kube-scheduler"),
-                    f"--kubeconfig={kc}",
-                    f"--authentication-kubeconfig={kc}",
-                    f"--authorization-kubeconfig={kc}",
-                    "--leader-elect=false",
-                    "--bind-address=127.0.0.1",
+                    *shared,
                     f"--secure-port={free_port()}",
                 ],
                 w,

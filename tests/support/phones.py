@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Protocol
 
 from tests.support.ports import free_port, port_bound
-from tests.support.sip import LOOPBACK, SipMessage, status_code
+from tests.support.sip import LOOPBACK, SipMessage, sip_request, status_code
 from tests.support.sipp import SCENARIOS, Sipp, SippResult, parse_trace, run_sipp
 from tests.support.wait import poll
 
@@ -266,20 +266,18 @@ class UdpPhone:
 
     def register_bytes(self, expires: int) -> bytes:
         self.cseq += 1
-        branch = "z9hG4bK-" + uuid.uuid4().hex[:16]
-        lines = [
-            f"REGISTER sip:{self.domain} SIP/2.0",
-            f"Via: SIP/2.0/UDP {LOOPBACK}:{self.port};rport;branch={branch}",
-            "Max-Forwards: 70",
-            f"From: <sip:{self.user}@{self.domain}>;tag={self.tag}",
-            f"To: <sip:{self.user}@{self.domain}>",
-            f"Call-ID: {self.call_id}",
-            f"CSeq: {self.cseq} REGISTER",
-            f"Contact: <{self.contact}>;expires={expires}",
-            "User-Agent: test-udp-phone",
-            "Content-Length: 0",
-        ]
-        return ("\r\n".join(lines) + "\r\n\r\n").encode()
+        aor = f"sip:{self.user}@{self.domain}"
+        return sip_request(
+            "REGISTER",
+            f"sip:{self.domain}",
+            (LOOPBACK, self.port),
+            call_id=self.call_id,
+            cseq=self.cseq,
+            from_uri=aor,
+            from_tag=self.tag,
+            to_uri=aor,
+            headers=[("Contact", f"<{self.contact}>;expires={expires}"), ("User-Agent", "test-udp-phone")],
+        )
 
     def send_register(self, dest: tuple[str, int], expires: int) -> bytes:
         data = self.register_bytes(expires)

@@ -28,15 +28,17 @@ def sip_request(
     call_id: str | None = None,
     cseq: int = 1,
     from_uri: str = "sip:probe@127.0.0.1",
+    from_tag: str | None = None,
     to_uri: str | None = None,
 ) -> bytes:
-    """A well-formed request (Via/From/To/Call-ID/CSeq/Max-Forwards/Content-Length) as bytes."""
+    """A well-formed request (Via/From/To/Call-ID/CSeq/Max-Forwards/Content-Length) as bytes; a new branch
+    each time, a new From tag and Call-ID unless given."""
     branch = "z9hG4bK-" + uuid.uuid4().hex[:16]
     lines = [
         f"{method} {ruri} SIP/2.0",
         f"Via: SIP/2.0/{transport} {local[0]}:{local[1]};rport;branch={branch}",
         "Max-Forwards: 70",
-        f"From: <{from_uri}>;tag={uuid.uuid4().hex[:8]}",
+        f"From: <{from_uri}>;tag={from_tag or uuid.uuid4().hex[:8]}",
         f"To: <{to_uri or ruri}>",
         f"Call-ID: {call_id or uuid.uuid4().hex + '@127.0.0.1'}",
         f"CSeq: {cseq} {method}",

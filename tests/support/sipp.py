@@ -111,16 +111,6 @@ class SippResult:
     def retransmissions(self) -> int:
         return self.counter("Retransmissions(C)")
 
-    def response_times_ms(self) -> list[float]:
-        """Every response time recorded by `-trace_rtt` (ms), in arrival order."""
-        out = []
-        for line in self._read("rtt.csv").splitlines():
-            parts = line.split(";")
-            if len(parts) >= 2:
-                with contextlib.suppress(ValueError):
-                    out.append(float(parts[1]))
-        return out
-
     def rtt_rows(self) -> list[tuple[float, float]]:
         """(timestamp ms since epoch, response time ms) pairs from `-trace_rtt`."""
         out = []
