@@ -63,7 +63,7 @@ test: install lint sip-tools etcd cluster-rig node-tools node-rig image ## Every
 	$(BIN)/pytest -q tests
 
 .PHONY: bench
-bench: install sip-tools etcd cluster-rig node-tools node-rig image ## All benchmarks (long); copy the figures and commands into docs/benchmarks.md
+bench: install sip-tools etcd cluster-rig node-tools node-rig image ## All benchmarks, each `python -m bench.<name>` (long); copy the figures and commands into docs/benchmarks.md
 	$(PY) -m bench.run all
 	$(PY) -m bench.throttle_bench all
 	$(PY) -m bench.latency_probe

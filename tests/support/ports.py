@@ -77,10 +77,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     raise RuntimeError(f"no free port on {host} between {bottom} and {top}")
 
 
-def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    return [free_port(host) for _ in range(n)]
-
-
 def _proc_net(kind: str) -> list[list[str]]:
     try:
         return [line.split() for line in Path(f"/proc/net/{kind}").read_text().splitlines()[1:]]

@@ -142,11 +142,6 @@ def tcp_exchange_on(s: socket.socket, data: bytes, timeout: float = 2.0) -> byte
             return msg
 
 
-def tcp_exchange(dest: tuple[str, int], data: bytes, timeout: float = 2.0) -> bytes | None:
-    with socket.create_connection(dest, timeout=timeout) as s:
-        return tcp_exchange_on(s, data, timeout)
-
-
 def wait_sip_ready(dest: tuple[str, int], timeout: float = 10.0, proc: Proc | None = None) -> int:
     """Poll with OPTIONS until any final response comes back; its status code."""
     code = wait_for(
