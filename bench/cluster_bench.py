@@ -112,7 +112,7 @@ async def _leases(endpoint: str, contacts: int) -> list[tuple[str, str]]:
     c0, t0 = time.process_time(), time.perf_counter()
     for i in range(contacts):
         # phones asking 60 s .. 3600 s: a realistic spread of expiries
-        ticket = store.commit(_record(i, now, rng.choice((60, 300, 600, 1800, 3600))), None)
+        ticket = store.commit(_record(i, now, rng.choice((60, 300, 600, 1800, 3600))), None, now)
         assert ticket is not None
         while i + 1 - counter.done > 256:  # as many in flight as a busy registrar, not 100,000 at once
             await asyncio.sleep(0.001)

@@ -34,10 +34,10 @@ GC_THRESHOLDS = (700, 10, 100)
 
 
 def tune_gc() -> None:
-    """Keep the cyclic GC's pauses short and rare (measured with bench/memory_bench.py --gc-tuned): the SIP
-    pipeline makes no reference cycles (0 objects freed over 100,000 REGISTERs), so a collection is pure
-    cost, and a full one walks every in-flight transaction. What exists after start-up is frozen out of all
-    later collections, and full collections run 10× less often."""
+    """Keep the cyclic GC's pauses short and rare (measured with ``python -m bench.memory_bench
+    --gc-tuned``): the SIP pipeline makes no reference cycles (0 objects freed over 100,000 REGISTERs), so
+    a collection is pure cost, and a full one walks every in-flight transaction. What exists after start-up
+    is frozen out of all later collections, and full collections run 10× less often."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)

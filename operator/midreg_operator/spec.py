@@ -103,5 +103,6 @@ def parse_spec(spec: Any) -> MidRegistrarSpec:
 
 
 def etcd_prefix(spec: MidRegistrarSpec, ref: Ref) -> str:
-    """The registrar's etcd key prefix: DESIGN §5 `/midregistrar/<namespace>/<name>/` unless set."""
+    """The registrar's etcd key prefix: `/midregistrar/<namespace>/<name>/` unless set (architecture "Shared
+    state in etcd")."""
     return spec.etcd.prefix or f"/midregistrar/{ref.namespace}/{ref.name}/"

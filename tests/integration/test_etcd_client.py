@@ -36,6 +36,7 @@ from registrar.store.etcd_client import (
     op_put,
 )
 from tests.support.etcd import EtcdServer, etcd_server, etcd_tls
+from tests.support.wait import wait_for_async
 
 pytestmark = pytest.mark.integration
 __all__ = ["etcd_server"]  # the fixture, collected from this module
@@ -65,14 +66,6 @@ async def retry_until(fn: Callable[[], Awaitable[T]], timeout: float = 15.0) -> 
 async def collect(watch: Watch, sink: list[WatchEvent | Compacted]) -> None:
     async for item in watch:
         sink.append(item)
-
-
-async def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def test_cas_two_writers_one_wins(etcd_server: EtcdServer) -> None:
@@ -226,7 +219,7 @@ def test_expired_bucket_deletes_with_prev_kv_on_time(etcd_server: EtcdServer) ->
                 lease = await pool.lease_for(expires_at)
                 await c.put(b"/t/exp/%d" % i, json.dumps({"expires_at": expires_at}).encode(), lease=lease)
             assert pool.live <= 8
-            await wait_for(lambda: len(arrived) == n, 20, "all DELETEs")
+            await wait_for_async(lambda: len(arrived) == n, 20, "all DELETEs")
             await watch.close()
             await task
             deletes = [e for e in sink if isinstance(e, WatchEvent) and e.type is EventType.DELETE]
@@ -254,14 +247,14 @@ def test_watch_resumes_after_etcd_restart(etcd_server: EtcdServer) -> None:
             task = asyncio.create_task(collect(watch, sink))
             for i in range(100):
                 await c.put(b"/t/restart/%03d" % i, b"before")
-            await wait_for(lambda: len(sink) == 100, 10, "events before the restart")
+            await wait_for_async(lambda: len(sink) == 100, 10, "events before the restart")
             await asyncio.to_thread(etcd_server.stop)
             with pytest.raises(EtcdUnavailable):
                 await c.put(b"/t/restart/x", b"down")
             await asyncio.to_thread(etcd_server.start)
             for i in range(100, 200):
                 await retry_until(lambda i=i: c.put(b"/t/restart/%03d" % i, b"after"))  # type: ignore[misc]
-            await wait_for(lambda: len(sink) == 200, 15, "events after the restart")
+            await wait_for_async(lambda: len(sink) == 200, 15, "events after the restart")
             await asyncio.sleep(0.3)
             await watch.close()
             await task
@@ -283,7 +276,7 @@ def test_watch_survives_network_cut(etcd_server: EtcdServer) -> None:
             watch = c.watch_prefix(b"/t/cut/", start)
             task = asyncio.create_task(collect(watch, sink))
             await c.put(b"/t/cut/0", b"a")
-            await wait_for(lambda: len(sink) == 1, 5, "first event")
+            await wait_for_async(lambda: len(sink) == 1, 5, "first event")
             etcd_server.pause()
             try:
                 t0 = time.monotonic()
@@ -295,7 +288,7 @@ def test_watch_survives_network_cut(etcd_server: EtcdServer) -> None:
             finally:
                 etcd_server.resume()
             await retry_until(lambda: c.put(b"/t/cut/2", b"c"))
-            await wait_for(
+            await wait_for_async(
                 lambda: any(e.kv.key == b"/t/cut/2" for e in sink if isinstance(e, WatchEvent)), 15, "c"
             )
             await watch.close()
@@ -328,7 +321,7 @@ def test_compaction_reports_compacted_then_relist(etcd_server: EtcdServer) -> No
             watch = c.watch_prefix(b"/t/comp/", pages[0].revision + 1)
             task = asyncio.create_task(collect(watch, sink))
             await c.put(b"/t/comp/new", b"v")
-            await wait_for(lambda: len(sink) == 1, 5, "event after re-list")
+            await wait_for_async(lambda: len(sink) == 1, 5, "event after re-list")
             await watch.close()
             await task
 
@@ -345,7 +338,7 @@ def test_watch_resume_lands_on_compacted_history(etcd_server: EtcdServer) -> Non
             watch = c.watch_prefix(b"/t/wc/", start, backoff_initial=8.0)  # a long, known reconnect pause
             task = asyncio.create_task(collect(watch, sink))
             await c.put(b"/t/wc/a", b"1")
-            await wait_for(lambda: len(sink) == 1, 5, "first event")
+            await wait_for_async(lambda: len(sink) == 1, 5, "first event")
             await asyncio.to_thread(etcd_server.restart)
             async with client_for(etcd_server) as other:
                 for i in range(10):
