@@ -17,6 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from registrar.sip.transport import ip_reference
+
 ENV_PREFIX = "MIDREG_"
 
 
@@ -76,8 +78,7 @@ class Listen(BaseModel):
         return cls(transport=Transport(proto.lower()), host=host, port=port)
 
     def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.transport.value}:{host}:{self.port}"
+        return f"{self.transport.value}:{ip_reference(self.host)}:{self.port}"
 
 
 def split_hostport(text: str, default_port: int) -> tuple[str, int]:

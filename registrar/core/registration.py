@@ -187,6 +187,7 @@ class Registration:
             pending.aggregated_owner = owner if hostport else state.store.member_id
         else:
             relayed = reg.relayed_request(pending, state.main_uri, local.hostport, settings)
+        state.stack.pop_own_routes(relayed)  # the phone's outbound-proxy Route names us: not main's business
         pending.hop = settings.main_proxy
         ctx = state.stack.proxy(txn, [(relayed, state.main_peer)], hold_final=True)
         self.relays[id(ctx)] = pending

@@ -79,7 +79,7 @@ class Routing:
         state = self.state
         routes = request.headers.values("route")
         if routes:
-            state.stack.forward_stateless(request, self._next_hop(request, routes))
+            state.stack.forward_stateless(request, self._next_hop(request))
             return
         result = lookup(request.uri, state.store, now, state.settings)
         if result.targets:
@@ -145,12 +145,10 @@ class Routing:
                 request.headers.pop_first_value("route")
                 state.stack.proxy(event.txn, [_branch(request, target)])
                 return
-        state.stack.proxy(event.txn, [(None, self._next_hop(request, routes))])
+        state.stack.proxy(event.txn, [(None, self._next_hop(request))])
 
-    def _next_hop(self, request: Request, routes: list[str]) -> Peer:
-        if self.state.stack.is_local_uri(parse_address(routes[0], "Route").uri):
-            request.headers.pop_first_value("route")
-            routes = routes[1:]
+    def _next_hop(self, request: Request) -> Peer:
+        routes = self.state.stack.pop_own_routes(request)
         return peer_for_uri(parse_address(routes[0], "Route").uri if routes else request.uri)
 
 

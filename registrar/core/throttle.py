@@ -21,6 +21,7 @@ from registrar.core.register import (
 )
 from registrar.records import AorRecord, Binding, MainMeta
 from registrar.sip.message import Request, Response
+from registrar.sip.transport import ip_reference
 from registrar.sip.uri import URI, SipURI, parse_uri
 
 
@@ -196,8 +197,7 @@ def hostport_of(uri: str | None) -> str | None:
         return None
     if not isinstance(parsed, SipURI) or not parsed.port:
         return None
-    host = parsed.host if ":" not in parsed.host or parsed.host.startswith("[") else f"[{parsed.host}]"
-    return f"{host}:{parsed.port}"
+    return f"{ip_reference(parsed.host)}:{parsed.port}"
 
 
 @dataclass(frozen=True, slots=True)

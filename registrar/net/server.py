@@ -25,7 +25,7 @@ from registrar.config import Listen, Settings, Transport
 from registrar.sip.framing import PING, PONG, FramingError, StreamFramer
 from registrar.sip.stack import Event, LocalAddress, Stack
 from registrar.sip.transaction import Timers
-from registrar.sip.transport import Peer
+from registrar.sip.transport import Peer, ip_reference
 
 log = logging.getLogger("midregistrar.net")
 
@@ -54,14 +54,19 @@ class Application(Protocol):
     def flow_closed(self, conn: int) -> None: ...
 
 
-def build_stack(settings: Settings) -> Stack:
-    """A stack whose local addresses are the advertised form of every listen socket."""
-    locals_ = []
+def local_addresses(settings: Settings) -> list[LocalAddress]:
+    """Every listen socket as SIP writes it: the advertised host and port, IPv6 in brackets."""
+    addresses = []
     for listen in settings.listen:
         host, port = settings.advertised_host(listen)
-        locals_.append(LocalAddress(listen.transport.value, host, port))
+        addresses.append(LocalAddress(listen.transport.value, ip_reference(host), port))
+    return addresses
+
+
+def build_stack(settings: Settings) -> Stack:
+    """A stack whose local addresses are the advertised form of every listen socket."""
     return Stack(
-        locals_,
+        local_addresses(settings),
         timers=Timers(settings.t1, settings.t2, settings.t4),
         record_route=settings.record_route,
         unique=unique_tokens(),

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from registrar.sip.errors import ParseError
-from registrar.sip.headers import Params, Via, parse_via_sent_by, split_commas
+from registrar.sip.headers import Params, Via, parse_address, parse_via_sent_by, split_commas
 from registrar.sip.message import (
     Header,
     Headers,
@@ -60,7 +60,8 @@ from registrar.sip.uri import URI, SipURI
 
 @dataclass(frozen=True, slots=True)
 class LocalAddress:
-    """One listening socket as it is written in Via / Record-Route / Contact (the advertised address)."""
+    """One listening socket as it is written in Via / Record-Route / Contact (the advertised address;
+    ``host`` in SIP form, an IPv6 address in brackets: :func:`~registrar.sip.transport.ip_reference`)."""
 
     transport: str
     host: str
@@ -547,6 +548,22 @@ class Stack:
         if not isinstance(uri, SipURI):
             return False
         return (uri.host.lower(), uri.port or 5060) in self._local_vias
+
+    def pop_own_routes(self, request: Request) -> list[str]:
+        """Remove the Route entries at the top that name this process (RFC 3261 §16.4: a phone that uses it
+        as outbound proxy routes through it) and return the Route values left. A Route that does not parse
+        is left for the next hop to judge."""
+        routes = request.headers.values("route")
+        while routes:
+            try:
+                ours = self.is_local_uri(parse_address(routes[0], "Route").uri)
+            except ParseError:
+                break
+            if not ours:
+                break
+            request.headers.pop_first_value("route")
+            routes = routes[1:]
+        return routes
 
     # ------------------------------------------------------------------------------------ proxy internals
 

@@ -33,8 +33,13 @@ class Peer:
         return self.transport in RELIABLE
 
     def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
-        return f"{self.transport}:{host}:{self.port}"
+        return f"{self.transport}:{ip_reference(self.host)}:{self.port}"
+
+
+def ip_reference(host: str) -> str:
+    """A host as SIP writes it in a URI, a Via sent-by or a host:port: an IPv6 address in brackets
+    (RFC 3261 §25.1 ``IPv6reference``, RFC 5118 §4); names and IPv4 addresses as they are."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 def default_port(transport: str) -> int:

@@ -18,7 +18,9 @@ NATTED = Peer("udp", "203.0.113.5", 40000)
 
 
 class Core:
-    def __init__(self, core_kw: dict[str, Any] | None = None, **settings: Any) -> None:
+    def __init__(
+        self, core_kw: dict[str, Any] | None = None, *, rig: Rig | None = None, **settings: Any
+    ) -> None:
         base: dict[str, Any] = {
             "main_registrar": "sip:10.0.0.3:5070",
             "listen": ["udp:10.0.0.2:5060"],
@@ -28,7 +30,7 @@ class Core:
         }
         base.update(settings)
         self.settings = Settings(**base)
-        self.rig: Rig = make_rig()
+        self.rig: Rig = rig or make_rig()
         self.store = MemoryStore(random.Random(7))
         self.core = MidRegistrar(
             self.settings, self.rig.stack, self.store, random.Random(1), **(core_kw or {})
