@@ -62,12 +62,17 @@ test-unit: install ## Fast unit tests only (no sockets, no sleeping)
 test: install lint sip-tools etcd cluster-rig node-tools node-rig image ## Everything: lint, unit, integration (SIPp, Kamailio), cluster and node tests
 	$(BIN)/pytest -q tests
 
+.PHONY: poissongen
+poissongen: ## Build (once, cached) bench/poissongen, the Poisson-paced SIP load generator of bench.poisson_bench
+	bash scripts/build-poissongen.sh
+
 .PHONY: bench
-bench: install sip-tools etcd cluster-rig node-tools node-rig image ## All benchmarks, each `python -m bench.<name>` (long); copy the figures and commands into docs/benchmarks.md
+bench: install sip-tools etcd cluster-rig node-tools node-rig image poissongen ## All benchmarks, each `python -m bench.<name>` (long); copy the figures and commands into docs/benchmarks.md
 	$(PY) -m bench.run all
 	$(PY) -m bench.throttle_bench all
 	$(PY) -m bench.latency_probe
 	$(PY) -m bench.sipp_pacing --costs 0,30,45,60,113
+	$(PY) -m bench.poisson_bench --rates 2000,4000,6000,8000 --duration 20 --targets mid,kamailio
 	$(PY) -m bench.memory_bench --contacts 100000 --mode contact
 	$(PY) -m bench.etcd_bench
 	$(PY) -m bench.cluster_bench all
