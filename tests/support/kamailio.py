@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from registrar.sip.transport import ip_reference
 from tests.support.ports import free_port, wait_port
 from tests.support.process import Proc
 from tests.support.sip import LOOPBACK, wait_sip_ready
@@ -88,7 +89,7 @@ class Kamailio:
         if self.children is not None:
             argv += ["-A", f"CHILDREN={self.children}"]
         if self.listen_ip != LOOPBACK:
-            argv += ["-A", f"LISTEN_IP={self.listen_ip}"]
+            argv += ["-A", f"LISTEN_IP={ip_reference(self.listen_ip)}"]
         for k, v in self.defines.items():
             argv += ["-A", f"{k}={v}"]
         return argv

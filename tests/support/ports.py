@@ -85,8 +85,8 @@ def _proc_net(kind: str) -> list[list[str]]:
 
 
 def port_bound(port: int, kind: str = "udp") -> bool:
-    """An IPv4 socket bound to ``port`` (UDP) or listening on it (TCP), per /proc/net/{udp,tcp}."""
-    for parts in _proc_net(kind):
+    """A socket (IPv4 or IPv6) bound to ``port`` (UDP) or listening on it (TCP), per /proc/net/{udp,tcp}{,6}."""
+    for parts in _proc_net(kind) + _proc_net(kind + "6"):
         bound = len(parts) >= 4 and int(parts[1].rsplit(":", 1)[1], 16) == port
         if bound and (kind != "tcp" or parts[3] == "0A"):  # 0A: LISTEN
             return True

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from registrar.sip.transport import ip_reference
 from tests.support.ports import free_port, port_bound
 from tests.support.process import Proc
 from tests.support.sip import LOOPBACK
@@ -95,16 +96,18 @@ class Registrar:
         workdir: Path | None = None,
         env: Mapping[str, str] | None = None,
         name: str = "midregistrar",
+        host: str = LOOPBACK,
     ) -> None:
         self.name = name
+        self.host = host
         self.port = port or free_port()
         self.http_port = http_port or free_port()
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="midreg-"))
         argv = [*registrar_argv(), "run"]
         for t in transports:
-            argv += ["--listen", f"{t}:{LOOPBACK}:{self.port}"]
+            argv += ["--listen", f"{t}:{ip_reference(host)}:{self.port}"]
         if main is not None:
-            argv += ["--main-registrar", f"sip:{main[0]}:{main[1]}"]
+            argv += ["--main-registrar", f"sip:{ip_reference(main[0])}:{main[1]}"]
         argv += ["--mode", mode, "--store", "memory", "--http", f"{LOOPBACK}:{self.http_port}"]
         argv += list(extra)
         self.argv = argv
@@ -113,7 +116,7 @@ class Registrar:
 
     @property
     def addr(self) -> tuple[str, int]:
-        return (LOOPBACK, self.port)
+        return (self.host, self.port)
 
     @property
     def command(self) -> str:

@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from registrar.sip.transport import ip_reference
 from tests.support.process import Proc
 from tests.support.wait import wait_for
 
@@ -36,7 +37,7 @@ def sip_request(
     branch = "z9hG4bK-" + uuid.uuid4().hex[:16]
     lines = [
         f"{method} {ruri} SIP/2.0",
-        f"Via: SIP/2.0/{transport} {local[0]}:{local[1]};rport;branch={branch}",
+        f"Via: SIP/2.0/{transport} {ip_reference(local[0])}:{local[1]};rport;branch={branch}",
         "Max-Forwards: 70",
         f"From: <{from_uri}>;tag={from_tag or uuid.uuid4().hex[:8]}",
         f"To: <{to_uri or ruri}>",
@@ -46,6 +47,14 @@ def sip_request(
     lines += [f"{k}: {v}" for k, v in headers]
     lines.append(f"Content-Length: {len(body)}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def udp_socket(toward: str) -> socket.socket:
+    """A UDP socket bound to the loopback address of ``toward``'s family (IPv6 when it has a colon)."""
+    v6 = ":" in toward
+    s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("::1" if v6 else LOOPBACK, 0))
+    return s
 
 
 def status_code(data: bytes | None) -> int | None:
@@ -64,10 +73,8 @@ def udp_exchange(
 ) -> bytes | None:
     """Send one datagram, return the first (final, unless final_only=False) response or None on timeout."""
     own = sock is None
-    s = sock or socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s = sock or udp_socket(dest[0])
     try:
-        if own:
-            s.bind((LOOPBACK, 0))
         s.sendto(data, dest)
         deadline = time.monotonic() + timeout
         while True:
@@ -89,7 +96,7 @@ def udp_exchange(
 
 def options(dest: tuple[str, int], timeout: float = 2.0, transport: str = "UDP") -> int | None:
     """Send OPTIONS addressed to `dest` itself; return the final status code or None."""
-    ruri = f"sip:{dest[0]}:{dest[1]}"
+    ruri = f"sip:{ip_reference(dest[0])}:{dest[1]}"
     if transport.upper() == "TCP":
         with socket.create_connection(dest, timeout=timeout) as s:
             local = s.getsockname()
@@ -97,9 +104,8 @@ def options(dest: tuple[str, int], timeout: float = 2.0, transport: str = "UDP")
                 "OPTIONS", ruri, local, transport="TCP", headers=[("Accept", "application/sdp")]
             )
             return status_code(tcp_exchange_on(s, msg, timeout))
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind((LOOPBACK, 0))
-        msg = sip_request("OPTIONS", ruri, s.getsockname(), headers=[("Accept", "application/sdp")])
+    with udp_socket(dest[0]) as s:
+        msg = sip_request("OPTIONS", ruri, s.getsockname()[:2], headers=[("Accept", "application/sdp")])
         return status_code(udp_exchange(dest, msg, timeout, sock=s))
 
 
