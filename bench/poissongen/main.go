@@ -22,8 +22,8 @@
 // -cseq-base and "first_user_next" as -first-user: each user's CSeq keeps growing, and every user is
 // refreshed in turn even when one run sends fewer REGISTERs than there are users.
 //
-// Timing. One OS thread (timer slack 1 ns) sleeps in nanosleep until each scheduled instant (or spins for
-// the last -spin of it), stamps the monotonic clock and writes the prepared datagram with one write(2) on a
+// Timing. One OS thread (timer slack 1 ns; SCHED_FIFO with -rt-priority) sleeps in nanosleep until each
+// scheduled instant (or spins for the last -spin of it), stamps the monotonic clock and writes the prepared datagram with one write(2) on a
 // connected socket. One thread per socket drains it every -recv-tick; each answer's time is the kernel's
 // receive stamp (SO_TIMESTAMPNS), so neither the tick nor this program's own scheduling enters the figures.
 // Latency is answer stamp minus send stamp. Sleeps, writes and reads are raw syscalls that keep the Go
@@ -32,7 +32,7 @@
 // (Kolmogorov-Smirnov distance D, next to the same D of the drawn schedule itself, which is sampling noise
 // only, and the 5 % critical value 1.36/sqrt(n)), gives their coefficient of variation (1 for an
 // exponential) and the index of dispersion (variance / mean) of the counts sent per 1 ms and per 10 ms
-// window (1 for a Poisson process; SIPp's paced load is far above). Percentiles are nearest-rank: the
+// window (1 for a Poisson process). Percentiles are nearest-rank: the
 // ceil(q/100 * n)-th smallest value, as tests/support/stats.py defines them.
 //
 // Matching. Each Via branch is z9hG4bK-RUNID-{w|m}K (RUNID random per run, K the request's index), so an
