@@ -121,7 +121,8 @@ class Settings(BaseModel):
         None, description="Outbound proxy toward the main registrar (behaviour §2.2 hop)."
     )
     record_route: bool = Field(
-        False, description="Record-Route proxied dialogs so in-dialog requests come back."
+        False,
+        description="Record-Route every dialog (those over a phone's TCP or NATed flow always are).",
     )
     tcp_idle_timeout: float = Field(
         3600.0, gt=0, description="Seconds before an idle TCP connection is closed."

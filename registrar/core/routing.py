@@ -13,8 +13,10 @@ from registrar.core.lookup import Target, branch_target, lookup, lookup_aor, loo
 from registrar.core.policy import aor_from_uri
 from registrar.core.register import reply_contact_id
 from registrar.core.state import CoreState
+from registrar.sip.errors import ParseError
 from registrar.sip.headers import parse_address
 from registrar.sip.message import Request, make_response
+from registrar.sip.proxy import flow_of
 from registrar.sip.stack import IncomingRequest
 from registrar.sip.transport import Peer, peer_for_uri
 from registrar.sip.uri import URI, SipURI
@@ -66,19 +68,29 @@ class Routing:
         if not result.targets:
             state.stack.respond(event.txn, make_response(request, 404))
             return
-        branches: list[tuple[Request | URI | None, Peer]] = [
-            b for b in (self._branch_via_owner(request, t) for t in result.targets) if b is not None
-        ]
+        branches: list[tuple[Request | URI | None, Peer]] = []
+        flows: list[bool] = []
+        for target in result.targets:
+            branch = self._branch_via_owner(request, target)
+            if branch is not None:
+                branches.append(branch)
+                flows.append(branch[1] is target.peer and over_flow(target))  # not a hand-off
         if not branches:
             state.stack.respond(event.txn, make_response(request, 480))  # only dead TCP flows were left
             return
-        state.stack.proxy(event.txn, branches)
+        state.stack.proxy(event.txn, branches, flows=flows)
 
-    def ack(self, request: Request, now: float) -> None:
+    def ack(self, request: Request, peer: Peer, now: float) -> None:
         """An ACK for a 2xx travels end to end: by its Route set, else by the contact id it targets."""
         state = self.state
         routes = request.headers.values("route")
         if routes:
+            flow = self._recorded_flow(routes[0])
+            if flow is not None:
+                request.headers.pop_first_value("route")
+                hop = self._next_hop(request) if _from_flow(flow, peer) else flow
+                state.stack.forward_stateless(request, hop)
+                return
             state.stack.forward_stateless(request, self._next_hop(request))
             return
         result = lookup(request.uri, state.store, now, state.settings)
@@ -129,7 +141,7 @@ class Routing:
         if target is None or (binding is not None and not store.owns(binding) and binding.source.reliable):
             state.stack.respond(event.txn, make_response(request, 480))
             return True
-        state.stack.proxy(event.txn, [_branch(request, target)])
+        state.stack.proxy(event.txn, [_branch(request, target)], flows=[over_flow(target)])
         return True
 
     def _loose_route(self, event: IncomingRequest, routes: list[str], now: float) -> None:
@@ -137,6 +149,12 @@ class Routing:
         insertion, a request from the main registrar to a phone's Contact goes over that phone's flow."""
         state = self.state
         request = event.request
+        flow = self._recorded_flow(routes[0])
+        if flow is not None:  # an in-dialog request of a dialog we record-routed over a phone's flow
+            request.headers.pop_first_value("route")
+            hop = self._next_hop(request) if _from_flow(flow, event.peer) else flow
+            state.stack.proxy(event.txn, [(None, hop)])
+            return
         top = parse_address(routes[0], "Route").uri
         if len(routes) == 1 and state.settings.insertion is Insertion.PATH and state.stack.is_local_uri(top):
             aor = aor_from_uri(top, state.settings)
@@ -147,9 +165,40 @@ class Routing:
                 return
         state.stack.proxy(event.txn, [(None, self._next_hop(request))])
 
+    def _recorded_flow(self, route: str) -> Peer | None:
+        """The phone's flow a Route names when it is our own Record-Route with a flow token."""
+        try:
+            uri = parse_address(route, "Route").uri
+        except ParseError:
+            return None
+        if not isinstance(uri, SipURI) or not self.state.stack.is_local_uri(uri):
+            return None
+        return flow_of(uri.user)
+
     def _next_hop(self, request: Request) -> Peer:
         routes = self.state.stack.pop_own_routes(request)
         return peer_for_uri(parse_address(routes[0], "Route").uri if routes else request.uri)
+
+
+def over_flow(target: Target) -> bool:
+    """A branch reaches the phone only over its own flow: a connection the phone opened, or an address
+    other than the one its Contact names (NAT). Such dialogs are record-routed (RFC 5626 §5.3): the other
+    end could not reach the phone at its Contact."""
+    binding = target.binding
+    if binding is None or target.routes:
+        return False  # no flow of ours (a Path leads the way)
+    source = binding.source
+    if source.reliable:
+        return True
+    uri = target.uri
+    if not isinstance(uri, SipURI):
+        return True
+    return uri.host.strip("[]") != source.host or (uri.port or 5060) != source.port
+
+
+def _from_flow(flow: Peer, peer: Peer) -> bool:
+    """The request came from the phone over that flow (it goes on toward the other end), not toward it."""
+    return (flow.transport, flow.host, flow.port) == (peer.transport, peer.host, peer.port)
 
 
 def _branch(request: Request, target: Target) -> tuple[Request | URI, Peer]:

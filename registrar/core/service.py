@@ -78,7 +78,7 @@ class MidRegistrar:
             elif isinstance(event, ProxyFinal):
                 self.registration.final(event, now)
             elif isinstance(event, StrayAck):
-                self.routing.ack(event.request, now)
+                self.routing.ack(event.request, event.peer, now)
             elif isinstance(event, ClientResult):
                 self.expiry.client_result(event)
         except Pending as wait:

@@ -7,6 +7,8 @@ detection); :class:`ResponseContext` collects the branches' responses and picks 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 from dataclasses import dataclass, field
 
@@ -47,6 +49,30 @@ def is_loop(request: Request, local_vias: set[tuple[str, int]]) -> bool:
 
 def make_branch(request: Request, unique: str) -> str:
     return f"{MAGIC_COOKIE}-{loop_hash(request)}-{unique}"
+
+
+FLOW_PREFIX = "fl-"  # user part of a Record-Route that names a phone's flow (RFC 5626 §5.3 flow token)
+
+
+def flow_token(peer: Peer) -> str:
+    """A phone's flow as the user part of our Record-Route: the transport, address, port and connection
+    an in-dialog request must go back over, so that a phone reached over a connection it opened (or behind
+    NAT) stays reachable for the whole dialog. URL-safe base64 (unreserved characters only)."""
+    text = f"{peer.transport} {peer.host} {peer.port} {'' if peer.conn is None else peer.conn} {peer.local}"
+    return FLOW_PREFIX + base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def flow_of(user: str | None) -> Peer | None:
+    """The flow a token from :func:`flow_token` names; None when ``user`` is not one (or is garbled)."""
+    if not user or not user.startswith(FLOW_PREFIX):
+        return None
+    data = user[len(FLOW_PREFIX) :]
+    try:
+        text = base64.urlsafe_b64decode(data + "=" * (-len(data) % 4)).decode()
+        transport, host, port, conn, local = text.split(" ")
+        return Peer(transport, host, int(port), int(conn) if conn else None, int(local))
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        return None
 
 
 def forward_copy(

@@ -13,7 +13,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from registrar.sip.errors import ParseError
@@ -32,6 +32,7 @@ from registrar.sip.proxy import (
     Branch,
     ResponseContext,
     build_cancel,
+    flow_token,
     forward_copy,
     is_loop,
     make_branch,
@@ -465,21 +466,27 @@ class Stack:
         targets: list[tuple[Request | URI | None, Peer]],
         *,
         hold_final: bool = False,
+        flows: Sequence[bool] = (),
     ) -> ResponseContext:
         """Forward a request on one branch per target, in parallel (§16.5–16.6).
 
         A target is (request to send, or just the new Request-URI, or None to keep it; next-hop peer). A
         full request is used as the branch copy's base (the mid-registrar's rewritten REGISTER).
+        ``flows[i]`` marks a branch sent over a phone's own flow (a connection it opened, or a NATed
+        address): it is record-routed with the flow's token whatever ``record_route`` says (RFC 5626 §5.3).
         """
         ctx = ResponseContext(txn, txn.request, txn.peer, hold_final=hold_final)
         self._ctx_of_server[id(txn)] = ctx
-        for target, peer in targets:
+        for i, (target, peer) in enumerate(targets):
             base = target if isinstance(target, Request) else txn.request
             uri = None if isinstance(target, Request) or target is None else target
             local = self.local_for(peer)
             branch = make_branch(txn.request, self._unique())
             via = Via(local.transport.upper(), local.host, local.port, (("branch", branch), ("rport", None)))
-            rr = f"<sip:{local.hostport};lr>" if self.record_route else None
+            if i < len(flows) and flows[i]:
+                rr: str | None = self._flow_record_route(local, peer)
+            else:
+                rr = f"<sip:{local.hostport};lr>" if self.record_route else None
             copy = forward_copy(base, uri=uri, via=via, record_route=rr, drop_top_route=False)
             client = self._client(copy, peer)
             self._ctx_of_client[id(client)] = ctx
@@ -489,6 +496,13 @@ class Stack:
             self.respond(txn, make_response(txn.request, 480))
             self._finished(ctx)
         return ctx
+
+    @staticmethod
+    def _flow_record_route(local: LocalAddress, peer: Peer) -> str:
+        """Record-Route for a branch over a phone's flow: our address with the flow's token, and the flow's
+        transport when it is not UDP, so both ends send in-dialog requests here and we send them on."""
+        transport = "" if peer.transport == "udp" else f";transport={peer.transport}"
+        return f"<sip:{flow_token(peer)}@{local.hostport}{transport};lr>"
 
     def _finished(self, ctx: ResponseContext) -> None:
         """The final response went upstream: a CANCEL has nothing left to cancel, so the server side no
