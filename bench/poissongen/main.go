@@ -629,24 +629,8 @@ func parseAnswer(msg []byte) (answer, bool) {
 		return a, false
 	}
 	a.code = int(c)
-	rest := msg
-	if i := bytes.Index(rest, []byte("\r\n")); i >= 0 {
-		rest = rest[i+2:]
-	}
 	gotVia := false
-	for len(rest) > 0 {
-		i := bytes.Index(rest, []byte("\r\n"))
-		if i <= 0 {
-			break // end of headers (or no CRLF)
-		}
-		line := rest[:i]
-		rest = rest[i+2:]
-		colon := bytes.IndexByte(line, ':')
-		if colon <= 0 {
-			continue
-		}
-		name := bytes.TrimSpace(line[:colon])
-		value := bytes.TrimSpace(line[colon+1:])
+	headerLines(msg, func(_, name, value []byte) {
 		switch {
 		case !gotVia && (bytes.EqualFold(name, []byte("via")) || bytes.EqualFold(name, []byte("v"))):
 			gotVia = true
@@ -666,8 +650,28 @@ func parseAnswer(msg []byte) (answer, bool) {
 				}
 			}
 		}
-	}
+	})
 	return a, true
+}
+
+// headerLines calls fn with each header line of a message (after its first line, up to the blank line)
+// and the line's trimmed name and value; a line without a colon is skipped.
+func headerLines(msg []byte, fn func(line, name, value []byte)) {
+	rest := msg
+	if i := bytes.Index(rest, []byte("\r\n")); i >= 0 {
+		rest = rest[i+2:]
+	}
+	for len(rest) > 0 {
+		i := bytes.Index(rest, []byte("\r\n"))
+		if i <= 0 {
+			return // end of headers (or no CRLF)
+		}
+		line := rest[:i]
+		rest = rest[i+2:]
+		if colon := bytes.IndexByte(line, ':'); colon > 0 {
+			fn(line, bytes.TrimSpace(line[:colon]), bytes.TrimSpace(line[colon+1:]))
+		}
+	}
 }
 
 func (g *gen) handle(msg []byte, t int64) {
@@ -1046,22 +1050,7 @@ var echoed = [][]byte{[]byte("via"), []byte("v"), []byte("from"), []byte("f"), [
 
 func answer200(out, req []byte) []byte {
 	out = append(out, "SIP/2.0 200 OK\r\n"...)
-	rest := req
-	if i := bytes.Index(rest, []byte("\r\n")); i >= 0 {
-		rest = rest[i+2:]
-	}
-	for len(rest) > 0 {
-		i := bytes.Index(rest, []byte("\r\n"))
-		if i <= 0 {
-			break
-		}
-		line := rest[:i]
-		rest = rest[i+2:]
-		colon := bytes.IndexByte(line, ':')
-		if colon <= 0 {
-			continue
-		}
-		name := bytes.TrimSpace(line[:colon])
+	headerLines(req, func(line, name, _ []byte) {
 		for j, h := range echoed {
 			if bytes.EqualFold(name, h) {
 				out = append(out, line...)
@@ -1072,6 +1061,6 @@ func answer200(out, req []byte) []byte {
 				break
 			}
 		}
-	}
+	})
 	return append(out, "Content-Length: 0\r\n\r\n"...)
 }
