@@ -267,6 +267,10 @@ _SIP_MATCH = re.compile(
 def _parse_sip(scheme: str, rest: str, text: str) -> SipURI:
     m = _SIP_MATCH(rest)
     if m is None:
+        hostport = rest.rpartition("@")[2].partition(";")[0].partition("?")[0]
+        if hostport.count(":") > 1 and "[" not in hostport:
+            # Say why (RFC 5118 §4.2): a bare IPv6 address is ambiguous with the port, so it needs brackets.
+            raise URIError(f"IPv6 address not enclosed in [] in {text!r}")
         raise URIError(f"bad SIP URI {text!r}")
     user, password, host, port_text, ptext, htext = m.groups()
     if host[0] == "[" and not _valid_ipv6_reference(host):
