@@ -71,12 +71,14 @@ class Routing:
         branches: list[tuple[Request | URI | None, Peer]] = []
         flows: list[bool] = []
         for target in result.targets:
+            if self._flow_closed(target):
+                continue  # the phone's connection is gone: its next REGISTER brings a new one
             branch = self._branch_via_owner(request, target)
             if branch is not None:
                 branches.append(branch)
                 flows.append(branch[1] is target.peer and over_flow(target))  # not a hand-off
         if not branches:
-            state.stack.respond(event.txn, make_response(request, 480))  # only dead TCP flows were left
+            state.stack.respond(event.txn, make_response(request, 480))  # only dead flows were left
             return
         state.stack.proxy(event.txn, branches, flows=flows)
 
@@ -138,7 +140,11 @@ class Routing:
         request.headers.remove(HANDOFF)
         binding = record.bindings.get(int(ctid_text)) if record is not None else None
         target = branch_target(binding) if binding is not None and binding.valid(now) else None
-        if target is None or (binding is not None and not store.owns(binding) and binding.source.reliable):
+        if (
+            target is None
+            or self._flow_closed(target)
+            or (binding is not None and not store.owns(binding) and binding.source.reliable)
+        ):
             state.stack.respond(event.txn, make_response(request, 480))
             return True
         state.stack.proxy(event.txn, [_branch(request, target)], flows=[over_flow(target)])
@@ -164,6 +170,20 @@ class Routing:
                 state.stack.proxy(event.txn, [_branch(request, target)])
                 return
         state.stack.proxy(event.txn, [(None, self._next_hop(request))])
+
+    def _flow_closed(self, target: Target) -> bool:
+        """The binding's flow is a connection this process held and saw close (RFC 5626 §5.2: a failed
+        flow): nothing can reach the phone over it, and connecting to its source port would be refused."""
+        binding = target.binding
+        if binding is None or target.routes:
+            return False
+        conn = binding.source.conn
+        return (
+            conn is not None
+            and binding.source.reliable
+            and self.state.store.owns(binding)
+            and conn not in self.state.flows
+        )
 
     def _recorded_flow(self, route: str) -> Peer | None:
         """The phone's flow a Route names when it is our own Record-Route with a flow token."""

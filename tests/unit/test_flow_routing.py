@@ -118,3 +118,22 @@ def test_a_garbled_flow_token_is_an_ordinary_route_to_us() -> None:
     m.feed(bye, MAIN)
     [(out, peer)] = _sent(m)
     assert (peer.host, peer.port) == ("10.0.0.9", 5080) and out.headers.values("route") == []
+
+
+def test_a_call_is_not_sent_into_a_closed_connection() -> None:
+    """RFC 5626 §5.2: once the phone's connection closed, its flow has failed. A call gets 480 at once
+    instead of a connection attempt to the phone's source port; the phone's next REGISTER restores it."""
+    m = Core(mode="mirror")
+    held = _registered(m, TCP_PHONE, "sip:alice@192.0.2.10:5062;transport=tcp", "TCP")
+    m.core.flow_closed(7)
+    m.feed(request_bytes("INVITE", held, branch="z9hG4bK-inv"), MAIN)
+    sent = m.take()
+    assert [p for msg, p in sent if isinstance(msg, Request)] == []
+    assert [msg.status for msg, p in sent if p == MAIN and not isinstance(msg, Request)][-1] == 480
+    again = Peer("tcp", "192.0.2.10", 40002, conn=8)  # the phone reconnects and registers again
+    data = register("<sip:alice@192.0.2.10:5062;transport=tcp>", expires=600, cseq=11, branch="z9hG4bK-a2")
+    m.feed(data.replace(b"SIP/2.0/UDP", b"SIP/2.0/TCP"), again)
+    m.feed(main_ok(m.to_main()), MAIN)
+    m.take()
+    m.feed(request_bytes("INVITE", held, branch="z9hG4bK-inv2"), MAIN)
+    assert [p for msg, p in m.take() if isinstance(msg, Request) and msg.method == "INVITE"] == [again]
