@@ -16,8 +16,9 @@ import pytest
 from registrar.sip.errors import FramingError, ParseError
 from registrar.sip.framing import PING, StreamFramer
 from registrar.sip.headers import parse_via_sent_by
-from registrar.sip.message import Request, Response, check_fields, make_response, parse_message
+from registrar.sip.message import Request, Response, parse_message
 from registrar.sip.uri import AbsoluteURI, SipURI, parse_uri
+from tests.unit.torture import assert_refused, assert_refused_on_a_stream, parsed
 
 HERE = Path(__file__).parent / "rfc4475"
 
@@ -315,9 +316,7 @@ def test_messages_keep_their_odd_bytes() -> None:
 
 
 def _parsed(name: str) -> Request | Response:
-    msg = parse_message(load(name))
-    check_fields(msg)
-    return msg
+    return parsed(load(name))
 
 
 @pytest.mark.parametrize("name", sorted(VALID))
@@ -371,29 +370,11 @@ def test_inv2543_gains_only_a_content_length() -> None:
 
 @pytest.mark.parametrize("name", sorted(INVALID))
 def test_invalid_messages_are_refused(name: str) -> None:
-    stage, status, can_reply, reason = INVALID[name]
-    data = load(name)
-    with pytest.raises(ParseError) as info:
-        msg = parse_message(data)
-        assert stage == "check", "parse_message accepted it"
-        check_fields(msg)
-    exc = info.value
-    assert reason in exc.reason
-    assert (exc.status, exc.can_reply) == (status, can_reply)
-    if can_reply:
-        # The partly parsed request is there to build the answer from, headers as received.
-        assert isinstance(exc.message, Request)
-        answer = make_response(exc.message, exc.status)
-        assert answer.status == status
-        assert answer.headers.fields("via") == exc.message.headers.fields("via")
+    assert_refused(load(name), *INVALID[name])
 
 
 def test_invalid_requests_fail_the_same_way_on_a_stream() -> None:
-    # Same verdicts with stream=True (only the framing of the bytes differs there; see below).
-    for name, (_stage, status, _reply, reason) in INVALID.items():
-        with pytest.raises(ParseError) as info:
-            check_fields(parse_message(load(name), stream=True))
-        assert reason in info.value.reason and info.value.status == status, name
+    assert_refused_on_a_stream(INVALID, load)  # framing on a stream: see below
 
 
 # ---------------------------------------------------------------------------------------- details
