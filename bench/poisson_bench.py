@@ -221,6 +221,11 @@ def step(gen: str, t: Target, args: argparse.Namespace, rate: int, work: Path) -
     bad_checks = {k: v for k, v in rep["sipgo_checks"].items() if v != "ok"}
     if bad_checks:
         notes.append(f"sipgo checks {bad_checks}")
+    skew = abs(float(rep.get("clock_skew_us") or 0.0))
+    if skew > 1000:
+        # The generator turns the kernel's wall-clock receive stamps into monotonic time with the clocks'
+        # offset at each read, so a wall clock corrected during the run (a VM's) does not shift latencies.
+        notes.append(f"wall clock moved {skew / 1000:.1f} ms against the monotonic one during the run")
     achieved = float(m.get("achieved_send_rate") or 0.0)
     if achieved < 0.95 * rate:
         notes.append("rate not reached")

@@ -557,7 +557,7 @@ func (g *gen) drain(p *phase) {
 
 // receive drains socket fd every -recv-tick until the run stops. Each answer's time is the kernel's
 // receive stamp (SO_TIMESTAMPNS: when the datagram reached this socket, on CLOCK_REALTIME, turned into this
-// program's monotonic time), so the tick costs the figures nothing and the thread wakes 1/tick times a
+// program's monotonic time with the clocks' offset at the read), so the tick costs the figures nothing and the thread wakes 1/tick times a
 // second whatever the rate. An answer without a stamp is stamped when read ("user_stamps").
 func (g *gen) receive(fd int) {
 	runtime.LockOSThread()
@@ -598,7 +598,11 @@ func (g *gen) receive(fd int) {
 			}
 			if h.Level == syscall.SOL_SOCKET && h.Type == syscall.SCM_TIMESTAMPNS && off+hdr+16 <= int(msg.Controllen) {
 				ts := (*syscall.Timespec)(unsafe.Pointer(&oob[off+hdr]))
-				t = ts.Nano() - wallAtStart
+				// The stamp is on CLOCK_REALTIME, which the host may step or slew during a run (a VM's
+				// clock being corrected): turn it into monotonic time with the two clocks' offset read
+				// now, a few ms at most after the stamp, not the offset at the start.
+				w := time.Now()
+				t = ts.Nano() - (w.UnixNano() - int64(w.Sub(clockStart)))
 				break
 			}
 			off += syscall.CmsgSpace(int(h.Len) - hdr)
