@@ -172,6 +172,14 @@ class Settings(BaseModel):
     method_filtering: bool = Field(
         False, description="Mode aor: fork only to contacts that allow the method."
     )
+    refresh_templates: int = Field(
+        100_000,
+        ge=0,
+        description=(
+            "Mode contact: flows whose repeated refresh is answered from a template without parsing "
+            "(about 1 KB each; 0 = off)."
+        ),
+    )
     register_rate_limit: float = Field(
         0.0, ge=0, description="Locally answered REGISTERs per second per source address (0 = no limit)."
     )

@@ -134,9 +134,14 @@ def find_binding(record: AorRecord | None, contact: Contact) -> Binding | None:
 def check_cseq(view: RegisterView, binding: Binding | None, now: float, settings: Settings) -> bool:
     """CSeq rules (behaviour §3.4): True when the contact is a retransmission to skip; 400 when out of
     order."""
-    if binding is None or binding.call_id != view.request.call_id:
+    return repeated_cseq(view.request.call_id, view.request.cseq.seq, binding, now, settings)
+
+
+def repeated_cseq(call_id: str, seq: int, binding: Binding | None, now: float, settings: Settings) -> bool:
+    """:func:`check_cseq` on the two fields it reads (the refresh templates have no parsed request)."""
+    if binding is None or binding.call_id != call_id:
         return False
-    n = view.request.cseq.seq + (1 if settings.allow_dup_cseq else 0)
+    n = seq + (1 if settings.allow_dup_cseq else 0)
     if n > binding.cseq:
         return False
     if n == binding.cseq and now - binding.updated_at < settings.cseq_delay:

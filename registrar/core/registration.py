@@ -20,6 +20,7 @@ from registrar.core import register as reg
 from registrar.core.expiry import Expiry
 from registrar.core.gate import Gate
 from registrar.core.policy import RegistrarError
+from registrar.core.refresh import RefreshTemplates
 from registrar.core.state import CoreState
 from registrar.records import AorRecord, MainMeta
 from registrar.sip.message import Response
@@ -38,12 +39,18 @@ class Registration:
     lost its compare-and-swap is taken afresh from the state that won."""
 
     def __init__(
-        self, state: CoreState, expiry: Expiry, redo: Callable[[Event, float], None], gate: Gate | None
+        self,
+        state: CoreState,
+        expiry: Expiry,
+        redo: Callable[[Event, float], None],
+        gate: Gate | None,
+        templates: RefreshTemplates | None = None,
     ) -> None:
         self.state = state
         self.expiry = expiry
         self.redo = redo
         self.gate = gate
+        self.templates = templates
         self.relays: dict[int, reg.PendingRegister] = {}  # id(ResponseContext) → what its 2xx changes
         self._floors: dict[str, int] = {}  # AoR → Min-Expires the main registrar insisted on
 
@@ -92,6 +99,10 @@ class Registration:
                 gruu = reply.gruu_context(view, state.stack.local_for(event.peer).hostport, now, settings)
                 ok = reply.binding_reply(request, absorbed, now, settings, paths, gruu, state.cap())
                 state.stack.respond(event.txn, ok)
+                if self.templates is not None and gruu is None and absorbed is not None:
+                    self.templates.learn(
+                        event, pending, absorbed, ok
+                    )  # the next identical refresh skips all this
 
             state.commit(view.aor, absorbed, record, now, answer, partial(self.redo, event))
             return

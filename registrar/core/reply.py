@@ -134,18 +134,30 @@ def _add_bindings(
 ) -> None:
     """List every valid binding and echo the Path; ``cap`` bounds the lifetimes shown (a draining process:
     architecture "Networking and flow ownership")."""
+    contact = contact_value(record, now, settings, gruu, cap)
+    if contact is not None:
+        response.headers.add("Contact", contact)
+    for value in paths or []:
+        response.headers.add("Path", value)
+
+
+def contact_value(
+    record: AorRecord | None,
+    now: float,
+    settings: Settings,
+    gruu: GruuContext | None = None,
+    cap: int | None = None,
+) -> str | None:
+    """The Contact header value of a 200 OK: every valid binding of the AoR; None when there is none."""
     bindings: list[Binding] = []
     if record is not None:
         if len(record.bindings) == 1:  # the usual AoR: nothing to sort
             bindings = [b for b in record.bindings.values() if b.expires_at > now]
         else:
             bindings = record.valid_bindings(now)
-    if bindings:
-        response.headers.add(
-            "Contact", ", ".join(format_binding(b, now, settings, gruu, cap) for b in bindings)
-        )
-    for value in paths or []:
-        response.headers.add("Path", value)
+    if not bindings:
+        return None
+    return ", ".join(format_binding(b, now, settings, gruu, cap) for b in bindings)
 
 
 def error_reply(request: Request, error: RegistrarError, settings: Settings) -> Response:

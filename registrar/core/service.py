@@ -17,6 +17,7 @@ from registrar.config import Settings
 from registrar.core import digest
 from registrar.core.expiry import Expiry
 from registrar.core.gate import Gate, RateLimiter
+from registrar.core.refresh import RefreshTemplates
 from registrar.core.registration import Registration
 from registrar.core.routing import Routing
 from registrar.core.state import CoreState, CoreStats
@@ -24,7 +25,7 @@ from registrar.records import AorRecord, Binding
 from registrar.sip.errors import ParseError
 from registrar.sip.message import Request, Response, make_response
 from registrar.sip.stack import ClientResult, Event, IncomingRequest, ProxyFinal, Stack, StrayAck
-from registrar.sip.transport import peer_for_uri
+from registrar.sip.transport import Peer, peer_for_uri
 from registrar.sip.uri import parse_uri
 from registrar.store.base import Pending, Store, StoreUnavailable
 
@@ -50,7 +51,8 @@ class MidRegistrar:
         limiter = RateLimiter(settings.register_rate_limit) if settings.register_rate_limit else None
         self.expiry = Expiry(self.state, credentials or [])
         absorb_gate = Gate(gate, limiter) if gate is not None or limiter is not None else None
-        self.registration = Registration(self.state, self.expiry, self.handle, absorb_gate)
+        self.templates = RefreshTemplates(self.state, limiter, gate is not None, settings.refresh_templates)
+        self.registration = Registration(self.state, self.expiry, self.handle, absorb_gate, self.templates)
         self.routing = Routing(self.state)
 
     @property
@@ -69,6 +71,11 @@ class MidRegistrar:
     @property
     def store(self) -> Store:
         return self.state.store
+
+    def shortcut(self, data: bytes, peer: Peer, now: float) -> bool:
+        """Answer a datagram or framed message without the stack when it repeats an absorbed refresh
+        (:mod:`registrar.core.refresh`); False when :meth:`Stack.receive` must take it."""
+        return self.templates.answer(data, peer, now)
 
     def handle(self, event: Event, now: float) -> None:
         """One stack event. Work the store cannot answer yet is parked and runs again on ``store_ready``."""

@@ -21,7 +21,7 @@ from registrar.core.register import (
 )
 from registrar.records import AorRecord, Binding, MainMeta
 from registrar.sip.message import Request, Response
-from registrar.sip.transport import ip_reference
+from registrar.sip.transport import Peer, ip_reference
 from registrar.sip.uri import URI, SipURI, parse_uri
 
 
@@ -61,28 +61,48 @@ def decide_contact(
         if e == 0:
             return _relay("de-registration")
         binding = updated.bindings.get(pc.ctid) if pc.known else None
-        if binding is None or not binding.valid(now):
-            return _relay("new contact")
-        if binding.relayed_at is None or binding.main_expires is None:
-            return _relay("no relay state")
-        if me is not None and binding.owner is not None and binding.owner != me:
-            return _relay("flow moved to this process")
-        if not same_flow(binding.source, view.source):
-            return _relay("source address, transport or connection changed")
-        if binding.call_id != request.call_id:
-            return _relay("Call-ID changed")
-        if now - binding.relayed_at >= binding.main_expires - e:
-            return _relay("main registrar's copy is due")
-        updated.bindings[pc.ctid] = _refreshed(binding, pending, pc.contact.q, e, now)
+        reason = refresh_refusal(binding, e, view.source, request.call_id, me, now)
+        if reason is not None:
+            return _relay(reason)
+        assert binding is not None  # no refusal: a known, valid binding
+        updated.bindings[pc.ctid] = refreshed(
+            binding, request.cseq.seq, pc.contact.q, e, view.paths, request.headers.get("user-agent"), now
+        )
     return Decision(False, "refresh inside the window", updated)
 
 
-def _refreshed(
-    binding: Binding, pending: PendingRegister, q: float | None, e: int, now: float, **more: object
+def refresh_refusal(
+    binding: Binding | None, e: int, source: Peer, call_id: str, me: str | None, now: float
+) -> str | None:
+    """Why a refresh of ``binding`` asking for ``e`` seconds must be relayed in mode contact (behaviour
+    §5.2, §11 [REC]), or None when it may be absorbed. Shared by the full pipeline and the refresh
+    templates of :mod:`registrar.core.refresh`."""
+    if binding is None or not binding.valid(now):
+        return "new contact"
+    if binding.relayed_at is None or binding.main_expires is None:
+        return "no relay state"
+    if me is not None and binding.owner is not None and binding.owner != me:
+        return "flow moved to this process"
+    if not same_flow(binding.source, source):
+        return "source address, transport or connection changed"
+    if binding.call_id != call_id:
+        return "Call-ID changed"
+    if now - binding.relayed_at >= binding.main_expires - e:
+        return "main registrar's copy is due"
+    return None
+
+
+def refreshed(
+    binding: Binding,
+    cseq: int,
+    q: float | None,
+    e: int,
+    paths: list[str],
+    user_agent: str | None,
+    now: float,
+    **more: object,
 ) -> Binding:
     """An absorbed refresh: new local expiry and per-request fields; relay state untouched (§5.2 step 5)."""
-    request = pending.view.request
-    cseq = request.cseq.seq
     relayed_cseq = binding.relayed_cseq
     if binding.call_id == binding.relayed_call_id:
         relayed_cseq = max(relayed_cseq, cseq)
@@ -91,8 +111,8 @@ def _refreshed(
         cseq=cseq,
         relayed_cseq=relayed_cseq,
         q=q,
-        path=list(pending.view.paths),
-        user_agent=request.headers.get("user-agent"),
+        path=list(paths),
+        user_agent=user_agent,
         updated_at=now,
         **more,
     )
@@ -124,7 +144,7 @@ def decide_aor(
     ctno = len(valid)
     staged = record.copy()
     request = view.request
-    refreshed = False
+    renewed = False
     for pc in pending.planned:
         e = min(pc.life.local, meta.main_expires)
         binding = staged.bindings.get(pc.ctid) if pc.known else None
@@ -143,12 +163,20 @@ def decide_aor(
             return _relay("source address, transport or connection changed")
         if binding.call_id != request.call_id:
             return _relay("Call-ID changed")
-        staged.bindings[pc.ctid] = _refreshed(
-            binding, pending, pc.contact.q, e, now, local_expires=e, main_expires=meta.main_expires
+        staged.bindings[pc.ctid] = refreshed(
+            binding,
+            request.cseq.seq,
+            pc.contact.q,
+            e,
+            view.paths,
+            request.headers.get("user-agent"),
+            now,
+            local_expires=e,
+            main_expires=meta.main_expires,
         )
-        refreshed = True
+        renewed = True
     left = staged.valid_bindings(now)
-    if refreshed:
+    if renewed:
         if any(b.main_expires is None for b in left):
             return _relay("no relay state")
         max_diff = max((b.main_expires or 0) - b.local_expires for b in left)

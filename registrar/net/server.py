@@ -43,6 +43,11 @@ CONNECT_TIMEOUT = 10.0
 class Application(Protocol):
     """What the shell drives besides the stack: the core's event handler and its own timers."""
 
+    def shortcut(self, data: bytes, peer: Peer, now: float) -> bool:
+        """Answer a message the application recognises from its bytes (a repeated refresh); False when the
+        stack must parse it."""
+        ...
+
     def handle(self, event: Event, now: float) -> None: ...
 
     def next_deadline(self) -> float | None: ...
@@ -100,6 +105,7 @@ class SipServer:
         self.settings = settings
         self.stack = stack
         self.app = app
+        self._shortcut = app.shortcut
         self.loop = asyncio.get_running_loop()
         self._udp: dict[int, asyncio.DatagramTransport] = {}
         self._held = 0  # datagrams handled whose answers wait for the end of the loop iteration
@@ -172,13 +178,16 @@ class SipServer:
     # ------------------------------------------------------------------------------------ input
 
     def datagram(self, data: bytes, addr: tuple[str, int], index: int) -> None:
-        self.stack.receive(data, Peer("udp", addr[0], addr[1], None, index), self.now)
+        peer = Peer("udp", addr[0], addr[1], None, index)
+        now = time.time()
         self._held += 1
+        if not self._shortcut(data, peer, now):  # a repeated refresh is answered at once
+            self.stack.receive(data, peer, now)
+            if self._held < SEND_BATCH:
+                self._dispatch()  # handled now, answered with the other datagrams read in this iteration
         if self._held >= SEND_BATCH:
             self.flush()
-            return
-        self._dispatch()  # handled now, answered with the other datagrams read in this loop iteration
-        if self._held == 1:
+        elif self._held == 1:
             self.loop.call_soon(self._flush_held)
 
     def _flush_held(self) -> None:
@@ -197,7 +206,9 @@ class SipServer:
                 conn.transport.close()
                 break
             elif isinstance(item, bytes):
-                self.stack.receive(item, conn.peer, self.now)
+                now = self.now
+                if not self.app.shortcut(item, conn.peer, now):
+                    self.stack.receive(item, conn.peer, now)
         self.flush()
 
     def fire_timers(self) -> None:
@@ -361,7 +372,8 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         self.index = index
 
     def datagram_received(self, data: bytes, addr: tuple[str | object, int]) -> None:
-        self.server.datagram(data, (str(addr[0]), int(addr[1])), self.index)
+        # An IP socket's source address is a (host, port, ...) tuple of str and int.
+        self.server.datagram(data, typing.cast(tuple[str, int], addr), self.index)
 
     def error_received(self, exc: Exception) -> None:
         log.debug("UDP error: %s", exc)

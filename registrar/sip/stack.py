@@ -83,6 +83,7 @@ class IncomingRequest:
     txn: ServerTransaction
     request: Request
     peer: Peer
+    data: bytes = b""  # the message as received (what a refresh template is learned from)
 
 
 @dataclass(slots=True)
@@ -331,11 +332,50 @@ class Stack:
         if isinstance(msg, Response):
             self._receive_response(msg)
         else:
-            self._receive_request(msg, peer)
+            self._receive_request(msg, peer, data)
+
+    # ------------------------------------------------------------------------------------ known requests
+    # A request the application recognised from its bytes alone (a repeated refresh, registrar.core.refresh)
+    # is answered without a transaction object: these two do what the stack and a non-INVITE server
+    # transaction would have done with it, so that counting, retransmissions and Timer J stay the same.
+
+    def recognised(self, key: ServerKey, peer: Peer, now: float) -> bool | None:
+        """Where a request recognised without parsing stands. True when it retransmits an answered
+        transaction: counted, and its answer sent to ``peer`` again (§17.2.2); None when a transaction for
+        it is still open (the caller must hand the bytes to :meth:`receive`); False when it is new (nothing
+        counted yet: :meth:`answer_recognised` does)."""
+        self._now = now
+        if key in self._servers:
+            return None
+        data = self._completed.get(_flat_key(key)) if self._completed else None
+        if data is None:
+            return False
+        requests_in = self.stats.requests_in
+        requests_in[key[-1]] = requests_in.get(key[-1], 0) + 1
+        self.stats.retransmissions_absorbed += 1
+        self.send(data, peer)
+        return True
+
+    def answer_recognised(self, key: ServerKey, method: str, status: int, data: bytes, peer: Peer) -> None:
+        """Count a new request :meth:`recognised` and send its final response, kept for Timer J over an
+        unreliable transport as :class:`~registrar.sip.transaction.NonInviteServer` does."""
+        stats = self.stats
+        stats.requests_in[method] = stats.requests_in.get(method, 0) + 1
+        stats.responses_out[status] = stats.responses_out.get(status, 0) + 1
+        self.send(data, peer)
+        if not peer.reliable:
+            flat = _flat_key(key)
+            if flat not in self._completed:
+                self._completed_fifo.append((self._now + self.timers.timeout, flat))
+            self._completed[flat] = data
+
+    def new_tag(self) -> str:
+        """A fresh To tag or branch token (48 random bits)."""
+        return self._unique()
 
     # ------------------------------------------------------------------------------------ requests
 
-    def _receive_request(self, request: Request, peer: Peer) -> None:
+    def _receive_request(self, request: Request, peer: Peer, data: bytes) -> None:
         method = request.method
         self.stats.requests_in[method] = self.stats.requests_in.get(method, 0) + 1
         via = _stamp_received(request, peer)
@@ -369,7 +409,7 @@ class Stack:
             return
         if method == "INVITE":
             self.respond(txn, make_response(request, 100))
-        self._events.append(IncomingRequest(txn, request, peer))
+        self._events.append(IncomingRequest(txn, request, peer, data))
 
     def _receive_cancel(self, request: Request, peer: Peer, key: ServerKey) -> None:
         own = self._servers.get(key)

@@ -26,12 +26,16 @@ class MemoryStore:
         self._rng = rng or random.SystemRandom()
         self._revision = 0
         self._bindings = 0
+        # The value load() decoded last and its contact ids: a commit right after a load (every REGISTER)
+        # then knows which ids the stored value holds without decoding it a second time.
+        self._loaded: tuple[bytes, list[int]] | None = None
 
     def load(self, aor: str) -> AorRecord | None:
         data = self._aors.get(aor)
         if data is None:
             return None
         record = AorRecord.from_tuple(aor, marshal.loads(data))
+        self._loaded = (data, list(record.bindings))
         # Hand out the AoR text the index holds, so that what callers keep of it (the expiry schedule)
         # shares one copy. Every stored AoR has a binding, and the index maps it to this AoR.
         held = self._ctids.get(next(iter(record.bindings)))
@@ -69,7 +73,12 @@ class MemoryStore:
 
     def _held_ctids(self, aor: str) -> list[int]:
         data = self._aors.get(aor)
-        return [] if data is None else AorRecord.tuple_ctids(marshal.loads(data))
+        if data is None:
+            return []
+        loaded = self._loaded
+        if loaded is not None and loaded[0] is data:
+            return loaded[1]
+        return AorRecord.tuple_ctids(marshal.loads(data))
 
     def find_ctid(self, ctid: int) -> AorRecord | None:
         aor = self._ctids.get(ctid)

@@ -35,13 +35,19 @@ class Core:
         self.core = MidRegistrar(
             self.settings, self.rig.stack, self.store, random.Random(1), **(core_kw or {})
         )
+        self.shortcuts = 0  # messages answered from a refresh template
 
     @property
     def now(self) -> float:
         return self.rig.now
 
     def feed(self, data: bytes, peer: Peer) -> None:
-        self.rig.feed(data, peer)
+        """As the shell does: a repeated refresh is answered from its template, the rest parsed."""
+        if self.core.shortcut(data, peer, self.rig.now):
+            self.shortcuts += 1
+            self.rig.drain()
+        else:
+            self.rig.feed(data, peer)
         self._dispatch()
 
     def advance(self, seconds: float) -> None:

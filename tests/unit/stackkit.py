@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
+from registrar.sip.errors import ParseError
 from registrar.sip.message import Request, Response, parse_message
 from registrar.sip.stack import Event, LocalAddress, Stack
 from registrar.sip.transaction import Timers
@@ -21,6 +22,7 @@ class Rig:
     now: float = 0.0
     sent: list[tuple[Request | Response, Peer]] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
+    raw: list[tuple[bytes, Peer]] = field(default_factory=list)  # every message sent, as sent
 
     def feed(self, data: bytes, peer: Peer) -> None:
         self.stack.receive(data, peer, self.now)
@@ -28,7 +30,11 @@ class Rig:
 
     def drain(self) -> None:
         for data, peer in self.stack.pop_outgoing():
-            self.sent.append((parse_message(data, stream=peer.reliable), peer))
+            self.raw.append((data, peer))
+            try:
+                self.sent.append((parse_message(data, stream=peer.reliable), peer))
+            except ParseError:
+                continue  # a 400 to a request whose Via is broken: kept as sent in ``raw`` only
         self.events.extend(self.stack.pop_events())
 
     def advance(self, seconds: float) -> None:
