@@ -176,8 +176,8 @@ class Settings(BaseModel):
         100_000,
         ge=0,
         description=(
-            "Mode contact: flows whose repeated refresh is answered from a template without parsing "
-            "(about 1 KB each; 0 = off)."
+            "Mode contact: phones whose repeated refresh is answered from a template without parsing "
+            "(about 2.5 KB each; 0 = off)."
         ),
     )
     register_rate_limit: float = Field(

@@ -19,7 +19,6 @@ magic cookie.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from functools import partial
 
 from registrar.config import Insertion, Mode
@@ -71,20 +70,13 @@ def split(data: bytes) -> tuple[Shape, bytes, bytes] | None:
     return shape, data[start:end], data[number_at:number_end]
 
 
-@dataclass(slots=True, frozen=True)
-class Cut:
-    """A reply cut at slots: ``pieces[0] slot pieces[1] slot … pieces[-1]``."""
+Cut = tuple[tuple[bytes, ...], tuple[int, ...]]  # bytes cut at slots: (pieces, slots), pieces around slots
 
-    pieces: tuple[bytes, ...]
-    slots: tuple[int, ...]
 
-    def fill(self, values: dict[int, bytes]) -> bytes:
-        pieces = self.pieces
-        out = [pieces[0]]
-        for i, slot in enumerate(self.slots):
-            out.append(values[slot])
-            out.append(pieces[i + 1])
-        return b"".join(out)
+def fill(cut: Cut, values: tuple[bytes, bytes, bytes, bytes]) -> bytes:
+    """A reply cut at its four slots with ``values[slot]`` in each."""
+    (p0, p1, p2, p3, p4), (s0, s1, s2, s3) = cut
+    return b"".join((p0, values[s0], p1, values[s1], p2, values[s2], p3, values[s3], p4))
 
 
 def cut(data: bytes, found: list[tuple[int, int, int]]) -> Cut:
@@ -99,31 +91,33 @@ def cut(data: bytes, found: list[tuple[int, int, int]]) -> Cut:
         slots.append(slot)
         pos = end
     pieces.append(data[pos:])
-    return Cut(tuple(pieces), tuple(slots))
+    return tuple(pieces), tuple(slots)
 
 
-@dataclass(slots=True)
-class Template:
-    """One absorbed refresh: what the next one of the same shape from the same flow is decided and answered
-    with."""
+# A template is a plain tuple of str, bytes, numbers and tuples of them, which the cyclic GC stops tracking at
+# its first collection: a process may hold hundreds of thousands, and none of them may lengthen a full
+# collection (registrar/app.py). Its fields, in order:
+Template = tuple[
+    Cut,  # the 200 OK cut at slots BRANCH, TAG, CSEQ, CONTACT
+    str,  # AoR
+    int,  # contact id
+    int,  # the lifetime granted (behaviour §3.3: the request's, clamped)
+    float | None,  # q
+    tuple[str, ...],  # Path
+    str | None,  # User-Agent
+    str,  # Call-ID
+    str,  # the Via's host, lower case, and
+    str,  # its port as written: with the branch, the transaction key
+    tuple[str, str, int, int | None, int] | None,  # where the answer goes when not back to the source
+    str,  # the binding's contact, and its Contact value in a 200 OK when it is the AoR's only binding, cut
+    tuple[bytes, bytes] | None,  # around its expires (format_binding's output for this contact and flow)
+]
+# The key: the flow (transport, host, port, connection, local socket) and the shape.
+Key = tuple[str, str, int, int | None, int, bytes, bytes, bytes]
 
-    reply: Cut  # slots BRANCH, TAG, CSEQ, CONTACT
-    aor: str
-    ctid: int
-    life: int  # the lifetime granted (behaviour §3.3: the request's, clamped)
-    q: float | None
-    paths: list[str]
-    user_agent: str | None
-    call_id: str
-    sent_by: tuple[str, str]  # the Via's host (lower case) and port text, for the transaction key
-    reply_to: Peer
-    # The Contact value of an AoR holding this binding alone, cut around its expires (format_binding's
-    # output for this contact and flow); None when the AoR held more when the template was learned.
-    contact: str
-    contact_cut: tuple[bytes, bytes] | None
 
-
-Key = tuple[Peer, bytes, bytes, bytes]  # the flow and the shape
+def _peer_fields(peer: Peer) -> tuple[str, str, int, int | None, int]:
+    return peer.transport, peer.host, peer.port, peer.conn, peer.local
 
 
 class RefreshTemplates:
@@ -162,10 +156,11 @@ class RefreshTemplates:
         if found is None:
             return False
         shape, branch, number = found
-        key = (peer, *shape)
+        key = (peer.transport, peer.host, peer.port, peer.conn, peer.local, *shape)
         template = templates.get(key)
         if template is None:
             return False
+        _, aor, ctid, life, q, paths, user_agent, call_id, host, port, reply_to, *_ = template
         if not branch.startswith(b"z9hG4bK") or len(branch) > _MAX_BRANCH or len(number) > 10:
             return False
         seq = int(number)
@@ -175,23 +170,24 @@ class RefreshTemplates:
         if state.draining:
             return False
         try:
-            record = state.store.load(template.aor)
+            record = state.store.load(aor)
         except (Pending, StoreUnavailable):
             return False  # the pipeline parks it or answers 503
-        binding = record.bindings.get(template.ctid) if record is not None else None
+        binding = record.bindings.get(ctid) if record is not None else None
         if binding is None:
             self._drop(key)  # the binding is gone: so is what the template stood for
             return False
         try:
-            if reg.repeated_cseq(template.call_id, seq, binding, now, state.settings):
+            if reg.repeated_cseq(call_id, seq, binding, now, state.settings):
                 return False  # a retransmission: the stack's, or answered from state
         except RegistrarError:
             return False  # out of order: the pipeline answers 400
-        if refresh_refusal(binding, template.life, peer, template.call_id, self._me, now) is not None:
+        if refresh_refusal(binding, life, peer, call_id, self._me, now) is not None:
             return False  # relayed by the pipeline
         assert record is not None
-        txn_key = (branch.decode("ascii"), *template.sent_by, "REGISTER")
-        known = state.stack.recognised(txn_key, template.reply_to, now)
+        txn_key = (branch.decode("ascii"), host, port, "REGISTER")
+        answer_to = peer if reply_to is None else Peer(*reply_to)
+        known = state.stack.recognised(txn_key, answer_to, now)
         if known is None:
             return False  # its transaction is still open: the stack's
         if known:
@@ -200,16 +196,14 @@ class RefreshTemplates:
         if limiter is not None and not limiter.allow(peer.host, now):
             return False  # over its rate: the pipeline answers 503 (the bucket stays empty for it)
         updated = record.copy()
-        updated.bindings[template.ctid] = refreshed(
-            binding, seq, template.q, template.life, template.paths, template.user_agent, now
-        )
+        updated.bindings[ctid] = refreshed(binding, seq, q, life, paths, user_agent, now)
         self.answered += 1
         state.commit(
-            template.aor,
+            aor,
             updated,
             record,
             now,
-            partial(self._reply, template, txn_key, branch, number, updated, now),
+            partial(self._reply, template, txn_key, answer_to, branch, number, updated, now),
             partial(self._again, key, data, peer),
         )
         return True
@@ -218,25 +212,22 @@ class RefreshTemplates:
         self,
         template: Template,
         txn_key: tuple[str, str, str, str],
+        answer_to: Peer,
         branch: bytes,
         number: bytes,
         record: AorRecord,
         now: float,
     ) -> None:
         state = self.state
-        cached = template.contact_cut
-        if (
-            cached is not None
-            and len(record.bindings) == 1
-            and record.bindings[template.ctid].contact == (template.contact)
-        ):
-            contact = b"%b%d%b" % (cached[0], template.life, cached[1])  # the only binding, just renewed
+        reply, _, ctid, life, *_, contact_text, cached = template
+        if cached is not None and len(record.bindings) == 1 and record.bindings[ctid].contact == contact_text:
+            contact = b"%b%d%b" % (cached[0], life, cached[1])  # the only binding, just renewed
         else:
             contact = (contact_value(record, now, state.settings, None, state.cap()) or "").encode()
         stack = state.stack
-        values = {BRANCH: branch, TAG: stack.new_tag().encode(), CSEQ: number, CONTACT: contact}
+        values = (branch, stack.new_tag().encode(), number, contact)  # in slot order
         state.stats.registers_answered += 1
-        stack.answer_recognised(txn_key, "REGISTER", 200, template.reply.fill(values), template.reply_to)
+        stack.answer_recognised(txn_key, "REGISTER", 200, fill(reply, values), answer_to)
 
     def _again(self, key: Key, data: bytes, peer: Peer, now: float) -> None:
         """The write lost its compare-and-swap (a shared store): the full pipeline decides afresh."""
@@ -245,8 +236,8 @@ class RefreshTemplates:
 
     def _drop(self, key: Key) -> None:
         template = self._templates.pop(key, None)
-        if template is not None and self._of_binding.get(template.ctid) == key:
-            del self._of_binding[template.ctid]
+        if template is not None and self._of_binding.get(template[2]) == key:
+            del self._of_binding[template[2]]
 
     # ------------------------------------------------------------------------------------ learning
 
@@ -262,15 +253,16 @@ class RefreshTemplates:
         template = self._template(event, pending, record, ok) if found is not None else None
         if found is None or template is None:
             return
-        key = (event.peer, *found[0])
-        old = self._of_binding.get(template.ctid)
+        key = (*_peer_fields(event.peer), *found[0])
+        ctid = template[2]
+        old = self._of_binding.get(ctid)
         if old is not None and old != key:
             self._drop(old)  # the phone's REGISTER changed: its old shape will not come back
         templates = self._templates
         if key not in templates and len(templates) >= self.limit:
             self._drop(next(iter(templates)))
         templates[key] = template
-        self._of_binding[template.ctid] = key
+        self._of_binding[ctid] = key
 
     def _template(
         self, event: IncomingRequest, pending: reg.PendingRegister, record: AorRecord, ok: Response
@@ -315,19 +307,20 @@ class RefreshTemplates:
         contact_cut = None
         if len(record.bindings) == 1:
             contact_cut = _expires_cut(ok, planned.life.local)
-        return Template(
-            reply=reply_cut,
-            aor=view.aor,
-            ctid=planned.ctid,
-            life=planned.life.local,
-            q=planned.contact.q,
-            paths=list(view.paths),
-            user_agent=request.headers.get("user-agent"),
-            call_id=request.call_id,
-            sent_by=(via.host.lower(), str(via.port or "")),
-            reply_to=reply_to,
-            contact=binding.contact,
-            contact_cut=contact_cut,
+        return (
+            reply_cut,
+            view.aor,
+            planned.ctid,
+            planned.life.local,
+            planned.contact.q,
+            tuple(view.paths),
+            request.headers.get("user-agent"),
+            request.call_id,
+            via.host.lower(),
+            str(via.port or ""),
+            None if reply_to == event.peer else _peer_fields(reply_to),
+            binding.contact,
+            contact_cut,
         )
 
 

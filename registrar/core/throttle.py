@@ -6,7 +6,7 @@ Pure functions: a decision takes the request, the AoR as stored and ``now`` and 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from registrar.config import Settings
@@ -97,7 +97,7 @@ def refreshed(
     cseq: int,
     q: float | None,
     e: int,
-    paths: list[str],
+    paths: Sequence[str],
     user_agent: str | None,
     now: float,
     **more: object,
