@@ -179,11 +179,15 @@ class Stack:
     # ------------------------------------------------------------------------------------ outputs
 
     def pop_outgoing(self) -> list[tuple[bytes, Peer]]:
-        out, self._out = self._out, []
+        out = self._out
+        if out:  # (an empty list is handed out as it is: the shell asks after every datagram)
+            self._out = []
         return out
 
     def pop_events(self) -> list[Event]:
-        events, self._events = self._events, []
+        events = self._events
+        if events:
+            self._events = []
         return events
 
     def next_deadline(self) -> float | None:
