@@ -34,8 +34,8 @@ TIMER_GRAIN = 0.01  # seconds: SIP timers are ≥ 500 ms, 10 ms late is nothing;
 # socket (libuv reads up to 32 in a row, then runs what call_soon scheduled): a datagram that wakes its
 # receiver costs ~15 µs of our CPU, one sent while the receiver is already awake ~4 µs. At most this many are
 # held, so a burst's first answer waits well under 1 ms; a lone datagram's answer leaves a few µs later.
-# A repeated refresh answered from its template (registrar/core/refresh.py) is not held: under Poisson arrivals
-# at 8,000/s its answer came 20 µs sooner at the median (0.10 → 0.08 ms) for the same CPU within noise.
+# Answers from refresh templates (registrar/core/refresh.py) are held too: sent at once, each one woke SIPp in
+# the middle of its bursts, and the process managed 9,000/s instead of ~20,000/s (bench.throttle_bench).
 SEND_BATCH = 8
 # A TCP handshake still not done after this many seconds has lost its SYN three times (Linux resends it
 # after 1, 3 and 7 s): the next hop is not there. Its transactions fail with 503 rather than at Timer B/F.
@@ -182,16 +182,14 @@ class SipServer:
     def datagram(self, data: bytes, addr: tuple[str, int], index: int) -> None:
         peer = Peer("udp", addr[0], addr[1], None, index)
         now = time.time()
-        if self._shortcut(data, peer, now):
-            self.flush()  # a repeated refresh, answered from its template: the answer leaves at once
-            return
-        self.stack.receive(data, peer, now)
         self._held += 1
+        if not self._shortcut(data, peer, now):  # a repeated refresh is answered from its template
+            self.stack.receive(data, peer, now)
+            if self._held < SEND_BATCH:
+                self._dispatch()  # handled now, answered with the other datagrams read in this iteration
         if self._held >= SEND_BATCH:
             self.flush()
-            return
-        self._dispatch()  # handled now, answered with the other datagrams read in this loop iteration
-        if self._held == 1:
+        elif self._held == 1:
             self.loop.call_soon(self._flush_held)
 
     def _flush_held(self) -> None:
