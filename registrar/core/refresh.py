@@ -203,7 +203,7 @@ class RefreshTemplates:
             updated,
             record,
             now,
-            partial(self._reply, template, txn_key, answer_to, branch, number, updated, now),
+            partial(self._reply, template, answer_to, branch, number, updated, now),
             partial(self._again, key, data, peer),
         )
         return True
@@ -211,7 +211,6 @@ class RefreshTemplates:
     def _reply(
         self,
         template: Template,
-        txn_key: tuple[str, str, str, str],
         answer_to: Peer,
         branch: bytes,
         number: bytes,
@@ -227,7 +226,7 @@ class RefreshTemplates:
         stack = state.stack
         values = (branch, stack.new_tag().encode(), number, contact)  # in slot order
         state.stats.registers_answered += 1
-        stack.answer_recognised(txn_key, "REGISTER", 200, fill(reply, values), answer_to)
+        stack.answer_recognised("REGISTER", 200, fill(reply, values), answer_to)
 
     def _again(self, key: Key, data: bytes, peer: Peer, now: float) -> None:
         """The write lost its compare-and-swap (a shared store): the full pipeline decides afresh."""
