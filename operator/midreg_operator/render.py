@@ -108,6 +108,7 @@ def render_settings(spec: MidRegistrarSpec, ref: Ref) -> Settings:
         "default_expires": spec.expires.default,
         "max_expires": spec.expires.max,
         "max_contacts": spec.max_contacts,
+        "refresh_templates": spec.refresh_templates,
         "http": f"0.0.0.0:{spec.http_port}",
         "log_format": spec.log_format,
         "store": "etcd" if spec.etcd.endpoints else "memory",

@@ -67,6 +67,7 @@ class MidRegistrarSpec(_Model):
     outgoing_expires: int = Field(7200, alias="outgoingExpires")
     expires: Expires = Field(default_factory=lambda: Expires())
     max_contacts: int = Field(0, alias="maxContacts")
+    refresh_templates: int = Field(100_000, alias="refreshTemplates", ge=0)
     transports: list[Transport] = Field(default_factory=_default_transports, min_length=1)
     http_port: int = Field(9090, alias="httpPort")
     network: Network = Field(default_factory=lambda: Network.model_validate({}))

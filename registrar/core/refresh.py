@@ -44,16 +44,17 @@ _MAX_BRANCH = 256
 _BRANCH = re.compile(rb"\r\n(?:via|v)[ \t]*:[^\r\n]*?;[ \t]*branch[ \t]*=[ \t]*([^;,\s]+)", re.IGNORECASE)
 _CSEQ = re.compile(rb"\r\ncseq[ \t]*:[ \t]*([0-9]+)", re.IGNORECASE)
 # The slots of a reply template.
-BRANCH, TAG, CSEQ, CONTACT = range(4)
+BRANCH, TAG, CSEQ, CONTACT, FROM_TAG = range(5)
 
-Shape = tuple[bytes, bytes, bytes]  # a request outside its branch and CSeq number
+Shape = tuple[bytes, ...]  # a request outside its branch, From tag (when cut there) and CSeq number
 
 
-def split(data: bytes) -> tuple[Shape, bytes, bytes] | None:
-    """A request cut around the value of its first ``;branch=`` and the number of the first ``CSeq:`` line
-    after it: (shape, branch, number), or None. Two requests with the same shape differ only in those two
-    values; each value is the longest run of the characters it may hold, so the byte after it, which
-    begins the next piece, ends it in both."""
+def split(data: bytes) -> tuple[Shape, bytes, bytes, bytes | None] | None:
+    """A request cut around the value of its first ``;branch=``, the number of the first ``CSeq:`` line after
+    it and, when a ``From:`` line between them has one, its ``;tag=`` (many phones draw a new From tag for
+    every REGISTER, RFC 3261 §8.1.1.3): (shape, branch, number, From tag or None), or None. Two requests with
+    the same shape differ only in those values; each value is the longest run of the characters it may
+    hold, so the byte after it, which begins the next piece, ends it in both."""
     at = data.find(b";branch=")
     if at < 0:
         return None
@@ -66,17 +67,37 @@ def split(data: bytes) -> tuple[Shape, bytes, bytes] | None:
     number_end = _DIGIT_RUN.match(data, number_at).end()  # type: ignore[union-attr]
     if number_end == number_at:
         return None
-    shape = (data[:start], data[end:number_at], data[number_end:])
-    return shape, data[start:end], data[number_at:number_end]
+    branch, number = data[start:end], data[number_at:number_end]
+    tag_at = _from_tag_at(data, end, at)
+    if tag_at >= 0:
+        tag_end = _TOKEN_RUN.match(data, tag_at).end()  # type: ignore[union-attr]
+        if tag_end > tag_at:
+            shape = (data[:start], data[end:tag_at], data[tag_end:number_at], data[number_end:])
+            return shape, branch, number, data[tag_at:tag_end]
+    return (data[:start], data[end:number_at], data[number_end:]), branch, number, None
+
+
+def _from_tag_at(data: bytes, lo: int, hi: int) -> int:
+    """Where the value of the ``;tag=`` of a ``From:`` line between ``lo`` and ``hi`` starts, or -1."""
+    line = data.find(b"\r\nFrom: ", lo, hi)
+    if line < 0:
+        return -1
+    eol = data.find(b"\r\n", line + 8)
+    tag = data.find(b";tag=", line + 8, eol)
+    return -1 if tag < 0 else tag + 5
 
 
 Cut = tuple[tuple[bytes, ...], tuple[int, ...]]  # bytes cut at slots: (pieces, slots), pieces around slots
 
 
-def fill(cut: Cut, values: tuple[bytes, bytes, bytes, bytes]) -> bytes:
-    """A reply cut at its four slots with ``values[slot]`` in each."""
-    (p0, p1, p2, p3, p4), (s0, s1, s2, s3) = cut
-    return b"".join((p0, values[s0], p1, values[s1], p2, values[s2], p3, values[s3], p4))
+def fill(cut: Cut, values: tuple[bytes, ...]) -> bytes:
+    """A reply cut at its slots with ``values[slot]`` in each."""
+    pieces, slots = cut
+    out = [pieces[0]]
+    for piece, slot in zip(pieces[1:], slots, strict=True):
+        out.append(values[slot])
+        out.append(piece)
+    return b"".join(out)
 
 
 def cut(data: bytes, found: list[tuple[int, int, int]]) -> Cut:
@@ -113,7 +134,7 @@ Template = tuple[
     tuple[bytes, bytes] | None,  # around its expires (format_binding's output for this contact and flow)
 ]
 # The key: the flow (transport, host, port, connection, local socket) and the shape.
-Key = tuple[str, str, int, int | None, int, bytes, bytes, bytes]
+Key = tuple[str | int | bytes | None, ...]
 
 
 def _peer_fields(peer: Peer) -> tuple[str, str, int, int | None, int]:
@@ -155,7 +176,7 @@ class RefreshTemplates:
         found = split(data)
         if found is None:
             return False
-        shape, branch, number = found
+        shape, branch, number, from_tag = found
         key = (peer.transport, peer.host, peer.port, peer.conn, peer.local, *shape)
         template = templates.get(key)
         if template is None:
@@ -203,7 +224,9 @@ class RefreshTemplates:
             updated,
             record,
             now,
-            partial(self._reply, template, answer_to, branch, number, updated, now),
+            partial(
+                self._reply, template, answer_to, (branch, b"", number, b"", from_tag or b""), updated, now
+            ),
             partial(self._again, key, data, peer),
         )
         return True
@@ -212,11 +235,11 @@ class RefreshTemplates:
         self,
         template: Template,
         answer_to: Peer,
-        branch: bytes,
-        number: bytes,
+        values: tuple[bytes, bytes, bytes, bytes, bytes],
         record: AorRecord,
         now: float,
     ) -> None:
+        """Fill the reply's slots: ``values`` holds the request's (branch, CSeq, From tag) in slot order."""
         state = self.state
         reply, _, ctid, life, *_, contact_text, cached = template
         if cached is not None and len(record.bindings) == 1 and record.bindings[ctid].contact == contact_text:
@@ -224,7 +247,8 @@ class RefreshTemplates:
         else:
             contact = (contact_value(record, now, state.settings, None, state.cap()) or "").encode()
         stack = state.stack
-        values = (branch, stack.new_tag().encode(), number, contact)  # in slot order
+        branch, _, number, _, from_tag = values
+        values = (branch, stack.new_tag().encode(), number, contact, from_tag)
         state.stats.registers_answered += 1
         stack.answer_recognised("REGISTER", 200, fill(reply, values), answer_to)
 
@@ -291,15 +315,20 @@ class RefreshTemplates:
         found = split(data)
         if found is None:
             return None
-        shape, value, number = found
+        shape, value, number, from_tag = found
         b, c = branches[0], cseqs[0]
-        if b.start(1) != len(shape[0]) or c.start(1) != len(shape[0]) + len(value) + len(shape[1]):
+        if b.start(1) != len(shape[0]) or c.start(1) != len(data) - len(shape[-1]) - len(number):
             return None
         if value != branch.encode() or int(number) != request.cseq.seq:
             return None
+        if from_tag is not None:
+            # the parser's From tag, the only ";tag=" of that line (not one inside its URI)
+            line = data[len(shape[0]) + len(value) : len(data) - len(shape[-1])]
+            if from_tag.decode() != request.from_.tag or line.count(b";tag=") != 1:
+                return None
         txn = event.txn
         reply_to = txn.reply_to or event.peer
-        reply_cut = _reply_cut(ok.to_bytes(stream=reply_to.reliable), branch, txn.to_tag, number)
+        reply_cut = _reply_cut(ok.to_bytes(stream=reply_to.reliable), branch, txn.to_tag, number, from_tag)
         binding = record.bindings.get(planned.ctid)
         if reply_cut is None or binding is None:
             return None
@@ -338,7 +367,9 @@ def _expires_cut(ok: Response, life: int) -> tuple[bytes, bytes] | None:
     return value[: at + 9], value[end:]
 
 
-def _reply_cut(data: bytes, branch: str, tag: str | None, number: bytes) -> Cut | None:
+def _reply_cut(
+    data: bytes, branch: str, tag: str | None, number: bytes, from_tag: bytes | None
+) -> Cut | None:
     """The 200 OK cut at the top Via's branch, the To tag, the CSeq number and the Contact value; None when
     any of them is not found exactly once where it belongs."""
     if tag is None:
@@ -357,25 +388,38 @@ def _reply_cut(data: bytes, branch: str, tag: str | None, number: bytes) -> Cut 
         value_at = pos + len(name) + 1
         while data[value_at : value_at + 1] in (b" ", b"\t"):
             value_at += 1
-        span = _slot_span(key, data, value_at, eol, branch, tag, number)
+        span = _slot_span(key, data, value_at, eol, branch, tag, number, from_tag)
         if span is not None:
             if key in seen:
                 return None
             seen.add(key)
             found.append(span)
         pos = eol + 2
-    if seen != {"via", "to", "cseq", "contact"}:
+    if seen != {"via", "to", "cseq", "contact"} | ({"from"} if from_tag is not None else set()):
         return None
     return cut(data, found)
 
 
 def _slot_span(
-    key: str, data: bytes, start: int, eol: int, branch: str, tag: str, number: bytes
+    key: str,
+    data: bytes,
+    start: int,
+    eol: int,
+    branch: str,
+    tag: str,
+    number: bytes,
+    from_tag: bytes | None,
 ) -> tuple[int, int, int] | None:
     if key == "via":
         needle = b"branch=" + branch.encode()
         at = data.find(needle, start, eol)
         return None if at < 0 else (at + 7, at + len(needle), BRANCH)
+    if key == "from" and from_tag is not None:
+        needle = b";tag=" + from_tag
+        at = data.find(needle, start, eol)
+        if at < 0 or data.count(b";tag=", start, eol) != 1:
+            return None
+        return (at + 5, at + len(needle), FROM_TAG)
     if key == "to":
         needle = b";tag=" + tag.encode()
         at = data.find(needle, start, eol)

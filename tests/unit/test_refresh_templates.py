@@ -287,3 +287,32 @@ def test_any_one_byte_change_is_answered_as_the_pipeline_answers_it() -> None:
                 m.feed(data, PHONE)
 
             run_both(scenario)
+
+
+def test_a_phone_that_draws_a_new_from_tag_for_every_register_is_answered_from_its_template() -> None:
+    """RFC 3261 §8.1.1.3: a new tag for every request outside a dialog; the reply echoes each one."""
+
+    def scenario(m: Core) -> None:
+        add_phone(m, PHONE)
+        for cseq in range(3, 7):
+            m.advance(5)
+            m.feed(refresh(cseq).replace(b";tag=f1", b";tag=ft%d" % cseq), PHONE)
+
+    fast, _ = run_both(scenario)
+    assert fast.shortcuts == 4  # the template learned with the first tag serves every later one
+    last = Response_of(fast.rig.raw[-1][0])
+    assert last.from_.tag == "ft6"
+
+
+def test_a_from_uri_with_a_tag_parameter_is_not_taken_for_the_from_tag() -> None:
+    def scenario(m: Core) -> None:
+        add_phone(m, PHONE)
+        for cseq in range(3, 6):
+            m.advance(5)
+            data = refresh(cseq).replace(
+                b"From: <sip:alice@example.com>;tag=f1", b"From: <sip:alice@example.com;tag=u>;tag=f1"
+            )
+            m.feed(data, PHONE)
+
+    fast, _ = run_both(scenario)
+    assert fast.shortcuts == 0

@@ -54,6 +54,7 @@ def test_configmap_goes_through_the_shared_config_model(tmp_path: object) -> Non
             "outgoingExpires": 7200,
             "expires": {"min": 30, "default": 600, "max": 1800},
             "maxContacts": 5,
+            "refreshTemplates": 400000,
             "transports": [{"protocol": "udp", "port": 5070}],
             "etcd": {"endpoints": ["10.1.1.1:2379", "10.1.1.2:2379"]},
         }
@@ -67,6 +68,7 @@ def test_configmap_goes_through_the_shared_config_model(tmp_path: object) -> Non
     assert (data["min_expires"], data["default_expires"], data["max_expires"]) == (30, 600, 1800)
     assert data["outgoing_expires"] == 7200
     assert data["max_contacts"] == 5
+    assert data["refresh_templates"] == 400000
     assert data["store"] == "etcd"
     assert data["etcd_endpoints"] == ["10.1.1.1:2379", "10.1.1.2:2379"]
     assert data["etcd_prefix"] == "/midregistrar/voip/edge/"
