@@ -72,7 +72,8 @@ bench: install sip-tools etcd cluster-rig node-tools node-rig image poissongen #
 	$(PY) -m bench.throttle_bench all
 	$(PY) -m bench.latency_probe
 	$(PY) -m bench.sipp_pacing --costs 0,30,45,60,113
-	$(PY) -m bench.poisson_bench --rates 2000,4000,6000,8000 --duration 20 --targets mid,kamailio
+	$(PY) -m bench.poisson_bench --rates 2000,4000,8000,16000,20000,24000 --duration 20 --targets mid,kamailio
+	$(PY) -m bench.hotpath_profile --rate 8000 --seconds 20
 	$(PY) -m bench.memory_bench --contacts 100000 --mode contact
 	$(PY) -m bench.etcd_bench
 	$(PY) -m bench.cluster_bench all

@@ -1,10 +1,11 @@
 """Repeated refreshes answered from a template (issue 14): the absorbed refresh without the parser.
 
-A phone refreshes with the same REGISTER every time but for its top Via branch and its CSeq number. When
-the full pipeline (:mod:`registrar.core.registration`) absorbs a refresh in mode contact, this module keeps,
-for that phone's flow, the datagram cut around those two values and the 200 OK cut around the values that
-change in it (branch, To tag, CSeq, Contact). The next datagram from the same flow that equals the template
-byte for byte outside the two values is the same request as far as every rule is concerned, so it is
+A phone refreshes with the same REGISTER every time but for its top Via branch, its CSeq number and often
+its From tag. When the full pipeline (:mod:`registrar.core.registration`) absorbs a refresh in mode contact,
+this module keeps, for that phone's flow, the datagram cut around those values and the 200 OK cut around the
+values that change in it (branch, From tag, To tag, CSeq, Contact). The next datagram from the same flow
+that equals the template byte for byte outside those values is the same request as far as every rule is
+concerned (none reads the From tag), so it is
 decided here from the stored binding with the same functions the pipeline uses (CSeq order, the absorb
 checks of behaviour §5.2 and §11, the rate limit, the commit, the Contact list) and answered by filling the
 template: no parse, no Request or transaction object. Anything else, and every refusal, goes to the full
@@ -39,8 +40,8 @@ from registrar.store.base import Pending, StoreUnavailable
 _TOKEN_RUN = re.compile(rb"[-.!%*_+`'~0-9A-Za-z]*")
 _DIGIT_RUN = re.compile(rb"[0-9]*")
 _MAX_BRANCH = 256
-# Finding the two values while learning (never on the hot path): the branch of a Via line and the number of
-# a CSeq line. Each must occur exactly once, where :func:`split` finds it, and agree with the parser.
+# Checking the values while learning (never on the hot path): the branch of a Via line and the number of a
+# CSeq line must each occur exactly once, where :func:`split` found them, and agree with the parser.
 _BRANCH = re.compile(rb"\r\n(?:via|v)[ \t]*:[^\r\n]*?;[ \t]*branch[ \t]*=[ \t]*([^;,\s]+)", re.IGNORECASE)
 _CSEQ = re.compile(rb"\r\ncseq[ \t]*:[ \t]*([0-9]+)", re.IGNORECASE)
 # The slots of a reply template.
