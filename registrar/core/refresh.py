@@ -69,36 +69,27 @@ def split(data: bytes) -> tuple[Shape, bytes, bytes, bytes | None] | None:
     if number_end == number_at:
         return None
     branch, number = data[start:end], data[number_at:number_end]
-    tag_at = _from_tag_at(data, end, at)
-    if tag_at >= 0:
-        tag_end = _TOKEN_RUN.match(data, tag_at).end()  # type: ignore[union-attr]
-        if tag_end > tag_at:
-            shape = (data[:start], data[end:tag_at], data[tag_end:number_at], data[number_end:])
-            return shape, branch, number, data[tag_at:tag_end]
+    line = data.find(b"\r\nFrom: ", end, at)
+    if line >= 0:
+        tag_at = data.find(b";tag=", line + 8, data.find(b"\r\n", line + 8)) + 5
+        if tag_at > 4:
+            tag_end = _TOKEN_RUN.match(data, tag_at).end()  # type: ignore[union-attr]
+            if tag_end > tag_at:
+                shape = (data[:start], data[end:tag_at], data[tag_end:number_at], data[number_end:])
+                return shape, branch, number, data[tag_at:tag_end]
     return (data[:start], data[end:number_at], data[number_end:]), branch, number, None
-
-
-def _from_tag_at(data: bytes, lo: int, hi: int) -> int:
-    """Where the value of the ``;tag=`` of a ``From:`` line between ``lo`` and ``hi`` starts, or -1."""
-    line = data.find(b"\r\nFrom: ", lo, hi)
-    if line < 0:
-        return -1
-    eol = data.find(b"\r\n", line + 8)
-    tag = data.find(b";tag=", line + 8, eol)
-    return -1 if tag < 0 else tag + 5
 
 
 Cut = tuple[tuple[bytes, ...], tuple[int, ...]]  # bytes cut at slots: (pieces, slots), pieces around slots
 
 
 def fill(cut: Cut, values: tuple[bytes, ...]) -> bytes:
-    """A reply cut at its slots with ``values[slot]`` in each."""
-    pieces, slots = cut
-    out = [pieces[0]]
-    for piece, slot in zip(pieces[1:], slots, strict=True):
-        out.append(values[slot])
-        out.append(piece)
-    return b"".join(out)
+    """A reply cut at its slots with ``values[slot]`` in each (four or five: one join either way)."""
+    if len(cut[1]) == 5:
+        (p0, p1, p2, p3, p4, p5), (s0, s1, s2, s3, s4) = cut
+        return b"".join((p0, values[s0], p1, values[s1], p2, values[s2], p3, values[s3], p4, values[s4], p5))
+    (p0, p1, p2, p3, p4), (s0, s1, s2, s3) = cut
+    return b"".join((p0, values[s0], p1, values[s1], p2, values[s2], p3, values[s3], p4))
 
 
 def cut(data: bytes, found: list[tuple[int, int, int]]) -> Cut:
@@ -225,9 +216,7 @@ class RefreshTemplates:
             updated,
             record,
             now,
-            partial(
-                self._reply, template, answer_to, (branch, b"", number, b"", from_tag or b""), updated, now
-            ),
+            partial(self._reply, template, answer_to, branch, number, from_tag, updated, now),
             partial(self._again, key, data, peer),
         )
         return True
@@ -236,11 +225,12 @@ class RefreshTemplates:
         self,
         template: Template,
         answer_to: Peer,
-        values: tuple[bytes, bytes, bytes, bytes, bytes],
+        branch: bytes,
+        number: bytes,
+        from_tag: bytes | None,
         record: AorRecord,
         now: float,
     ) -> None:
-        """Fill the reply's slots: ``values`` holds the request's (branch, CSeq, From tag) in slot order."""
         state = self.state
         reply, _, ctid, life, *_, contact_text, cached = template
         if cached is not None and len(record.bindings) == 1 and record.bindings[ctid].contact == contact_text:
@@ -248,8 +238,7 @@ class RefreshTemplates:
         else:
             contact = (contact_value(record, now, state.settings, None, state.cap()) or "").encode()
         stack = state.stack
-        branch, _, number, _, from_tag = values
-        values = (branch, stack.new_tag().encode(), number, contact, from_tag)
+        values = (branch, stack.new_tag().encode(), number, contact, from_tag or b"")  # in slot order
         state.stats.registers_answered += 1
         stack.answer_recognised("REGISTER", 200, fill(reply, values), answer_to)
 
