@@ -3,7 +3,10 @@ registrar process when REGISTERs arrive at exponential inter-arrival times, with
 pacing error beside every figure.
 
     python -m bench.poisson_bench [--rates 2000,4000,8000] [--duration 20] [--users 10000]
-                                  [--targets mid,kamailio,responder]
+                                  [--targets mid,kamailio,responder] [--pin]
+
+``--pin`` gives each target core 0 to itself (the rest on the other cores), as a pod with its own CPU has:
+on two shared cores the generator's SCHED_FIFO sender preempts a single-threaded target and makes its tail.
 
 What runs, all on 127.0.0.1 and bounded in time (every generator run has a duration and a timeout):
 
@@ -62,7 +65,7 @@ from typing import Any
 from tests.support import REPO
 from tests.support.kamailio import Kamailio
 from tests.support.ports import free_port, udp_drops, wait_port
-from tests.support.process import Proc, tree_cpu_seconds
+from tests.support.process import Proc, process_tree, tree_cpu_seconds
 from tests.support.registrar import Registrar, metric
 from tests.support.sip import LOOPBACK
 from tests.support.sipp import ensure_sip_tools
@@ -134,6 +137,16 @@ class Row:
     load: str
     passed: bool
     note: str
+
+
+def pin(pid: int, cpus: set[int]) -> None:
+    """Every thread of ``pid`` and of its children onto ``cpus``."""
+    for proc in process_tree(pid):
+        for task in Path(f"/proc/{proc}/task").iterdir():
+            try:
+                os.sched_setaffinity(int(task.name), cpus)
+            except OSError:  # the thread ended meanwhile
+                continue
 
 
 def run_generator(argv: list[str], timeout: float) -> dict[str, Any]:
@@ -346,6 +359,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--rest", type=float, default=2.0, help="pause between runs, s")
     ap.add_argument("--generator", help="a poissongen binary (default: build or reuse the cached one)")
+    ap.add_argument(
+        "--pin",
+        action="store_true",
+        help="give each target core 0 to itself and run this script, the generator and the main "
+        "registrar on the other cores (a pod with its own CPU), instead of sharing every core",
+    )
     args = ap.parse_args(argv)
     names = [n.strip() for n in args.targets.split(",") if n.strip()]
     unknown = sorted(set(names) - set(TARGETS))
@@ -365,8 +384,13 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     stack: list[Any] = []
     targets: list[Target] = []
+    if args.pin:
+        os.sched_setaffinity(0, set(range(1, os.cpu_count() or 2)))  # inherited by all this starts
     try:
         targets = start_targets(names, gen, work, stack)
+        if args.pin:
+            for t in targets:
+                pin(t.pid, {0})
         for t in targets:
             t.source_ports = [free_port() for _ in range(args.sockets)]
             if t.name != "responder":
