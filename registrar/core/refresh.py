@@ -263,7 +263,7 @@ class RefreshTemplates:
         if not self.enabled:
             return
         found = split(event.data)
-        template = self._template(event, pending, record, ok) if found is not None else None
+        template = self._template(event, pending, record, ok, found) if found is not None else None
         if found is None or template is None:
             return
         key = (*_peer_fields(event.peer), *found[0])
@@ -278,8 +278,15 @@ class RefreshTemplates:
         self._of_binding[ctid] = key
 
     def _template(
-        self, event: IncomingRequest, pending: reg.PendingRegister, record: AorRecord, ok: Response
+        self,
+        event: IncomingRequest,
+        pending: reg.PendingRegister,
+        record: AorRecord,
+        ok: Response,
+        found: tuple[Shape, bytes, bytes, bytes | None],
     ) -> Template | None:
+        """The template of the absorbed refresh ``event``, :func:`split` into ``found``; None when a later
+        request of the same shape might not be decided or answered the same way."""
         data = event.data
         request = event.request
         view = pending.view
@@ -301,9 +308,6 @@ class RefreshTemplates:
         branches = list(_BRANCH.finditer(data))
         cseqs = list(_CSEQ.finditer(data))
         if len(branches) != 1 or len(cseqs) != 1:
-            return None
-        found = split(data)
-        if found is None:
             return None
         shape, value, number, from_tag = found
         b, c = branches[0], cseqs[0]

@@ -36,6 +36,16 @@ def _sent(m: Core) -> list[tuple[Request, Peer]]:
     return [(msg, p) for msg, p in m.take() if isinstance(msg, Request)]
 
 
+def _call_over_a_tcp_flow() -> tuple[Core, str]:
+    """A TCP phone registered in mode mirror and a call from main sent to it: the core and the call's
+    Record-Route."""
+    m = Core(mode="mirror")
+    held = _registered(m, TCP_PHONE, "sip:alice@192.0.2.10:5062;transport=tcp", "TCP")
+    m.feed(request_bytes("INVITE", held, branch="z9hG4bK-inv"), MAIN)
+    [rr] = next(r for r, _ in _sent(m) if r.method == "INVITE").headers.values("record-route")
+    return m, rr
+
+
 def test_a_call_to_a_tcp_phone_is_record_routed_with_its_flow() -> None:
     m = Core(mode="mirror")
     held = _registered(m, TCP_PHONE, "sip:alice@192.0.2.10:5062;transport=tcp", "TCP")
@@ -47,10 +57,7 @@ def test_a_call_to_a_tcp_phone_is_record_routed_with_its_flow() -> None:
 
 
 def test_main_sides_bye_goes_back_over_the_flow_and_the_phones_bye_goes_on_to_main() -> None:
-    m = Core(mode="mirror")
-    held = _registered(m, TCP_PHONE, "sip:alice@192.0.2.10:5062;transport=tcp", "TCP")
-    m.feed(request_bytes("INVITE", held, branch="z9hG4bK-inv"), MAIN)
-    [rr] = next(r for r, _ in _sent(m) if r.method == "INVITE").headers.values("record-route")
+    m, rr = _call_over_a_tcp_flow()
     # main → phone: Request-URI is the phone's Contact, which nobody can reach but over the flow
     bye = request_bytes(
         "BYE", "sip:alice@192.0.2.10:5062;transport=tcp", branch="z9hG4bK-bye1", extra=f"Route: {rr}"
@@ -72,10 +79,7 @@ def test_main_sides_bye_goes_back_over_the_flow_and_the_phones_bye_goes_on_to_ma
 
 
 def test_the_ack_for_a_200_follows_the_flow_too() -> None:
-    m = Core(mode="mirror")
-    held = _registered(m, TCP_PHONE, "sip:alice@192.0.2.10:5062;transport=tcp", "TCP")
-    m.feed(request_bytes("INVITE", held, branch="z9hG4bK-inv"), MAIN)
-    [rr] = next(r for r, _ in _sent(m) if r.method == "INVITE").headers.values("record-route")
+    m, rr = _call_over_a_tcp_flow()
     ack = request_bytes(
         "ACK", "sip:alice@192.0.2.10:5062;transport=tcp", branch="z9hG4bK-ack", extra=f"Route: {rr}"
     )
