@@ -91,6 +91,7 @@ class Registrar:
                     lambda: self.stack.active_transactions,
                     self.store.counts,
                     self._store_stats if self.etcd is not None else None,
+                    lambda: self.ready,
                 )
             )
             app = make_app(registry, lambda: self.ready, self.aor_view)

@@ -122,6 +122,8 @@ class Expiry:
         status = event.response.status
         if sent is None:
             return
+        answers = self.state.stats.deregister_answers
+        answers[status] = answers.get(status, 0) + 1
         original, peer = sent
         if status not in (401, 407) or original.headers.get("authorization"):
             if status >= 300:

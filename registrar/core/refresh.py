@@ -153,7 +153,6 @@ class RefreshTemplates:
         self._me = state.store.member_id if settings.insertion is Insertion.PATH else None
         self._templates: dict[Key, Template] = {}
         self._of_binding: dict[int, Key] = {}  # contact id → its template's key: one template per binding
-        self.answered = 0  # refreshes answered from a template (retransmissions not counted)
 
     def __len__(self) -> int:
         return len(self._templates)
@@ -210,7 +209,6 @@ class RefreshTemplates:
             return False  # over its rate: the pipeline answers 503 (the bucket stays empty for it)
         updated = record.copy()
         updated.bindings[ctid] = refreshed(binding, seq, q, life, paths, user_agent, now)
-        self.answered += 1
         state.commit(
             aor,
             updated,
@@ -240,7 +238,8 @@ class RefreshTemplates:
         stack = state.stack
         values = (branch, stack.new_tag().encode(), number, contact, from_tag or b"")  # in slot order
         state.stats.registers_answered += 1
-        stack.answer_recognised("REGISTER", 200, fill(reply, values), answer_to)
+        state.stats.template_answers += 1
+        stack.answer_recognised("REGISTER", 200, fill(reply, values), answer_to, now)
 
     def _again(self, key: Key, data: bytes, peer: Peer, now: float) -> None:
         """The write lost its compare-and-swap (a shared store): the full pipeline decides afresh."""

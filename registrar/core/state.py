@@ -29,8 +29,10 @@ FLOW_GRACE = 10.0  # a TCP flow outlives the last binding it carries by this muc
 class CoreStats:
     registers_relayed: int = 0
     registers_answered: int = 0
+    template_answers: int = 0  # of those, answered from a refresh template (registrar.core.refresh)
     register_errors: int = 0
     deregisters_sent: int = 0
+    deregister_answers: dict[int, int] = field(default_factory=dict)  # final status (408: none came) → count
     expired: int = 0
     unavailable: int = 0  # requests answered 503 because the store could not be reached
     handoffs: int = 0  # requests handed to the process holding the phone's flow

@@ -8,7 +8,7 @@ from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from registrar.core.state import CoreStats
@@ -35,14 +35,16 @@ class EngineCollector(Collector):
         active_transactions: Callable[[], int],
         counts: Callable[[], tuple[int, int]],
         store_stats: Callable[[], StoreStats] | None = None,
+        ready: Callable[[], bool] | None = None,
     ) -> None:
         self.stack_stats = stack_stats
+        self.ready = ready
         self.core_stats = core_stats
         self.active_transactions = active_transactions
         self.counts = counts
         self.store_stats = store_stats
 
-    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily]:
         s = self.stack_stats
         requests = CounterMetricFamily(
             "midregistrar_requests", "SIP requests received, by method", labels=["method"]
@@ -54,11 +56,30 @@ class EngineCollector(Collector):
         register.add_metric([], s.requests_in.get("REGISTER", 0))
         yield register
         responses = CounterMetricFamily(
-            "midregistrar_responses", "SIP responses sent, by code", labels=["code"]
+            "midregistrar_responses",
+            "SIP responses sent, by request method and code",
+            labels=["method", "code"],
         )
-        for code, n in sorted(s.responses_out.items()):
-            responses.add_metric([str(code)], n)
+        for (method, code), n in sorted(s.responses_out.items()):
+            responses.add_metric([method, str(code)], n)
         yield responses
+        relayed = CounterMetricFamily(
+            "midregistrar_relayed_register_answers",
+            "Final answers of the main registrar to relayed REGISTERs, by code (408: none came)",
+            labels=["code"],
+        )
+        for (method, code), n in sorted(s.relayed_answers.items()):
+            if method == "REGISTER":
+                relayed.add_metric([str(code)], n)
+        yield relayed
+        latency = HistogramMetricFamily(
+            "midregistrar_register_duration_seconds",
+            "Seconds from a REGISTER's arrival to its final answer, by outcome",
+            labels=["outcome"],
+        )
+        for outcome, histogram in s.register_latency.items():
+            latency.add_metric([outcome], histogram.cumulative(), histogram.total)
+        yield latency
         yield CounterMetricFamily(
             "midregistrar_parse_errors", "Messages refused as malformed", value=s.parse_errors
         )
@@ -79,6 +100,19 @@ class EngineCollector(Collector):
         yield CounterMetricFamily(
             "midregistrar_deregisters_sent", "Generated De-REGISTERs sent", value=c.deregisters_sent
         )
+        deregister_answers = CounterMetricFamily(
+            "midregistrar_deregister_answers",
+            "Final answers to generated De-REGISTERs, by code (408: none came)",
+            labels=["code"],
+        )
+        for code, n in sorted(c.deregister_answers.items()):
+            deregister_answers.add_metric([str(code)], n)
+        yield deregister_answers
+        yield CounterMetricFamily(
+            "midregistrar_refresh_template_hits",
+            "Refreshes answered from a refresh template, without parsing",
+            value=c.template_answers,
+        )
         yield CounterMetricFamily(
             "midregistrar_bindings_expired", "Bindings removed on expiry", value=c.expired
         )
@@ -86,6 +120,12 @@ class EngineCollector(Collector):
         for outcome, n in sorted(c.lookups.items()):
             lookups.add_metric([outcome], n)
         yield lookups
+        if self.ready is not None:
+            yield GaugeMetricFamily(
+                "midregistrar_ready",
+                "1 while /readyz answers ready (serving, not draining, store up)",
+                value=int(self.ready()),
+            )
         aors, bindings = self.counts()
         yield GaugeMetricFamily("midregistrar_aors", "AoRs held", value=aors)
         yield GaugeMetricFamily("midregistrar_bindings", "Contact bindings held", value=bindings)

@@ -157,7 +157,16 @@ class _Server(Transaction):
     transaction.
     """
 
-    __slots__ = ("_request", "key", "last_response", "last_status", "reply_to", "response_peer", "to_tag")
+    __slots__ = (
+        "_request",
+        "arrived",
+        "key",
+        "last_response",
+        "last_status",
+        "reply_to",
+        "response_peer",
+        "to_tag",
+    )
 
     invite: ClassVar[bool]
     initial: ClassVar[State]
@@ -175,6 +184,7 @@ class _Server(Transaction):
         self.response_peer = peer
         self.reply_to: Peer | None = None  # where responses go, when the stack worked it out on arrival
         self.to_tag: str | None = None
+        self.arrived = 0.0  # wall-clock time the request arrived (the stack sets it): answer latency
 
     @property
     def request(self) -> Request:

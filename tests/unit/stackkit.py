@@ -60,13 +60,16 @@ class Rig:
 
 def make_rig(*, record_route: bool = False, locals_: list[LocalAddress] | None = None) -> Rig:
     counter = itertools.count(1)
+    rigs: list[Rig] = []  # the stack reads the rig's virtual clock for answer latencies
     stack = Stack(
         locals_ or [MID, LocalAddress("tcp", "10.0.0.2", 5060)],
         timers=Timers(),
         record_route=record_route,
         unique=lambda: f"u{next(counter)}",
+        clock=lambda: rigs[0].now,
     )
-    return Rig(stack)
+    rigs.append(Rig(stack))
+    return rigs[0]
 
 
 def request_bytes(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -66,7 +67,7 @@ def run_both(scenario: Callable[[Core], None], **settings: Any) -> tuple[Core, C
     assert [(d, p) for d, p in fast.rig.raw] == [(d, p) for d, p in slow.rig.raw]
     assert fast.store._aors == slow.store._aors
     assert fast.rig.stack.stats == slow.rig.stack.stats
-    assert fast.core.stats == slow.core.stats
+    assert replace(fast.core.stats, template_answers=0) == slow.core.stats  # the one counter that differs
     assert slow.shortcuts == 0
     return fast, slow
 
@@ -91,7 +92,7 @@ def refreshes(
 def test_templated_refreshes_answer_and_store_what_the_pipeline_does(peer: Peer) -> None:
     fast, _ = run_both(refreshes(peer))
     assert fast.shortcuts == 5
-    assert fast.core.templates.answered == 5
+    assert fast.core.stats.template_answers == 5
 
 
 def test_the_same_with_a_path_a_user_agent_and_the_path_echoed() -> None:
