@@ -165,6 +165,8 @@ class Routing:
         if len(routes) == 1 and state.settings.insertion is Insertion.PATH and state.stack.is_local_uri(top):
             aor = aor_from_uri(top, state.settings)
             target = lookup_by_contact(aor, request.uri, state.store, now)
+            outcome = "unknown" if target is None else "found"  # a lookup by Contact: count it like one
+            state.stats.lookups[outcome] = state.stats.lookups.get(outcome, 0) + 1
             if target is not None:
                 request.headers.pop_first_value("route")
                 state.stack.proxy(event.txn, [_branch(request, target)])

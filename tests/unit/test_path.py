@@ -99,6 +99,7 @@ def test_path_insertion_keeps_the_contact_and_routes_calls_back_over_the_flow() 
     [(fwd, peer)] = [(x, p) for x, p in m.take() if isinstance(x, Request)]
     assert peer == nat and fwd.headers.get("route") is None
     assert str(fwd.uri) == "sip:alice@192.0.2.10:5062"
+    assert m.core.stats.lookups == {"found": 1}  # the binding found by its Contact, as /metrics shows
     # and absorption still works with Path insertion
     m.feed(
         register(
