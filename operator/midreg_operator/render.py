@@ -280,11 +280,24 @@ def render_deployment(spec: MidRegistrarSpec, ref: Ref) -> Obj:
             "template": {
                 "metadata": {
                     "labels": labels(ref),
-                    "annotations": {CONFIG_HASH_ANNOTATION: config_hash(spec, ref)},
+                    "annotations": {
+                        CONFIG_HASH_ANNOTATION: config_hash(spec, ref),
+                        **scrape_annotations(spec),
+                    },
                 },
                 "spec": pod_spec,
             },
         },
+    }
+
+
+def scrape_annotations(spec: MidRegistrarSpec) -> dict[str, str]:
+    """The ``prometheus.io/*`` pod annotations that the common "kubernetes-pods" scrape job of plain
+    Prometheus follows; the chart's scrape configuration and PodMonitor select the pods by label instead."""
+    return {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(spec.http_port),
+        "prometheus.io/path": "/metrics",
     }
 
 

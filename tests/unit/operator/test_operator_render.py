@@ -96,7 +96,12 @@ def test_deployment_probes_hash_drain_and_security() -> None:
     tpl = d["spec"]["template"]
     # The drain budget (from terminationGracePeriodSeconds) is part of the configuration, so of the hash.
     s = spec(replicas=3, terminationGracePeriodSeconds=90)
-    assert tpl["metadata"]["annotations"][render.CONFIG_HASH_ANNOTATION] == render.config_hash(s, REF)
+    assert tpl["metadata"]["annotations"] == {
+        render.CONFIG_HASH_ANNOTATION: render.config_hash(s, REF),
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(s.http_port),
+        "prometheus.io/path": "/metrics",
+    }
     pod = tpl["spec"]
     (c,) = pod["containers"]
     assert c["args"] == ["run", "--config", "/etc/midregistrar/config.yaml"]
