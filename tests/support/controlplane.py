@@ -142,7 +142,18 @@ class ControlPlane:
         p = pki.dir
         if self.real_nodes:
             pki.sign("apiserver-kubelet-client", "/O=system:masters/CN=kube-apiserver-kubelet-client")
+            # The aggregation layer as clusters have it: the API server proxies to extension API servers
+            # (prometheus-adapter, metrics-server) with a front-proxy client certificate and the user in
+            # X-Remote-* headers, which they trust and authorise through the API server.
+            pki.sign("front-proxy-client", "/CN=front-proxy-client")
             node_flags = [
+                f"--proxy-client-cert-file={p / 'front-proxy-client.crt'}",
+                f"--proxy-client-key-file={p / 'front-proxy-client.key'}",
+                f"--requestheader-client-ca-file={p / 'ca.crt'}",
+                "--requestheader-allowed-names=front-proxy-client",
+                "--requestheader-username-headers=X-Remote-User",
+                "--requestheader-group-headers=X-Remote-Group",
+                "--requestheader-extra-headers-prefix=X-Remote-Extra-",
                 "--authorization-mode=Node,RBAC",
                 "--endpoint-reconciler-type=lease",
                 f"--kubelet-client-certificate={p / 'apiserver-kubelet-client.crt'}",

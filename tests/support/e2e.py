@@ -132,6 +132,10 @@ def install_chart(node: Node, kube: Kube, helm: Helm) -> float:
         "--set", f"etcd.storage.storageClassName={STORAGE_CLASS}",
         "--set", "operator.resyncSeconds=5",
         "--set", "operator.retrySeconds=3",
+        # prometheus-adapter's rule, read back from the API server by the autoscaling tests; a short rate()
+        # window so the HPA sees a load change within seconds (the default is 2m).
+        "--set", "prometheusAdapter.rules.enabled=true",
+        "--set", "prometheusAdapter.rules.rateWindow=30s",
         "--wait",
         "--timeout", "240s",
         timeout=300,

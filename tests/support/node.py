@@ -387,6 +387,11 @@ class Node:
                 self.state.pids.append(pid)
         self.state.save()
 
+    def adopt(self, procs: Sequence[Proc]) -> None:
+        """Processes a test starts beside the node (the metrics pipeline): torn down with it if the test
+        process dies first."""
+        self._record(procs)
+
     def _start(self, name: str, argv: Sequence[str]) -> Proc:
         proc = Proc(_nsenter(self.netns, argv), self.workdir, name)
         self.procs.append(proc)
@@ -521,6 +526,10 @@ state = "{r / "containerd-state"}"
         root.mkdir()
         config = self.workdir / "kubelet.yaml"
         self.kubelet_port = free_port()
+        # A serving certificate from the cluster CA, so metrics-server verifies the kubelet it scrapes.
+        serving_crt, serving_key = self.cp.pki.sign(
+            "kubelet-serving", f"/CN={NODE_NAME}", san=f"IP:{NODE_IP},DNS:{NODE_NAME}", server=True
+        )
         config.write_text(
             json.dumps(
                 {
@@ -534,6 +543,8 @@ state = "{r / "containerd-state"}"
                     "address": NODE_IP,
                     "port": self.kubelet_port,
                     "readOnlyPort": 0,
+                    "tlsCertFile": str(serving_crt),
+                    "tlsPrivateKeyFile": str(serving_key),
                     "healthzBindAddress": "127.0.0.1",
                     "healthzPort": free_port(),
                     "authentication": {
