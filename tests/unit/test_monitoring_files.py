@@ -4,14 +4,14 @@
 A misspelt metric or label is the classic monitoring bug: PromQL accepts it, the query returns nothing and the
 alert never fires. promtool only checks syntax, so the fast checks here compare every metric and label name the
 alerts and the dashboard use with what the registrar and kube-state-metrics export, and require each alert to
-have a promtool case that fires it and one that keeps it quiet. The integration test runs promtool itself.
+have a promtool case that fires it and one that keeps it quiet. tests/integration/test_alert_rules.py runs
+promtool itself.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -283,50 +283,3 @@ def test_dashboard_uses_only_exported_metrics_and_labels() -> None:
     # The registrar's own series that the dashboard shows (the histogram through its buckets).
     shown = {m for m in REGISTRAR_METRICS if not m.endswith(("_sum", "_count"))}
     assert shown <= used, f"not on the dashboard: {sorted(shown - used)}"
-
-
-# --- promtool (integration: it is built from Go modules the first time) -------------------------------
-
-
-def _run(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=300, check=False)
-
-
-def dashboard_rules(board: dict[str, Any]) -> dict[str, Any]:
-    """The dashboard's queries as recording rules, with the variables filled in, so that promtool parses them
-    as PromQL."""
-    fill = {"$namespace": "voip", "$midregistrar": ".*", "$__rate_interval": "2m"}
-
-    def filled(expr: str) -> str:
-        for var, value in fill.items():
-            expr = expr.replace(var, value)
-        return expr
-
-    rules = [
-        {"record": f"dashboard:panel_{p['id']}_{t['refId']}", "expr": filled(t["expr"])}
-        for p in panels(board)
-        for t in p.get("targets", [])
-    ]
-    rules += [
-        {"record": f"dashboard:variable_{v['name']}", "expr": filled(variable_selector(v))}
-        for v in variables(board).values()
-        if v["type"] == "query"
-    ]
-    return {"groups": [{"name": "dashboard", "rules": rules}]}
-
-
-@pytest.mark.integration
-@pytest.mark.timeout(3600)
-def test_promtool_checks_the_rules_runs_their_tests_and_parses_the_dashboard(tmp_path: Path) -> None:
-    from tests.support.metricsrig import promtool
-
-    tool = promtool()
-    check = _run(tool, "check", "rules", ALERTS)
-    assert check.returncode == 0, check.stdout + check.stderr
-    assert f"SUCCESS: {len(ALERT_NAMES)} rules found" in check.stdout, check.stdout
-    tests = _run(tool, "test", "rules", ALERT_TESTS)
-    assert tests.returncode == 0, tests.stdout + tests.stderr
-    rules = tmp_path / "dashboard.rules.yaml"
-    rules.write_text(yaml.safe_dump(dashboard_rules(dashboard())))
-    parsed = _run(tool, "check", "rules", rules)
-    assert parsed.returncode == 0, parsed.stdout + parsed.stderr
