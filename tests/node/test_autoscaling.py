@@ -192,7 +192,7 @@ def test_the_pipeline_serves_both_metrics_apis_and_loads_the_chart_rules(pipelin
     alerts = [r["name"] for g in groups.values() for r in g["rules"] if r["type"] == "alerting"]
     assert len(alerts) >= 7 and all(a.startswith("MidRegistrar") for a in alerts), alerts
     assert all(g["rules"] and all(r["health"] != "err" for r in g["rules"]) for g in groups.values()), groups
-    print(f"metrics pipeline: {pipeline.timings}")
+    print(f"metrics pipeline: {json.dumps(pipeline.timings)}")
 
 
 def test_register_rate_scales_out_through_prometheus_adapter(scale: Scale) -> None:
