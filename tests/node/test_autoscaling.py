@@ -40,6 +40,7 @@ from tests.support.e2e import (
     example,
     outcomes,
     pod_ready,
+    start_kamailio,
     wait_midreg_ready,
 )
 from tests.support.helm import CHART
@@ -129,6 +130,14 @@ def _midregistrar(kamailio: KamailioMain) -> dict[str, Any]:
         "scaleDownStabilizationSeconds": WINDOW,
     }
     return mr
+
+
+@pytest.fixture(scope="module")
+def kamailio(tmp_path_factory: pytest.TempPathFactory, node: Node) -> Iterator[KamailioMain]:
+    """A main registrar of this module's own: the session's Kamailio counts the other tests' phones only."""
+    kam = start_kamailio(tmp_path_factory.mktemp("kamailio-scale"))
+    yield kam
+    kam.stop()
 
 
 @pytest.fixture(scope="module")
