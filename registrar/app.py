@@ -92,6 +92,7 @@ class Registrar:
                     self.store.counts,
                     self._store_stats if self.etcd is not None else None,
                     lambda: self.ready,
+                    self.server.tls.stats,
                 )
             )
             app = make_app(registry, lambda: self.ready, self.aor_view)

@@ -19,6 +19,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any, NoReturn
 
 from registrar.config import ConfigError, Settings, build_settings
+from registrar.net.tls import TlsConfigError, TlsContexts
 
 EXIT_USAGE = 2
 
@@ -104,6 +105,15 @@ def config_reference() -> str:
         "- It answers OPTIONS addressed to itself with 200 OK (keepalives, health checks).",
         "- Every behaviour setting of docs/behaviour.md (behaviour §10) is an option of this form;",
         "  names follow OpenSIPS' module parameters where they fit (`--outgoing-expires`, …).",
+        "- SIP over TLS: `--listen tls:HOST:PORT` (port 5061 when left out) with `--tls-cert` and",
+        "  `--tls-key` (a Kubernetes Secret's `tls.crt` and `tls.key`); `--tls-client-ca` makes phones",
+        "  show a certificate. A main registrar URI that is `sips:` or says `;transport=tls` is dialled",
+        "  over TLS and its certificate verified against `--tls-ca` (else the system's CAs), the name or",
+        "  address dialled included; there is no way to skip the check. When the certificate files",
+        "  change (checked every `--tls-reload-interval` s) new connections use the new certificate and",
+        "  established ones keep theirs; a pair that does not load is refused and the old one stays.",
+        "  Give `--extra-contact-params ';transport=tls'` so that the main registrar sends calls back",
+        "  over TLS. Failed handshakes are logged and counted (`midregistrar_tls_handshake_failures_total`).",
         "",
         "## Settings",
         "",
@@ -163,7 +173,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = build_settings(options, config_file=args.config)
         if settings.main_registrar is None:
             raise ConfigError("invalid main-registrar: a main registrar SIP URI is required")
-    except ConfigError as exc:
+        # Certificate, key and CA files load now, so an unusable one is a usage error, not a traceback.
+        TlsContexts(settings.tls_cert, settings.tls_key, settings.tls_client_ca, settings.tls_ca)
+    except (ConfigError, TlsConfigError) as exc:
         print(f"midregistrar: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     setup_logging(settings)

@@ -58,6 +58,7 @@ class StoreKind(StrEnum):
 class Transport(StrEnum):
     UDP = "udp"
     TCP = "tcp"
+    TLS = "tls"
 
 
 class Listen(BaseModel):
@@ -73,9 +74,13 @@ class Listen(BaseModel):
     def parse(cls, text: str) -> Listen:
         proto, sep, rest = text.partition(":")
         if not sep:
-            raise ValueError(f"listen address {text!r} must look like udp:HOST:PORT or tcp:HOST:PORT")
-        host, port = split_hostport(rest, default_port=5060)
-        return cls(transport=Transport(proto.lower()), host=host, port=port)
+            raise ValueError(f"listen address {text!r} must look like udp:, tcp: or tls:HOST:PORT")
+        try:
+            transport = Transport(proto.lower())
+        except ValueError:
+            raise ValueError(f"listen address {text!r}: the transport must be udp, tcp or tls") from None
+        host, port = split_hostport(rest, default_port=5061 if transport is Transport.TLS else 5060)
+        return cls(transport=transport, host=host, port=port)
 
     def __str__(self) -> str:
         return f"{self.transport.value}:{ip_reference(self.host)}:{self.port}"
@@ -111,7 +116,23 @@ class Settings(BaseModel):
     listen: list[Listen] = Field(
         default_factory=lambda: [Listen.parse("udp:0.0.0.0:5060")],
         min_length=1,
-        description="Socket to listen on, TRANSPORT:HOST:PORT (udp or tcp); repeat for several.",
+        description="Socket to listen on, TRANSPORT:HOST:PORT (udp, tcp or tls); repeat for several.",
+    )
+    tls_cert: str | None = Field(
+        None,
+        description="PEM certificate (chain) for tls: sockets, e.g. a Secret's tls.crt; reloaded on change.",
+    )
+    tls_key: str | None = Field(None, description="PEM private key of --tls-cert (tls.key).")
+    tls_client_ca: str | None = Field(
+        None, description="CA bundle: phones and peers on tls: sockets must show a certificate it signed."
+    )
+    tls_ca: str | None = Field(
+        None,
+        description="CA bundle that verifies TLS peers the registrar dials, the main registrar first "
+        "(default: the system's). Never unverified.",
+    )
+    tls_reload_interval: float = Field(
+        10.0, gt=0, description="Seconds between checks of the certificate files for a change."
     )
     advertise: str | None = Field(
         None, description="Host[:port] written into Via, Contact and Path (NAT, pods)."
@@ -337,6 +358,16 @@ class Settings(BaseModel):
             raise ValueError(
                 "insertion path keeps each phone's Contact: it works with modes mirror and contact"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> Settings:
+        if any(item.transport is Transport.TLS for item in self.listen) and not (
+            self.tls_cert and self.tls_key
+        ):
+            raise ValueError("a tls: listen socket needs tls_cert and tls_key (the certificate and its key)")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key go together")
         return self
 
     @model_validator(mode="after")

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install the SIP peers used by tests/integration and bench/: SIPp (Debian `sip-tester`) and Kamailio.
+# Install the SIP peers used by tests/integration and bench/: SIPp (Debian `sip-tester`) and Kamailio (with
+# its TLS module).
 # Idempotent and fast when both are already present: it only calls apt when a binary is missing, and
 # runs `apt-get update` only when the first install attempt fails without it.
 set -euo pipefail
@@ -8,6 +9,10 @@ need=()
 command -v sipp >/dev/null 2>&1 || need+=(sip-tester)
 if ! command -v kamailio >/dev/null 2>&1 && [ ! -x /usr/sbin/kamailio ]; then
     need+=(kamailio)
+fi
+# Kamailio's TLS module: the main registrar over TLS (tests/integration/test_tls.py).
+if [ ! -f /usr/lib/x86_64-linux-gnu/kamailio/modules/tls.so ] && ! dpkg -s kamailio-tls-modules >/dev/null 2>&1; then
+    need+=(kamailio-tls-modules)
 fi
 
 if [ "${#need[@]}" -eq 0 ]; then

@@ -12,6 +12,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from registrar.core.state import CoreStats
+from registrar.net.tls import TlsStats
 from registrar.sip.stack import StackStats
 
 
@@ -36,9 +37,11 @@ class EngineCollector(Collector):
         counts: Callable[[], tuple[int, int]],
         store_stats: Callable[[], StoreStats] | None = None,
         ready: Callable[[], bool] | None = None,
+        tls_stats: TlsStats | None = None,
     ) -> None:
         self.stack_stats = stack_stats
         self.ready = ready
+        self.tls_stats = tls_stats
         self.core_stats = core_stats
         self.active_transactions = active_transactions
         self.counts = counts
@@ -135,6 +138,26 @@ class EngineCollector(Collector):
         yield CounterMetricFamily(
             "midregistrar_handoffs", "Requests handed to the process holding the flow", value=c.handoffs
         )
+        if self.tls_stats is not None:
+            t = self.tls_stats
+            failures = CounterMetricFamily(
+                "midregistrar_tls_handshake_failures",
+                "TLS handshakes that failed, by side (server: accepted, client: dialled)",
+                labels=["side"],
+            )
+            for side in ("server", "client"):
+                failures.add_metric([side], t.handshake_failures.get(side, 0))
+            yield failures
+            yield CounterMetricFamily(
+                "midregistrar_tls_certificate_reloads",
+                "Certificates reloaded after their files changed",
+                value=t.reloads,
+            )
+            yield CounterMetricFamily(
+                "midregistrar_tls_certificate_reload_failures",
+                "Changed certificate files that did not load (the previous certificate stays in use)",
+                value=t.reload_failures,
+            )
         if self.store_stats is not None:
             st = self.store_stats()
             yield CounterMetricFamily(

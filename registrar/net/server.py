@@ -15,6 +15,7 @@ import math
 import random
 import secrets
 import socket
+import ssl
 import time
 import typing
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from registrar.config import Listen, Settings, Transport
+from registrar.net.tls import HANDSHAKE_TIMEOUT, TlsContexts, describe_failure
 from registrar.sip.framing import PING, PONG, FramingError, StreamFramer
 from registrar.sip.stack import Event, LocalAddress, Stack
 from registrar.sip.transaction import Timers
@@ -121,6 +123,11 @@ class SipServer:
         self._idle_task: asyncio.Task[None] | None = None
         self._closing = False
         self._ip_hosts: dict[str, bool] = {}  # host text -> is an IP literal (ipaddress takes ~5 µs)
+        self.tls = TlsContexts(settings.tls_cert, settings.tls_key, settings.tls_client_ca, settings.tls_ca)
+        self._tls_task: asyncio.Task[None] | None = None
+        self._handshakes: set[asyncio.Task[None]] = set()  # TLS handshakes in progress (kept referenced)
+        self._tls_listeners: dict[int, socket.socket] = {}  # listen index -> its listening socket
+        self._accepting: list[asyncio.Task[None]] = []
 
     @property
     def now(self) -> float:
@@ -137,6 +144,14 @@ class SipServer:
                 )
                 _grow_receive_buffer(transport, self.settings.udp_receive_buffer)
                 self._udp[index] = transport
+            elif listen.transport is Transport.TLS:
+                # Our own accept loop: each connection's handshake is awaited (:meth:`_upgrade`), so a
+                # failed one is ours to log and count, where a TLS server socket would drop it silently.
+                family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+                sock = socket.create_server((listen.host, listen.port), family=family, backlog=1024)
+                sock.setblocking(False)
+                self._tls_listeners[index] = sock
+                self._accepting.append(self.loop.create_task(self._accept_tls(sock, index)))
             else:
                 server = await self.loop.create_server(
                     lambda i=index: _TcpProtocol(self, i),  # type: ignore[misc]
@@ -146,16 +161,20 @@ class SipServer:
                 )
                 self._servers.append(server)
         self._idle_task = self.loop.create_task(self._close_idle())
+        if self.tls.server is not None:
+            self._tls_task = self.loop.create_task(self._watch_certificate())
 
     def bound(self) -> list[Listen]:
         """The sockets actually bound (port 0 resolved)."""
         out = []
         udp = iter(sorted(self._udp.items()))
         tcp = iter(self._servers)
-        for listen in self.settings.listen:
+        for index, listen in enumerate(self.settings.listen):
             if listen.transport is Transport.UDP:
                 _, transport = next(udp)
                 host, port = transport.get_extra_info("sockname")[:2]
+            elif listen.transport is Transport.TLS:
+                host, port = self._tls_listeners[index].getsockname()[:2]
             else:
                 server = next(tcp)
                 host, port = server.sockets[0].getsockname()[:2]
@@ -168,6 +187,12 @@ class SipServer:
             self._timer.cancel()
         if self._idle_task is not None:
             self._idle_task.cancel()
+        if self._tls_task is not None:
+            self._tls_task.cancel()
+        for task in self._accepting:
+            task.cancel()
+        for sock in self._tls_listeners.values():
+            sock.close()
         for server in self._servers:
             server.close()
         for conn in list(self._conns.values()):
@@ -314,14 +339,27 @@ class SipServer:
 
     async def _connect(self, peer: Peer) -> None:
         key = (peer.host, peer.port)
-        index = next((i for i, lst in enumerate(self.settings.listen) if lst.transport.value == "tcp"), 0)
+        tls = peer.transport == "tls"
+        index = self._listen_index(peer.transport)
         try:
             await asyncio.wait_for(
-                self.loop.create_connection(lambda: _TcpProtocol(self, index, key), peer.host, peer.port),
+                self.loop.create_connection(
+                    lambda: _TcpProtocol(self, index, key, tls=tls),
+                    peer.host,
+                    peer.port,
+                    # Verified against --tls-ca (or the system's CAs), the name or address dialled included.
+                    ssl=self.tls.client if tls else None,
+                    server_hostname=peer.host if tls else None,
+                    ssl_handshake_timeout=HANDSHAKE_TIMEOUT if tls else None,
+                ),
                 CONNECT_TIMEOUT,
             )
         except (OSError, TimeoutError) as exc:
-            log.warning("cannot connect to %s: %s", peer, str(exc) or "timed out")
+            if tls and isinstance(exc, ssl.SSLError | TimeoutError):
+                self.tls.stats.failed("client")
+                log.warning("TLS handshake with %s failed: %s", peer, describe_failure(exc))
+            else:
+                log.warning("cannot connect to %s: %s", peer, str(exc) or "timed out")
             self._pending.pop(key, None)
             if not self._closing:
                 self.stack.transport_error(peer, self.now)
@@ -329,14 +367,60 @@ class SipServer:
 
     # ------------------------------------------------------------------------------------ connections
 
+    def _listen_index(self, transport: str) -> int:
+        """The listening socket a connection we open belongs to: the first of its transport (its address is
+        what our Via says), else the first TCP one, else the first."""
+        for wanted in (transport, "tcp"):
+            for i, listen in enumerate(self.settings.listen):
+                if listen.transport.value == wanted:
+                    return i
+        return 0
+
+    async def _accept_tls(self, sock: socket.socket, index: int) -> None:
+        while True:
+            try:
+                conn, _ = await self.loop.sock_accept(sock)
+            except OSError as exc:  # e.g. out of file descriptors: keep accepting once some are back
+                log.warning("accepting TLS connections on %s failed: %s", self.settings.listen[index], exc)
+                await asyncio.sleep(0.1)
+                continue
+            task = self.loop.create_task(self._upgrade(conn, index))
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
+
+    async def _upgrade(self, sock: socket.socket, index: int) -> None:
+        """The TLS handshake of an accepted connection; a failure is logged, counted and closes it."""
+        assert self.tls.server is not None
+        try:
+            peername = sock.getpeername()
+        except OSError:  # gone already
+            sock.close()
+            return
+        try:
+            await self.loop.connect_accepted_socket(
+                lambda: _TcpProtocol(self, index, tls=True),
+                sock,
+                ssl=self.tls.server,
+                ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
+            )
+        except (OSError, TimeoutError, ConnectionError) as exc:
+            self.tls.stats.failed("server")
+            log.warning("TLS handshake from %s failed: %s", _addr_text(peername), describe_failure(exc))
+            sock.close()
+
+    async def _watch_certificate(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.tls_reload_interval)
+            self.tls.reload_if_changed()
+
     def connection_made(
-        self, transport: asyncio.Transport, index: int, dialled: tuple[str, int] | None
+        self, transport: asyncio.Transport, index: int, dialled: tuple[str, int] | None, tls: bool = False
     ) -> _Conn:
         host, port = transport.get_extra_info("peername")[:2]
         conn_id = self._next_conn
         self._next_conn += 1
         addr = dialled or (host, port)
-        peer = Peer("tcp", host, port, conn_id, index)
+        peer = Peer("tls" if tls else "tcp", host, port, conn_id, index)
         conn = _Conn(conn_id, transport, peer, StreamFramer(), self.now, addr)
         self._conns[conn_id] = conn
         self._by_addr[addr] = conn_id
@@ -354,7 +438,7 @@ class SipServer:
             del self._by_addr[conn.addr]
         if not self._closing:
             host, port = conn.addr
-            self.stack.transport_error(Peer("tcp", host, port, None, conn.peer.local), self.now)
+            self.stack.transport_error(Peer(conn.peer.transport, host, port, None, conn.peer.local), self.now)
             self.flush()
 
     async def _close_idle(self) -> None:
@@ -383,16 +467,21 @@ class _UdpProtocol(asyncio.DatagramProtocol):
 
 
 class _TcpProtocol(asyncio.Protocol):
-    def __init__(self, server: SipServer, index: int, dialled: tuple[str, int] | None = None) -> None:
+    """A SIP stream over TCP or, once secured, TLS."""
+
+    def __init__(
+        self, server: SipServer, index: int, dialled: tuple[str, int] | None = None, *, tls: bool = False
+    ) -> None:
         self.server = server
         self.index = index
         self.dialled = dialled
+        self.tls = tls
         self.conn: _Conn | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         transport = typing.cast(asyncio.Transport, transport)
-        self.conn = self.server.connection_made(transport, self.index, self.dialled)
+        self.conn = self.server.connection_made(transport, self.index, self.dialled, self.tls)
 
     def data_received(self, data: bytes) -> None:
         if self.conn is not None:
@@ -401,6 +490,12 @@ class _TcpProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.conn is not None:
             self.server.connection_lost(self.conn)
+
+
+def _addr_text(addr: object) -> str:
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        return f"{ip_reference(str(addr[0]))}:{addr[1]}"
+    return str(addr)
 
 
 def _grow_receive_buffer(transport: asyncio.BaseTransport, size: int) -> None:

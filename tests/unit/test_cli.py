@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from registrar.cli import config_reference, main
-from registrar.config import ConfigError, Settings, build_settings
+from registrar.config import ConfigError, Listen, Settings, Transport, build_settings
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -51,6 +51,16 @@ def test_list_settings_from_environment() -> None:
             ["run", "--main-registrar", "sip:a.example", "--insertion", "path", "--mode", "aor"],
             "insertion path",
         ),
+        (["run", "--main-registrar", "sip:a.example", "--listen", "tls:1.2.3.4"], "tls_cert and tls_key"),
+        (["run", "--main-registrar", "sip:a.example", "--tls-cert", "/x.crt"], "go together"),
+        (
+            ["run", "--main-registrar", "sip:a.example", "--tls-cert", "/no/x.crt", "--tls-key", "/no/x.key"],
+            "cannot load the certificate /no/x.crt",
+        ),
+        (
+            ["run", "--main-registrar", "sips:a.example", "--tls-ca", "/no/ca.pem"],
+            "cannot load the CA bundle",
+        ),
         (["run"], "main registrar"),
         (["run", "--bogus"], "unrecognized"),
     ],
@@ -79,3 +89,8 @@ def test_run_help_lists_every_option(capsys: pytest.CaptureFixture[str]) -> None
     out = capsys.readouterr().out
     assert "--at-escape-str" in out and "%40" in out, "a default with % is shown as written"
     assert all("--" + name.replace("_", "-") in out for name in Settings.model_fields)
+
+
+def test_a_tls_socket_defaults_to_port_5061() -> None:
+    assert Listen.parse("tls:192.0.2.1") == Listen(transport=Transport.TLS, host="192.0.2.1", port=5061)
+    assert str(Listen.parse("tls:[2001:db8::1]:5062")) == "tls:[2001:db8::1]:5062"

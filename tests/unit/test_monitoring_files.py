@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from registrar.http.app import EngineCollector, StoreStats
+from registrar.net.tls import TlsStats
 from tests.unit.corekit import Core
 
 REPO = Path(__file__).resolve().parents[2]
@@ -39,6 +40,7 @@ def _exported_metrics() -> frozenset[str]:
         m.store.counts,
         store_stats=lambda: StoreStats(calls=0, available=True, leases=0, members=1),
         ready=lambda: True,
+        tls_stats=TlsStats(),
     )
     suffixes = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
     return frozenset(f"{fam.name}{suffix}" for fam in collector.collect() for suffix in suffixes[fam.type])
@@ -58,7 +60,7 @@ KNOWN_METRICS = REGISTRAR_METRICS | KUBE_STATE_METRICS | {"up"}
 # Target labels of the chart's PodMonitor, the registrar's own labels, and kube-state-metrics' labels.
 KNOWN_LABELS = frozenset(
     {"job", "namespace", "pod", "midregistrar", "instance"}
-    | {"method", "code", "outcome", "result", "le"}
+    | {"method", "code", "outcome", "result", "le", "side"}
     | {"horizontalpodautoscaler", "condition", "deployment"}
 )
 # The only dashboard variables the panels may use (they are substituted when the queries are executed).
@@ -157,6 +159,7 @@ def test_alerts_file_is_a_plain_rules_file_with_the_expected_alerts() -> None:
             "AbsorptionCollapsed",
             "PodsNotReady",
             "HPAAtMaximum",
+            "TLSCertificateNotReloaded",
         )
     )
 
