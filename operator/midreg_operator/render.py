@@ -18,6 +18,8 @@ CONFIG_HASH_ANNOTATION = "sip.midregistrar.io/config-hash"
 CONFIG_DIR = "/etc/midregistrar"
 CONFIG_FILE = "config.yaml"
 ETCD_SECRET_DIR = "/etc/midregistrar/etcd"
+TLS_SECRET_DIR = "/etc/midregistrar/tls"  # spec.tls.secretName: tls.crt, tls.key, ca.crt
+MAIN_CA_DIR = "/etc/midregistrar/main-ca"  # spec.tls.mainCASecretName: ca.crt
 PRESTOP_SLEEP_SECONDS = 5
 # Drain on SIGTERM (registrar/app.py): keep serving `drain_grace` s with short expires, then up to
 # `drain_timeout` s for open transactions. Both come out of spec.terminationGracePeriodSeconds, less a
@@ -119,6 +121,14 @@ def render_settings(spec: MidRegistrarSpec, ref: Ref) -> Settings:
         options["etcd_endpoints"] = list(spec.etcd.endpoints)
     if spec.network.mode == "service" and spec.network.advertise:
         options["advertise"] = spec.network.advertise
+    tls = spec.tls
+    if tls.secret_name:
+        options["tls_cert"] = f"{TLS_SECRET_DIR}/tls.crt"
+        options["tls_key"] = f"{TLS_SECRET_DIR}/tls.key"
+        if tls.verify_clients:
+            options["tls_client_ca"] = f"{TLS_SECRET_DIR}/ca.crt"
+    if tls.main_ca_secret_name:
+        options["tls_ca"] = f"{MAIN_CA_DIR}/ca.crt"
     # environ={} : the operator's own environment must never leak into a rendered configuration.
     return build_settings(options, environ={})
 
@@ -131,6 +141,9 @@ def config_hash(spec: MidRegistrarSpec, ref: Ref) -> str:
     """Changes whenever what the pods read changes (config file or etcd Secret name): rolls the pods."""
     h = hashlib.sha256(render_config_yaml(spec, ref).encode())
     h.update(b"\0secret=" + (spec.etcd.secret_name or "").encode())
+    # A renewed certificate in the same Secret is reloaded by the pods; another Secret rolls them.
+    h.update(b"\0tls=" + (spec.tls.secret_name or "").encode())
+    h.update(b"\0main-ca=" + (spec.tls.main_ca_secret_name or "").encode())
     return h.hexdigest()[:16]
 
 
@@ -163,7 +176,7 @@ def _container_ports(spec: MidRegistrarSpec) -> list[Obj]:
         p: Obj = {
             "name": _port_name(t.protocol, t.port),
             "containerPort": t.port,
-            "protocol": t.protocol.upper(),
+            "protocol": t.kube_protocol,
         }
         if host:
             p["hostPort"] = t.port
@@ -196,15 +209,24 @@ def render_deployment(spec: MidRegistrarSpec, ref: Ref) -> Obj:
         # that is gone is replaced at main when its phones refresh through another pod: their flow changed,
         # so that refresh is relayed with the new pod's address.
         env.append({"name": "MIDREG_ADVERTISE", "value": "$(POD_IP)"})
-    if spec.etcd.endpoints and spec.transports:
-        # Peers hand this pod the requests for the phone flows it holds: its own address, never the Service.
-        first = spec.transports[0]
+    plain = [t for t in spec.transports if t.protocol != "tls"]
+    if spec.etcd.endpoints and plain:
+        # Peers hand this pod the requests for the phone flows it holds: its own address, never the Service,
+        # over UDP or TCP (a certificate names the Service, not each pod's address; the CRD requires one).
+        first = plain[0]
         env.append({"name": "MIDREG_INTERNAL_ADDRESS", "value": f"{first.protocol}:$(POD_IP):{first.port}"})
     volume_mounts: list[Obj] = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}]
     volumes: list[Obj] = [{"name": "config", "configMap": {"name": n["configmap"]}}]
     if spec.etcd.secret_name:
         volume_mounts.append({"name": "etcd-credentials", "mountPath": ETCD_SECRET_DIR, "readOnly": True})
         volumes.append({"name": "etcd-credentials", "secret": {"secretName": spec.etcd.secret_name}})
+    if spec.tls.secret_name:
+        # Mounted whole (no subPath): the kubelet then swaps in a renewed Secret, which the registrar reloads.
+        volume_mounts.append({"name": "tls", "mountPath": TLS_SECRET_DIR, "readOnly": True})
+        volumes.append({"name": "tls", "secret": {"secretName": spec.tls.secret_name}})
+    if spec.tls.main_ca_secret_name:
+        volume_mounts.append({"name": "main-ca", "mountPath": MAIN_CA_DIR, "readOnly": True})
+        volumes.append({"name": "main-ca", "secret": {"secretName": spec.tls.main_ca_secret_name}})
     low_port = any(t.port < 1024 for t in spec.transports) or spec.http_port < 1024
     container: Obj = {
         "name": "registrar",
@@ -307,7 +329,7 @@ def _service_ports(spec: MidRegistrarSpec, with_http: bool) -> list[Obj]:
             "name": _port_name(t.protocol, t.port),
             "port": t.port,
             "targetPort": t.port,
-            "protocol": t.protocol.upper(),
+            "protocol": t.kube_protocol,
         }
         for t in spec.transports
     ]

@@ -28,8 +28,19 @@ class Expires(_Model):
 
 
 class Transport(_Model):
-    protocol: Literal["udp", "tcp"]
+    protocol: Literal["udp", "tcp", "tls"]
     port: int = Field(ge=1, le=65535)
+
+    @property
+    def kube_protocol(self) -> str:
+        """The protocol a container port or Service port says: TLS runs over TCP."""
+        return "UDP" if self.protocol == "udp" else "TCP"
+
+
+class Tls(_Model):
+    secret_name: str | None = Field(None, alias="secretName")
+    verify_clients: bool = Field(False, alias="verifyClients")
+    main_ca_secret_name: str | None = Field(None, alias="mainCASecretName")
 
 
 class Network(_Model):
@@ -69,6 +80,7 @@ class MidRegistrarSpec(_Model):
     max_contacts: int = Field(0, alias="maxContacts")
     refresh_templates: int = Field(100_000, alias="refreshTemplates", ge=0)
     transports: list[Transport] = Field(default_factory=_default_transports, min_length=1)
+    tls: Tls = Field(default_factory=lambda: Tls.model_validate({}))
     http_port: int = Field(9090, alias="httpPort")
     network: Network = Field(default_factory=lambda: Network.model_validate({}))
     etcd: Etcd = Field(default_factory=lambda: Etcd.model_validate({}))

@@ -57,6 +57,20 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         {"etcd": {"endpoints": ["e:2379"], "prefix": "noslash"}},
         "etcd prefix must start and end",
     ),
+    (
+        "tls-without-secret",
+        {"transports": [{"protocol": "udp", "port": 5060}, {"protocol": "tls", "port": 5061}]},
+        "a tls transport needs spec.tls.secretName",
+    ),
+    (
+        "etcd-tls-only",
+        {
+            "transports": [{"protocol": "tls", "port": 5061}],
+            "tls": {"secretName": "sip-cert"},
+            "etcd": {"endpoints": ["e:2379"]},
+        },
+        "keep one udp or tcp transport",
+    ),
 ]
 
 
@@ -67,6 +81,18 @@ def test_invalid_midregistrar_is_rejected_by_the_api_server(
     proc = cluster.create(midregistrar(f"bad-{case}", ns, **spec))
     assert proc.returncode != 0, f"{case} was accepted"
     assert message in proc.stderr, proc.stderr
+
+
+def test_a_tls_transport_with_its_secret_is_accepted(cluster: Cluster, ns: str) -> None:
+    mr = midregistrar(
+        "tls",
+        ns,
+        transports=[{"protocol": "tcp", "port": 5060}, {"protocol": "tls", "port": 5061}],
+        tls={"secretName": "sip-cert"},
+        etcd={"endpoints": ["e:2379"]},
+    )
+    out = cluster.kubectl("create", "--dry-run=server", "-o", "json", "-f", "-", input=json.dumps(mr)).stdout
+    assert json.loads(out)["spec"]["tls"] == {"secretName": "sip-cert", "verifyClients": False}
 
 
 def test_defaults_are_applied_by_the_api_server(cluster: Cluster, ns: str) -> None:

@@ -211,3 +211,41 @@ def test_service_mode_pods_advertise_their_own_address_unless_one_is_given() -> 
     (c,) = render.render_deployment(given, REF)["spec"]["template"]["spec"]["containers"]
     assert not [e for e in c["env"] if e["name"] == "MIDREG_ADVERTISE"]
     assert "advertise: sip.example.com" in render.render_config_yaml(given, REF)
+
+
+def test_tls_transport_mounts_the_secret_and_configures_the_registrar() -> None:
+    s = parse_spec(
+        {
+            **BASE,
+            "mainRegistrar": "sips:pbx.example.com",
+            "transports": [{"protocol": "udp", "port": 5060}, {"protocol": "tls", "port": 5061}],
+            "tls": {"secretName": "sip-cert", "verifyClients": True, "mainCASecretName": "pbx-ca"},
+            "etcd": {"endpoints": ["10.1.1.1:2379"]},
+        }
+    )
+    settings = yaml.safe_load(render.render_config_yaml(s, REF))
+    assert settings["listen"] == ["udp:0.0.0.0:5060", "tls:0.0.0.0:5061"]
+    assert settings["tls_cert"] == "/etc/midregistrar/tls/tls.crt"
+    assert settings["tls_key"] == "/etc/midregistrar/tls/tls.key"
+    assert settings["tls_client_ca"] == "/etc/midregistrar/tls/ca.crt"
+    assert settings["tls_ca"] == "/etc/midregistrar/main-ca/ca.crt"
+    dep = render.render_deployment(s, REF)
+    pod = dep["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert {"name": "sip-tls-5061", "containerPort": 5061, "protocol": "TCP"} in container["ports"]
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts["tls"] == {"name": "tls", "mountPath": "/etc/midregistrar/tls", "readOnly": True}
+    assert "subPath" not in mounts["tls"]  # a renewed Secret reaches the pod only through a whole mount
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["tls"]["secret"] == {"secretName": "sip-cert"}
+    assert volumes["main-ca"]["secret"] == {"secretName": "pbx-ca"}
+    # Pods hand each other requests over UDP or TCP, never on the TLS port.
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["MIDREG_INTERNAL_ADDRESS"] == "udp:$(POD_IP):5060"
+    svc = render.render_sip_service(s, REF)
+    assert {"name": "sip-tls-5061", "port": 5061, "targetPort": 5061, "protocol": "TCP"} in svc["spec"][
+        "ports"
+    ]
+    # Another Secret rolls the pods; the same one renewed does not (the registrar reloads it).
+    other = parse_spec({**s.model_dump(by_alias=True), "tls": {"secretName": "other-cert"}})
+    assert render.config_hash(other, REF) != render.config_hash(s, REF)
