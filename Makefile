@@ -71,7 +71,7 @@ poissongen: ## Build (once, cached) bench/poissongen, the Poisson-paced SIP load
 	bash scripts/build-poissongen.sh
 
 .PHONY: bench
-bench: install sip-tools etcd cluster-rig node-tools node-rig image poissongen ## All benchmarks, each `python -m bench.<name>` (long); copy the figures and commands into docs/benchmarks.md
+bench: install sip-tools etcd cluster-rig metrics-rig node-tools node-rig image poissongen ## All benchmarks, each `python -m bench.<name>` (long); copy the figures and commands into docs/benchmarks.md
 	$(PY) -m bench.run all
 	$(PY) -m bench.throttle_bench all
 	$(PY) -m bench.latency_probe
@@ -83,6 +83,8 @@ bench: install sip-tools etcd cluster-rig node-tools node-rig image poissongen #
 	$(PY) -m bench.cluster_bench all
 	$(PY) -m bench.operator_bench
 	$(PY) -m bench.node_bench
+	$(PY) -m bench.autoscaling_bench --runs 3
+	$(PY) -m bench.tls_bench
 
 .PHONY: clean
 clean: ## Remove the virtualenv and caches (not the tool cache in $(MIDREG_CACHE))
