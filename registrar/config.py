@@ -59,6 +59,18 @@ class Transport(StrEnum):
     UDP = "udp"
     TCP = "tcp"
     TLS = "tls"
+    WS = "ws"  # SIP over WebSocket (RFC 7118): one SIP message per WebSocket message
+    WSS = "wss"  # the same over TLS, with --tls-cert
+
+
+# RFC 7118 names no port: these are what SIP servers commonly use for WebSocket.
+DEFAULT_PORTS = {
+    Transport.UDP: 5060,
+    Transport.TCP: 5060,
+    Transport.TLS: 5061,
+    Transport.WS: 8080,
+    Transport.WSS: 8443,
+}
 
 
 class Listen(BaseModel):
@@ -74,12 +86,14 @@ class Listen(BaseModel):
     def parse(cls, text: str) -> Listen:
         proto, sep, rest = text.partition(":")
         if not sep:
-            raise ValueError(f"listen address {text!r} must look like udp:, tcp: or tls:HOST:PORT")
+            raise ValueError(f"listen address {text!r} must look like udp:, tcp:, tls:, ws: or wss:HOST:PORT")
         try:
             transport = Transport(proto.lower())
         except ValueError:
-            raise ValueError(f"listen address {text!r}: the transport must be udp, tcp or tls") from None
-        host, port = split_hostport(rest, default_port=5061 if transport is Transport.TLS else 5060)
+            raise ValueError(
+                f"listen address {text!r}: the transport must be udp, tcp, tls, ws or wss"
+            ) from None
+        host, port = split_hostport(rest, default_port=DEFAULT_PORTS[transport])
         return cls(transport=transport, host=host, port=port)
 
     def __str__(self) -> str:
@@ -116,7 +130,7 @@ class Settings(BaseModel):
     listen: list[Listen] = Field(
         default_factory=lambda: [Listen.parse("udp:0.0.0.0:5060")],
         min_length=1,
-        description="Socket to listen on, TRANSPORT:HOST:PORT (udp, tcp or tls); repeat for several.",
+        description="Socket to listen on, TRANSPORT:HOST:PORT (udp, tcp, tls, ws, wss); repeat for several.",
     )
     tls_cert: str | None = Field(
         None,
@@ -362,10 +376,12 @@ class Settings(BaseModel):
 
     @model_validator(mode="after")
     def _check_tls(self) -> Settings:
-        if any(item.transport is Transport.TLS for item in self.listen) and not (
+        if any(item.transport in (Transport.TLS, Transport.WSS) for item in self.listen) and not (
             self.tls_cert and self.tls_key
         ):
-            raise ValueError("a tls: listen socket needs tls_cert and tls_key (the certificate and its key)")
+            raise ValueError(
+                "a tls: or wss: listen socket needs tls_cert and tls_key (the certificate and its key)"
+            )
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key go together")
         return self

@@ -209,7 +209,7 @@ def render_deployment(spec: MidRegistrarSpec, ref: Ref) -> Obj:
         # that is gone is replaced at main when its phones refresh through another pod: their flow changed,
         # so that refresh is relayed with the new pod's address.
         env.append({"name": "MIDREG_ADVERTISE", "value": "$(POD_IP)"})
-    plain = [t for t in spec.transports if t.protocol != "tls"]
+    plain = [t for t in spec.transports if t.protocol in ("udp", "tcp")]
     if spec.etcd.endpoints and plain:
         # Peers hand this pod the requests for the phone flows it holds: its own address, never the Service,
         # over UDP or TCP (a certificate names the Service, not each pod's address; the CRD requires one).

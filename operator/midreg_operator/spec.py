@@ -28,12 +28,12 @@ class Expires(_Model):
 
 
 class Transport(_Model):
-    protocol: Literal["udp", "tcp", "tls"]
+    protocol: Literal["udp", "tcp", "tls", "ws", "wss"]
     port: int = Field(ge=1, le=65535)
 
     @property
     def kube_protocol(self) -> str:
-        """The protocol a container port or Service port says: TLS runs over TCP."""
+        """The protocol a container port or Service port says: TLS and WebSocket run over TCP."""
         return "UDP" if self.protocol == "udp" else "TCP"
 
 

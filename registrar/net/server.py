@@ -22,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from aiohttp import WSMsgType, web
+
 from registrar.config import Listen, Settings, Transport
 from registrar.net.tls import HANDSHAKE_TIMEOUT, TlsContexts, describe_failure
 from registrar.sip.framing import PING, PONG, FramingError, StreamFramer
@@ -42,6 +44,7 @@ SEND_BATCH = 8
 # A TCP handshake still not done after this many seconds has lost its SYN three times (Linux resends it
 # after 1, 3 and 7 s): the next hop is not there. Its transactions fail with 503 rather than at Timer B/F.
 CONNECT_TIMEOUT = 10.0
+MAX_WS_MESSAGE = 65536  # a SIP message larger than this is refused with the connection
 
 
 class Application(Protocol):
@@ -128,6 +131,8 @@ class SipServer:
         self._handshakes: set[asyncio.Task[None]] = set()  # TLS handshakes in progress (kept referenced)
         self._tls_listeners: dict[int, socket.socket] = {}  # listen index -> its listening socket
         self._accepting: list[asyncio.Task[None]] = []
+        self._ws_sockets: dict[int, socket.socket] = {}  # listen index -> the WebSocket server's socket
+        self._ws_runners: list[web.AppRunner] = []
 
     @property
     def now(self) -> float:
@@ -144,6 +149,8 @@ class SipServer:
                 )
                 _grow_receive_buffer(transport, self.settings.udp_receive_buffer)
                 self._udp[index] = transport
+            elif listen.transport in (Transport.WS, Transport.WSS):
+                await self._serve_websocket(listen, index)
             elif listen.transport is Transport.TLS:
                 # Our own accept loop: each connection's handshake is awaited (:meth:`_upgrade`), so a
                 # failed one is ours to log and count, where a TLS server socket would drop it silently.
@@ -175,6 +182,8 @@ class SipServer:
                 host, port = transport.get_extra_info("sockname")[:2]
             elif listen.transport is Transport.TLS:
                 host, port = self._tls_listeners[index].getsockname()[:2]
+            elif listen.transport in (Transport.WS, Transport.WSS):
+                host, port = self._ws_sockets[index].getsockname()[:2]
             else:
                 server = next(tcp)
                 host, port = server.sockets[0].getsockname()[:2]
@@ -193,6 +202,8 @@ class SipServer:
             task.cancel()
         for sock in self._tls_listeners.values():
             sock.close()
+        for runner in self._ws_runners:
+            await runner.cleanup()
         for server in self._servers:
             server.close()
         for conn in list(self._conns.values()):
@@ -304,6 +315,12 @@ class SipServer:
             conn.transport.write(data)
             conn.last_activity = self.now
             return
+        if peer.transport in ("ws", "wss"):
+            # Only phones open WebSocket connections; one that is gone cannot be dialled back.
+            log.info("no WebSocket connection to %s any more", peer)
+            if not self._closing:
+                self.stack.transport_error(peer, self.now)
+            return
         key = (peer.host, peer.port)
         queue = self._pending.get(key)
         if queue is not None:
@@ -376,6 +393,56 @@ class SipServer:
                     return i
         return 0
 
+    # ------------------------------------------------------------------------------------ WebSocket
+
+    async def _serve_websocket(self, listen: Listen, index: int) -> None:
+        """SIP over WebSocket (RFC 7118) on aiohttp: any path, subprotocol ``sip``; WSS with the TLS
+        certificate of the tls: sockets (reloaded the same way)."""
+        app = web.Application()
+        app.router.add_get("/{path:.*}", lambda request: self._websocket(request, index))
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+        sock = socket.create_server((listen.host, listen.port), family=family, backlog=1024)
+        secure = listen.transport is Transport.WSS
+        await web.SockSite(runner, sock, ssl_context=self.tls.server if secure else None).start()
+        self._ws_sockets[index] = sock
+        self._ws_runners.append(runner)
+
+    async def _websocket(self, request: web.Request, index: int) -> web.StreamResponse:
+        offered = request.headers.get("Sec-WebSocket-Protocol", "")
+        if "sip" not in (p.strip().lower() for p in offered.split(",")):
+            # RFC 7118 §4.1: the client must ask for the "sip" subprotocol.
+            return web.Response(status=400, text="Sec-WebSocket-Protocol: sip is required (RFC 7118)\n")
+        ws = web.WebSocketResponse(protocols=("sip",), max_msg_size=MAX_WS_MESSAGE)
+        await ws.prepare(request)
+        transport = request.transport
+        if transport is None:
+            return ws
+        name = self.settings.listen[index].transport.value
+        # Written to like a stream transport (write, close, is_closing, get_extra_info).
+        ws_transport = typing.cast(asyncio.Transport, _WsTransport(ws, transport))
+        conn = self.connection_made(ws_transport, index, None, name)
+        try:
+            async for msg in ws:
+                if msg.type is WSMsgType.TEXT:
+                    self.message(conn, msg.data.encode())
+                elif msg.type is WSMsgType.BINARY:
+                    self.message(conn, msg.data)
+        finally:
+            self.connection_lost(conn)
+        return ws
+
+    def message(self, conn: _Conn, data: bytes) -> None:
+        """One SIP message of a message-framed connection (WebSocket)."""
+        now = self.now
+        conn.last_activity = now
+        if not data.strip(b"\r\n"):
+            return  # a keep-alive
+        if not self.app.shortcut(data, conn.peer, now):
+            self.stack.receive(data, conn.peer, now)
+        self.flush()
+
     async def _accept_tls(self, sock: socket.socket, index: int) -> None:
         while True:
             try:
@@ -414,13 +481,13 @@ class SipServer:
             self.tls.reload_if_changed()
 
     def connection_made(
-        self, transport: asyncio.Transport, index: int, dialled: tuple[str, int] | None, tls: bool = False
+        self, transport: asyncio.Transport, index: int, dialled: tuple[str, int] | None, name: str = "tcp"
     ) -> _Conn:
         host, port = transport.get_extra_info("peername")[:2]
         conn_id = self._next_conn
         self._next_conn += 1
         addr = dialled or (host, port)
-        peer = Peer("tls" if tls else "tcp", host, port, conn_id, index)
+        peer = Peer(name, host, port, conn_id, index)
         conn = _Conn(conn_id, transport, peer, StreamFramer(), self.now, addr)
         self._conns[conn_id] = conn
         self._by_addr[addr] = conn_id
@@ -481,7 +548,9 @@ class _TcpProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         transport = typing.cast(asyncio.Transport, transport)
-        self.conn = self.server.connection_made(transport, self.index, self.dialled, self.tls)
+        self.conn = self.server.connection_made(
+            transport, self.index, self.dialled, "tls" if self.tls else "tcp"
+        )
 
     def data_received(self, data: bytes) -> None:
         if self.conn is not None:
@@ -490,6 +559,42 @@ class _TcpProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.conn is not None:
             self.server.connection_lost(self.conn)
+
+
+class _WsTransport:
+    """A WebSocket connection seen as the transport of a SIP connection: each write is one WebSocket message
+    (text, as SIP is; binary if a body is not UTF-8)."""
+
+    def __init__(self, ws: web.WebSocketResponse, transport: asyncio.BaseTransport) -> None:
+        self.ws = ws
+        self.transport = transport
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return self.transport.get_extra_info(name, default)
+
+    def write(self, data: bytes) -> None:
+        try:
+            send = self.ws.send_str(data.decode())
+        except UnicodeDecodeError:
+            send = self.ws.send_bytes(data)
+        # aiohttp writes the frame before its first await: messages leave in the order they were written.
+        task = asyncio.get_running_loop().create_task(self._send(send))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    async def _send(send: typing.Awaitable[None]) -> None:
+        try:
+            await send
+        except (ConnectionError, RuntimeError) as exc:  # closed meanwhile: like a lost datagram
+            log.debug("WebSocket send failed: %s", exc)
+
+    def is_closing(self) -> bool:
+        return self.ws.closed or self.transport.is_closing()
+
+    def close(self) -> None:
+        self.transport.close()
 
 
 def _addr_text(addr: object) -> str:

@@ -345,7 +345,7 @@ class Stack:
         if not data.strip(b"\r\n"):
             return  # keep-alive
         try:
-            msg = parse_message(data, stream=peer.reliable)
+            msg = parse_message(data, stream=peer.stream)
         except ParseError as exc:
             self.stats.parse_errors += 1
             self._reject_unparsable(data, peer, exc)

@@ -12,6 +12,8 @@ from registrar.sip.headers import Via
 from registrar.sip.uri import URI, SipURI
 
 RELIABLE = frozenset({"tcp", "tls", "ws", "wss", "sctp"})
+# Reliable, but each SIP message is one WebSocket message (RFC 7118 §5): no Content-Length framing.
+MESSAGE_FRAMED = frozenset({"ws", "wss"})
 
 
 @fast_frozen_init
@@ -31,6 +33,11 @@ class Peer:
     @property
     def reliable(self) -> bool:
         return self.transport in RELIABLE
+
+    @property
+    def stream(self) -> bool:
+        """A byte stream, where a message's end is its Content-Length (TCP, TLS; not WebSocket)."""
+        return self.transport in RELIABLE and self.transport not in MESSAGE_FRAMED
 
     def __str__(self) -> str:
         return f"{self.transport}:{ip_reference(self.host)}:{self.port}"

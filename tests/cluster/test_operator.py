@@ -60,7 +60,7 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     (
         "tls-without-secret",
         {"transports": [{"protocol": "udp", "port": 5060}, {"protocol": "tls", "port": 5061}]},
-        "a tls transport needs spec.tls.secretName",
+        "a tls or wss transport needs spec.tls.secretName",
     ),
     (
         "etcd-tls-only",

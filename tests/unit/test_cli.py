@@ -53,6 +53,7 @@ def test_list_settings_from_environment() -> None:
         ),
         (["run", "--main-registrar", "sip:a.example", "--listen", "tls:1.2.3.4"], "tls_cert and tls_key"),
         (["run", "--main-registrar", "sip:a.example", "--tls-cert", "/x.crt"], "go together"),
+        (["run", "--main-registrar", "sip:a.example", "--listen", "wss:1.2.3.4"], "tls_cert and tls_key"),
         (
             ["run", "--main-registrar", "sip:a.example", "--tls-cert", "/no/x.crt", "--tls-key", "/no/x.key"],
             "cannot load the certificate /no/x.crt",
@@ -94,3 +95,7 @@ def test_run_help_lists_every_option(capsys: pytest.CaptureFixture[str]) -> None
 def test_a_tls_socket_defaults_to_port_5061() -> None:
     assert Listen.parse("tls:192.0.2.1") == Listen(transport=Transport.TLS, host="192.0.2.1", port=5061)
     assert str(Listen.parse("tls:[2001:db8::1]:5062")) == "tls:[2001:db8::1]:5062"
+
+
+def test_websocket_sockets_default_to_8080_and_8443() -> None:
+    assert Listen.parse("ws:0.0.0.0").port == 8080 and Listen.parse("wss:0.0.0.0").port == 8443

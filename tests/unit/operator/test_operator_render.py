@@ -218,13 +218,17 @@ def test_tls_transport_mounts_the_secret_and_configures_the_registrar() -> None:
         {
             **BASE,
             "mainRegistrar": "sips:pbx.example.com",
-            "transports": [{"protocol": "udp", "port": 5060}, {"protocol": "tls", "port": 5061}],
+            "transports": [
+                {"protocol": "udp", "port": 5060},
+                {"protocol": "tls", "port": 5061},
+                {"protocol": "wss", "port": 8443},
+            ],
             "tls": {"secretName": "sip-cert", "verifyClients": True, "mainCASecretName": "pbx-ca"},
             "etcd": {"endpoints": ["10.1.1.1:2379"]},
         }
     )
     settings = yaml.safe_load(render.render_config_yaml(s, REF))
-    assert settings["listen"] == ["udp:0.0.0.0:5060", "tls:0.0.0.0:5061"]
+    assert settings["listen"] == ["udp:0.0.0.0:5060", "tls:0.0.0.0:5061", "wss:0.0.0.0:8443"]
     assert settings["tls_cert"] == "/etc/midregistrar/tls/tls.crt"
     assert settings["tls_key"] == "/etc/midregistrar/tls/tls.key"
     assert settings["tls_client_ca"] == "/etc/midregistrar/tls/ca.crt"
@@ -233,6 +237,7 @@ def test_tls_transport_mounts_the_secret_and_configures_the_registrar() -> None:
     pod = dep["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert {"name": "sip-tls-5061", "containerPort": 5061, "protocol": "TCP"} in container["ports"]
+    assert {"name": "sip-wss-8443", "containerPort": 8443, "protocol": "TCP"} in container["ports"]
     mounts = {m["name"]: m for m in container["volumeMounts"]}
     assert mounts["tls"] == {"name": "tls", "mountPath": "/etc/midregistrar/tls", "readOnly": True}
     assert "subPath" not in mounts["tls"]  # a renewed Secret reaches the pod only through a whole mount
