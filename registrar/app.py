@@ -93,6 +93,7 @@ class Registrar:
                     self._store_stats if self.etcd is not None else None,
                     lambda: self.ready,
                     self.server.tls.stats,
+                    self._connections,
                 )
             )
             app = make_app(registry, lambda: self.ready, self.aor_view)
@@ -144,6 +145,10 @@ class Registrar:
         if self.etcd is not None:
             await self.etcd.close()
         log.info("stopped")
+
+    def _connections(self) -> tuple[dict[str, int], int]:
+        assert self.server is not None
+        return self.server.connection_counts(), self.server.refused
 
     def _store_stats(self) -> StoreStats:
         assert self.etcd is not None

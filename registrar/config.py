@@ -159,6 +159,12 @@ class Settings(BaseModel):
         False,
         description="Record-Route every dialog (those over a phone's TCP or NATed flow always are).",
     )
+    max_connections: int = Field(
+        10000,
+        ge=0,
+        description="Stream connections (TCP, TLS, WebSocket) a process accepts at once; beyond, new ones "
+        "are closed at once and counted (0 = no limit).",
+    )
     tcp_idle_timeout: float = Field(
         3600.0, gt=0, description="Seconds before an idle TCP connection is closed."
     )

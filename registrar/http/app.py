@@ -38,10 +38,12 @@ class EngineCollector(Collector):
         store_stats: Callable[[], StoreStats] | None = None,
         ready: Callable[[], bool] | None = None,
         tls_stats: TlsStats | None = None,
+        connections: Callable[[], tuple[dict[str, int], int]] | None = None,
     ) -> None:
         self.stack_stats = stack_stats
         self.ready = ready
         self.tls_stats = tls_stats
+        self.connections = connections
         self.core_stats = core_stats
         self.active_transactions = active_transactions
         self.counts = counts
@@ -138,6 +140,19 @@ class EngineCollector(Collector):
         yield CounterMetricFamily(
             "midregistrar_handoffs", "Requests handed to the process holding the flow", value=c.handoffs
         )
+        if self.connections is not None:
+            counts, refused = self.connections()
+            open_ = GaugeMetricFamily(
+                "midregistrar_connections", "Open stream connections, by transport", labels=["transport"]
+            )
+            for transport in ("tcp", "tls", "ws", "wss"):
+                open_.add_metric([transport], counts.get(transport, 0))
+            yield open_
+            yield CounterMetricFamily(
+                "midregistrar_connections_refused",
+                "Accepted connections closed at once: --max-connections reached",
+                value=refused,
+            )
         if self.tls_stats is not None:
             t = self.tls_stats
             failures = CounterMetricFamily(

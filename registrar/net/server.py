@@ -131,6 +131,8 @@ class SipServer:
         self._handshakes: set[asyncio.Task[None]] = set()  # TLS handshakes in progress (kept referenced)
         self._tls_listeners: dict[int, socket.socket] = {}  # listen index -> its listening socket
         self._accepting: list[asyncio.Task[None]] = []
+        self.refused = 0  # connections closed at once: --max-connections reached
+        self._refused_logged = 0.0
         self._ws_sockets: dict[int, socket.socket] = {}  # listen index -> the WebSocket server's socket
         self._ws_runners: list[web.AppRunner] = []
 
@@ -414,6 +416,8 @@ class SipServer:
         if "sip" not in (p.strip().lower() for p in offered.split(",")):
             # RFC 7118 §4.1: the client must ask for the "sip" subprotocol.
             return web.Response(status=400, text="Sec-WebSocket-Protocol: sip is required (RFC 7118)\n")
+        if self._full():
+            return web.Response(status=503, text="too many connections\n")
         ws = web.WebSocketResponse(protocols=("sip",), max_msg_size=MAX_WS_MESSAGE)
         await ws.prepare(request)
         transport = request.transport
@@ -451,6 +455,9 @@ class SipServer:
                 log.warning("accepting TLS connections on %s failed: %s", self.settings.listen[index], exc)
                 await asyncio.sleep(0.1)
                 continue
+            if self._full():  # refused before the handshake: a flood costs no TLS work
+                conn.close()
+                continue
             task = self.loop.create_task(self._upgrade(conn, index))
             self._handshakes.add(task)
             task.add_done_callback(self._handshakes.discard)
@@ -479,6 +486,25 @@ class SipServer:
         while True:
             await asyncio.sleep(self.settings.tls_reload_interval)
             self.tls.reload_if_changed()
+
+    def _full(self) -> bool:
+        """Whether a new accepted connection must be refused (--max-connections), counting it if so."""
+        limit = self.settings.max_connections
+        if not limit or len(self._conns) + len(self._handshakes) < limit:
+            return False
+        self.refused += 1
+        now = self.now
+        if now - self._refused_logged >= 10.0:  # one line per 10 s, however hard the flood
+            self._refused_logged = now
+            log.warning("%d connections open: refusing new ones (--max-connections)", len(self._conns))
+        return True
+
+    def connection_counts(self) -> dict[str, int]:
+        """Open connections by transport (tcp, tls, ws, wss)."""
+        counts: dict[str, int] = {}
+        for conn in self._conns.values():
+            counts[conn.peer.transport] = counts.get(conn.peer.transport, 0) + 1
+        return counts
 
     def connection_made(
         self, transport: asyncio.Transport, index: int, dialled: tuple[str, int] | None, name: str = "tcp"
@@ -548,6 +574,9 @@ class _TcpProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         transport = typing.cast(asyncio.Transport, transport)
+        if self.dialled is None and not self.tls and self.server._full():
+            transport.close()  # accepted over --max-connections (TLS ones are refused before the handshake)
+            return
         self.conn = self.server.connection_made(
             transport, self.index, self.dialled, "tls" if self.tls else "tcp"
         )
