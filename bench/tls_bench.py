@@ -227,7 +227,7 @@ def main() -> int:
             port=port,
             transports=("udp", "tcp") if name == "tcp" else ("udp", "tls"),
             extra=["--tls-cert", str(crt), "--tls-key", str(key), "--outgoing-expires", "3600",
-                   "--log-level", "warning"],
+                   "--log-level", "warning", "--max-connections", "0"],
             workdir=work / f"mid-{name}",
         ).start()  # fmt: skip
         try:
