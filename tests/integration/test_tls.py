@@ -126,23 +126,29 @@ class TlsPhone:
         self.sock.close()
 
 
-@pytest.fixture
-def setup(tmp_path: Path, certs: Certs) -> Iterator[tuple[Registrar, KamailioMain]]:
-    kam = kamailio_tls(tmp_path / "kam", certs, trusted_ca=certs.pki.ca)
+def tls_registrar(tmp_path: Path, certs: Certs, kam: KamailioMain, *extra: str) -> Registrar:
+    """A registrar in mode contact on a tls: socket only, relaying to Kamailio's TLS port (sips:)."""
     crt, key = certs.registrar
-    reg = Registrar(
+    return Registrar(
         None,
         mode="contact",
         transports=("tls",),
         extra=[
             "--main-registrar", f"sips:{LOOPBACK}:{tls_port(kam)}",
             "--tls-cert", str(crt), "--tls-key", str(key), "--tls-ca", str(certs.pki.ca),
-            "--tls-reload-interval", "0.5",
-            "--extra-contact-params", ";transport=tls",
-            "--outgoing-expires", "3600",
+            *extra,
         ],
         workdir=tmp_path / "mid",
     ).start()  # fmt: skip
+
+
+@pytest.fixture
+def setup(tmp_path: Path, certs: Certs) -> Iterator[tuple[Registrar, KamailioMain]]:
+    kam = kamailio_tls(tmp_path / "kam", certs, trusted_ca=certs.pki.ca)
+    reg = tls_registrar(
+        tmp_path, certs, kam,
+        "--tls-reload-interval", "0.5", "--extra-contact-params", ";transport=tls", "--outgoing-expires", "3600",
+    )  # fmt: skip
     yield reg, kam
     reg.stop()
     kam.stop()
@@ -226,17 +232,7 @@ def test_a_main_registrar_the_registrar_does_not_trust_gets_no_register(tmp_path
     stranger = Pki(tmp_path / "other-ca")
     certs.main = stranger.sign("main", "/CN=main-registrar", san=SAN, server=True)
     kam = kamailio_tls(tmp_path / "kam", certs, trusted_ca=certs.pki.ca)
-    crt, key = certs.registrar
-    reg = Registrar(
-        None,
-        mode="contact",
-        transports=("tls",),
-        extra=[
-            "--main-registrar", f"sips:{LOOPBACK}:{tls_port(kam)}",
-            "--tls-cert", str(crt), "--tls-key", str(key), "--tls-ca", str(certs.pki.ca),
-        ],
-        workdir=tmp_path / "mid",
-    ).start()  # fmt: skip
+    reg = tls_registrar(tmp_path, certs, kam)
     try:
         phone = TlsPhone(reg, certs.pki.ca)
         t0 = time.monotonic()
