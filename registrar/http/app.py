@@ -93,6 +93,11 @@ class EngineCollector(Collector):
             "Retransmitted requests answered by their transaction",
             value=s.retransmissions_absorbed,
         )
+        yield CounterMetricFamily(
+            "midregistrar_stun_keepalives",
+            "STUN Binding requests answered on a UDP SIP port (RFC 5626 keep-alives)",
+            value=s.stun_keepalives,
+        )
         yield GaugeMetricFamily(
             "midregistrar_transactions_active", "Live SIP transactions", value=self.active_transactions()
         )

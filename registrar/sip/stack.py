@@ -40,6 +40,7 @@ from registrar.sip.proxy import (
     make_branch,
     strip_top_via,
 )
+from registrar.sip.stun import binding_response
 from registrar.sip.transaction import (
     TIMEOUT,
     ClientKey,
@@ -129,6 +130,7 @@ class StackStats:
     responses_out: dict[tuple[str, int], int] = field(default_factory=dict)  # (method, status) → count
     parse_errors: int = 0
     retransmissions_absorbed: int = 0
+    stun_keepalives: int = 0  # STUN Binding requests answered on a UDP SIP port (RFC 5626 §8)
     loops: int = 0
     # Final answers of the next hop passed on by :meth:`Stack.finish` (a relayed REGISTER's answer from the
     # main registrar, 408 when it never came): (method, status) → count.
@@ -344,6 +346,9 @@ class Stack:
         self._now = now
         if not data.strip(b"\r\n"):
             return  # keep-alive
+        if data[0] <= 1 and not peer.reliable:  # no SIP message starts so: a STUN keep-alive (RFC 5626 §8)
+            self._stun(data, peer)
+            return
         try:
             msg = parse_message(data, stream=peer.stream)
         except ParseError as exc:
@@ -354,6 +359,15 @@ class Stack:
             self._receive_response(msg)
         else:
             self._receive_request(msg, peer, data)
+
+    def _stun(self, data: bytes, peer: Peer) -> None:
+        """Answer a STUN Binding request on the SIP port; anything else starting so is dropped as garbage."""
+        answer = binding_response(data, peer.host, peer.port)
+        if answer is None:
+            self.stats.parse_errors += 1
+            return
+        self.stats.stun_keepalives += 1
+        self.send(answer, peer)
 
     # ------------------------------------------------------------------------------------ known requests
     # A request the application recognised from its bytes alone (a repeated refresh, registrar.core.refresh)
