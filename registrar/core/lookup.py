@@ -7,12 +7,13 @@ Either way a branch goes to the phone's Contact over the flow it registered from
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from registrar.config import Settings
 from registrar.core.gruu import decode_temp_gruu, instance_id
 from registrar.core.policy import RegistrarError, aor_from_uri, canonical_aor
-from registrar.core.register import reply_contact_id
+from registrar.core.register import binding_flow_key, reply_contact_id
 from registrar.records import Binding
 from registrar.sip.errors import ParseError
 from registrar.sip.headers import parse_address
@@ -85,6 +86,32 @@ def lookup_aor(request: Request, store: Store, now: float, settings: Settings) -
             return LookupResult("method_filtered")
     targets = tuple(t for t in (branch_target(b) for b in bindings) if t is not None)
     return LookupResult("found", targets) if targets else LookupResult("unknown")
+
+
+def one_flow_per_instance(targets: Sequence[Target]) -> list[Target]:
+    """RFC 5626 §5.3: a device registered over several flows (one binding per reg-id) gets a request over
+    one of them only, the most recently registered; the caller has already left out flows known dead, so a
+    device whose newest flow failed is reached over its other one. Other targets pass unchanged, in order."""
+    newest: dict[str, Target] = {}
+    for target in targets:
+        instance = _flow_instance(target)
+        if instance is not None:
+            best = newest.get(instance)
+            if best is None or _updated(target) > _updated(best):
+                newest[instance] = target
+    if not newest:
+        return list(targets)
+    return [t for t in targets if (i := _flow_instance(t)) is None or newest[i] is t]
+
+
+def _flow_instance(target: Target) -> str | None:
+    """The instance id of a target registered as an RFC 5626 flow."""
+    key = binding_flow_key(target.binding) if target.binding is not None else None
+    return None if key is None else key[0]
+
+
+def _updated(target: Target) -> float:
+    return target.binding.updated_at if target.binding is not None else 0.0
 
 
 def branch_target(binding: Binding) -> Target | None:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from registrar.config import ContactIdInsertion, Insertion, Mode, PathMode, Settings
+from registrar.core.gruu import instance_id
 from registrar.core.policy import (
     MAX_CONTACT_LEN,
     Lifetimes,
@@ -37,6 +38,9 @@ class RegisterView:
     expires_header: int | None
     source: Peer
     paths: list[str] = field(default_factory=list)
+    # RFC 5626 §6: its contacts with +sip.instance and reg-id are bindings keyed by (instance, reg-id), one
+    # per flow, rather than by Contact URI.
+    outbound: bool = False
 
 
 @dataclass(slots=True)
@@ -92,7 +96,39 @@ def inspect(request: Request, source: Peer, settings: Settings) -> RegisterView:
     paths = request.headers.values("path")
     if paths:
         check_path(request, paths, settings)
-    return RegisterView(request, aor, contacts, star, expires_header, source, paths)
+    outbound = any(flow_key(c) for c in contacts) and first_hop_outbound(request, paths)
+    return RegisterView(request, aor, contacts, star, expires_header, source, paths, outbound)
+
+
+def flow_key(contact: Contact) -> tuple[str, str] | None:
+    """(instance id, reg-id) of a contact registering an RFC 5626 flow, or None."""
+    instance, reg_id = contact.instance, contact.reg_id
+    if not instance or not reg_id:
+        return None
+    return instance_id(instance).lower(), reg_id
+
+
+def first_hop_outbound(request: Request, paths: list[str]) -> bool:
+    """Whether RFC 5626 applies to this REGISTER (§6): we are the phone's first hop (one Via), or the edge
+    proxy before us did outbound and said so with ``;ob`` on its Path URI. Otherwise reg-id is ignored."""
+    if len(request.vias) == 1:
+        return True
+    if not paths:
+        return False
+    try:
+        first = parse_address(paths[0], "Path").uri
+    except ParseError:
+        return False
+    return isinstance(first, SipURI) and first.has_param("ob")
+
+
+def wants_outbound(view: RegisterView) -> bool:
+    """Whether the answer carries ``Require: outbound`` (RFC 5626 §6): outbound was applied to a phone that
+    supports it; the phone then knows its flows are kept apart and keeps them alive."""
+    if not view.outbound:
+        return False
+    tags = [*view.request.headers.values("supported"), *view.request.headers.values("require")]
+    return any(tag.strip().lower() == "outbound" for value in tags for tag in value.split(","))
 
 
 def supports_path(request: Request) -> bool:
@@ -113,9 +149,17 @@ def check_path(request: Request, paths: list[str], settings: Settings) -> None:
         raise RegistrarError(420, "Path not supported by the UA")
 
 
-def find_binding(record: AorRecord | None, contact: Contact) -> Binding | None:
-    """Match by RFC 3261 URI comparison (usrloc matching_mode 0, behaviour §3.4)."""
+def find_binding(record: AorRecord | None, contact: Contact, outbound: bool = False) -> Binding | None:
+    """Match by RFC 3261 URI comparison (usrloc matching_mode 0, behaviour §3.4); with RFC 5626 applied, an
+    outbound contact matches by instance and reg-id alone: a phone whose flow moved (a new connection, a new
+    NAT binding, a new address) replaces its binding for that flow instead of adding one (§6)."""
     if record is None:
+        return None
+    key = flow_key(contact) if outbound else None
+    if key is not None:
+        for binding in record.bindings.values():
+            if binding.reg_id is not None and binding_flow_key(binding) == key:
+                return binding
         return None
     uri = contact.uri
     text = str(uri)
@@ -162,7 +206,7 @@ def plan(
     if view.star:
         return PendingRegister(view, planned)  # relayed unchanged (behaviour §3.1 item 5)
     for contact in view.contacts:
-        binding = find_binding(record, contact)
+        binding = find_binding(record, contact, view.outbound)
         if check_cseq(view, binding, now, settings):
             continue
         life = lifetimes(contact, view.expires_header, settings, rng)
@@ -332,7 +376,7 @@ def confirmed_binding(
         q=pc.contact.q,
         path=list(view.paths),
         instance=pc.contact.instance,
-        reg_id=pc.contact.reg_id,
+        reg_id=pc.contact.reg_id if view.outbound and flow_key(pc.contact) else None,
         methods=_contact_methods(pc.contact) or _allow(request),
         user_agent=request.headers.get("user-agent"),
         updated_at=now,
@@ -373,6 +417,13 @@ def check_max_contacts(
             valid.add(pc.ctid)
     if len(valid) > limit:
         raise RegistrarError(503, "Too many registered contacts")
+
+
+def binding_flow_key(binding: Binding) -> tuple[str, str] | None:
+    """(instance id, reg-id) of a binding registered as an RFC 5626 flow (reg-id is only kept then)."""
+    if not binding.instance or binding.reg_id is None:
+        return None
+    return instance_id(binding.instance).lower(), binding.reg_id
 
 
 def same_flow(a: Peer, b: Peer) -> bool:

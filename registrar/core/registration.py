@@ -72,7 +72,8 @@ class Registration:
             if not view.star and not pending.planned:
                 # every contact repeats the last CSeq seen: a retransmission, answered from state (§3.4)
                 state.stats.registers_answered += 1
-                state.stack.respond(event.txn, reply.binding_reply(request, record, now, settings))
+                ok = reply.binding_reply(request, record, now, settings)
+                state.stack.respond(event.txn, reply.with_outbound(ok, view))
                 return
             reg.check_max_contacts(pending, record, now, settings)
             decision = self._decide(pending, record, now)
@@ -98,6 +99,7 @@ class Registration:
                 paths = view.paths if reply.echo_path(view, settings) else None
                 gruu = reply.gruu_context(view, state.stack.local_for(event.peer).hostport, now, settings)
                 ok = reply.binding_reply(request, absorbed, now, settings, paths, gruu, state.cap())
+                reply.with_outbound(ok, view)
                 state.stack.respond(event.txn, ok)
                 if self.templates is not None and gruu is None and absorbed is not None:
                     self.templates.learn(
@@ -166,6 +168,7 @@ class Registration:
             paths = pending.view.paths if reply.echo_path(pending.view, settings) else None
             gruu = reply.gruu_context(pending.view, state.stack.local_for(ctx.source).hostport, now, settings)
             rewritten = reply.rewrite_reply(response, updated, now, settings, paths, gruu, state.cap())
+            reply.with_outbound(rewritten, pending.view)
             state.stack.finish(ctx, rewritten)
 
         def again(later: float) -> None:

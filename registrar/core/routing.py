@@ -9,7 +9,14 @@ receiving one checks that it comes from a live member before it acts on it.
 from __future__ import annotations
 
 from registrar.config import Insertion, Listen, Mode
-from registrar.core.lookup import Target, branch_target, lookup, lookup_aor, lookup_by_contact
+from registrar.core.lookup import (
+    Target,
+    branch_target,
+    lookup,
+    lookup_aor,
+    lookup_by_contact,
+    one_flow_per_instance,
+)
 from registrar.core.policy import aor_from_uri
 from registrar.core.register import reply_contact_id
 from registrar.core.state import CoreState
@@ -70,9 +77,10 @@ class Routing:
             return
         branches: list[tuple[Request | URI | None, Peer]] = []
         flows: list[bool] = []
-        for target in result.targets:
-            if self._flow_closed(target):
-                continue  # the phone's connection is gone: its next REGISTER brings a new one
+        live = [
+            t for t in result.targets if not self._flow_closed(t)
+        ]  # a gone connection: wait for a REGISTER
+        for target in one_flow_per_instance(live):
             branch = self._branch_via_owner(request, target)
             if branch is not None:
                 branches.append(branch)

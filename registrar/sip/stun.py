@@ -28,6 +28,8 @@ def is_stun(data: bytes) -> bool:
     """A STUN message by its header (RFC 5389 §6): the two top bits zero, the cookie, a whole length."""
     if len(data) < _HEADER.size or data[0] & 0xC0:
         return False
+    length: int
+    cookie: int
     _, length, cookie, _ = _HEADER.unpack_from(data)
     return cookie == MAGIC_COOKIE and length % 4 == 0 and length == len(data) - _HEADER.size
 
