@@ -21,6 +21,7 @@ from registrar.core import digest
 from registrar.core.service import MidRegistrar
 from registrar.http.aors import aor_json
 from registrar.http.app import EngineCollector, StoreStats, make_app
+from registrar.net.limits import Admission
 from registrar.net.server import SipServer, build_stack
 from registrar.records import AorRecord, Binding
 from registrar.store.base import Pending, Store, StoreUnavailable
@@ -146,9 +147,9 @@ class Registrar:
             await self.etcd.close()
         log.info("stopped")
 
-    def _connections(self) -> tuple[dict[str, int], int]:
+    def _connections(self) -> tuple[dict[str, int], Admission]:
         assert self.server is not None
-        return self.server.connection_counts(), self.server.refused
+        return self.server.connection_counts(), self.server.admission
 
     def _store_stats(self) -> StoreStats:
         assert self.etcd is not None

@@ -165,8 +165,23 @@ class Settings(BaseModel):
         description="Stream connections (TCP, TLS, WebSocket) a process accepts at once; beyond, new ones "
         "are closed at once and counted (0 = no limit).",
     )
+    max_connections_per_source: int = Field(
+        1000,
+        ge=0,
+        description="Stream connections a process accepts at once from one IP address; beyond, new ones from "
+        "it are closed at once and counted (0 = no limit). Raise it for phones behind a carrier-grade NAT.",
+    )
+    new_connection_timeout: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds an accepted stream connection may stay open without carrying a SIP message "
+        "(keep-alives do not count); then it is closed and counted.",
+    )
     tcp_idle_timeout: float = Field(
-        3600.0, gt=0, description="Seconds before an idle TCP connection is closed."
+        3600.0,
+        gt=0,
+        description="Seconds before an idle stream connection (TCP, TLS, WebSocket) is closed, unless a "
+        "binding still needs its flow.",
     )
     udp_receive_buffer: int = Field(
         4 * 1024 * 1024, ge=0, description="SO_RCVBUF of UDP sockets, bytes (0 = the kernel's default)."

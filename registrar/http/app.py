@@ -12,6 +12,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from registrar.core.state import CoreStats
+from registrar.net.limits import REFUSALS, TIMEOUTS, Admission
 from registrar.net.tls import TlsStats
 from registrar.sip.stack import StackStats
 
@@ -38,7 +39,7 @@ class EngineCollector(Collector):
         store_stats: Callable[[], StoreStats] | None = None,
         ready: Callable[[], bool] | None = None,
         tls_stats: TlsStats | None = None,
-        connections: Callable[[], tuple[dict[str, int], int]] | None = None,
+        connections: Callable[[], tuple[dict[str, int], Admission]] | None = None,
     ) -> None:
         self.stack_stats = stack_stats
         self.ready = ready
@@ -146,18 +147,29 @@ class EngineCollector(Collector):
             "midregistrar_handoffs", "Requests handed to the process holding the flow", value=c.handoffs
         )
         if self.connections is not None:
-            counts, refused = self.connections()
+            counts, admission = self.connections()
             open_ = GaugeMetricFamily(
                 "midregistrar_connections", "Open stream connections, by transport", labels=["transport"]
             )
             for transport in ("tcp", "tls", "ws", "wss"):
                 open_.add_metric([transport], counts.get(transport, 0))
             yield open_
-            yield CounterMetricFamily(
+            refused = CounterMetricFamily(
                 "midregistrar_connections_refused",
-                "Accepted connections closed at once: --max-connections reached",
-                value=refused,
+                "Accepted connections closed at once, by the limit reached",
+                labels=["reason"],
             )
+            for reason in REFUSALS:
+                refused.add_metric([reason], admission.refused[reason])
+            yield refused
+            timed_out = CounterMetricFamily(
+                "midregistrar_connections_timed_out",
+                "Connections closed for silence: no SIP message since accepted (first_message), or idle",
+                labels=["phase"],
+            )
+            for phase in TIMEOUTS:
+                timed_out.add_metric([phase], admission.timed_out[phase])
+            yield timed_out
         if self.tls_stats is not None:
             t = self.tls_stats
             failures = CounterMetricFamily(

@@ -25,6 +25,7 @@ from typing import Protocol
 from aiohttp import WSMsgType, web
 
 from registrar.config import Listen, Settings, Transport
+from registrar.net.limits import Admission
 from registrar.net.tls import HANDSHAKE_TIMEOUT, TlsContexts, describe_failure
 from registrar.sip.framing import PING, PONG, FramingError, StreamFramer
 from registrar.sip.stack import Event, LocalAddress, Stack
@@ -103,6 +104,9 @@ class _Conn:
     # The (host, port) the connection is known by: the address dialled (maybe a DNS name) for the ones we
     # open, the remote address for the ones accepted.
     addr: tuple[str, int]
+    opened: float = 0.0
+    accepted: bool = False  # counted by the Admission until it closes
+    used: bool = False  # it has carried a SIP message (keep-alives do not count)
 
 
 class SipServer:
@@ -131,7 +135,7 @@ class SipServer:
         self._handshakes: set[asyncio.Task[None]] = set()  # TLS handshakes in progress (kept referenced)
         self._tls_listeners: dict[int, socket.socket] = {}  # listen index -> its listening socket
         self._accepting: list[asyncio.Task[None]] = []
-        self.refused = 0  # connections closed at once: --max-connections reached
+        self.admission = Admission(settings.max_connections, settings.max_connections_per_source)
         self._refused_logged = 0.0
         self._ws_sockets: dict[int, socket.socket] = {}  # listen index -> the WebSocket server's socket
         self._ws_runners: list[web.AppRunner] = []
@@ -246,6 +250,7 @@ class SipServer:
                 conn.transport.close()
                 break
             elif isinstance(item, bytes):
+                conn.used = True
                 now = self.now
                 if not self.app.shortcut(item, conn.peer, now):
                     self.stack.receive(item, conn.peer, now)
@@ -416,17 +421,23 @@ class SipServer:
         if "sip" not in (p.strip().lower() for p in offered.split(",")):
             # RFC 7118 §4.1: the client must ask for the "sip" subprotocol.
             return web.Response(status=400, text="Sec-WebSocket-Protocol: sip is required (RFC 7118)\n")
-        if self._full():
-            return web.Response(status=503, text="too many connections\n")
-        ws = web.WebSocketResponse(protocols=("sip",), max_msg_size=MAX_WS_MESSAGE)
-        await ws.prepare(request)
         transport = request.transport
         if transport is None:
-            return ws
+            return web.Response(status=400)
+        host = transport.get_extra_info("peername")[0]
+        if self._refused(host):
+            return web.Response(status=503, text="too many connections\n")
+        ws = web.WebSocketResponse(protocols=("sip",), max_msg_size=MAX_WS_MESSAGE)
+        try:
+            await ws.prepare(request)
+        except BaseException:
+            self.admission.release(host)
+            raise
         name = self.settings.listen[index].transport.value
         # Written to like a stream transport (write, close, is_closing, get_extra_info).
         ws_transport = typing.cast(asyncio.Transport, _WsTransport(ws, transport))
         conn = self.connection_made(ws_transport, index, None, name)
+        conn.accepted = True
         try:
             async for msg in ws:
                 if msg.type is WSMsgType.TEXT:
@@ -443,6 +454,7 @@ class SipServer:
         conn.last_activity = now
         if not data.strip(b"\r\n"):
             return  # a keep-alive
+        conn.used = True
         if not self.app.shortcut(data, conn.peer, now):
             self.stack.receive(data, conn.peer, now)
         self.flush()
@@ -455,19 +467,25 @@ class SipServer:
                 log.warning("accepting TLS connections on %s failed: %s", self.settings.listen[index], exc)
                 await asyncio.sleep(0.1)
                 continue
-            if self._full():  # refused before the handshake: a flood costs no TLS work
+            try:
+                host = conn.getpeername()[0]
+            except OSError:  # gone already
                 conn.close()
                 continue
-            task = self.loop.create_task(self._upgrade(conn, index))
+            if self._refused(host):  # refused before the handshake: a flood costs no TLS work
+                conn.close()
+                continue
+            task = self.loop.create_task(self._upgrade(conn, index, host))
             self._handshakes.add(task)
             task.add_done_callback(self._handshakes.discard)
 
-    async def _upgrade(self, sock: socket.socket, index: int) -> None:
+    async def _upgrade(self, sock: socket.socket, index: int, host: str) -> None:
         """The TLS handshake of an accepted connection; a failure is logged, counted and closes it."""
         assert self.tls.server is not None
         try:
             peername = sock.getpeername()
         except OSError:  # gone already
+            self.admission.release(host)
             sock.close()
             return
         try:
@@ -478,6 +496,7 @@ class SipServer:
                 ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
             )
         except (OSError, TimeoutError, ConnectionError) as exc:
+            self.admission.release(host)
             self.tls.stats.failed("server")
             log.warning("TLS handshake from %s failed: %s", _addr_text(peername), describe_failure(exc))
             sock.close()
@@ -487,16 +506,23 @@ class SipServer:
             await asyncio.sleep(self.settings.tls_reload_interval)
             self.tls.reload_if_changed()
 
-    def _full(self) -> bool:
-        """Whether a new accepted connection must be refused (--max-connections), counting it if so."""
-        limit = self.settings.max_connections
-        if not limit or len(self._conns) + len(self._handshakes) < limit:
+    def _refused(self, host: str) -> bool:
+        """Whether a connection accepted from ``host`` must be closed at once (--max-connections,
+        --max-connections-per-source), counted if so; else it is counted as open from ``host``."""
+        reason = self.admission.admit(host, len(self._conns) + len(self._handshakes))
+        if reason is None:
             return False
-        self.refused += 1
         now = self.now
         if now - self._refused_logged >= 10.0:  # one line per 10 s, however hard the flood
             self._refused_logged = now
-            log.warning("%d connections open: refusing new ones (--max-connections)", len(self._conns))
+            if reason == "per_source":
+                log.warning(
+                    "%d connections open from %s: refusing new ones from it (--max-connections-per-source)",
+                    self.admission.from_source(host),
+                    host,
+                )
+            else:
+                log.warning("%d connections open: refusing new ones (--max-connections)", len(self._conns))
         return True
 
     def connection_counts(self) -> dict[str, int]:
@@ -514,7 +540,7 @@ class SipServer:
         self._next_conn += 1
         addr = dialled or (host, port)
         peer = Peer(name, host, port, conn_id, index)
-        conn = _Conn(conn_id, transport, peer, StreamFramer(), self.now, addr)
+        conn = _Conn(conn_id, transport, peer, StreamFramer(), self.now, addr, opened=self.now)
         self._conns[conn_id] = conn
         self._by_addr[addr] = conn_id
         for data in self._pending.pop(addr, []):
@@ -525,7 +551,8 @@ class SipServer:
         """A connection closed or reset: client transactions whose request it carried and that still wait
         for their final response fail now (a response on a closed connection can only come back on a new
         one the peer opens, and the peer has most likely gone)."""
-        self._conns.pop(conn.conn_id, None)
+        if self._conns.pop(conn.conn_id, None) is not None and conn.accepted:
+            self.admission.release(conn.peer.host)
         self.app.flow_closed(conn.conn_id)
         if self._by_addr.get(conn.addr) == conn.conn_id:
             del self._by_addr[conn.addr]
@@ -535,14 +562,23 @@ class SipServer:
             self.flush()
 
     async def _close_idle(self) -> None:
+        """Close connections that carry nothing: an accepted one that sent no SIP message within
+        --new-connection-timeout (a flood's), and any idle for --tcp-idle-timeout whose flow no binding
+        needs."""
         timeout = self.settings.tcp_idle_timeout
+        first = self.settings.new_connection_timeout
         while True:
-            await asyncio.sleep(min(timeout / 4, 5.0))
+            await asyncio.sleep(min(timeout / 4, first / 4, 5.0))
             now = self.now
             limit = now - timeout
             for conn in list(self._conns.values()):
-                if conn.last_activity < limit and self.app.keep_flow_until(conn.conn_id) < now:
+                if conn.accepted and not conn.used and now - conn.opened >= first:
+                    log.debug("closing %s: no SIP message in %g s", conn.peer, first)
+                    self.admission.close_for_silence("first_message")
+                    conn.transport.close()
+                elif conn.last_activity < limit and self.app.keep_flow_until(conn.conn_id) < now:
                     log.debug("closing idle connection %s", conn.peer)
+                    self.admission.close_for_silence("idle")
                     conn.transport.close()
 
 
@@ -574,12 +610,14 @@ class _TcpProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         transport = typing.cast(asyncio.Transport, transport)
-        if self.dialled is None and not self.tls and self.server._full():
-            transport.close()  # accepted over --max-connections (TLS ones are refused before the handshake)
+        accepted = self.dialled is None
+        if accepted and not self.tls and self.server._refused(transport.get_extra_info("peername")[0]):
+            transport.close()  # over a connection limit (TLS ones are refused before the handshake)
             return
         self.conn = self.server.connection_made(
             transport, self.index, self.dialled, "tls" if self.tls else "tcp"
         )
+        self.conn.accepted = accepted  # a TLS one was counted when accepted, before its handshake
 
     def data_received(self, data: bytes) -> None:
         if self.conn is not None:

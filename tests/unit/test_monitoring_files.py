@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from registrar.http.app import EngineCollector, StoreStats
+from registrar.net.limits import Admission
 from registrar.net.tls import TlsStats
 from tests.unit.corekit import Core
 
@@ -41,7 +42,7 @@ def _exported_metrics() -> frozenset[str]:
         store_stats=lambda: StoreStats(calls=0, available=True, leases=0, members=1),
         ready=lambda: True,
         tls_stats=TlsStats(),
-        connections=lambda: ({}, 0),
+        connections=lambda: ({}, Admission(0, 0)),
     )
     suffixes = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
     return frozenset(f"{fam.name}{suffix}" for fam in collector.collect() for suffix in suffixes[fam.type])
@@ -61,7 +62,7 @@ KNOWN_METRICS = REGISTRAR_METRICS | KUBE_STATE_METRICS | {"up"}
 # Target labels of the chart's PodMonitor, the registrar's own labels, and kube-state-metrics' labels.
 KNOWN_LABELS = frozenset(
     {"job", "namespace", "pod", "midregistrar", "instance"}
-    | {"method", "code", "outcome", "result", "le", "side", "transport"}
+    | {"method", "code", "outcome", "result", "le", "side", "transport", "reason", "phase"}
     | {"horizontalpodautoscaler", "condition", "deployment"}
 )
 # The only dashboard variables the panels may use (they are substituted when the queries are executed).
