@@ -15,7 +15,7 @@ from registrar.records import AorRecord, Binding
 from registrar.sip.errors import ParseError
 from registrar.sip.headers import parse_address
 from registrar.sip.message import Request, Response, make_response
-from registrar.sip.transport import ip_reference
+from registrar.sip.transport import ip_reference, uri_transport
 from registrar.sip.uri import SipURI, URIError, parse_uri
 
 
@@ -66,8 +66,8 @@ def format_binding(
             return "".join(parts)
     hostport = _sip_hostport(binding.contact)
     if hostport is not None and (hostport[0] != source.host or (hostport[1] or 5060) != source.port):
-        transport = "" if source.transport == "udp" else f";transport={source.transport}"
-        parts.append(f';{settings.received_param}="sip:{ip_reference(source.host)}:{source.port}{transport}"')
+        received = f"sip:{ip_reference(source.host)}:{source.port}{uri_transport(source.transport)}"
+        parts.append(f';{settings.received_param}="{received}"')
     return "".join(parts)
 
 

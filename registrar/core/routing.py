@@ -97,7 +97,7 @@ class Routing:
         if routes:
             flow = self._recorded_flow(routes[0])
             if flow is not None:
-                request.headers.pop_first_value("route")
+                state.stack.pop_own_routes(request)  # ours: one entry, or two when double record-routed
                 hop = self._next_hop(request) if _from_flow(flow, peer) else flow
                 state.stack.forward_stateless(request, hop)
                 return
@@ -165,7 +165,7 @@ class Routing:
         request = event.request
         flow = self._recorded_flow(routes[0])
         if flow is not None:  # an in-dialog request of a dialog we record-routed over a phone's flow
-            request.headers.pop_first_value("route")
+            state.stack.pop_own_routes(request)  # ours: one entry, or two when double record-routed
             hop = self._next_hop(request) if _from_flow(flow, event.peer) else flow
             state.stack.proxy(event.txn, [(None, hop)])
             return

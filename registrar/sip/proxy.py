@@ -80,10 +80,11 @@ def forward_copy(
     *,
     uri: URI | None,
     via: Via,
-    record_route: str | None = None,
+    record_route: str | tuple[str, ...] | None = None,
     drop_top_route: bool = False,
 ) -> Request:
-    """The copy of a request sent on one branch (§16.6 steps 1–8)."""
+    """The copy of a request sent on one branch (§16.6 steps 1–8). ``record_route``: our Record-Route, or
+    two of them (RFC 5658 double record-routing), prepended in the order given."""
     out = request.copy()
     if uri is not None:
         out.uri = uri
@@ -92,7 +93,8 @@ def forward_copy(
     mf = out.headers.get("max-forwards")
     out.headers.set("Max-Forwards", str(int(mf) - 1) if mf is not None else str(DEFAULT_MAX_FORWARDS))
     if record_route and out.method not in ("REGISTER", "ACK", "CANCEL"):
-        out.headers.prepend("Record-Route", record_route)
+        for value in (record_route,) if isinstance(record_route, str) else record_route:
+            out.headers.prepend("Record-Route", value)
     # The new top Via is the one the client transaction matches on: keep it typed, not parsed back.
     out.headers.prepend_header(typed_header("Via", str(via), parse_via_list, [via]))
     return out

@@ -58,7 +58,7 @@ from registrar.sip.transaction import (
     client_key,
     server_key,
 )
-from registrar.sip.transport import Peer, response_peer
+from registrar.sip.transport import Peer, response_peer, uri_transport
 from registrar.sip.uri import URI, SipURI
 
 
@@ -570,7 +570,9 @@ class Stack:
             branch = make_branch(txn.request, self._unique())
             via = Via(local.transport.upper(), local.host, local.port, (("branch", branch), ("rport", None)))
             if i < len(flows) and flows[i]:
-                rr: str | None = self._flow_record_route(local, peer)
+                rr: str | tuple[str, ...] | None = self._flow_record_route(
+                    self._arrived_on(txn.peer), local, peer
+                )
             else:
                 rr = f"<sip:{local.hostport};lr>" if self.record_route else None
             copy = forward_copy(base, uri=uri, via=via, record_route=rr, drop_top_route=False)
@@ -584,11 +586,23 @@ class Stack:
         return ctx
 
     @staticmethod
-    def _flow_record_route(local: LocalAddress, peer: Peer) -> str:
-        """Record-Route for a branch over a phone's flow: our address with the flow's token, and the flow's
-        transport when it is not UDP, so both ends send in-dialog requests here and we send them on."""
-        transport = "" if peer.transport == "udp" else f";transport={peer.transport}"
-        return f"<sip:{flow_token(peer)}@{local.hostport}{transport};lr>"
+    def _flow_record_route(arrived: LocalAddress, local: LocalAddress, peer: Peer) -> str | tuple[str, ...]:
+        """Record-Route for a branch over a phone's flow: our address with the flow's token, so both ends
+        send in-dialog requests here and we send them on over the flow. When the request came in on another
+        socket or transport than the flow's (main on UDP, the phone on TLS or WebSocket), two entries
+        (RFC 5658): the lower one faces the caller with the address it reached us on, the top one faces the
+        phone; each end then reaches us on a transport it speaks, and both carry the token."""
+        token = flow_token(peer)
+        phone_side = f"<sip:{token}@{local.hostport}{uri_transport(peer.transport)};lr>"
+        if (arrived.hostport, arrived.transport) == (local.hostport, peer.transport):
+            return phone_side
+        return f"<sip:{token}@{arrived.hostport}{uri_transport(arrived.transport)};lr>", phone_side
+
+    def _arrived_on(self, peer: Peer) -> LocalAddress:
+        """The local address a request from ``peer`` came in on: its listen socket, by index."""
+        if peer.local < len(self.locals) and self.locals[peer.local].transport == peer.transport:
+            return self.locals[peer.local]
+        return self.local_for(peer)
 
     def _finished(self, ctx: ResponseContext) -> None:
         """The final response went upstream: a CANCEL has nothing left to cancel, so the server side no

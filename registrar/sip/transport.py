@@ -43,6 +43,14 @@ class Peer:
         return f"{self.transport}:{ip_reference(self.host)}:{self.port}"
 
 
+def uri_transport(transport: str) -> str:
+    """The ``;transport=`` URI parameter that reaches ``transport`` ("" for UDP, the default). WebSocket,
+    secure or not, is ``ws`` (RFC 7118 §5.2: a SIPS URI, not the parameter, asks for WSS)."""
+    if transport == "udp":
+        return ""
+    return ";transport=ws" if transport == "wss" else f";transport={transport}"
+
+
 def ip_reference(host: str) -> str:
     """A host as SIP writes it in a URI, a Via sent-by or a host:port: an IPv6 address in brackets
     (RFC 3261 §25.1 ``IPv6reference``, RFC 5118 §4); names and IPv4 addresses as they are."""

@@ -17,7 +17,14 @@ import pytest
 from registrar.sip.message import Request, Response, parse_message
 from tests.support.kamailio import KamailioMain
 from tests.support.registrar import Registrar
-from tests.support.sip import LOOPBACK, read_sip_stream_message, sip_request, tcp_exchange_on, udp_socket
+from tests.support.sip import (
+    LOOPBACK,
+    in_dialog_request,
+    read_sip_stream_message,
+    sip_request,
+    tcp_exchange_on,
+    udp_socket,
+)
 from tests.support.sipp import ensure_sip_tools
 
 pytestmark = pytest.mark.integration
@@ -47,23 +54,6 @@ def _answer(invite: Request, contact: str) -> bytes:
         elif h.key == "to":
             lines.append(f"To: {h.value};tag=phone1")
     lines += [f"Contact: {contact}", "Content-Length: 0"]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
-
-
-def _ack(ok: Response, caller: tuple[str, int]) -> bytes:
-    """The caller's ACK for the 200: to the phone's Contact, through the route set the 200 recorded."""
-    routes = list(reversed(ok.headers.values("record-route")))
-    lines = [
-        f"ACK {ok.contacts[0].uri} SIP/2.0",
-        f"Via: SIP/2.0/UDP {caller[0]}:{caller[1]};rport;branch=z9hG4bK-ack1",
-        "Max-Forwards: 70",
-        f"From: {ok.headers.get('from')}",
-        f"To: {ok.headers.get('to')}",
-        f"Call-ID: {ok.call_id}",
-        f"CSeq: {ok.cseq.seq} ACK",
-        *[f"Route: {r}" for r in routes],
-        "Content-Length: 0",
-    ]
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
@@ -108,7 +98,7 @@ def test_a_tcp_phone_gets_the_ack_for_its_200_over_its_own_connection(
             reply = parse_message(caller.recv(65535))
             if isinstance(reply, Response) and reply.status == 200:
                 ok = reply
-        caller.sendto(_ack(ok, me), kam.addr)
+        caller.sendto(in_dialog_request("ACK", ok, me), kam.addr)
         data = read_sip_stream_message(phone, buf, 5)
         assert data is not None, "the ACK never reached the phone"
         ack = parse_message(data)

@@ -15,11 +15,12 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from registrar.sip.message import Response, parse_message
 from tests.support.kamailio import KamailioMain
 from tests.support.pki import Pki
 from tests.support.ports import free_port
 from tests.support.registrar import Registrar, metric
-from tests.support.sip import sip_request, status_code
+from tests.support.sip import in_dialog_request, sip_request, status_code
 
 pytestmark = pytest.mark.integration
 
@@ -68,15 +69,16 @@ async def final(ws: aiohttp.ClientWebSocketResponse) -> str:
             return str(msg.data)
 
 
-def answer(invite: str, status: int, reason: str) -> str:
-    """A response to ``invite``: its Via, From, Call-ID and CSeq, a To tag."""
+def answer(invite: str, status: int, reason: str, contact: str | None = None) -> str:
+    """A response to ``invite``: its Via, From, Call-ID, CSeq and Record-Routes, a To tag (and a Contact)."""
     heads = invite.split("\r\n\r\n", 1)[0].split("\r\n")[1:]
     keep = [
         h for h in heads if h.split(":", 1)[0].lower() in ("via", "from", "call-id", "cseq", "record-route")
     ]
     to = next(h for h in heads if h.lower().startswith("to:"))
+    more = [f"Contact: <{contact}>"] if contact else []
     return "\r\n".join(
-        [f"SIP/2.0 {status} {reason}", *keep, f"{to};tag=ws-answer", "Content-Length: 0", "", ""]
+        [f"SIP/2.0 {status} {reason}", *keep, f"{to};tag=ws-answer", *more, "Content-Length: 0", "", ""]
     )
 
 
@@ -133,3 +135,57 @@ def test_a_handshake_without_the_sip_subprotocol_is_refused(
             assert info.value.status == 400
 
     asyncio.run(scenario())
+
+
+def test_a_caller_reaches_a_wss_phone_inside_the_call(
+    setup: tuple[Registrar, KamailioMain, Pki, int, int],
+) -> None:
+    """Kamailio speaks UDP only: the dialog is record-routed twice (RFC 5658), a UDP entry for its side and a
+    WebSocket one for the phone's, so the caller's ACK and BYE reach the phone over its WebSocket. With one
+    entry naming the wss socket, Kamailio could not send them anywhere and the call broke after the 200."""
+    reg, kam, pki, _, wss_port = setup
+    ctx = ssl.create_default_context(cafile=str(pki.ca))
+    phone_contact = f"sip:alice@{BROWSER_HOST};transport=ws"
+
+    async def scenario() -> None:
+        async with aiohttp.ClientSession() as session:
+            ws = await session.ws_connect(f"wss://{LOOPBACK}:{wss_port}/", protocols=("sip",), ssl=ctx)
+            await ws.send_str(register("alice", 1))
+            assert status_code((await final(ws)).encode()) == 200
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as caller:
+                caller.bind((LOOPBACK, 0))
+                me = caller.getsockname()
+                invite = sip_request(
+                    "INVITE", "sip:alice@example.com", me, to_uri="sip:alice@example.com",
+                    headers=[("Contact", f"<sip:bob@{me[0]}:{me[1]}>")],
+                )  # fmt: skip
+                caller.sendto(invite, kam.addr)
+                got = await asyncio.wait_for(ws.receive(), 8)
+                assert got.type is aiohttp.WSMsgType.TEXT and got.data.startswith("INVITE "), got
+                rrs = parse_message(got.data.encode()).headers.values("record-route")
+                assert len([r for r in rrs if "fl-" in r]) == 2, rrs  # ours: the phone's side on top
+                assert ";transport=ws;" in rrs[0] and f":{reg.port};lr>" in rrs[1]
+                await ws.send_str(answer(got.data, 200, "OK", phone_contact))
+                caller.settimeout(8)
+                ok = None
+                while ok is None:
+                    reply = parse_message(caller.recvfrom(65535)[0])
+                    if isinstance(reply, Response) and reply.status == 200:
+                        ok = reply
+                caller.sendto(in_dialog_request("ACK", ok, me), kam.addr)
+                ack = await asyncio.wait_for(ws.receive(), 8)
+                assert ack.type is aiohttp.WSMsgType.TEXT and ack.data.startswith(f"ACK {phone_contact} "), (
+                    ack
+                )
+                caller.sendto(in_dialog_request("BYE", ok, me), kam.addr)
+                bye = await asyncio.wait_for(ws.receive(), 8)
+                assert bye.type is aiohttp.WSMsgType.TEXT and bye.data.startswith(f"BYE {phone_contact} "), (
+                    bye
+                )
+                await ws.send_str(answer(bye.data, 200, "OK"))
+                done = parse_message(caller.recvfrom(65535)[0])
+                assert isinstance(done, Response) and done.status == 200 and done.cseq.method == "BYE"
+            await ws.close()
+
+    asyncio.run(scenario())
+    assert "Traceback" not in reg.log()

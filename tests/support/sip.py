@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from registrar.sip.message import Response
 from registrar.sip.transport import ip_reference
 from tests.support.process import Proc
 from tests.support.wait import wait_for
@@ -197,3 +198,22 @@ def via_port(via: str) -> int | None:
     """The port of a Via header value's sent-by."""
     m = re.match(r"SIP/2\.0/\w+\s+[^:;\s]+:(\d+)", via)
     return int(m.group(1)) if m else None
+
+
+def in_dialog_request(method: str, ok: Response, caller: tuple[str, int]) -> bytes:
+    """The caller's ACK for a 2xx to its INVITE, or a later request of that dialog (a BYE): to the phone's
+    Contact, through the route set the 2xx recorded (its Record-Routes reversed, RFC 3261 §12.1.2)."""
+    routes = list(reversed(ok.headers.values("record-route")))
+    seq = ok.cseq.seq if method == "ACK" else ok.cseq.seq + 1
+    lines = [
+        f"{method} {ok.contacts[0].uri} SIP/2.0",
+        f"Via: SIP/2.0/UDP {ip_reference(caller[0])}:{caller[1]};rport;branch=z9hG4bK-{uuid.uuid4().hex[:16]}",
+        "Max-Forwards: 70",
+        f"From: {ok.headers.get('from')}",
+        f"To: {ok.headers.get('to')}",
+        f"Call-ID: {ok.call_id}",
+        f"CSeq: {seq} {method}",
+        *[f"Route: {r}" for r in routes],
+        "Content-Length: 0",
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()

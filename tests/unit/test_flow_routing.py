@@ -36,31 +36,39 @@ def _sent(m: Core) -> list[tuple[Request, Peer]]:
     return [(msg, p) for msg, p in m.take() if isinstance(msg, Request)]
 
 
-def _call_over_a_tcp_flow() -> tuple[Core, str]:
-    """A TCP phone registered in mode mirror and a call from main sent to it: the core and the call's
-    Record-Route."""
+def _call_over_a_tcp_flow() -> tuple[Core, list[str]]:
+    """A TCP phone registered in mode mirror and a call from main (over UDP) sent to it: the core and the
+    call's Record-Routes, top first."""
     m = Core(mode="mirror")
     held = _registered(m, TCP_PHONE, "sip:alice@192.0.2.10:5062;transport=tcp", "TCP")
     m.feed(request_bytes("INVITE", held, branch="z9hG4bK-inv"), MAIN)
-    [rr] = next(r for r, _ in _sent(m) if r.method == "INVITE").headers.values("record-route")
-    return m, rr
+    rrs = next(r for r, _ in _sent(m) if r.method == "INVITE").headers.values("record-route")
+    return m, rrs
 
 
 def test_a_call_to_a_tcp_phone_is_record_routed_with_its_flow() -> None:
+    """The call came in over UDP and goes out over the phone's TCP connection: two entries (RFC 5658), the
+    top one for the phone (TCP), the other for the caller (UDP, the way it reached us), both with the
+    flow's token."""
     m = Core(mode="mirror")
     held = _registered(m, TCP_PHONE, "sip:alice@192.0.2.10:5062;transport=tcp", "TCP")
     m.feed(request_bytes("INVITE", held, branch="z9hG4bK-inv"), MAIN)
     [(invite, peer)] = [(r, p) for r, p in _sent(m) if r.method == "INVITE"]
     assert peer == TCP_PHONE  # over the connection the phone opened
-    [rr] = invite.headers.values("record-route")
-    assert rr.startswith("<sip:fl-") and rr.endswith("@10.0.0.2:5060;transport=tcp;lr>")
+    phone_side, main_side = invite.headers.values("record-route")
+    assert phone_side.startswith("<sip:fl-") and phone_side.endswith("@10.0.0.2:5060;transport=tcp;lr>")
+    assert main_side == phone_side.replace(";transport=tcp", "")
 
 
 def test_main_sides_bye_goes_back_over_the_flow_and_the_phones_bye_goes_on_to_main() -> None:
-    m, rr = _call_over_a_tcp_flow()
-    # main → phone: Request-URI is the phone's Contact, which nobody can reach but over the flow
+    m, rrs = _call_over_a_tcp_flow()
+    # main → phone: Request-URI is the phone's Contact, which nobody can reach but over the flow; its route
+    # set is the Record-Routes reversed
     bye = request_bytes(
-        "BYE", "sip:alice@192.0.2.10:5062;transport=tcp", branch="z9hG4bK-bye1", extra=f"Route: {rr}"
+        "BYE",
+        "sip:alice@192.0.2.10:5062;transport=tcp",
+        branch="z9hG4bK-bye1",
+        extra=f"Route: {rrs[1]}, {rrs[0]}",
     )
     m.feed(bye, MAIN)
     [(out, peer)] = _sent(m)
@@ -71,7 +79,7 @@ def test_main_sides_bye_goes_back_over_the_flow_and_the_phones_bye_goes_on_to_ma
         "sip:bob@10.0.0.3:5070",
         branch="z9hG4bK-bye2",
         via="SIP/2.0/TCP 192.0.2.10:5062",
-        extra=f"Route: {rr}",
+        extra=f"Route: {rrs[0]}, {rrs[1]}",
     )
     m.feed(back, TCP_PHONE)
     [(out, peer)] = _sent(m)
@@ -79,9 +87,12 @@ def test_main_sides_bye_goes_back_over_the_flow_and_the_phones_bye_goes_on_to_ma
 
 
 def test_the_ack_for_a_200_follows_the_flow_too() -> None:
-    m, rr = _call_over_a_tcp_flow()
+    m, rrs = _call_over_a_tcp_flow()
     ack = request_bytes(
-        "ACK", "sip:alice@192.0.2.10:5062;transport=tcp", branch="z9hG4bK-ack", extra=f"Route: {rr}"
+        "ACK",
+        "sip:alice@192.0.2.10:5062;transport=tcp",
+        branch="z9hG4bK-ack",
+        extra=f"Route: {rrs[1]}, {rrs[0]}",
     )
     m.feed(ack, MAIN)
     [(out, peer)] = _sent(m)
