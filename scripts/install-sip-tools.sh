@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Install the SIP peers used by tests/integration and bench/: SIPp (Debian `sip-tester`) and Kamailio (with
-# its TLS module).
-# Idempotent and fast when both are already present: it only calls apt when a binary is missing, and
+# Install the SIP peers used by tests/integration and bench/: SIPp (Debian `sip-tester`), Kamailio (with
+# its TLS module) and baresip (Debian `baresip-core`, a real phone: tests/integration/test_baresip.py).
+# Idempotent and fast when all are already present: it only calls apt when a binary is missing, and
 # runs `apt-get update` only when the first install attempt fails without it.
 set -euo pipefail
 
@@ -14,6 +14,7 @@ fi
 if [ ! -f /usr/lib/x86_64-linux-gnu/kamailio/modules/tls.so ] && ! dpkg -s kamailio-tls-modules >/dev/null 2>&1; then
     need+=(kamailio-tls-modules)
 fi
+command -v baresip >/dev/null 2>&1 || need+=(baresip-core)
 
 if [ "${#need[@]}" -eq 0 ]; then
     exit 0
@@ -50,4 +51,5 @@ if [[ " ${need[*]} " == *" kamailio "* ]] && command -v systemctl >/dev/null 2>&
 fi
 
 command -v sipp >/dev/null
+command -v baresip >/dev/null
 command -v kamailio >/dev/null 2>&1 || [ -x /usr/sbin/kamailio ]
