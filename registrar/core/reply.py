@@ -58,6 +58,11 @@ def format_binding(
     parts.append(f";expires={remaining}")
     if gruu is not None:
         parts.append(gruu_params(binding, gruu, settings))
+    if binding.reg_id is not None and binding.instance:
+        # An RFC 5626 flow: the phone finds its binding by instance and reg-id (its Contact URI may differ).
+        if gruu is None:
+            parts.append(f';+sip.instance="{binding.instance}"')
+        parts.append(f";reg-id={binding.reg_id}")
     source = binding.source
     if settings.path_received and binding.path:
         received = path_received(binding.path)

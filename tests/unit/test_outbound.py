@@ -63,6 +63,8 @@ def test_a_phone_whose_flow_moved_replaces_its_binding_and_calls_follow_the_new_
     again, ok = _register(m, SECOND, _flow_contact(40002), cseq=2)
     assert again is not None and str(again.contacts[0].uri) == held  # main's copy is renewed, not doubled
     assert [str(c.uri) for c in ok.contacts] == ["sip:alice@192.0.2.10:40002;transport=tcp;ob"]
+    [listed] = ok.contacts  # the phone recognises its flow's binding by these
+    assert (listed.instance, listed.reg_id) == ("<urn:uuid:00000000-0000-1000-8000-000A95A0E128>", "1")
     assert ok.headers.values("require") == ["outbound"]
     assert _invites(m, held) == [SECOND]
 
