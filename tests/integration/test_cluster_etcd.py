@@ -19,19 +19,23 @@ PID in the fixture's teardown. Short lifetimes (`--min-expires 1`, phones 4–60
 
 from __future__ import annotations
 
+import asyncio
 import re
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from tests.support.cluster import Cluster, Node
 from tests.support.etcd import EtcdServer, etcd_server
 from tests.support.kamailio import UlContact
 from tests.support.phones import DOMAIN, CallTarget, Fleet, UdpPhone, place_calls, received_invites
+from tests.support.ports import free_port
 from tests.support.registrar import metric
-from tests.support.sip import SipMessage, status_code, via_port
+from tests.support.sip import SipMessage, sip_request, status_code, via_port
 from tests.support.wait import poll
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("sip_tools")]
@@ -193,6 +197,68 @@ def test_tcp_flow_is_handed_to_its_owner_and_480_once_the_owner_is_gone(cluster:
     assert out.finals == {"tina": "480"}, f"a dead TCP flow gives 480: {out.finals}\n" + info
     assert len(invites_for(tina, "tina")) == 1, "no INVITE reaches the phone any more\n" + info
     assert b.alive(), info
+
+
+def test_websocket_flow_is_handed_to_its_owner(cluster: Cluster) -> None:
+    """A WebSocket phone's flow is its connection to A, like a TCP one: a call that the main registrar's
+    side sends through B is handed to A, which sends it over that WebSocket; the phone's answer goes back
+    the same way."""
+    ws_ports = {"A": free_port(), "B": free_port()}
+    c = cluster.start(
+        "contact",
+        names=("A", "B"),
+        extra=node_args(outgoing=60),
+        node_extra={n: ["--listen", f"ws:127.0.0.1:{p}"] for n, p in ws_ports.items()},
+    )
+    b = c["B"]
+
+    async def scenario() -> tuple[str, int, float]:
+        async with aiohttp.ClientSession() as session:
+            ws = await session.ws_connect(f"ws://127.0.0.1:{ws_ports['A']}/", protocols=("sip",))
+            await ws.send_str(ws_register("wendy", 1))
+            reply = await asyncio.wait_for(ws.receive(), 8)
+            assert status_code(reply.data.encode()) == 200, reply.data
+            uri = kam_uri(c, "wendy")
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as caller:
+                caller.bind(("127.0.0.1", 0))
+                invite = sip_request("INVITE", uri, caller.getsockname(), to_uri="sip:wendy@example.com")
+                caller.sendto(invite, ("127.0.0.1", b.port))  # through B, as a Service may send it
+                got = await asyncio.wait_for(ws.receive(), 8)
+                assert got.data.startswith("INVITE sip:wendy@"), got.data
+                heads = got.data.split("\r\n\r\n", 1)[0].split("\r\n")
+                keep = [
+                    h for h in heads[1:] if h.split(":", 1)[0].lower() in ("via", "from", "call-id", "cseq")
+                ]
+                to = next(h for h in heads if h.lower().startswith("to:"))
+                await ws.send_str(
+                    "\r\n".join(["SIP/2.0 486 Busy Here", *keep, f"{to};tag=w1", "Content-Length: 0", "", ""])
+                )
+                caller.settimeout(8)
+                codes: list[int] = []
+                while 486 not in codes:
+                    codes.append(status_code(caller.recvfrom(65535)[0]) or 0)
+            await ws.close()
+            return (
+                got.data,
+                via_port(next(h for h in heads if h.lower().startswith("via:")).split(":", 1)[1].strip())
+                or 0,
+                node_metric(b, "midregistrar_handoffs"),
+            )
+
+    invite, top_via_port, handoffs = asyncio.run(scenario())
+    info = c.diag(invite)
+    assert top_via_port == ws_ports["A"], "A sent it over wendy's WebSocket (its ws: socket in Via)\n" + info
+    assert handoffs == 1, "B handed it to A\n" + info
+
+
+def ws_register(user: str, cseq: int) -> str:
+    uri = f"sip:{user}@{DOMAIN}"
+    return (
+        f"REGISTER sip:{DOMAIN} SIP/2.0\r\nVia: SIP/2.0/WS df7jal23ls0d.invalid;branch=z9hG4bK-{user}{cseq}\r\n"
+        f"Max-Forwards: 70\r\nFrom: <{uri}>;tag=w{cseq}\r\nTo: <{uri}>\r\nCall-ID: {user}-ws\r\n"
+        f"CSeq: {cseq} REGISTER\r\nContact: <sip:{user}@df7jal23ls0d.invalid;transport=ws>;expires=60\r\n"
+        f"Content-Length: 0\r\n\r\n"
+    )
 
 
 # ------------------------------------------------------------------------------------------ 2. kill -9 A

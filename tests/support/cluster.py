@@ -13,7 +13,7 @@ import contextlib
 import os
 import re
 import signal
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -120,13 +120,15 @@ class Cluster:
         names: Iterable[str] = ("A", "B", "C"),
         extra: Sequence[str] = (),
         transports: Sequence[str] = ("udp",),
+        node_extra: Mapping[str, Sequence[str]] | None = None,
     ) -> Cluster:
+        """Kamailio, then the named nodes, each with ``extra`` and its own ``node_extra[name]``."""
         self.kam = KamailioMain(self.tmp / "kamailio", auth=False).start()
         endpoint = self.etcd.endpoint
         for name in names:
             self.nodes[name] = Node(
                 name, self.kam.addr, endpoint, self.prefix, mode=mode, workdir=self.tmp / f"node-{name}",
-                extra=extra, transports=transports,
+                extra=[*extra, *(node_extra or {}).get(name, ())], transports=transports,
             )  # fmt: skip
         for node in self.nodes.values():
             node.launch()
