@@ -15,7 +15,7 @@ import itertools
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from registrar.sip.errors import ParseError
 from registrar.sip.headers import Params, Via, parse_address, parse_via_sent_by, split_commas
@@ -74,6 +74,18 @@ class LocalAddress:
     @property
     def hostport(self) -> str:
         return f"{self.host}:{self.port}"
+
+
+def ip_family(host: str) -> int | None:
+    """4 or 6 for an IP literal (an IPv6 one with or without brackets), None for a name."""
+    if ":" in host:
+        return 6
+    return 4 if host.replace(".", "").isdigit() else None
+
+
+def _fits(local_host: str, family: int | None) -> bool:
+    local = ip_family(local_host)
+    return family is None or local is None or local == family
 
 
 # --- events handed to the application ---------------------------------------------------------------
@@ -566,12 +578,13 @@ class Stack:
         for i, (target, peer) in enumerate(targets):
             base = target if isinstance(target, Request) else txn.request
             uri = None if isinstance(target, Request) or target is None else target
+            peer = self._bound(peer)
             local = self.local_for(peer)
             branch = make_branch(txn.request, self._unique())
             via = Via(local.transport.upper(), local.host, local.port, (("branch", branch), ("rport", None)))
             if i < len(flows) and flows[i]:
                 rr: str | tuple[str, ...] | None = self._flow_record_route(
-                    self._arrived_on(txn.peer), local, peer
+                    self.local_for(txn.peer), local, peer
                 )
             else:
                 rr = f"<sip:{local.hostport};lr>" if self.record_route else None
@@ -598,12 +611,6 @@ class Stack:
             return phone_side
         return f"<sip:{token}@{arrived.hostport}{uri_transport(arrived.transport)};lr>", phone_side
 
-    def _arrived_on(self, peer: Peer) -> LocalAddress:
-        """The local address a request from ``peer`` came in on: its listen socket, by index."""
-        if peer.local < len(self.locals) and self.locals[peer.local].transport == peer.transport:
-            return self.locals[peer.local]
-        return self.local_for(peer)
-
     def _finished(self, ctx: ResponseContext) -> None:
         """The final response went upstream: a CANCEL has nothing left to cancel, so the server side no
         longer needs the context (its branches keep it until their own transactions end)."""
@@ -623,6 +630,7 @@ class Stack:
     def send_request(self, request: Request, peer: Peer) -> int:
         """Originate a request (a generated De-REGISTER, a keep-alive OPTIONS). Returns a handle that comes
         back in a :class:`ClientResult`."""
+        peer = self._bound(peer)
         local = self.local_for(peer)
         via = Via(local.transport.upper(), local.host, local.port, (("branch", f"z9hG4bK-{self._unique()}"),))
         request.headers.prepend("Via", str(via))
@@ -636,6 +644,7 @@ class Stack:
 
     def forward_stateless(self, request: Request, peer: Peer) -> None:
         """Send a request on without a transaction (an ACK for a 2xx, §16.11)."""
+        peer = self._bound(peer)
         local = self.local_for(peer)
         via = Via(local.transport.upper(), local.host, local.port, (("branch", make_branch(request, "ack")),))
         copy = forward_copy(request, uri=None, via=via)
@@ -653,10 +662,35 @@ class Stack:
         return client
 
     def local_for(self, peer: Peer) -> LocalAddress:
-        for address in self.locals:
+        """The local address a message to ``peer`` leaves from, as Via and Record-Route write it."""
+        return self.locals[self.local_index(peer)]
+
+    def local_index(self, peer: Peer) -> int:
+        """The listen socket a message to ``peer`` leaves from: the one ``peer.local`` names (where its
+        request came in) when its transport and IP family fit, else the first of the peer's transport and
+        family (a dual-stack process listens on one of each), else the first of its transport."""
+        locals_ = self.locals
+        family = ip_family(peer.host)
+        i = peer.local
+        if i < len(locals_) and locals_[i].transport == peer.transport and _fits(locals_[i].host, family):
+            return i
+        fallback = None
+        for j, address in enumerate(locals_):
             if address.transport == peer.transport:
-                return address
-        return self.locals[0]
+                if _fits(address.host, family):
+                    return j
+                if fallback is None:
+                    fallback = j
+        return fallback if fallback is not None else 0
+
+    def _bound(self, peer: Peer) -> Peer:
+        """A UDP ``peer`` with the socket it is sent from (dual stack: an IPv6 main registrar or phone is
+        reached from the IPv6 socket, whatever socket the request being forwarded came in on). A stream
+        peer is reached over its connection, whichever socket accepted it."""
+        if peer.reliable:
+            return peer
+        i = self.local_index(peer)
+        return peer if peer.local == i else replace(peer, local=i)
 
     def is_local_uri(self, uri: URI) -> bool:
         if not isinstance(uri, SipURI):

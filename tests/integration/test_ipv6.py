@@ -7,7 +7,6 @@ which must not reach Kamailio."""
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,24 +14,15 @@ import pytest
 
 from tests.support.kamailio import KamailioMain
 from tests.support.registrar import Registrar
-from tests.support.sip import options, sip_request, status_code, udp_exchange, udp_socket
+from tests.support.sip import ipv6_loopback, options, sip_request, status_code, udp_exchange, udp_socket
 from tests.support.sipp import ensure_sip_tools
 
 pytestmark = pytest.mark.integration
 
 
-def _ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
 @pytest.fixture
 def v6(tmp_path: Path) -> Iterator[tuple[KamailioMain, Registrar]]:
-    if not _ipv6_loopback():
+    if not ipv6_loopback():
         pytest.skip("no IPv6 loopback on this machine")
     assert ensure_sip_tools()
     kam = KamailioMain(tmp_path / "kam", auth=False, listen_ip="::1").start()

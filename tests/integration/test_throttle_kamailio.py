@@ -21,9 +21,11 @@ from pathlib import Path
 
 import pytest
 
+from registrar.sip.transport import ip_reference
 from tests.support.kamailio import KamailioMain
 from tests.support.ports import free_port
 from tests.support.registrar import Registrar, metric
+from tests.support.sip import LOOPBACK, ipv6_loopback
 from tests.support.sipp import SCENARIOS, Sipp, run_sipp
 from tests.support.wait import poll
 
@@ -41,16 +43,28 @@ class Rig:
         self.kam: KamailioMain | None = None
         self.reg: Registrar | None = None
         self.phones: list[Sipp] = []
+        self.host = LOOPBACK  # where Kamailio and the registrar listen, and the first phone sends from
+        self.second: tuple[str, int] | None = None  # dual stack: the registrar's IPv6 socket
 
-    def start(self, mode: str, *extra: str) -> Rig:
+    def start(self, mode: str, *extra: str, family: str = "ipv4") -> Rig:
+        """``family``: ipv4, ipv6 (everything on ::1), or dual (Kamailio on IPv4; the registrar on an IPv4
+        and an IPv6 socket; :meth:`phone` with ``second=True`` registers over IPv6)."""
         mid_port = free_port()
-        self.kam = KamailioMain(self.tmp / "kamailio", mid_port=mid_port, password=PASSWORD).start()
+        self.host = "::1" if family == "ipv6" else LOOPBACK
+        args = list(extra)
+        if family == "dual":
+            self.second = ("::1", free_port())
+            args += ["--listen", f"udp:[::1]:{self.second[1]}"]
+        self.kam = KamailioMain(
+            self.tmp / "kamailio", mid_port=mid_port, password=PASSWORD, listen_ip=self.host, mid_ip=self.host
+        ).start()
         self.reg = Registrar(
             self.kam.addr,
             mode=mode,
             port=mid_port,
+            host=self.host,
             transports=("udp",),
-            extra=list(extra),
+            extra=args,
             workdir=self.tmp / "midreg",
         ).start(ready_timeout=20)
         return self
@@ -62,14 +76,17 @@ class Rig:
         every_ms: int,
         name: str,
         ooc: str | None = None,
+        second: bool = False,
     ) -> Sipp:
         assert self.reg is not None
         extra = ["-d", str(every_ms), "-recv_timeout", "20000"]
         if ooc:
             extra += ["-oocsf", str(SCENARIOS / ooc)]
+        target = self.second if second and self.second is not None else self.reg.addr
         p = Sipp(
             "thr_phone",
-            self.reg.addr,
+            target,
+            local_ip=target[0],
             keys={"user": user, "password": PASSWORD, "domain": DOMAIN, "expires": expires},
             calls=1,
             timeout_s=170,
@@ -247,14 +264,20 @@ def test_contact_mode_expired_phone_is_deregistered_at_kamailio(rig: Rig) -> Non
 # ---------------------------------------------------------------------------------------------- mode aor
 
 
-def test_aor_mode_one_aggregated_contact_and_call_forks_to_both_devices(rig: Rig) -> None:
-    rig.start("aor", "--outgoing-expires", "60", "--min-expires", "1")
+@pytest.mark.parametrize("family", ["ipv4", "ipv6", "dual"])
+def test_aor_mode_one_aggregated_contact_and_call_forks_to_both_devices(rig: Rig, family: str) -> None:
+    """Also on IPv6 (Kamailio, the registrar and the phones on ::1), and dual stack: the second device
+    registers over the registrar's IPv6 socket while Kamailio is on IPv4, and the call reaches it over IPv6."""
+    if family != "ipv4" and not ipv6_loopback():
+        pytest.fail("this machine has no IPv6 loopback (::1): the IPv6 runs need one")
+    rig.start("aor", "--outgoing-expires", "60", "--min-expires", "1", family=family)
     assert rig.kam is not None and rig.reg is not None
     # Device 1 answers calls, device 2 only rings; both registered for 12 s and silent afterwards.
     d1 = rig.phone("alice", 12, 600000, "answers", ooc="phone_answer_ooc.xml")
     d1_port = port_of(d1)
     wait_replies(rig, [d1], 1, 15)
-    d2 = rig.phone("alice", 12, 600000, "rings", ooc="thr_ring_ooc.xml")
+    d2 = rig.phone("alice", 12, 600000, "rings", ooc="thr_ring_ooc.xml", second=family == "dual")
+    d2_host = ip_reference(rig.second[0] if rig.second else rig.host)
     wait_replies(rig, [d2], 1, 15)
     t_reg = time.monotonic()
     time.sleep(0.3)
@@ -262,7 +285,7 @@ def test_aor_mode_one_aggregated_contact_and_call_forks_to_both_devices(rig: Rig
     held = rig.kam.contacts_of("alice")
     info = rig.diag(f"counters {rig.kam.counters()}; ul.dump:\n{rig.kam.ul_dump()[-3000:]}")
     assert len(held) == 1, "Kamailio must hold ONE aggregated contact for the two devices\n" + info
-    assert held[0].address == f"sip:alice%40{DOMAIN}@127.0.0.1:{rig.reg.port}", info
+    assert held[0].address == f"sip:alice%40{DOMAIN}@{ip_reference(rig.host)}:{rig.reg.port}", info
     assert 50 <= held[0].expires <= 60, f"outgoing lifetime 60: {held[0]}\n" + info
     view = rig.reg.aor_view(f"alice@{DOMAIN}")
     assert view is not None and view["mode"] == "aor" and len(view["bindings"]) == 2, f"{view}\n" + info
@@ -272,6 +295,7 @@ def test_aor_mode_one_aggregated_contact_and_call_forks_to_both_devices(rig: Rig
     caller = run_sipp(
         "main_invite_uac",
         rig.kam.addr,
+        local_ip=rig.host,
         keys={"ruri": f"sip:alice@{DOMAIN}", "caller": "pbx"},
         calls=1,
         wait=40,
@@ -282,8 +306,8 @@ def test_aor_mode_one_aggregated_contact_and_call_forks_to_both_devices(rig: Rig
     info = rig.diag(caller.describe()[-5000:])
     inv1, inv2 = d1.log_lines("CALL invite"), d2.log_lines("CALL invite")
     assert inv1 and inv2, "the INVITE must reach BOTH devices (parallel fork)\n" + info
-    assert f"ruri=sip:alice@127.0.0.1:{d1_port}" in inv1[0], inv1
-    assert f"ruri=sip:alice@127.0.0.1:{port_of(d2)}" in inv2[0], inv2
+    assert f"ruri=sip:alice@{ip_reference(rig.host)}:{d1_port}" in inv1[0], inv1
+    assert f"ruri=sip:alice@{d2_host}:{port_of(d2)}" in inv2[0], inv2
     assert caller.returncode == 0, "INVITE → 200, ACK, BYE → 200 must complete\n" + info
     assert any(ln.startswith("INVITE final=200") for ln in caller.logs), info
     assert any(ln.startswith("BYE final=200") for ln in caller.logs), info

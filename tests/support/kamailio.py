@@ -161,13 +161,14 @@ class KamailioMain:
         config: Path = MAIN_CFG,
         extra_defines: Mapping[str, object] | None = None,
         listen_ip: str = LOOPBACK,
+        mid_ip: str = LOOPBACK,
     ) -> None:
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
         self.ctl = workdir / "ctl.sock"
         defines: dict[str, object] = {"CTL_SOCK": f'"unix:{self.ctl}"', "AUTH_PASSWORD": f'"{password}"'}
         if mid_port is not None:
-            defines["MID_IP"] = f'"{LOOPBACK}"'
+            defines["MID_IP"] = f'"{mid_ip}"'
             defines["MID_PORT"] = mid_port
         if not auth:
             defines["NO_AUTH"] = 1

@@ -217,3 +217,13 @@ def in_dialog_request(method: str, ok: Response, caller: tuple[str, int]) -> byt
         "Content-Length: 0",
     ]
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def ipv6_loopback() -> bool:
+    """Whether this machine has ::1 (a container without IPv6 has not)."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from registrar.sip.transport import ip_reference
 from tests.support import REPO
 from tests.support.kamailio import kamailio_binary
 from tests.support.ports import free_port, wait_port
@@ -175,7 +176,7 @@ class Sipp:
         self.port = port if port is not None else free_port()
         argv: list[str] = [exe]
         if remote is not None:
-            argv.append(f"{remote[0]}:{remote[1]}")
+            argv.append(f"{ip_reference(remote[0])}:{remote[1]}")
         argv += ["-sf", str(path), "-i", local_ip, "-p", str(self.port), "-t", transport, "-nostdin"]
         for k, v in (keys or {}).items():
             argv += ["-key", k, str(v)]
