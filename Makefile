@@ -43,7 +43,7 @@ format: install ## Apply ruff's formatting and safe fixes
 	$(BIN)/ruff format registrar operator tests bench scripts
 
 .PHONY: sip-tools
-sip-tools: ## Install SIPp (sip-tester) and Kamailio from Debian when missing
+sip-tools: ## Install SIPp (sip-tester), Kamailio (with TLS) and baresip from Debian when missing
 	bash scripts/install-sip-tools.sh
 
 .PHONY: etcd
