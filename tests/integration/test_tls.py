@@ -227,10 +227,25 @@ def test_failed_handshakes_are_logged_and_counted_and_the_registrar_serves_on(
     phone.close()
 
 
-def test_a_main_registrar_the_registrar_does_not_trust_gets_no_register(tmp_path: Path, certs: Certs) -> None:
-    """Another CA signed main's certificate: the handshake fails, the phone gets 503, nothing crashes."""
-    stranger = Pki(tmp_path / "other-ca")
-    certs.main = stranger.sign("main", "/CN=main-registrar", san=SAN, server=True)
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        ("another CA", "certificate rejected: unable to get local issuer certificate"),
+        ("expired", "certificate rejected: certificate has expired"),
+        ("another name", "certificate rejected: IP address mismatch"),
+    ],
+)
+def test_a_main_registrar_the_registrar_does_not_trust_gets_no_register(
+    tmp_path: Path, certs: Certs, case: str, reason: str
+) -> None:
+    """Main's certificate is signed by another CA, or has expired, or names another host: the handshake fails
+    with a log line that says which, the phone gets 503, nothing crashes."""
+    if case == "another CA":
+        certs.main = Pki(tmp_path / "other-ca").sign("main", "/CN=main-registrar", san=SAN, server=True)
+    elif case == "expired":
+        certs.main = certs.pki.sign_expired("main-expired", "/CN=main-registrar", san=SAN)
+    else:
+        certs.main = certs.pki.sign("main-other", "/CN=main-registrar", san="IP:192.0.2.77", server=True)
     kam = kamailio_tls(tmp_path / "kam", certs, trusted_ca=certs.pki.ca)
     reg = tls_registrar(tmp_path, certs, kam)
     try:
@@ -240,7 +255,7 @@ def test_a_main_registrar_the_registrar_does_not_trust_gets_no_register(tmp_path
         assert status_code(answer) == 503, answer
         assert time.monotonic() - t0 < 12
         assert metric(reg.metrics(), "midregistrar_tls_handshake_failures", side="client") >= 1
-        assert "certificate rejected" in reg.log(), reg.log()[-2000:]
+        assert reason in reg.log(), reg.log()[-2000:]
         assert kam.contacts() == []
         phone.close()
     finally:

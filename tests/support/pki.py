@@ -52,6 +52,31 @@ class Pki:
         )  # fmt: skip
         return self.dir / f"{name}.crt", self.dir / f"{name}.key"
 
+    def sign_expired(self, name: str, subject: str, *, san: str) -> tuple[Path, Path]:
+        """A server certificate from this CA whose validity ended in 2020 (``openssl ca`` takes explicit
+        dates; ``x509 -days`` cannot go back in time)."""
+        self._openssl(
+            "req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+            "-subj", subject,
+        )  # fmt: skip
+        (self.dir / f"{name}.ext").write_text(
+            "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
+            f"extendedKeyUsage=serverAuth,clientAuth\nsubjectAltName={san}\n"
+        )
+        (self.dir / "index.txt").touch()
+        (self.dir / "ca.cnf").write_text(
+            "[ca]\ndefault_ca = test\n[test]\ndatabase = index.txt\nnew_certs_dir = .\n"
+            "serial = ca.srl\ndefault_md = sha256\npolicy = any\n[any]\ncommonName = supplied\n"
+        )
+        if not (self.dir / "ca.srl").exists():
+            (self.dir / "ca.srl").write_text("1000\n")
+        self._openssl(
+            "ca", "-batch", "-config", "ca.cnf", "-cert", "ca.crt", "-keyfile", "ca.key", "-in", f"{name}.csr",
+            "-out", f"{name}.crt", "-startdate", "20200101000000Z", "-enddate", "20200102000000Z",
+            "-extfile", f"{name}.ext", "-notext",
+        )  # fmt: skip
+        return self.dir / f"{name}.crt", self.dir / f"{name}.key"
+
     def key_pair(self, name: str) -> tuple[Path, Path]:
         """A bare RSA key pair, ``<name>.key`` and ``<name>.pub`` (a service-account token signing key)."""
         self._openssl("genrsa", "-out", f"{name}.key", "2048")
