@@ -85,6 +85,7 @@ bench: install sip-tools etcd cluster-rig metrics-rig node-tools node-rig image 
 	$(PY) -m bench.node_bench
 	$(PY) -m bench.autoscaling_bench --runs 3
 	$(PY) -m bench.tls_bench
+	$(PY) -m bench.tls_memory --connections 5000
 
 .PHONY: clean
 clean: ## Remove the virtualenv and caches (not the tool cache in $(MIDREG_CACHE))

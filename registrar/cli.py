@@ -197,6 +197,9 @@ def _run(settings: Settings) -> None:
         loop_module = uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
         loop_module = None
+        # Not silent: on asyncio's own loop a TLS connection holds ~280 KB, against ~26 KB on uvloop
+        # (docs/benchmarks.md, "Where an idle TLS connection's memory goes").
+        logging.getLogger("midregistrar").warning("uvloop is not installed: running on asyncio's own event loop")
     if loop_module is not None:
         loop_module.run(run(settings))
     else:
