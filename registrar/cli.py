@@ -199,7 +199,9 @@ def _run(settings: Settings) -> None:
         loop_module = None
         # Not silent: on asyncio's own loop a TLS connection holds ~280 KB, against ~26 KB on uvloop
         # (docs/benchmarks.md, "Where an idle TLS connection's memory goes").
-        logging.getLogger("midregistrar").warning("uvloop is not installed: running on asyncio's own event loop")
+        logging.getLogger("midregistrar").warning(
+            "uvloop is not installed: running on asyncio's own event loop"
+        )
     if loop_module is not None:
         loop_module.run(run(settings))
     else:
