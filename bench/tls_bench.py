@@ -7,7 +7,8 @@ by the bench), Kamailio as the main registrar (UDP, no authentication), phones f
 
 - memory: PHONES phones register, over UDP (one socket, one binding each) in one run and each over a TLS
   connection of its own in the other; the registrar's RSS after minus before, per phone, and the difference:
-  what an idle TLS connection costs beyond its binding (goal ≤ 10 KB);
+  what an idle TLS connection costs beyond its binding (goal ≤ 10 KB); and each over a secure WebSocket
+  (WSS, RFC 7118) of its own, as WebRTC clients;
 - absorbed refreshes: ACTIVE of those phones refresh in a closed loop (next REGISTER when the answer came)
   for SECONDS, over their persistent connections or over UDP: REGISTERs answered per second and the
   registrar's CPU per REGISTER (utime+stime from /proc). The phones share the two cores with the registrar,
@@ -32,6 +33,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
+
 from tests.support.kamailio import KamailioMain
 from tests.support.pki import Pki
 from tests.support.ports import free_port
@@ -49,7 +52,8 @@ def rss_kb(pid: int) -> int:
 
 
 def register(user: str, local: tuple[str, int], transport: str, cseq: int, branch: str) -> bytes:
-    contact = f"<sip:{user}@{local[0]}:{local[1]}{';transport=tls' if transport == 'TLS' else ''}>"
+    param = {"TLS": ";transport=tls", "WSS": ";transport=ws"}.get(transport, "")
+    contact = f"<sip:{user}@{local[0]}:{local[1]}{param}>"
     return (
         f"REGISTER sip:example.com SIP/2.0\r\n"
         f"Via: SIP/2.0/{transport} {local[0]}:{local[1]};rport;branch=z9hG4bK-{branch}\r\n"
@@ -163,6 +167,48 @@ async def run_stream(reg: Registrar, ctx: ssl.SSLContext | None, args: argparse.
     return Run(per_phone, rate, cpu_us, args.handshakes / took, cpu / args.handshakes * 1e6)
 
 
+@dataclass
+class WssPhone:
+    """A browser-like phone: one secure WebSocket of its own, subprotocol sip, a .invalid host in Via."""
+
+    user: str
+    ws: aiohttp.ClientWebSocketResponse
+    cseq: int = 0
+
+    async def register(self) -> int:
+        self.cseq += 1
+        local = (f"{self.user}.invalid", 443)
+        await self.ws.send_str(
+            register(self.user, local, "WSS", self.cseq, f"{self.user}-{self.cseq}").decode()
+        )
+        while True:
+            msg = await self.ws.receive()
+            status = int(msg.data.split(" ", 2)[1])
+            if status >= 200:
+                return status
+
+
+async def run_wss(reg: Registrar, ctx: ssl.SSLContext, port: int, args: argparse.Namespace) -> Run:
+    """Phones each on a secure WebSocket of its own (RFC 7118), as WebRTC clients are."""
+    pid = reg.pid
+    before = rss_kb(pid)
+    connector = aiohttp.TCPConnector(limit=0, ssl=ctx)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def open_phone(i: int) -> WssPhone:
+            ws = await session.ws_connect(f"wss://{HOST}:{port}/", protocols=("sip",), heartbeat=None)
+            phone = WssPhone(f"w{i:05d}", ws)
+            assert await phone.register() == 200
+            return phone
+
+        phones = await gather_limited([open_phone(i) for i in range(args.phones)], 100)
+        await asyncio.sleep(2)
+        per_phone = (rss_kb(pid) - before) / args.phones
+        rate, cpu_us = await closed_loop(pid, [p.register for p in phones[: args.active]], args.seconds)
+        await asyncio.gather(*(p.ws.close() for p in phones))
+    return Run(per_phone, rate, cpu_us)
+
+
 async def run_udp(reg: Registrar, args: argparse.Namespace) -> Run:
     pid = reg.pid
     loop = asyncio.get_running_loop()
@@ -218,53 +264,55 @@ def main() -> int:
     crt, key = pki.sign("registrar", "/CN=midregistrar", san=f"IP:{HOST}", server=True)
     ctx = ssl.create_default_context(cafile=str(pki.ca))
     results: dict[str, Run] = {}
-    for name in ("udp", "tcp", "tls"):
+    for name in ("udp", "tcp", "tls", "wss"):
         kam = KamailioMain(work / f"kam-{name}", auth=False, quiet=True).start()
-        port = free_port()
+        port, wss_port = free_port(), free_port()
         reg = Registrar(
             (HOST, kam.port),
             mode="contact",
             port=port,
-            transports=("udp", "tcp") if name == "tcp" else ("udp", "tls"),
+            transports={"tcp": ("udp", "tcp"), "tls": ("udp", "tls")}.get(name, ("udp",)),
             extra=["--tls-cert", str(crt), "--tls-key", str(key), "--outgoing-expires", "3600",
-                   "--log-level", "warning", "--max-connections", "0"],
+                   "--log-level", "warning", "--max-connections", "0", "--max-connections-per-source", "0",
+                   *(["--listen", f"wss:{HOST}:{wss_port}"] if name == "wss" else [])],
             workdir=work / f"mid-{name}",
         ).start()  # fmt: skip
         try:
-            coro = (
-                run_udp(reg, args) if name == "udp" else run_stream(reg, ctx if name == "tls" else None, args)
-            )
+            if name == "udp":
+                coro = run_udp(reg, args)
+            elif name == "wss":
+                coro = run_wss(reg, ctx, wss_port, args)
+            else:
+                coro = run_stream(reg, ctx if name == "tls" else None, args)
             results[name] = asyncio.run(coro)
         finally:
             reg.stop()
             kam.stop()
-    udp, tcp, tls = results["udp"], results["tcp"], results["tls"]
+    udp, tcp, tls, wss = results["udp"], results["tcp"], results["tls"], results["wss"]
+    runs = (udp, tcp, tls, wss)
     print(f"\n{time.strftime('%Y-%m-%d %H:%M')}, {args.phones} phones, {args.active} refreshing\n")
-    print("| | UDP | TCP (persistent) | TLS (persistent) |\n|---|---|---|---|")
-    row = "| {} | {} | {} | {} |"
-    print(
-        row.format(
-            "registrar RSS per registered phone", *(f"{r.rss_per_phone_kb:.2f} KB" for r in (udp, tcp, tls))
-        )
-    )
+    print("| | UDP | TCP (persistent) | TLS (persistent) | WSS (persistent) |\n|---|---|---|---|---|")
+    row = "| {} | {} | {} | {} | {} |"
+    print(row.format("registrar RSS per registered phone", *(f"{r.rss_per_phone_kb:.2f} KB" for r in runs)))
     print(
         row.format(
             "of which its connection",
             "",
-            *(f"{r.rss_per_phone_kb - udp.rss_per_phone_kb:.2f} KB" for r in (tcp, tls)),
+            *(f"{r.rss_per_phone_kb - udp.rss_per_phone_kb:.2f} KB" for r in (tcp, tls, wss)),
         )
     )
+    print(
+        row.format("absorbed refreshes answered per second (closed loop)", *(f"{r.rate:.0f}" for r in runs))
+    )
+    print(row.format("registrar CPU per absorbed refresh", *(f"{r.cpu_us:.1f} µs" for r in runs)))
     print(
         row.format(
-            "absorbed refreshes answered per second (closed loop)",
-            *(f"{r.rate:.0f}" for r in (udp, tcp, tls)),
+            "new TLS connections per second (handshake, close)", "", "", f"{tls.handshakes_per_s:.0f}", ""
         )
     )
-    print(row.format("registrar CPU per absorbed refresh", *(f"{r.cpu_us:.1f} µs" for r in (udp, tcp, tls))))
     print(
-        row.format("new TLS connections per second (handshake, close)", "", "", f"{tls.handshakes_per_s:.0f}")
+        row.format("registrar CPU per TLS handshake (RSA 2048)", "", "", f"{tls.handshake_cpu_us:.0f} µs", "")
     )
-    print(row.format("registrar CPU per TLS handshake (RSA 2048)", "", "", f"{tls.handshake_cpu_us:.0f} µs"))
     print(f"\ncommand: python -m bench.tls_bench {shlex.join(sys.argv[1:])}".rstrip())
     return 0
 
