@@ -6,25 +6,31 @@ status). create/update/resume only make convergence faster; the timer repairs dr
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import datetime
 import logging
 import os
 import tempfile
+import typing
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import kopf
 
-from . import render
+from . import render, sidecar
 from .etcd import EtcdGateway, EtcdUnavailable
 from .kube import Kube, KubeError
 from .spec import API_VERSION, GROUP, KIND, PLURAL, VERSION, MidRegistrarSpec, Ref, etcd_prefix, parse_spec
 from .status import Observed, Problem, compute_status, status_differs
+from .webhook import Certificates, ServingContext, WebhookSettings, issue, renewal_reason
 
 RESYNC_SECONDS = float(os.environ.get("MIDREG_OPERATOR_RESYNC_SECONDS", "30"))
 RETRY_SECONDS = float(os.environ.get("MIDREG_OPERATOR_RETRY_SECONDS", "10"))
+# How often the webhook's certificate is checked (and reloaded when another replica renewed it).
+CERT_CHECK_SECONDS = float(os.environ.get("MIDREG_WEBHOOK_CERT_CHECK_SECONDS", "600"))
 WATCH_SERVER_TIMEOUT = int(os.environ.get("MIDREG_OPERATOR_WATCH_SERVER_TIMEOUT", "300"))
 WATCH_CLIENT_TIMEOUT = int(
     os.environ.get("MIDREG_OPERATOR_WATCH_CLIENT_TIMEOUT", str(WATCH_SERVER_TIMEOUT + 60))
@@ -54,8 +60,18 @@ def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+@dataclass
+class Webhook:
+    """The sidecar injection webhook of this operator process (kept in kopf's memo)."""
+
+    settings: WebhookSettings
+    serving: ServingContext
+    ca: bytes
+    task: asyncio.Task[None] | None = None
+
+
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Logger, **_: Any) -> None:
     reset_client()
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
@@ -68,6 +84,126 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.connect_timeout = 30
     settings.posting.level = logging.WARNING
     settings.execution.max_workers = int(os.environ.get("MIDREG_OPERATOR_WORKERS", "8"))
+    web = WebhookSettings.from_environment()
+    if web is not None:
+        certs = ensure_certificates(web, logger)
+        serving = ServingContext(certs)
+        memo.webhook = Webhook(web, serving, certs.ca_crt)
+        # Served by kopf; the webhook configuration is the operator's own (one entry per sidecar
+        # MidRegistrar, each with its failure policy), so kopf does not manage one.
+        settings.admission.server = kopf.WebhookServer(
+            addr="0.0.0.0", port=web.port, context=serving.context, cadata=certs.ca_crt
+        )
+        settings.admission.managed = None
+        sync_webhook_configuration(memo.webhook)
+
+
+@kopf.on.startup()
+async def start_certificate_upkeep(memo: kopf.Memo, logger: Logger, **_: Any) -> None:
+    webhook: Webhook | None = getattr(memo, "webhook", None)
+    if webhook is not None:
+        webhook.task = asyncio.create_task(_certificate_upkeep(webhook, logger))
+
+
+@kopf.on.cleanup()
+async def stop_certificate_upkeep(memo: kopf.Memo, **_: Any) -> None:
+    webhook: Webhook | None = getattr(memo, "webhook", None)
+    if webhook is not None and webhook.task is not None:
+        webhook.task.cancel()
+
+
+async def _certificate_upkeep(webhook: Webhook, logger: Logger) -> None:
+    """Renew the serving certificate before it expires (any replica may), and load the one in the Secret
+    when it is not the one served (another replica renewed it)."""
+    while True:
+        await asyncio.sleep(CERT_CHECK_SECONDS)
+        try:
+            certs = await asyncio.to_thread(ensure_certificates, webhook.settings, logger)
+        except KubeError as exc:
+            logger.warning(f"webhook certificate check failed: {exc}")
+            continue
+        if certs.tls_crt != webhook.serving.serving:
+            webhook.serving.load(certs)
+            logger.info("webhook: serving the renewed certificate")
+        if certs.ca_crt != webhook.ca:
+            webhook.ca = certs.ca_crt
+            await asyncio.to_thread(sync_webhook_configuration, webhook)
+
+
+def ensure_certificates(web: WebhookSettings, logger: Logger) -> Certificates:
+    """The webhook's certificates from their Secret, made or renewed first when they must be (expired,
+    expiring, other hosts). Replicas race benignly: a 409 means another one wrote first; its copy is used."""
+    k = kube()
+    secret = k.get("v1", "Secret", web.namespace, web.secret)
+    current = Certificates.from_secret_data(dict(secret.get("data") or {})) if secret else None
+    reason = "none yet" if current is None else renewal_reason(current, web.hosts)
+    if current is not None and reason is None:
+        return current
+    keep_ca = current is not None and reason not in ("the CA has expired", "not signed by the CA")
+    fresh = issue(web.hosts, ca=(current.ca_crt, current.ca_key) if current is not None and keep_ca else None)
+    obj: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": {
+            "name": web.secret,
+            "namespace": web.namespace,
+            "labels": {"app.kubernetes.io/managed-by": render.MANAGED_BY},
+        },
+        "data": fresh.to_secret_data(),
+    }
+    try:
+        if secret is None:
+            k.create(obj)
+        else:
+            obj["metadata"]["resourceVersion"] = secret["metadata"]["resourceVersion"]
+            k.replace(obj)
+    except KubeError as exc:
+        if exc.status != 409:
+            raise
+        return ensure_certificates(web, logger)  # another replica wrote first: use (or check) its copy
+    logger.info(f"webhook certificate for {', '.join(web.hosts)} issued ({reason})")
+    return fresh
+
+
+def sync_webhook_configuration(webhook: Webhook) -> None:
+    """The MutatingWebhookConfiguration with one entry per sidecar MidRegistrar (none: an empty list)."""
+    k = kube()
+    entries = []
+    for mr in k.list(API_VERSION, KIND, None):
+        meta = mr.get("metadata") or {}
+        spec = parse_spec(mr.get("spec"))
+        if spec.deployment == "sidecar" and not meta.get("deletionTimestamp"):
+            entries.append((_ref(meta, meta.get("namespace", ""), meta.get("name", "")), spec))
+    k.apply(sidecar.webhook_configuration(entries, webhook.settings.client_config(webhook.ca)))
+
+
+@kopf.on.mutate(
+    "v1", "pods", id=sidecar.WEBHOOK_PATH, operation="CREATE", labels={sidecar.SIDECAR_LABEL: kopf.PRESENT}
+)
+def inject_sidecar(
+    *,
+    body: kopf.Body,
+    patch: kopf.Patch,
+    namespace: str | None,
+    warnings: list[str],
+    logger: Logger,
+    **_: Any,
+) -> None:
+    """Add the registrar container to a PBX pod that names a sidecar MidRegistrar in its label."""
+    name = body.metadata.labels.get(sidecar.SIDECAR_LABEL, "")
+    ns = namespace or body.metadata.namespace or ""
+    mr = kube().get(API_VERSION, KIND, ns, name)
+    spec = parse_spec(mr.get("spec")) if mr is not None else None
+    if mr is None or spec is None or spec.deployment != "sidecar":
+        warnings.append(f"no sidecar MidRegistrar {ns}/{name}: pod created without a mid-registrar")
+        return
+    ref = _ref(mr["metadata"], ns, name)
+    change = sidecar.injection(spec, ref, dict(body))
+    if change is None:
+        return  # already injected (a re-admission)
+    patch.update(change)
+    logger.info(f"injected the {name} mid-registrar sidecar")
 
 
 @kopf.on.login()
@@ -152,7 +288,10 @@ def reconcile(
         for obj in render.render_all(spec, ref):
             k.apply(obj)
         for api_version, kind, obj_name in render.absent_objects(spec, ref):
-            if k.delete(api_version, kind, namespace, obj_name):
+            existing = k.get(api_version, kind, namespace, obj_name)
+            if existing is None or not render.owned_by(existing, ref):
+                continue  # gone already, or a namesake that is not ours
+            if k.delete(api_version, kind, namespace, obj_name, uid=existing["metadata"]["uid"]):
                 logger.info(f"deleted {kind} {obj_name}: no longer wanted by the spec")
     except KubeError as exc:
         current = dict(status or {})
@@ -168,8 +307,50 @@ def reconcile(
         with contextlib.suppress(KubeError):
             k.patch_status(namespace, name, failed)
         raise kopf.TemporaryError(f"applying owned objects failed: {exc}", delay=RETRY_SECONDS) from exc
+    if spec.deployment == "sidecar":
+        return observe_sidecars(spec, ref, status, creds, problems, logger)
     deployment = k.get("apps/v1", "Deployment", namespace, render.names(ref)["deployment"])
     return observe(spec, ref, status, deployment, creds, problems)
+
+
+def observe_sidecars(
+    spec: MidRegistrarSpec,
+    ref: Ref,
+    status: Any,
+    creds: dict[str, str] | None,
+    problems: list[Problem],
+    logger: Logger,
+) -> dict[str, Any]:
+    """A sidecar's status: the PBX pods that carry it. A pod that opted in and came up without it (the
+    webhook was unreachable, failurePolicy Ignore) gets a Warning event and makes the MidRegistrar
+    Degraded until it is replaced."""
+    pods = kube().list("v1", "Pod", ref.namespace, f"{sidecar.SIDECAR_LABEL}={ref.name}")
+    counts = sidecar.count_pods(pods)
+    missing = [p for p in pods if not sidecar.injected(p) and not p["metadata"].get("deletionTimestamp")]
+    for pod in missing:
+        kopf.warn(
+            kopf.Body(typing.cast(kopf.RawBody, pod)),
+            reason="SidecarNotInjected",
+            message=f"created without the {ref.name} mid-registrar sidecar (the injection webhook was not "
+            "reached and failurePolicy is Ignore): delete the pod to have it injected",
+        )
+    if missing:
+        names_ = ", ".join(p["metadata"]["name"] for p in missing[:5])
+        problems.append(
+            Problem("SidecarNotInjected", f"{len(missing)} PBX pods without their sidecar: {names_}")
+        )
+    counts_obs, source, problem = observe_counts(spec, ref, creds)
+    if problem:
+        problems.append(problem)
+    return compute_status(
+        spec,
+        ref,
+        Observed(None, counts_obs, source, tuple(problems), sidecars=counts),
+        render.selector_string(ref),
+        dict(status or {}),
+        _now(),
+        render.config_hash(spec, ref),
+    )
 
 
 def observe(
@@ -195,10 +376,20 @@ def observe(
     )
 
 
-def _converge(spec: Any, meta: Any, status: Any, namespace: str, name: str, patch: Any, logger: Any) -> None:
+def _converge(
+    spec: Any, meta: Any, status: Any, namespace: str, name: str, patch: Any, logger: Any, memo: Any = None
+) -> None:
     new = reconcile(spec, meta, status, namespace, name, logger)
     if status_differs(dict(status or {}), new):
         patch.status.update(new)
+    webhook: Webhook | None = getattr(memo, "webhook", None)
+    if webhook is not None and (parse_spec(spec).deployment == "sidecar" or status_mentions_sidecar(status)):
+        sync_webhook_configuration(webhook)
+
+
+def status_mentions_sidecar(status: Any) -> bool:
+    """A MidRegistrar that was a sidecar (its status still counts injected pods) may have left that mode."""
+    return "injectedPods" in dict(status or {})
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL, backoff=RETRY_SECONDS)
@@ -213,9 +404,10 @@ def converge(
     name: str,
     patch: kopf.Patch,
     logger: Logger,
+    memo: kopf.Memo,
     **_: Any,
 ) -> None:
-    _converge(spec, meta, status, namespace or "", name, patch, logger)
+    _converge(spec, meta, status, namespace or "", name, patch, logger, memo)
 
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS / 2)
@@ -228,9 +420,10 @@ def resync(
     name: str,
     patch: kopf.Patch,
     logger: Logger,
+    memo: kopf.Memo,
     **_: Any,
 ) -> None:
-    _converge(spec, meta, status, namespace or "", name, patch, logger)
+    _converge(spec, meta, status, namespace or "", name, patch, logger, memo)
 
 
 @kopf.on.event("apps", "v1", "deployments", labels={"app.kubernetes.io/managed-by": render.MANAGED_BY})
@@ -317,3 +510,11 @@ def cleanup(
                 kube().patch_status(namespace, name, {"conditions": conditions})
             raise kopf.TemporaryError(message, delay=RETRY_SECONDS) from exc
     logger.info(f"removed etcd prefix {prefix} ({deleted} keys)")
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL, id="webhook-entry", backoff=RETRY_SECONDS)
+def drop_webhook_entry(*, spec: kopf.Spec, memo: kopf.Memo, **_: Any) -> None:
+    """A sidecar MidRegistrar that goes takes its webhook entry with it (its pods are created plain)."""
+    webhook: Webhook | None = getattr(memo, "webhook", None)
+    if webhook is not None and parse_spec(spec).deployment == "sidecar":
+        sync_webhook_configuration(webhook)

@@ -21,6 +21,8 @@ PLURALS: dict[tuple[str, str], str] = {
     ("v1", "Service"): "services",
     ("v1", "ServiceAccount"): "serviceaccounts",
     ("v1", "Secret"): "secrets",
+    ("v1", "Pod"): "pods",
+    ("admissionregistration.k8s.io/v1", "MutatingWebhookConfiguration"): "mutatingwebhookconfigurations",
     ("apps/v1", "Deployment"): "deployments",
     ("autoscaling/v2", "HorizontalPodAutoscaler"): "horizontalpodautoscalers",
     ("policy/v1", "PodDisruptionBudget"): "poddisruptionbudgets",
@@ -40,10 +42,11 @@ class KubeError(Exception):
         return self.status == 404
 
 
-def object_path(api_version: str, kind: str, namespace: str, name: str | None = None) -> str:
+def object_path(api_version: str, kind: str, namespace: str | None, name: str | None = None) -> str:
+    """The REST path of a kind's collection or one object; ``namespace`` None for a cluster-scoped kind."""
     plural = PLURALS[(api_version, kind)]
     root = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
-    path = f"{root}/namespaces/{namespace}/{plural}"
+    path = f"{root}/namespaces/{namespace}/{plural}" if namespace is not None else f"{root}/{plural}"
     return f"{path}/{name}" if name else path
 
 
@@ -96,7 +99,7 @@ class Kube:
     def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
         """Server-side apply with the operator's field manager (forcing: the operator owns these fields)."""
         meta = obj["metadata"]
-        path = object_path(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"])
+        path = object_path(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"])
         return self.request(
             "PATCH",
             path,
@@ -105,7 +108,26 @@ class Kube:
             content_type="application/apply-patch+yaml",
         )
 
-    def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+    def list(
+        self, api_version: str, kind: str, namespace: str | None, label_selector: str = ""
+    ) -> list[dict[str, Any]]:
+        query = [("labelSelector", label_selector)] if label_selector else []
+        data = self.request("GET", object_path(api_version, kind, namespace), query=query)
+        return list(data.get("items") or [])
+
+    def create(self, obj: dict[str, Any]) -> dict[str, Any]:
+        meta = obj["metadata"]
+        return self.request(
+            "POST", object_path(obj["apiVersion"], obj["kind"], meta.get("namespace")), body=obj
+        )
+
+    def replace(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """PUT: a 409 when ``metadata.resourceVersion`` is not the stored one (another writer won)."""
+        meta = obj["metadata"]
+        path = object_path(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"])
+        return self.request("PUT", path, body=obj)
+
+    def get(self, api_version: str, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:
         try:
             return self.request("GET", object_path(api_version, kind, namespace, name))
         except KubeError as exc:
@@ -113,9 +135,11 @@ class Kube:
                 return None
             raise
 
-    def delete(self, api_version: str, kind: str, namespace: str, name: str) -> bool:
+    def delete(self, api_version: str, kind: str, namespace: str, name: str, uid: str | None = None) -> bool:
+        """Delete one object; with ``uid``, only that very object (a precondition: not a namesake)."""
+        body = {"preconditions": {"uid": uid}} if uid else None
         try:
-            self.request("DELETE", object_path(api_version, kind, namespace, name))
+            self.request("DELETE", object_path(api_version, kind, namespace, name), body=body)
         except KubeError as exc:
             if exc.not_found:
                 return False

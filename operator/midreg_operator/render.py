@@ -62,6 +62,14 @@ def owner_reference(ref: Ref) -> Obj:
     }
 
 
+def owned_by(obj: Obj, ref: Ref) -> bool:
+    """Whether ``obj`` is one this MidRegistrar controls (never delete a user's namesake)."""
+    return any(
+        o.get("controller") and o.get("kind") == KIND and o.get("uid") == ref.uid
+        for o in (obj.get("metadata") or {}).get("ownerReferences") or []
+    )
+
+
 def _meta(ref: Ref, name: str, annotations: dict[str, str] | None = None) -> Obj:
     meta: Obj = {
         "name": name,
@@ -170,7 +178,7 @@ def _port_name(protocol: str, port: int) -> str:
 
 
 def _container_ports(spec: MidRegistrarSpec) -> list[Obj]:
-    host = spec.network.mode == "hostNetwork"
+    host = spec.network.mode == "hostNetwork" and spec.deployment == "pods"  # a sidecar's pod is the PBX's
     ports: list[Obj] = []
     for t in spec.transports:
         p: Obj = {
@@ -188,9 +196,10 @@ def _container_ports(spec: MidRegistrarSpec) -> list[Obj]:
     return ports
 
 
-def render_deployment(spec: MidRegistrarSpec, ref: Ref) -> Obj:
-    n = names(ref)
-    host = spec.network.mode == "hostNetwork"
+def registrar_env(spec: MidRegistrarSpec) -> list[Obj]:
+    """The registrar container's environment: its pod's identity and addresses (the config file has the
+    rest)."""
+    host = spec.network.mode == "hostNetwork" and spec.deployment == "pods"
     env: list[Obj] = [
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
@@ -215,27 +224,41 @@ def render_deployment(spec: MidRegistrarSpec, ref: Ref) -> Obj:
         # over UDP or TCP (a certificate names the Service, not each pod's address; the CRD requires one).
         first = plain[0]
         env.append({"name": "MIDREG_INTERNAL_ADDRESS", "value": f"{first.protocol}:$(POD_IP):{first.port}"})
-    volume_mounts: list[Obj] = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}]
-    volumes: list[Obj] = [{"name": "config", "configMap": {"name": n["configmap"]}}]
-    if spec.etcd.secret_name:
-        volume_mounts.append({"name": "etcd-credentials", "mountPath": ETCD_SECRET_DIR, "readOnly": True})
-        volumes.append({"name": "etcd-credentials", "secret": {"secretName": spec.etcd.secret_name}})
-    if spec.tls.secret_name:
+    return env
+
+
+def registrar_volumes(spec: MidRegistrarSpec, ref: Ref, prefix: str = "") -> tuple[list[Obj], list[Obj]]:
+    """(volume mounts, volumes) of the registrar container: its ConfigMap and the Secrets the spec names.
+    ``prefix`` keeps the volume names apart from a PBX's own in an injected pod."""
+    n = names(ref)
+    volume_mounts: list[Obj] = [{"name": f"{prefix}config", "mountPath": CONFIG_DIR, "readOnly": True}]
+    volumes: list[Obj] = [{"name": f"{prefix}config", "configMap": {"name": n["configmap"]}}]
+    secrets = [
+        ("etcd-credentials", ETCD_SECRET_DIR, spec.etcd.secret_name),
         # Mounted whole (no subPath): the kubelet then swaps in a renewed Secret, which the registrar reloads.
-        volume_mounts.append({"name": "tls", "mountPath": TLS_SECRET_DIR, "readOnly": True})
-        volumes.append({"name": "tls", "secret": {"secretName": spec.tls.secret_name}})
-    if spec.tls.main_ca_secret_name:
-        volume_mounts.append({"name": "main-ca", "mountPath": MAIN_CA_DIR, "readOnly": True})
-        volumes.append({"name": "main-ca", "secret": {"secretName": spec.tls.main_ca_secret_name}})
+        ("tls", TLS_SECRET_DIR, spec.tls.secret_name),
+        ("main-ca", MAIN_CA_DIR, spec.tls.main_ca_secret_name),
+    ]
+    for name, path, secret in secrets:
+        if secret:
+            volume_mounts.append({"name": f"{prefix}{name}", "mountPath": path, "readOnly": True})
+            volumes.append({"name": f"{prefix}{name}", "secret": {"secretName": secret}})
+    return volume_mounts, volumes
+
+
+def registrar_container(spec: MidRegistrarSpec, ref: Ref, name: str = "registrar", prefix: str = "") -> Obj:
+    """The registrar container, the same in a registrar pod and injected beside a PBX (its volumes come from
+    :func:`registrar_volumes` with the same ``prefix``)."""
+    volume_mounts, _ = registrar_volumes(spec, ref, prefix)
     low_port = any(t.port < 1024 for t in spec.transports) or spec.http_port < 1024
-    container: Obj = {
-        "name": "registrar",
+    return {
+        "name": name,
         "image": spec.image,
         "imagePullPolicy": spec.image_pull_policy,
         "command": ["midregistrar"],
         "args": ["run", "--config", f"{CONFIG_DIR}/{CONFIG_FILE}"],
         "ports": _container_ports(spec),
-        "env": env,
+        "env": registrar_env(spec),
         "resources": dict(spec.resources),
         "volumeMounts": volume_mounts,
         "readinessProbe": {
@@ -262,6 +285,13 @@ def render_deployment(spec: MidRegistrarSpec, ref: Ref) -> Obj:
             "capabilities": {"drop": ["ALL"], **({"add": ["NET_BIND_SERVICE"]} if low_port else {})},
         },
     }
+
+
+def render_deployment(spec: MidRegistrarSpec, ref: Ref) -> Obj:
+    n = names(ref)
+    host = spec.network.mode == "hostNetwork"
+    _, volumes = registrar_volumes(spec, ref)
+    container = registrar_container(spec, ref)
     pod_spec: Obj = {
         "serviceAccountName": n["serviceaccount"],
         "automountServiceAccountToken": False,
@@ -431,7 +461,10 @@ def render_pdb(spec: MidRegistrarSpec, ref: Ref) -> Obj:
 
 
 def render_all(spec: MidRegistrarSpec, ref: Ref) -> list[Obj]:
-    """Every owned object, in apply order (what the pods reference comes before the pods)."""
+    """Every owned object, in apply order (what the pods reference comes before the pods). A sidecar owns
+    only its ConfigMap: its containers live in the PBX's pods (:mod:`.sidecar`)."""
+    if spec.deployment == "sidecar":
+        return [render_configmap(spec, ref)]
     objs = [
         render_service_account(spec, ref),
         render_configmap(spec, ref),
@@ -448,6 +481,16 @@ def render_all(spec: MidRegistrarSpec, ref: Ref) -> list[Obj]:
 
 def absent_objects(spec: MidRegistrarSpec, ref: Ref) -> list[tuple[str, str, str]]:
     """(apiVersion, kind, name) of owned objects that this spec no longer wants (deleted if present)."""
+    n = names(ref)
+    if spec.deployment == "sidecar":  # turned from a tier of pods into a sidecar: the tier goes
+        return [
+            ("autoscaling/v2", "HorizontalPodAutoscaler", n["hpa"]),
+            ("policy/v1", "PodDisruptionBudget", n["pdb"]),
+            ("apps/v1", "Deployment", n["deployment"]),
+            ("v1", "Service", n["service"]),
+            ("v1", "Service", n["peers"]),
+            ("v1", "ServiceAccount", n["serviceaccount"]),
+        ]
     if not spec.autoscaling.enabled:
         return [("autoscaling/v2", "HorizontalPodAutoscaler", names(ref)["hpa"])]
     return []

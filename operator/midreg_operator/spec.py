@@ -67,12 +67,22 @@ class Autoscaling(_Model):
     scale_down_stabilization_seconds: int = Field(600, alias="scaleDownStabilizationSeconds")
 
 
+class Sidecar(_Model):
+    """deployment sidecar: where the PBX listens behind the injected registrar, and what the API server does
+    when the injection webhook cannot be reached."""
+
+    pbx_port: int = Field(alias="pbxPort", ge=1, le=65535)
+    failure_policy: Literal["Fail", "Ignore"] = Field("Fail", alias="failurePolicy")
+
+
 def _default_transports() -> list[Transport]:
     return [Transport(protocol="udp", port=5060), Transport(protocol="tcp", port=5060)]
 
 
 class MidRegistrarSpec(_Model):
-    main_registrar: str = Field(alias="mainRegistrar")
+    deployment: Literal["pods", "sidecar"] = "pods"
+    sidecar: Sidecar | None = None
+    main_registrar_uri: str | None = Field(None, alias="mainRegistrar")
     mode: Literal["mirror", "contact", "aor"] = "mirror"
     insertion: Literal["contact", "path"] = "contact"
     outgoing_expires: int = Field(7200, alias="outgoingExpires")
@@ -100,6 +110,15 @@ class MidRegistrarSpec(_Model):
     )
     node_selector: dict[str, str] = Field(default_factory=dict, alias="nodeSelector")
     tolerations: list[dict[str, Any]] = Field(default_factory=list)
+
+    @property
+    def main_registrar(self) -> str:
+        """The main registrar's URI: as given, else (a sidecar) the PBX on the pod's loopback."""
+        if self.main_registrar_uri:
+            return self.main_registrar_uri
+        if self.sidecar is not None:
+            return f"sip:127.0.0.1:{self.sidecar.pbx_port}"
+        raise ValueError("spec.mainRegistrar is required")
 
 
 class Ref(_Model):

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .etcd import Counts
+from .sidecar import SidecarCounts
 from .spec import MidRegistrarSpec, Ref
 
 
@@ -23,6 +24,7 @@ class Observed:
     counts: Counts | None
     counts_source: str  # "etcd", or why counts are unknown
     problems: tuple[Problem, ...] = ()
+    sidecars: SidecarCounts | None = None  # deployment sidecar: the PBX pods that opted in
 
 
 def _condition(
@@ -68,6 +70,16 @@ def rollout(spec: MidRegistrarSpec, deployment: dict[str, Any] | None) -> tuple[
     return False, True, f"{ready}/{desired} ready, {updated} updated, {replicas} pods", replicas, ready
 
 
+def sidecar_rollout(counts: SidecarCounts | None) -> tuple[bool, bool, str, int, int]:
+    """rollout()'s answer for a sidecar: its replicas are the PBX pods that carry it."""
+    c = counts or SidecarCounts()
+    message = f"{c.ready}/{c.injected} injected sidecars ready"
+    if c.not_injected:
+        message += f"; {c.not_injected} PBX pods without their sidecar"
+    complete = c.ready == c.injected
+    return complete, not complete, message, c.injected, c.ready
+
+
 def compute_status(
     spec: MidRegistrarSpec,
     ref: Ref,
@@ -78,8 +90,13 @@ def compute_status(
     config_hash: str,
 ) -> dict[str, Any]:
     previous = {c.get("type", ""): c for c in (previous_status or {}).get("conditions", []) or []}
-    complete, progressing, message, replicas, ready = rollout(spec, observed.deployment)
-    desired = spec.replicas
+    sidecar = spec.deployment == "sidecar"
+    if sidecar:
+        complete, progressing, message, replicas, ready = sidecar_rollout(observed.sidecars)
+        desired = replicas
+    else:
+        complete, progressing, message, replicas, ready = rollout(spec, observed.deployment)
+        desired = spec.replicas
     gen = ref.generation
     if observed.problems:
         first = observed.problems[0]
@@ -99,7 +116,7 @@ def compute_status(
             "Ready", False, observed.problems[0].reason, degraded["message"], gen, previous, now
         )
     elif complete:
-        reason = "ScaledToZero" if desired == 0 else "RegistrarsReady"
+        reason = "SidecarsReady" if sidecar else "ScaledToZero" if desired == 0 else "RegistrarsReady"
         ready_c = _condition("Ready", True, reason, message, gen, previous, now)
     else:
         ready_c = _condition("Ready", False, "RollingOut", message, gen, previous, now)
@@ -124,6 +141,10 @@ def compute_status(
         "configHash": config_hash,
         "conditions": [ready_c, prog_c, degraded],
     }
+    if sidecar:
+        c = observed.sidecars or SidecarCounts()
+        status["readyText"] = f"{ready}/{replicas} injected"
+        status.update(injectedPods=c.injected, readyInjectedPods=c.ready, notInjectedPods=c.not_injected)
     return status
 
 
