@@ -23,6 +23,7 @@ from kopf.testing import KopfRunner
 from tests.cluster.cluster_helpers import Cluster
 from tests.support.controlplane import ControlPlane, control_plane
 from tests.support.etcd import EtcdServer
+from tests.support.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 CRD = REPO / "crds" / "midregistrar.yaml"
@@ -68,6 +69,15 @@ def registrar_etcd(rig: ControlPlane) -> Iterator[EtcdServer]:
 def operator(rig: ControlPlane, operator_kubeconfig: Path) -> Iterator[KopfRunner]:
     old = os.environ.get("KUBECONFIG")
     os.environ["KUBECONFIG"] = str(operator_kubeconfig)
+    # The sidecar injection webhook, served by this operator on loopback: the API server (on the host too)
+    # calls it by URL; its certificate is made by the operator into midreg-system (tests/cluster/test_sidecar).
+    port = free_port()
+    os.environ.update(
+        MIDREG_WEBHOOK_PORT=str(port),
+        MIDREG_WEBHOOK_URL=f"https://127.0.0.1:{port}",
+        MIDREG_WEBHOOK_NAMESPACE="midreg-system",
+        MIDREG_WEBHOOK_SECRET="midreg-operator-webhook-tls",
+    )
     runner = KopfRunner(
         ["run", "--all-namespaces", "--standalone", "--verbose", "-m", "midreg_operator.handlers"],
         timeout=60,

@@ -52,16 +52,21 @@ compares them). Without watchNamespaces they go into the ClusterRole; with them,
 - apiGroups: [sip.midregistrar.io]
   resources: [midregistrars/finalizers]
   verbs: [update]
-# Owned objects: server-side apply. No delete: garbage collection removes them with their MidRegistrar.
+# Owned objects: server-side apply. Garbage collection removes them with their MidRegistrar; delete is for
+# a MidRegistrar that turns from a tier of pods into a sidecar (only its own objects, by uid).
 - apiGroups: [""]
   resources: [configmaps, services, serviceaccounts]
-  verbs: [get, list, watch, create, patch, update]
+  verbs: [get, list, watch, create, patch, update, delete]
 - apiGroups: [apps]
   resources: [deployments]
-  verbs: [get, list, watch, create, patch, update]
+  verbs: [get, list, watch, create, patch, update, delete]
 - apiGroups: [policy]
   resources: [poddisruptionbudgets]
-  verbs: [get, list, watch, create, patch, update]
+  verbs: [get, list, watch, create, patch, update, delete]
+# Sidecar mode: the PBX pods that opted in (status counts; one created without its sidecar gets an event).
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [get, list, watch]
 # The HPA is also removed when spec.autoscaling is turned off.
 - apiGroups: [autoscaling]
   resources: [horizontalpodautoscalers]
@@ -90,6 +95,13 @@ compares them). Without watchNamespaces they go into the ClusterRole; with them,
 - apiGroups: [""]
   resources: [namespaces]
   verbs: [get, list, watch]
+# Sidecar mode: the injection webhook's configuration, one entry per sidecar MidRegistrar of any namespace.
+- apiGroups: [admissionregistration.k8s.io]
+  resources: [mutatingwebhookconfigurations]
+  verbs: [get, list, watch, create, patch, update]
+- apiGroups: [sip.midregistrar.io]
+  resources: [midregistrars]
+  verbs: [list]
 {{- if and (include "midreg.peering" .) (not .Values.watchNamespaces) }}
 # Peering (replicas > 1): keep-alives in the ClusterKopfPeering (cluster-wide operators).
 - apiGroups: [kopf.dev]
