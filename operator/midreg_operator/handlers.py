@@ -92,7 +92,12 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Logger, 
         # Served by kopf; the webhook configuration is the operator's own (one entry per sidecar
         # MidRegistrar, each with its failure policy), so kopf does not manage one.
         settings.admission.server = kopf.WebhookServer(
-            addr="0.0.0.0", port=web.port, context=serving.context, cadata=certs.ca_crt
+            addr="0.0.0.0",
+            port=web.port,
+            context=serving.context,
+            cadata=certs.ca_crt,
+            certfile=str(serving.certfile),
+            pkeyfile=str(serving.keyfile),
         )
         settings.admission.managed = None
         sync_webhook_configuration(memo.webhook)
@@ -179,7 +184,7 @@ def sync_webhook_configuration(webhook: Webhook) -> None:
 
 
 @kopf.on.mutate(
-    "v1", "pods", id=sidecar.WEBHOOK_PATH, operation="CREATE", labels={sidecar.SIDECAR_LABEL: kopf.PRESENT}
+    "v1", "pods", id=sidecar.WEBHOOK_PATH, operations={"CREATE"}, labels={sidecar.SIDECAR_LABEL: kopf.PRESENT}
 )
 def inject_sidecar(
     *,
@@ -383,13 +388,8 @@ def _converge(
     if status_differs(dict(status or {}), new):
         patch.status.update(new)
     webhook: Webhook | None = getattr(memo, "webhook", None)
-    if webhook is not None and (parse_spec(spec).deployment == "sidecar" or status_mentions_sidecar(status)):
+    if webhook is not None and parse_spec(spec).deployment == "sidecar":
         sync_webhook_configuration(webhook)
-
-
-def status_mentions_sidecar(status: Any) -> bool:
-    """A MidRegistrar that was a sidecar (its status still counts injected pods) may have left that mode."""
-    return "injectedPods" in dict(status or {})
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL, backoff=RETRY_SECONDS)

@@ -481,16 +481,8 @@ def render_all(spec: MidRegistrarSpec, ref: Ref) -> list[Obj]:
 
 def absent_objects(spec: MidRegistrarSpec, ref: Ref) -> list[tuple[str, str, str]]:
     """(apiVersion, kind, name) of owned objects that this spec no longer wants (deleted if present)."""
-    n = names(ref)
-    if spec.deployment == "sidecar":  # turned from a tier of pods into a sidecar: the tier goes
-        return [
-            ("autoscaling/v2", "HorizontalPodAutoscaler", n["hpa"]),
-            ("policy/v1", "PodDisruptionBudget", n["pdb"]),
-            ("apps/v1", "Deployment", n["deployment"]),
-            ("v1", "Service", n["service"]),
-            ("v1", "Service", n["peers"]),
-            ("v1", "ServiceAccount", n["serviceaccount"]),
-        ]
+    if spec.deployment == "sidecar":
+        return []  # never had a tier: spec.deployment cannot change (CRD)
     if not spec.autoscaling.enabled:
         return [("autoscaling/v2", "HorizontalPodAutoscaler", names(ref)["hpa"])]
     return []

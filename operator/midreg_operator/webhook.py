@@ -228,19 +228,22 @@ def renewal_reason(
 
 
 class ServingContext:
-    """The webhook server's TLS context, whose certificate can be swapped for new connections."""
+    """The webhook server's TLS context, whose certificate can be swapped for new connections. The files are
+    what kopf's server loads at start (it makes a self-signed certificate of its own without them); later
+    renewals are loaded into the same context."""
 
-    def __init__(self, certs: Certificates) -> None:
+    def __init__(self, certs: Certificates, directory: Path | None = None) -> None:
+        self.directory = directory or Path(tempfile.mkdtemp(prefix="midreg-webhook-"))
+        self.certfile = self.directory / "tls.crt"
+        self.keyfile = self.directory / "tls.key"
         self.context = ssl.create_default_context(purpose=ssl.Purpose.CLIENT_AUTH)
         self.serving: bytes = b""
         self.load(certs)
 
     def load(self, certs: Certificates) -> None:
         """Load a new serving certificate: open connections keep the old one, new ones get this one."""
-        with tempfile.TemporaryDirectory(prefix="midreg-webhook-") as tmp:
-            crt, key = Path(tmp, "tls.crt"), Path(tmp, "tls.key")
-            crt.write_bytes(certs.tls_crt)
-            key.touch(0o600)
-            key.write_bytes(certs.tls_key)
-            self.context.load_cert_chain(str(crt), str(key))
+        self.keyfile.touch(0o600)
+        self.keyfile.write_bytes(certs.tls_key)
+        self.certfile.write_bytes(certs.tls_crt)
+        self.context.load_cert_chain(str(self.certfile), str(self.keyfile))
         self.serving = certs.tls_crt

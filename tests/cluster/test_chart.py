@@ -223,7 +223,10 @@ def test_helm_install_creates_every_object(helm: Helm, cluster: Cluster, release
         "ClusterRoleBinding",
         "Deployment",
         "Role",
+        "Role",  # the sidecar injection webhook's certificate Secret, in the release namespace
         "RoleBinding",
+        "RoleBinding",
+        "Service",  # the sidecar injection webhook
         "ServiceAccount",
     ]
     for kind, name, namespace in map(_ref, objs):

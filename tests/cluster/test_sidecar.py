@@ -129,6 +129,17 @@ def test_the_crd_refuses_what_a_sidecar_cannot_have(
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr
 
 
+def test_the_shape_cannot_change(cluster: Cluster, ns: str) -> None:
+    """A tier of pods never becomes a sidecar in place (nor back): its objects and its PBX pods would have
+    to be swapped under the phones; a new MidRegistrar does that in the open."""
+    cluster.apply(midregistrar("tier", ns))
+    patch = {"spec": {"deployment": "sidecar", "sidecar": {"pbxPort": 5070}}}
+    proc = cluster.kubectl(
+        "patch", "midregistrar", "tier", "-n", ns, "--type=merge", "-p", json.dumps(patch), check=False
+    )
+    assert proc.returncode != 0 and "spec.deployment cannot change" in proc.stderr, proc.stderr
+
+
 def test_a_tier_without_main_registrar_is_refused(cluster: Cluster, ns: str) -> None:
     obj = midregistrar("tier", ns)
     del obj["spec"]["mainRegistrar"]

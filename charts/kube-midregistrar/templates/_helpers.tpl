@@ -52,17 +52,16 @@ compares them). Without watchNamespaces they go into the ClusterRole; with them,
 - apiGroups: [sip.midregistrar.io]
   resources: [midregistrars/finalizers]
   verbs: [update]
-# Owned objects: server-side apply. Garbage collection removes them with their MidRegistrar; delete is for
-# a MidRegistrar that turns from a tier of pods into a sidecar (only its own objects, by uid).
+# Owned objects: server-side apply. No delete: garbage collection removes them with their MidRegistrar.
 - apiGroups: [""]
   resources: [configmaps, services, serviceaccounts]
-  verbs: [get, list, watch, create, patch, update, delete]
+  verbs: [get, list, watch, create, patch, update]
 - apiGroups: [apps]
   resources: [deployments]
-  verbs: [get, list, watch, create, patch, update, delete]
+  verbs: [get, list, watch, create, patch, update]
 - apiGroups: [policy]
   resources: [poddisruptionbudgets]
-  verbs: [get, list, watch, create, patch, update, delete]
+  verbs: [get, list, watch, create, patch, update]
 # Sidecar mode: the PBX pods that opted in (status counts; one created without its sidecar gets an event).
 - apiGroups: [""]
   resources: [pods]

@@ -101,16 +101,9 @@ def test_a_second_admission_adds_nothing() -> None:
     assert sidecar.injection(SIDECAR, REF, apply_merge(pod, patch)) is None
 
 
-def test_a_sidecar_owns_only_its_configmap_and_drops_a_former_tier() -> None:
+def test_a_sidecar_owns_only_its_configmap() -> None:
     assert [o["kind"] for o in render.render_all(SIDECAR, REF)] == ["ConfigMap"]
-    gone = {kind for _, kind, _ in render.absent_objects(SIDECAR, REF)}
-    assert gone == {
-        "Deployment",
-        "Service",
-        "ServiceAccount",
-        "PodDisruptionBudget",
-        "HorizontalPodAutoscaler",
-    }
+    assert render.absent_objects(SIDECAR, REF) == []
     mine = {"metadata": {"ownerReferences": [render.owner_reference(REF)]}}
     theirs = {"metadata": {"ownerReferences": [{**render.owner_reference(REF), "uid": "other"}]}}
     assert render.owned_by(mine, REF) and not render.owned_by(theirs, REF) and not render.owned_by({}, REF)
