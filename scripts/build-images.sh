@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Build the project's container images: registrar, operator and etcd (the chart's optional etcd).
+# Build the project's container images: registrar, operator and etcd (the chart's optional etcd), and the
+# example PBX of sidecar mode (examples/sidecar: Debian's Kamailio).
 #
 #   scripts/build-images.sh            build all three (cached by content; prints the archives' directory)
 #   scripts/build-images.sh base       only the Debian base image (buildah path)
@@ -28,6 +29,10 @@ BASE_PACKAGES="python3,python3-venv,ca-certificates"
 MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 BASE_ID="$(printf '%s %s v1' "$SUITE" "$BASE_PACKAGES" | sha256sum | cut -c1-12)"
 BASE_IMAGE="localhost/kube-midregistrar/base:$SUITE-$BASE_ID"
+# The example PBX of sidecar mode (examples/sidecar): Debian's Kamailio on the same suite.
+PBX_PACKAGES="kamailio,ca-certificates"
+PBX_BASE_ID="$(printf '%s %s v1' "$SUITE" "$PBX_PACKAGES" | sha256sum | cut -c1-12)"
+PBX_BASE_IMAGE="localhost/kube-midregistrar/pbx-base:$SUITE-$PBX_BASE_ID"
 # buildah's storage lives in the cache, not in the host's /var/lib/containers.
 BUILDAH=(buildah --root "$CACHE/containers/storage" --runroot /run/kube-midregistrar/buildah
     --storage-driver overlay)
@@ -46,19 +51,20 @@ need() {
 
 have_docker() { command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; }
 
-build_base() {
+build_base() {  # [image packages id]: the project's base by default
+    local image=${1:-$BASE_IMAGE} packages=${2:-$BASE_PACKAGES} id=${3:-$BASE_ID}
     need buildah debootstrap
-    if "${BUILDAH[@]}" inspect --type image "$BASE_IMAGE" >/dev/null 2>&1; then
-        log "base $BASE_IMAGE cached"
+    if "${BUILDAH[@]}" inspect --type image "$image" >/dev/null 2>&1; then
+        log "base $image cached"
         return 0
     fi
-    local rootfs="$CACHE/images/rootfs-$SUITE-$BASE_ID"
+    local rootfs="$CACHE/images/rootfs-$SUITE-$id"
     local t0
     t0=$(date +%s)
     rm -rf "$rootfs" "$rootfs.tar"
     mkdir -p "$rootfs"
-    log "debootstrap $SUITE (minbase + $BASE_PACKAGES) from $MIRROR"
-    debootstrap --variant=minbase --include="$BASE_PACKAGES" "$SUITE" "$rootfs" "$MIRROR" >"$rootfs.log" 2>&1 || {
+    log "debootstrap $SUITE (minbase + $packages) from $MIRROR"
+    debootstrap --variant=minbase --include="$packages" "$SUITE" "$rootfs" "$MIRROR" >"$rootfs.log" 2>&1 || {
         tail -20 "$rootfs.log" >&2
         exit 1
     }
@@ -72,9 +78,9 @@ build_base() {
     "${BUILDAH[@]}" add "$ctr" "$rootfs.tar" / >/dev/null
     "${BUILDAH[@]}" config --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
         --cmd /bin/bash "$ctr"
-    "${BUILDAH[@]}" commit --rm "$ctr" "$BASE_IMAGE" >/dev/null
+    "${BUILDAH[@]}" commit --rm "$ctr" "$image" >/dev/null
     rm -rf "$rootfs" "$rootfs.tar"
-    log "base $BASE_IMAGE built in $(($(date +%s) - t0)) s"
+    log "base $image built in $(($(date +%s) - t0)) s"
 }
 
 wheelhouse() {
@@ -105,8 +111,8 @@ image_name() { echo "$IMAGE_REPO/$1:$2"; }
 
 context_id() {  # what an image is built from: its Dockerfile, the base and the files its context holds
     {
-        echo "$BASE_IMAGE $*"
-        find "$1" pyproject.toml README.md registrar operator build/etcd -type f \
+        echo "$BASE_IMAGE $PBX_BASE_IMAGE $*"
+        find "$1" pyproject.toml README.md registrar operator build/etcd examples/sidecar -type f \
             ! -path '*/__pycache__/*' -print0 |
             sort -z | xargs -0 sha256sum
     } | sha256sum | cut -c1-16
@@ -130,7 +136,7 @@ build_one() {  # name dockerfile tag [build args...]
         docker save -o "$OUT/$name.tar" "$ref"
     else
         "${BUILDAH[@]}" bud --pull=never --network=none --layers -q -f "$file" -t "$ref" \
-            --build-arg "BASE=$BASE_IMAGE" "$@" . >/dev/null
+            --build-arg "BASE=$BASE_IMAGE" --build-arg "PBX_BASE=$PBX_BASE_IMAGE" "$@" . >/dev/null
         mkdir -p "$OUT"
         rm -f "$OUT/$name.tar"
         "${BUILDAH[@]}" push -q "$ref" "docker-archive:$OUT/$name.tar:$ref" >/dev/null
@@ -178,6 +184,10 @@ all)
     build_one registrar Dockerfile.registrar "$IMAGE_TAG" "${wheel_args[@]}"
     build_one operator Dockerfile.operator "$IMAGE_TAG" "${wheel_args[@]}"
     build_one etcd Dockerfile.etcd "$ETCD_VERSION"
+    if ! have_docker; then
+        build_base "$PBX_BASE_IMAGE" "$PBX_PACKAGES" "$PBX_BASE_ID"
+    fi
+    build_one pbx-kamailio examples/sidecar/Dockerfile "$IMAGE_TAG"
     if ! have_docker; then
         # Images of earlier builds that no tag names any more: keep the cache to what the tags use.
         "${BUILDAH[@]}" rmi --prune >/dev/null 2>&1 || true
