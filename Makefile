@@ -109,7 +109,7 @@ node-tools: ## Install containerd, runc, CNI plugins, buildah, debootstrap and i
 	bash scripts/install-node-tools.sh
 
 .PHONY: image
-image: install node-tools ## Build the registrar, operator and etcd images (Docker, or buildah without it); archives in $(MIDREG_CACHE)/images
+image: install node-tools ## Build the registrar, operator, etcd and example PBX images (Docker, or buildah without it); archives in $(MIDREG_CACHE)/images
 	bash scripts/k8s-rig.sh etcd >/dev/null
 	bash scripts/build-images.sh all
 
