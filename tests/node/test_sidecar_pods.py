@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -155,6 +156,30 @@ def test_a_call_to_a_pbx_trunk_reaches_the_phones(tmp_path: Path, kube: Kube, ph
         )  # fmt: skip
         assert not outcome.failed(), outcome.result.describe()[-4000:]
     assert called, "no PBX replica holds a phone"
+
+
+def test_the_sidecars_share_the_bindings_through_etcd(tmp_path: Path, kube: Kube, phones: Fleet) -> None:
+    """A call for a phone's contact, as a PBX holds it, sent to the sidecar of the OTHER pod: that sidecar
+    finds the binding in etcd and hands the call to the sidecar that holds the phone's flow. (A PBX whose
+    replicas share their location, e.g. through a database, reaches phones so; the example PBX does not.)"""
+    held: dict[str, tuple[str, str]] = {}  # user -> (pod that holds it, the contact its PBX stored)
+    for pod in pbx_pods(kube):
+        for line in kube("logs", "-n", NS, pod["metadata"]["name"], "-c", "pbx").splitlines():
+            m = re.search(r"for sip:(s\d{3})@\S+ contact <([^>]+)>", line)
+            if m:
+                held[m.group(1)] = (pod["metadata"]["name"], m.group(2))
+    assert held, "no PBX holds a phone"
+    owner = next(iter(held.values()))[0]
+    other = next(p for p in pbx_pods(kube) if p["metadata"]["name"] != owner)
+    users = [u for u, (pod, _) in held.items() if pod == owner][:5]
+    ip = other["status"]["podIP"]
+    before = metric(metrics(ip, 9090), "midregistrar_handoffs")
+    outcome = place_calls(
+        tmp_path, Addr("other-sidecar", ip, 5060), [CallTarget(u, held[u][1]) for u in users],
+        "handoff", local_ip=PHONE_IPS[3],
+    )  # fmt: skip
+    assert not outcome.failed(), outcome.result.describe()[-4000:]
+    assert metric(metrics(ip, 9090), "midregistrar_handoffs") >= before + len(users)
 
 
 def test_a_rollout_of_the_pbx_under_load_loses_no_registration(kube: Kube, phones: Fleet) -> None:
