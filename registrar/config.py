@@ -8,6 +8,7 @@ Field names are the snake_case form of the CLI options (``--min-expires`` ↔ ``
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from enum import StrEnum
@@ -100,16 +101,30 @@ class Listen(BaseModel):
         return f"{self.transport.value}:{ip_reference(self.host)}:{self.port}"
 
 
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def split_hostport(text: str, default_port: int) -> tuple[str, int]:
     """Split ``host``, ``host:port``, ``[v6]`` or ``[v6]:port``."""
     text = text.strip()
     if text.startswith("["):
         host, _, rest = text[1:].partition("]")
-        port_text = rest[1:] if rest.startswith(":") else ""
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"junk after ] in {text!r}")
+        port_text = rest[1:]
+        if host and not _is_ipv6(host):
+            raise ValueError(f"{host!r} in [] is not an IPv6 address in {text!r}")
     elif text.count(":") == 1:
         host, _, port_text = text.partition(":")
     else:
         host, port_text = text, ""
+        if ":" in host and not _is_ipv6(host):  # (else it would be written back as another address)
+            raise ValueError(f"{text!r} is neither host:port nor an IPv6 address ([v6]:port)")
     if not host:
         raise ValueError(f"missing host in {text!r}")
     try:
@@ -464,6 +479,8 @@ def file_settings(path: str | Path) -> dict[str, Any]:
         data = yaml.safe_load(Path(path).read_text())
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text: {exc.reason} at byte {exc.start}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if data is None:

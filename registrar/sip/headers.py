@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import sys
 from dataclasses import dataclass, replace
 
 from registrar.sip.errors import ParseError
@@ -43,6 +44,16 @@ _DISPLAY_MATCH = re.compile(r"[A-Za-z0-9\-.!%*_+`'~ \t]*\Z").match
 
 def is_token(text: str) -> bool:
     return _TOKEN_MATCH(text) is not None
+
+
+_INT_DIGITS = sys.get_int_max_str_digits() or 4300
+
+
+def is_digits(text: str) -> bool:
+    """``1*DIGIT`` as RFC 3261 means it, within what ``int()`` converts: ASCII digits only (``str.isdigit``
+    alone takes '²', on which ``int`` raises, or '٣', which no SIP peer means), at most 4300 of them (past
+    that ``int`` raises, and the conversion is quadratic)."""
+    return text.isdigit() and text.isascii() and len(text) <= _INT_DIGITS
 
 
 def split_commas(value: str) -> list[str]:
@@ -331,7 +342,7 @@ class CSeq:
 def parse_cseq(value: str) -> CSeq:
     num, _, method = value.strip().partition(" ")
     method = method.strip()
-    if not num.isdigit() or (method not in KNOWN_METHODS and not is_token(method)):
+    if not is_digits(num) or (method not in KNOWN_METHODS and not is_token(method)):
         raise ParseError("bad CSeq")
     seq = int(num)
     if seq > 2**31 - 1:

@@ -19,6 +19,7 @@ from registrar.sip.headers import (
     Contact,
     CSeq,
     Via,
+    is_digits,
     parse_address,
     parse_contacts,
     parse_cseq,
@@ -639,7 +640,7 @@ def _parse_status_line(start: str, headers: Headers) -> Response:
             "bad Status-Line: expected 'SIP/2.0 SP Status-Code SP Reason-Phrase'", can_reply=False
         )
     code = parts[1]
-    if len(code) != 3 or not code.isdigit() or not 100 <= int(code) <= 699:
+    if len(code) != 3 or not is_digits(code) or not 100 <= int(code) <= 699:
         raise ParseError(f"bad Status-Code {code[:20]!r}: expected three digits 100-699", can_reply=False)
     response = Response(int(code), "", headers)
     response.reason = parts[2] if len(parts) > 2 else ""  # kept as received, even when empty
@@ -677,8 +678,8 @@ def _body(value: str | None, rest: bytes, stream: bool) -> bytes:
         if stream and rest:
             raise ParseError("Content-Length is required on a stream transport")
         return rest
-    if not value.isdigit():
-        if value[:1] == "-" and value[1:].isdigit():
+    if not is_digits(value):
+        if value[:1] == "-" and is_digits(value[1:]):
             raise ParseError(f"bad Content-Length {value[:20]!r}: negative")
         raise ParseError(f"bad Content-Length {value[:20]!r}: not a decimal number")
     length = int(value)
@@ -716,10 +717,10 @@ def _validate(msg: Request | Response, seen: dict[str, str], duplicate: str | No
         if cseq.method != msg.method:
             raise ParseError("CSeq method does not match the request method")
         mf = seen.get("max-forwards")
-        if mf is not None and (not mf.isdigit() or int(mf) > 255):
+        if mf is not None and (not is_digits(mf) or int(mf) > 255):
             raise ParseError(f"bad Max-Forwards {mf[:20]!r}: expected 0-255")
         expires = seen.get("expires")
-        if expires is not None and (not expires.isdigit() or int(expires) > 2**32 - 1):
+        if expires is not None and (not is_digits(expires) or int(expires) > 2**32 - 1):
             raise ParseError(f"bad Expires {expires[:20]!r}: expected 0-4294967295")
 
 
