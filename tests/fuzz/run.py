@@ -55,9 +55,8 @@ def _replay(name: str, paths: list[Path], max_ms: float) -> int:
     started = time.monotonic()
     for path in paths:
         for f in sorted(path.iterdir()) if path.is_dir() else [path]:
-            if f.is_file() and f.suffix != ".txt":
-                if judge(f.read_bytes()) is not None:
-                    print(f"crash: {f}")
+            if f.is_file() and f.suffix != ".txt" and judge(f.read_bytes()) is not None:
+                print(f"crash: {f}")
     return _finish(judge, Path(".cache/fuzz/replay"), started)
 
 
