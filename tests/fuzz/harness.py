@@ -154,6 +154,37 @@ def dictionary() -> list[bytes]:
     return out
 
 
+# Long runs of one filler: what makes a backtracking regex or a repeated concatenation show its quadratic
+# cost (coverage cannot see it, and libFuzzer's own mutations insert at most 128 repeated bytes).
+_RUN_FILLERS = [
+    b" ",
+    b"\t",
+    b" \t",
+    b"a",
+    b"a ",
+    b";",
+    b"; ",
+    b",",
+    b"<",
+    b'"',
+    b"%",
+    b"=",
+    b"\r\n ",
+    b"\n",
+    b"[",
+    b"0",
+]
+_RUN_LENGTHS = (500, 2000, 8000, 30000)
+
+
+def insert_run(data: bytes, rng: random.Random, max_size: int = 70000) -> bytes:
+    """``data`` with a long run of one filler inserted at a random place (at most ``max_size`` bytes)."""
+    filler = rng.choice(_RUN_FILLERS)
+    count = max(1, min(rng.choice(_RUN_LENGTHS), max_size - len(data)) // len(filler))
+    pos = rng.randint(0, len(data))
+    return (data[:pos] + filler * count + data[pos:])[:max_size]
+
+
 _INTERESTING = b'\r\n\t :;,<>"@[]%=?/\\\x00\xff0-19'
 _NUMBERS = [b"0", b"-1", b"65535", b"65536", b"4294967296", b"99999999999999999999", b"1e9", b"nan", b"0x10"]
 
@@ -172,6 +203,8 @@ class Mutator:
         data = bytearray(rng.choice(self.seeds))
         for _ in range(rng.choice((1, 1, 2, 3, 4, 8))):
             self._mutate(data)
+        if rng.randrange(16) == 0:
+            return insert_run(bytes(data), rng)
         return bytes(data[:70000])
 
     def _mutate(self, data: bytearray) -> None:

@@ -3,7 +3,8 @@ one-line configuration error, or a skipped etcd value) out, never an exception.
 
 Before the fixes: ``str.isdigit`` let '²' or 5000 digits through to ``int()`` (ValueError out of the parser),
 a non-numeric ``rport`` reached ``int()`` when the response peer was chosen (out of ``Stack.receive``), a
-non-ASCII AoR in aor mode raised out of the core while relaying, a non-UTF-8 config file raised
+non-ASCII AoR in aor mode raised out of the core while relaying, an empty Via line above the real one raised
+ParseError out of ``Stack.receive``, three regexes took seconds on a run of blanks, a non-UTF-8 config file raised
 UnicodeDecodeError out of the CLI, a listen address read back as another, and etcd values of the wrong shape
 were decoded into bindings that failed later (or raised AttributeError/RecursionError out of the decoders).
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,8 @@ import pytest
 from registrar.cli import main
 from registrar.config import ConfigError, Listen, Settings, build_settings
 from registrar.records import Binding, MainMeta
-from registrar.sip.errors import ParseError
+from registrar.sip.errors import FramingError, ParseError
+from registrar.sip.framing import StreamFramer
 from registrar.sip.message import parse_message
 from registrar.sip.transport import Peer
 from registrar.store.etcd_layout import (
@@ -190,3 +193,56 @@ def test_etcd_head_meta_with_fields_of_a_later_version_still_decodes() -> None:
 def test_etcd_member_values_of_another_shape_do_not_decode(value: bytes) -> None:
     with pytest.raises(UNDECODABLE):
         decode_member(value)
+
+
+def test_empty_via_line_above_the_real_one_is_dropped() -> None:
+    """``Via:`` with nothing, then the real Via: the stack took the top Via from one line and stamped another
+    (ParseError out of Stack.receive). Now the parser drops it (no line to answer to)."""
+    data = register().replace(b"Via: ", b"Via: \r\nVia: ", 1)
+    with pytest.raises(ParseError, match="empty Via") as err:
+        parse_message(data)
+    assert not err.value.can_reply
+    assert answers(data) == []
+    assert answers(register().replace(b"Via: ", b"v: ,\r\nVia: ", 1)) == []
+    response = b"SIP/2.0 200 OK\r\nVia:\r\n" + register().partition(b"\r\n")[2]
+    assert answers(response) == []
+
+
+# Inputs that took quadratic time (a regex backtracking over a run of blanks): seconds for one message.
+BLANKS = 60_000
+
+
+def _timed(action: object) -> float:
+    start = time.perf_counter()
+    action()  # type: ignore[operator]
+    return time.perf_counter() - start
+
+
+def test_display_name_of_blanks_is_parsed_in_linear_time() -> None:
+    """From: a<60,000 blanks><abc (no '>'): 2.4 s through the engine before."""
+    data = register().replace(b"From: <sip:alice@example.com>;tag=f1", b"From: a" + b" " * BLANKS + b"<abc")
+    core = Core(mode="contact", outgoing_expires=3600)
+    assert _timed(lambda: core.feed(data, PHONE)) < 0.5
+    assert [out[:12] for out, _ in core.rig.raw] == [b"SIP/2.0 400 "]
+
+
+def test_content_length_followed_by_blanks_is_framed_in_linear_time() -> None:
+    """``l: 1<60,000 blanks>x``: the framer's regex took 28 s on it, stalling every connection."""
+    data = b"REGISTER sip:a SIP/2.0\r\nl: 1" + b" " * BLANKS + b"x\r\n\r\n"
+    framer = StreamFramer()
+    items: list[object] = []
+    assert _timed(lambda: items.extend(framer.feed(data))) < 0.5
+    assert len(items) == 1 and isinstance(items[0], FramingError) and "Content-Length" in items[0].reason
+    # a value with blanks after it is still read as before
+    ok = register().replace(b"Content-Length: 0", b"Content-Length: 0 \t ")
+    assert StreamFramer().feed(ok) == [ok]
+
+
+def test_folded_header_with_a_run_of_blanks_is_unfolded_in_linear_time() -> None:
+    """A folded header field holding 60,000 blanks: the unfolding regex took 18 s on it."""
+    data = register().replace(b"Max-Forwards: 70", b"Subject: a" + b" " * BLANKS + b"b\r\n c")
+    msg = parse_message(data)
+    assert _timed(lambda: parse_message(data)) < 0.5
+    assert msg.headers.get("subject") == "a" + " " * BLANKS + "b c"
+    folded = parse_message(register().replace(b"Max-Forwards: 70", b"Subject: a \t\r\n \t b\r\n\tc"))
+    assert folded.headers.get("subject") == "a b c"
