@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
@@ -474,9 +475,47 @@ def env_settings(environ: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
+# Settings nest two levels at most (a list of strings under a key): a file nested much deeper is refused
+# before PyYAML's recursive composer spends a second and then raises RecursionError, and before its scanner
+# spends time quadratic in the depth of ``[``/``{`` (found by tests/fuzz).
+MAX_YAML_DEPTH = 32
+_FLOW_BRACKETS = re.compile(r"[\[\]{}]").finditer
+
+
+def _flow_depth(text: str) -> int:
+    """How deep ``[`` and ``{`` nest (quoting ignored: an upper bound of YAML's flow depth, unless brackets
+    inside strings close more than they open)."""
+    depth = deepest = 0
+    for m in _FLOW_BRACKETS(text):
+        if m.group() in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif depth:
+            depth -= 1
+    return deepest
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` refusing documents nested deeper than :data:`MAX_YAML_DEPTH`."""
+
+    _depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise yaml.YAMLError(f"nested deeper than {MAX_YAML_DEPTH} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
 def file_settings(path: str | Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        text = Path(path).read_text()
+        if _flow_depth(text) > MAX_YAML_DEPTH:
+            raise yaml.YAMLError(f"[ and {{ nested deeper than {MAX_YAML_DEPTH} levels")
+        data = yaml.load(text, Loader=_Loader)  # a SafeLoader
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     except UnicodeDecodeError as exc:

@@ -118,6 +118,7 @@ def _atheris(name: str, args: argparse.Namespace) -> int:
         "-timeout=10",
         "-rss_limit_mb=4096",
         "-print_final_stats=0",
+        f"-artifact_prefix={work}/",  # (an input over -timeout ends the run: libFuzzer writes it there)
         str(work / "corpus"),
         str(CORPUS / name),
     ]

@@ -246,3 +246,25 @@ def test_folded_header_with_a_run_of_blanks_is_unfolded_in_linear_time() -> None
     assert msg.headers.get("subject") == "a" + " " * BLANKS + "b c"
     folded = parse_message(register().replace(b"Max-Forwards: 70", b"Subject: a \t\r\n \t b\r\n\tc"))
     assert folded.headers.get("subject") == "a b c"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        b"{" + b"[" * 30_000,
+        b"[" * 1000 + b"]" * 1000,
+        b"a:\n" + b"".join(b" " * i + b"- \n" for i in range(2000)),
+    ],
+)
+def test_config_file_nested_too_deep_is_refused_at_once(
+    text: bytes, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """RecursionError out of PyYAML (a traceback from the CLI) after up to a second of quadratic scanning."""
+    path = tmp_path / "deep.yaml"
+    path.write_bytes(text)
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match="nested deeper than 32"):
+        build_settings({}, environ={}, config_file=path)
+    assert time.perf_counter() - start < 0.5
+    assert main(["run", "--config", str(path)]) == 2
+    assert "nested deeper" in capsys.readouterr().err
