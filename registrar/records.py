@@ -196,6 +196,8 @@ def _check(value: Any, hint: Any, name: str) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise TypeError(f"{name} is {type(value).__name__}, not a number")
+        if isinstance(value, int) and not -(2**63) <= value < 2**63:  # (float() would raise OverflowError)
+            raise ValueError(f"{name} out of range")
         if not math.isfinite(value):
             raise ValueError(f"{name} is {value}")
         return float(value)

@@ -178,7 +178,10 @@ def decode_binding(value: bytes) -> tuple[Binding, float]:
     """The binding and its hold (its expiry when a writer left the hold out)."""
     data = _json_object(value)
     data.pop("v", None)
-    hold = float(data.pop("hold", data.get("expires_at", 0.0)))
+    try:
+        hold = float(data.pop("hold", data.get("expires_at", 0.0)))
+    except OverflowError:  # an integer past a float's range
+        raise ValueError("hold out of range") from None
     if not math.isfinite(hold):
         raise ValueError(f"hold is {hold}")
     return Binding.from_dict(data), hold

@@ -154,6 +154,9 @@ def _with(**changes: object) -> bytes:
         _with(hold="later"),
         _with(hold=math.inf),
         _with(cseq=2**70),
+        _with(expires_at=10**400),  # OverflowError from float()
+        _with(hold=-(10**400)),
+        _with(q=10**30),
         _with(unknown_field=1),
     ],
 )
