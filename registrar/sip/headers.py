@@ -94,9 +94,12 @@ def split_commas(value: str) -> list[str]:
 
 
 _TOKEN = r"[A-Za-z0-9\-.!%*_+`'~]+"
-_QUOTED = r'"(?:[^"\\]|\\.)*"'
-_PARAM = rf"[ \t]*;[ \t]*({_TOKEN})(?:[ \t]*=[ \t]*({_QUOTED}|[A-Za-z0-9\-.!%*_+`'~\[\]:]*))?[ \t]*"
-_PARAM_FINDITER = re.compile(_PARAM).finditer
+# One parameter, matched where the previous one ended; every run possessive (``*+``). A search (finditer) from
+# each position of a run of blanks took quadratic time (0.8 s for a 30 KB Via; found by tests/fuzz).
+_PARAM_MATCH = re.compile(
+    r"[ \t]*+;[ \t]*+([A-Za-z0-9\-.!%*_+`\'~]++)"
+    r'(?:[ \t]*+=[ \t]*+("(?:[^"\\]++|\\.)*+"|[A-Za-z0-9\-.!%*_+`\'~\[\]:]*+))?[ \t]*+'
+).match
 # The usual case, ``rport;branch=z9hG4bK-1`` or ``+sip.instance="<urn:uuid:1>";expires=60``: no whitespace,
 # no ';' or '\\' inside quotes. One capture-free regex checks it all and str.split takes it apart, twice as
 # fast as matching every parameter with groups.
@@ -119,8 +122,10 @@ def parse_params(text: str, where: str) -> Params:
     text = ";" + text
     pos = 0
     out = []
-    for m in _PARAM_FINDITER(text):
-        if m.start() != pos:
+    end = len(text)
+    while pos < end:
+        m = _PARAM_MATCH(text, pos)
+        if m is None:
             break
         out.append((m.group(1), m.group(2)))
         pos = m.end()

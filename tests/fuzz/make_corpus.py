@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 from registrar.config import Settings
 from registrar.records import Binding, MainMeta
@@ -89,8 +90,8 @@ def scripts(tcp: bool) -> list[bytes]:
 
 
 def configs() -> list[bytes]:
-    base = {"main_registrar": "sip:10.0.0.3:5070", "listen": ["udp:127.0.0.1:5060"]}
-    variants = [
+    base: dict[str, Any] = {"main_registrar": "sip:10.0.0.3:5070", "listen": ["udp:127.0.0.1:5060"]}
+    variants: list[dict[str, Any]] = [
         {},
         {"mode": "contact", "outgoing_expires": 7200, "listen": ["udp:0.0.0.0:5060", "tcp:[::]:5060"]},
         {"mode": "aor", "store": "etcd", "etcd_endpoints": ["http://127.0.0.1:2379"]},

@@ -90,7 +90,7 @@ def _mutate(name: str, args: argparse.Namespace) -> int:
 
 
 def _atheris(name: str, args: argparse.Namespace) -> int:
-    import atheris
+    import atheris  # type: ignore[import-untyped]
 
     with atheris.instrument_imports(include=["registrar", "yaml", "tests.fuzz", "tests.unit"]):
         target = load(name)

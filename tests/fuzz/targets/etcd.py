@@ -115,9 +115,9 @@ def _head(data: bytes) -> None:
 def run(data: bytes) -> None:
     _binding(data)
     _head(data)
-    with contextlib.suppress(EXPECTED):
+    with contextlib.suppress(*EXPECTED):
         _typed(decode_index(data), (str,), "index")
-    with contextlib.suppress(EXPECTED):
+    with contextlib.suppress(*EXPECTED):
         _typed(decode_member(data), (str,), "member")
     KEYS.parse(KEYS.prefix + data)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from typing import Any
 
 from registrar.sip.message import Request
 from registrar.sip.transport import Peer
@@ -30,7 +31,7 @@ MODES = ("mirror", "contact", "aor")
 def make_core(data: bytes, tcp: bool) -> Core:
     mode = MODES[len(data) % 3]
     listen = ["udp:10.0.0.2:5060", "tcp:10.0.0.2:5060"] if tcp else ["udp:10.0.0.2:5060"]
-    extra = {"outgoing_expires": 3600} if mode != "mirror" else {}
+    extra: dict[str, Any] = {"outgoing_expires": 3600} if mode != "mirror" else {}
     return Core(mode=mode, listen=listen, **extra)
 
 

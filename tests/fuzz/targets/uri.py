@@ -70,8 +70,8 @@ def _header(text: str) -> None:
     except ParseError:
         pass
     try:
-        for _name, value in parse_params(text, "fuzz"):
-            unquote(value)
+        for _name, param in parse_params(text, "fuzz"):
+            unquote(param)
     except ParseError:
         pass
 
