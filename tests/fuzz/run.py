@@ -50,8 +50,7 @@ def _finish(judge: Judge, work: Path, started: float, *, instrumented: bool = Fa
     for path in saved:
         print(f"  saved {path}")
     sys.stdout.flush()
-    if judge.crashes:
-        return 1
+    failed = bool(judge.crashes)
     if judge.hangs and instrumented:
         # Coverage instrumentation makes every input several times slower: a hang counts only when the input
         # is still over the limit without it (timed again in a fresh process).
@@ -61,7 +60,7 @@ def _finish(judge: Judge, work: Path, started: float, *, instrumented: bool = Fa
         print(
             f"  {len(hangs)} slow inputs timed again without instrumentation: {'HANGS' if rc else 'no hang'}"
         )
-        return 1 if rc else 0
+        return 1 if rc or failed else 0
     return 0 if judge.ok else 1
 
 
@@ -94,7 +93,7 @@ def _atheris(name: str, args: argparse.Namespace) -> int:
 
     with atheris.instrument_imports(include=["registrar", "yaml", "tests.fuzz", "tests.unit"]):
         target = load(name)
-    judge = Judge(target, args.max_ms)
+    judge = Judge(target, args.max_ms, retries=0)
     work = args.work / name
     (work / "corpus").mkdir(parents=True, exist_ok=True)
     started = time.monotonic()

@@ -14,7 +14,7 @@ import random
 
 from registrar.sip.errors import ParseError
 from registrar.sip.framing import StreamFramer
-from registrar.sip.message import Request, Response, check_fields, parse_message
+from registrar.sip.message import MAX_MESSAGE, Request, Response, check_fields, parse_message
 from tests.fuzz.harness import Target
 
 
@@ -45,7 +45,10 @@ def _parse(data: bytes, stream: bool) -> None:
             exc.message.to_bytes()  # what a 400 is built from
         return
     _views(msg)
-    again = parse_message(msg.to_bytes(stream=stream), stream=stream)
+    data = msg.to_bytes(stream=stream)
+    if len(data) > MAX_MESSAGE:  # (serializing may add a line: Content-Length, corrected or written)
+        return
+    again = parse_message(data, stream=stream)
     assert again.start_line() == msg.start_line(), (again.start_line(), msg.start_line())
 
 
