@@ -36,6 +36,7 @@ class Target:
     run: Callable[[bytes], None]
     expected: tuple[type[BaseException], ...] = ()  # what the code promises to raise on bad input
     doc: str = ""
+    max_len: int = 65536  # the largest input worth trying (a SIP message's limit, 65,535 bytes)
 
 
 def load(name: str) -> Target:
@@ -200,7 +201,10 @@ class Mutator:
     """A seeded byte mutator in the spirit of libFuzzer's: flips, interesting bytes, dictionary tokens,
     numbers, chunk insert/erase/duplicate, cross-over with another seed. Deterministic for a seed."""
 
-    def __init__(self, seeds: list[bytes], seed: int = 0, tokens: list[bytes] | None = None) -> None:
+    def __init__(
+        self, seeds: list[bytes], seed: int = 0, tokens: list[bytes] | None = None, max_len: int = 65536
+    ) -> None:
+        self.max_len = max_len
         self.seeds = seeds or [b""]
         self.rng = random.Random(seed)
         self.tokens = tokens if tokens is not None else dictionary()
@@ -211,8 +215,8 @@ class Mutator:
         for _ in range(rng.choice((1, 1, 2, 3, 4, 8))):
             self._mutate(data)
         if rng.randrange(16) == 0:
-            return insert_run(bytes(data), rng)
-        return bytes(data[:70000])
+            return insert_run(bytes(data), rng, self.max_len)
+        return bytes(data[: self.max_len])
 
     def _mutate(self, data: bytearray) -> None:
         rng = self.rng
@@ -260,7 +264,7 @@ def short_run(name: str, mutations: int, seed: int = 0, max_ms: float = MAX_MS) 
     seeds = corpus(name)
     for data in seeds:
         judge(data)
-    mutator = Mutator(seeds, seed)
+    mutator = Mutator(seeds, seed, max_len=judge.target.max_len)
     for _ in range(mutations):
         judge(mutator.next())
     return judge

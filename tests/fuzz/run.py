@@ -80,7 +80,7 @@ def _mutate(name: str, args: argparse.Namespace) -> int:
     started = time.monotonic()
     for data in seeds:
         judge(data)
-    mutator = Mutator(seeds, args.seed)
+    mutator = Mutator(seeds, args.seed, max_len=judge.target.max_len)
     while (not args.runs or judge.runs < args.runs) and (
         not args.seconds or time.monotonic() - started < args.seconds
     ):
@@ -113,7 +113,7 @@ def _atheris(name: str, args: argparse.Namespace) -> int:
         sys.argv[0],
         f"-seed={args.seed}",
         f"-dict={DICT}",
-        "-max_len=65536",  # (runs of blanks up to the SIP message limit: tests/fuzz/harness.py insert_run)
+        f"-max_len={target.max_len}",  # (long runs of blanks: tests/fuzz/harness.py insert_run)
         "-timeout=10",
         "-rss_limit_mb=4096",
         "-print_final_stats=0",
