@@ -283,3 +283,15 @@ def test_via_parameters_over_a_run_of_blanks_are_parsed_in_linear_time() -> None
     assert [out[:12] for out, _ in core.rig.raw] == [b"SIP/2.0 400 "]  # answered by the sent-by
     quoted = register().replace(b";rport;", b';rport;x="' + b" " * 30_000 + b";")
     assert _timed(lambda: answers(quoted)) < 0.5
+
+
+@pytest.mark.parametrize("length", [b"7" * 8001, b"0" * 8000 + b"5", b"9" * 25])
+def test_content_length_of_thousands_of_digits_ends_the_stream(length: bytes) -> None:
+    """``Content-Length: 777…`` (8001 digits) on TCP: int() raised ValueError out of StreamFramer.feed (found by the
+    tcp target). Now a framing error like any Content-Length past the limit (or, with leading zeros, its value)."""
+    data = register().replace(b"Content-Length: 0", b"Content-Length: " + length)
+    items = StreamFramer().feed(data)
+    if length.lstrip(b"0") == b"5":
+        assert items == []  # five bytes of body still to come
+    else:
+        assert len(items) == 1 and isinstance(items[0], FramingError) and items[0].status == 513
