@@ -40,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--work", type=Path, default=WORK, help="new corpus inputs and crash reproducers")
     p.add_argument("--replay", nargs="*", type=Path, help="run these files (or folders) once each")
     p.add_argument("--merge", action="store_true", help="minimise the work corpus into the committed one")
+    p.add_argument(
+        "--libfuzzer", nargs=argparse.REMAINDER, help=argparse.SUPPRESS
+    )  # (merge's child processes)
     return p
 
 
@@ -121,8 +124,15 @@ def _atheris(name: str, args: argparse.Namespace) -> int:
         str(work / "corpus"),
         str(CORPUS / name),
     ]
-    if args.merge:
-        libfuzzer = [sys.argv[0], "-merge=1", str(CORPUS / name), str(work / "corpus")]
+    if args.merge or args.libfuzzer is not None:
+        # libFuzzer's merge runs its argv[0] again in child processes: a script that comes back here.
+        launcher = work / "libfuzzer.sh"
+        launcher.write_text(f'#!/bin/sh\nexec {sys.executable} -m tests.fuzz.run {name} --libfuzzer "$@"\n')
+        launcher.chmod(0o755)
+        if args.libfuzzer is not None:
+            libfuzzer = [str(launcher), *args.libfuzzer]
+        else:
+            libfuzzer = [str(launcher), "-merge=1", str(CORPUS / name), str(work / "corpus")]
 
     def mutate(data: bytes, max_size: int, seed: int) -> bytes:
         rng = random.Random(seed)
@@ -148,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
             failed |= rc != 0
         return 1 if failed else 0
     name = names[0]
+    if args.libfuzzer is not None or args.merge:
+        args.runs, args.seconds = 0, 0.0  # (libFuzzer decides when a merge is over)
     if args.replay is not None:
         return _replay(name, args.replay, args.max_ms)
     engine = args.engine
