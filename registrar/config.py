@@ -8,7 +8,9 @@ Field names are the snake_case form of the CLI options (``--min-expires`` ↔ ``
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
@@ -100,16 +102,30 @@ class Listen(BaseModel):
         return f"{self.transport.value}:{ip_reference(self.host)}:{self.port}"
 
 
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def split_hostport(text: str, default_port: int) -> tuple[str, int]:
     """Split ``host``, ``host:port``, ``[v6]`` or ``[v6]:port``."""
     text = text.strip()
     if text.startswith("["):
         host, _, rest = text[1:].partition("]")
-        port_text = rest[1:] if rest.startswith(":") else ""
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"junk after ] in {text!r}")
+        port_text = rest[1:]
+        if host and not _is_ipv6(host):
+            raise ValueError(f"{host!r} in [] is not an IPv6 address in {text!r}")
     elif text.count(":") == 1:
         host, _, port_text = text.partition(":")
     else:
         host, port_text = text, ""
+        if ":" in host and not _is_ipv6(host):  # (else it would be written back as another address)
+            raise ValueError(f"{text!r} is neither host:port nor an IPv6 address ([v6]:port)")
     if not host:
         raise ValueError(f"missing host in {text!r}")
     try:
@@ -459,11 +475,51 @@ def env_settings(environ: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
+# Settings nest two levels at most (a list of strings under a key): a file nested much deeper is refused
+# before PyYAML's recursive composer spends a second and then raises RecursionError, and before its scanner
+# spends time quadratic in the depth of ``[``/``{`` (found by tests/fuzz).
+MAX_YAML_DEPTH = 32
+_FLOW_BRACKETS = re.compile(r"[\[\]{}]").finditer
+
+
+def _flow_depth(text: str) -> int:
+    """How deep ``[`` and ``{`` nest (quoting ignored: an upper bound of YAML's flow depth, unless brackets
+    inside strings close more than they open)."""
+    depth = deepest = 0
+    for m in _FLOW_BRACKETS(text):
+        if m.group() in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif depth:
+            depth -= 1
+    return deepest
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` refusing documents nested deeper than :data:`MAX_YAML_DEPTH`."""
+
+    _depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise yaml.YAMLError(f"nested deeper than {MAX_YAML_DEPTH} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
 def file_settings(path: str | Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        text = Path(path).read_text()
+        if _flow_depth(text) > MAX_YAML_DEPTH:
+            raise yaml.YAMLError(f"[ and {{ nested deeper than {MAX_YAML_DEPTH} levels")
+        data = yaml.load(text, Loader=_Loader)  # a SafeLoader
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text: {exc.reason} at byte {exc.start}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if data is None:

@@ -13,9 +13,11 @@ dataclasses with two public encodings:
 
 from __future__ import annotations
 
+import math
+import types
 from dataclasses import asdict, dataclass, field, fields
 from operator import attrgetter
-from typing import Any
+from typing import Any, get_args, get_origin, get_type_hints
 
 from registrar.sip.transport import Peer
 
@@ -62,8 +64,12 @@ class Binding:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Binding:
-        data = dict(data)
-        data["source"] = Peer(**data["source"])
+        """Raises TypeError, ValueError or KeyError unless every field has its declared type (written by
+        another process, a value may be anything: one that did not would fail far from where it was read)."""
+        data = _typed(data, _BINDING_TYPES, "binding")
+        data["source"] = Peer(**_typed(data["source"], _PEER_TYPES, "source"))
+        if not 0 <= data["source"].port <= 65535:
+            raise ValueError(f"source port {data['source'].port} out of range")
         return cls(**data)
 
     def to_tuple(self) -> tuple[Any, ...]:
@@ -111,6 +117,7 @@ class MainMeta:
     def from_dict(cls, data: dict[str, Any]) -> MainMeta:
         """Fields this version does not know are dropped: a newer process may share the store (rolling
         upgrade)."""
+        data = _typed(data, _META_TYPES, "meta")
         return cls(**{k: v for k, v in data.items() if k in _META_FIELDS})
 
 
@@ -176,3 +183,50 @@ _SOURCE = _BINDING_FIELDS.index("source")
 _CTID = _BINDING_FIELDS.index("ctid")
 _BINDING_AT = {name: i for i, name in enumerate(_BINDING_FIELDS)}
 _binding_fields = attrgetter(*_BINDING_FIELDS)
+
+
+def _check(value: Any, hint: Any, name: str) -> Any:
+    """``value`` if it has the type ``hint`` (an int where a float is declared is made one), else TypeError
+    or ValueError. JSON's types only: str, bool, int (within 64 bits), finite float, ``X | None``,
+    ``list[X]``."""
+    if isinstance(hint, types.UnionType):
+        if value is None and type(None) in get_args(hint):
+            return None
+        hint = next(a for a in get_args(hint) if a is not type(None))
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(f"{name} is {type(value).__name__}, not a number")
+        if isinstance(value, int) and not -(2**63) <= value < 2**63:  # (float() would raise OverflowError)
+            raise ValueError(f"{name} out of range")
+        if not math.isfinite(value):
+            raise ValueError(f"{name} is {value}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} is {type(value).__name__}, not an integer")
+        if not -(2**63) <= value < 2**63:
+            raise ValueError(f"{name} out of range")
+        return value
+    if hint is str or hint is bool:
+        if not isinstance(value, hint):
+            raise TypeError(f"{name} is {type(value).__name__}, not {hint.__name__}")
+        return value
+    if get_origin(hint) is list:
+        if not isinstance(value, list):
+            raise TypeError(f"{name} is {type(value).__name__}, not a list")
+        (item,) = get_args(hint)
+        return [_check(v, item, name) for v in value]
+    raise TypeError(f"{name}: no check for {hint!r}")
+
+
+def _typed(data: Any, hints: dict[str, Any], what: str) -> dict[str, Any]:
+    """A copy of the JSON object ``data`` with the fields in ``hints`` checked (:func:`_check`); others are
+    left for the constructor to refuse (or the caller to drop)."""
+    if not isinstance(data, dict):
+        raise TypeError(f"{what} is {type(data).__name__}, not an object")
+    return {k: v if k not in hints or k == "source" else _check(v, hints[k], k) for k, v in data.items()}
+
+
+_BINDING_TYPES = get_type_hints(Binding)
+_PEER_TYPES = get_type_hints(Peer)
+_META_TYPES = get_type_hints(MainMeta)

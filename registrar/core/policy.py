@@ -8,7 +8,7 @@ from urllib.parse import quote, unquote
 
 from registrar.config import Settings
 from registrar.sip.fastinit import fast_frozen_init
-from registrar.sip.headers import Contact
+from registrar.sip.headers import Contact, is_digits
 from registrar.sip.uri import URI, SipURI, TelURI
 
 MAX_AOR_LEN = 256
@@ -66,7 +66,7 @@ def requested_expires(contact: Contact, header: int | None, settings: Settings) 
     """e_req: Contact ;expires, else the Expires header, else the default (behaviour §3.3)."""
     value = contact.expires
     if value:
-        return int(value) if value.isdigit() else settings.default_expires
+        return int(value) if is_digits(value) else settings.default_expires
     if header is not None:
         return header
     return settings.default_expires

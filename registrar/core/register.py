@@ -21,7 +21,7 @@ from registrar.core.policy import (
 )
 from registrar.records import AorRecord, Binding, MainMeta
 from registrar.sip.errors import ParseError
-from registrar.sip.headers import Contact, parse_address
+from registrar.sip.headers import Contact, is_digits, parse_address
 from registrar.sip.message import Request, Response
 from registrar.sip.transport import Peer
 from registrar.sip.uri import URI, SipURI, URIError, parse_uri
@@ -76,7 +76,7 @@ def inspect(request: Request, source: Peer, settings: Settings) -> RegisterView:
     expires_text = request.headers.get("expires")
     expires_header: int | None = None
     if expires_text is not None:
-        if not expires_text.isdigit():
+        if not is_digits(expires_text):
             raise RegistrarError(400, "Expires parse error")
         expires_header = int(expires_text)
     try:
@@ -278,7 +278,7 @@ def reply_contact_id(uri: URI, settings: Settings) -> int | None:
         text = uri.user
     else:
         text = uri.param(settings.contact_id_param)
-    if not text or not text.isdigit() or len(text) > 20:
+    if not text or not is_digits(text) or len(text) > 20:
         return None
     return int(text)
 
@@ -290,7 +290,7 @@ def granted_expires(
 
     With Path insertion the main registrar holds the phone's own contacts: they are matched by URI."""
     header = reply.headers.get("expires")
-    header_expires = int(header) if header and header.isdigit() else None
+    header_expires = int(header) if header and is_digits(header) else None
     granted: dict[int, tuple[int, str]] = {}
     for contact in reply_contacts(reply):
         if contact.star:
@@ -302,7 +302,7 @@ def granted_expires(
         if ctid is None:
             continue  # a foreign contact (#1516): tolerated, ignored
         value = contact.expires
-        if value and value.isdigit():
+        if value and is_digits(value):
             granted[ctid] = (int(value), str(contact.uri))
         elif header_expires is not None:
             granted[ctid] = (header_expires, str(contact.uri))

@@ -19,10 +19,11 @@ from registrar.core import deregister, reply, throttle
 from registrar.core import register as reg
 from registrar.core.expiry import Expiry
 from registrar.core.gate import Gate
-from registrar.core.policy import RegistrarError
+from registrar.core.policy import RegistrarError, escape_aor
 from registrar.core.refresh import RefreshTemplates
 from registrar.core.state import CoreState
 from registrar.records import AorRecord, MainMeta
+from registrar.sip.headers import is_digits
 from registrar.sip.message import Response
 from registrar.sip.proxy import ResponseContext
 from registrar.sip.stack import Event, IncomingRequest, ProxyFinal
@@ -61,6 +62,8 @@ class Registration:
         request = event.request
         try:
             view = reg.inspect(request, event.peer, settings)
+            if settings.mode is Mode.AOR and not view.aor.isascii():
+                escape_aor(view.aor, settings)  # refused now (RegistrarError), not once relaying has begun
             record = state.store.load(view.aor)  # may raise Pending: the event is parked
             if not view.contacts:
                 # A binding query is answered here with the current bindings (behaviour §3.1 item 6 [REC]).
@@ -220,7 +223,7 @@ class Registration:
         """A 423 whose Min-Expires is above what we sent: raise it for this AoR and relay once more."""
         configured = self.state.settings
         value = response.headers.get("min-expires") or ""
-        if not (configured.raise_on_423 and value.isdigit()) or pending.retried_423:
+        if not (configured.raise_on_423 and is_digits(value)) or pending.retried_423:
             return False
         floor = int(value)
         settings = self._settings_for(pending.view.aor)

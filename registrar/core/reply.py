@@ -13,7 +13,7 @@ from registrar.core.policy import RegistrarError
 from registrar.core.register import RegisterView, supports_path, wants_outbound
 from registrar.records import AorRecord, Binding
 from registrar.sip.errors import ParseError
-from registrar.sip.headers import parse_address
+from registrar.sip.headers import is_digits, parse_address
 from registrar.sip.message import Request, Response, make_response
 from registrar.sip.transport import ip_reference, uri_transport
 from registrar.sip.uri import SipURI, URIError, parse_uri
@@ -85,7 +85,7 @@ def _sip_hostport(text: str) -> tuple[str, int | None] | None:
     if scheme in ("sip", "sips") and "?" not in rest and "[" not in rest and rest.count("@") <= 1:
         hostport = rest.rpartition("@")[2].partition(";")[0]
         host, colon, port = hostport.partition(":")
-        if host and (not colon or (port.isdigit() and len(port) <= 5)):
+        if host and (not colon or (is_digits(port) and len(port) <= 5)):
             return host, int(port) if colon else None
     try:
         uri = parse_uri(text)

@@ -21,7 +21,7 @@ from registrar.core.policy import aor_from_uri
 from registrar.core.register import reply_contact_id
 from registrar.core.state import CoreState
 from registrar.sip.errors import ParseError
-from registrar.sip.headers import parse_address
+from registrar.sip.headers import is_digits, parse_address
 from registrar.sip.message import Request, make_response
 from registrar.sip.proxy import flow_of
 from registrar.sip.stack import IncomingRequest
@@ -140,7 +140,7 @@ class Routing:
         if (
             hop is None
             or (hop.host, hop.port) != (event.peer.host, event.peer.port)
-            or not ctid_text.isdigit()
+            or not is_digits(ctid_text)
         ):
             request.headers.remove(HANDOFF)
             return False

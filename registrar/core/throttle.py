@@ -20,6 +20,7 @@ from registrar.core.register import (
     same_flow,
 )
 from registrar.records import AorRecord, Binding, MainMeta
+from registrar.sip.headers import is_digits
 from registrar.sip.message import Request, Response
 from registrar.sip.transport import Peer, ip_reference
 from registrar.sip.uri import URI, SipURI, parse_uri
@@ -289,9 +290,9 @@ def apply_aor_2xx(
         sent = hostport_of(pending.aggregated)
         contact = next((c for c in candidates if hostport_of(str(c.uri)) == sent), candidates[0])
         value = contact.expires
-        if value and value.isdigit():
+        if value and is_digits(value):
             e_out = int(value)
-        elif header and header.isdigit():
+        elif header and is_digits(header):
             e_out = int(header)
         else:
             e_out = settings.default_expires

@@ -85,10 +85,10 @@ def response_peer(via: Via, source: Peer) -> Peer:
         elif lname == "rport" and rport is None:
             rport = "" if value is None else value
     host = received or via.host
-    if rport:
+    if rport and len(rport) <= 5 and rport.isdigit() and rport.isascii() and 0 < int(rport) <= 65535:
         port = int(rport)
     elif rport == "":
         port = source.port
-    else:
+    else:  # no rport, or one that is not a port number (ignored, as if absent)
         port = via.port or default_port(transport)
     return Peer(transport, host.strip("[]"), port, None, source.local)

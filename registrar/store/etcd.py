@@ -56,6 +56,7 @@ from registrar.store.etcd_client import (
     op_put,
 )
 from registrar.store.etcd_layout import (
+    UNDECODABLE,
     EtcdKeys,
     KeyKind,
     decode_binding,
@@ -66,6 +67,7 @@ from registrar.store.etcd_layout import (
     encode_head,
     encode_index,
 )
+from registrar.store.etcd_layout import why as _why
 from registrar.store.members import MemberRegistry
 from registrar.store.orphans import CLAIM_TTL, Orphans, OrphanWatch, race
 from registrar.store.overlay import Overlay, WritePlan, plan_commit
@@ -345,12 +347,21 @@ class EtcdStore:
         if self.cache.stale(aor, rev):
             return False
         heads, kvs = result.results[0].kvs, result.results[1].kvs
-        meta = decode_head_meta(heads[0].value) if heads else None
+        meta = None
+        if heads:
+            try:
+                meta = decode_head_meta(heads[0].value)
+            except UNDECODABLE as exc:  # another writer's, or corrupted: read as a head without meta
+                log.warning("head of %s in etcd not understood (%s): %s", aor, heads[0].key, _why(exc))
         version = heads[0].mod_revision if heads else 0
         items = []
         me = self.member_id
         for kv in kvs:
-            binding, hold = decode_binding(kv.value)
+            try:
+                binding, hold = decode_binding(kv.value)
+            except UNDECODABLE as exc:  # skipped: the AoR's other bindings still count
+                log.warning("binding of %s in etcd not understood, skipped (%s): %s", aor, kv.key, _why(exc))
+                continue
             items.append(cached_item(binding, hold, kv.mod_revision))
             if binding.owner != me:
                 self.overlay.drop(binding.ctid)  # another process holds its flow now
@@ -378,7 +389,12 @@ class EtcdStore:
             if aor is None:
                 self.calls += 1
                 kv = await self.client.get(self.keys.index(ctid))
-                aor = decode_index(kv.value) if kv is not None else ""
+                aor = ""
+                if kv is not None:
+                    try:
+                        aor = decode_index(kv.value)
+                    except UNDECODABLE as exc:  # read as no such contact id
+                        log.warning("contact id %d in etcd not understood: %s", ctid, _why(exc))
                 self.cache.index(ctid, aor)
             if aor and aor not in self.cache:
                 await asyncio.shield(self._fetch(aor))
@@ -624,8 +640,14 @@ class EtcdStore:
                 if deleted:
                     if event.prev_kv is not None:
                         self.orphans.binding_deleted(rev, aor, key.ctid, event.prev_kv)
-                elif key.ctid in self.overlay and decode_binding(kv.value)[0].owner != self.member_id:
-                    self.overlay.drop(key.ctid)
+                elif key.ctid in self.overlay:
+                    try:
+                        owner = decode_binding(kv.value)[0].owner
+                    except UNDECODABLE as exc:  # not a binding this process could hold any more
+                        log.warning("binding %s written in etcd not understood: %s", kv.key, _why(exc))
+                        owner = None
+                    if owner != self.member_id:
+                        self.overlay.drop(key.ctid)
         elif kind is KeyKind.CLAIM:
             if not deleted and kv.create_revision == rev:
                 self.orphans.claim_created(rev, key.ctid, key.mod_revision)
@@ -654,7 +676,7 @@ class EtcdStore:
                 if record is not None:
                     known = record.bindings
             if orphans.head is not None:
-                with contextlib.suppress(ValueError, TypeError, KeyError):
+                with contextlib.suppress(*UNDECODABLE):
                     meta = decode_head_meta(orphans.head.value) or meta
             version = entry.version if entry is not None else 0
             before = AorRecord(aor, known, version, meta)
@@ -666,7 +688,7 @@ class EtcdStore:
         aor = orphans.aor
         try:
             gone = [(decode_binding(kv.value)[0], kv.mod_revision) for _ctid, kv in orphans.gone]
-        except (ValueError, TypeError, KeyError) as exc:
+        except UNDECODABLE as exc:
             log.warning("orphaned binding of %s not understood: %s", aor, exc)
             return
         try:

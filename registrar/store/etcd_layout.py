@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from registrar.records import RECORD_VERSION, Binding, MainMeta
 
@@ -128,6 +130,16 @@ class EtcdKeys:
         return None
 
 
+# What a decoder raises on a value not in this layout (another writer's, a later version's, corrupted):
+# the store skips such a value with a log line (:func:`why`), never letting it reach the core.
+UNDECODABLE = (ValueError, TypeError, KeyError)
+
+
+def why(exc: BaseException) -> str:
+    """One line saying why a value was not understood."""
+    return f"{type(exc).__name__}: {exc}"[:200]
+
+
 def encode_head(aor: str, meta: MainMeta | None, ctids: Iterable[int]) -> bytes:
     value = {
         "v": RECORD_VERSION,
@@ -138,9 +150,20 @@ def encode_head(aor: str, meta: MainMeta | None, ctids: Iterable[int]) -> bytes:
     return json.dumps(value, separators=_COMPACT).encode()
 
 
+def _json_object(value: bytes) -> dict[str, Any]:
+    """A JSON object (ValueError or TypeError on anything else: bad JSON, another type, nesting too deep)."""
+    try:
+        data = json.loads(value)
+    except RecursionError:
+        raise ValueError("JSON nested too deep") from None
+    if not isinstance(data, dict):
+        raise TypeError(f"a JSON {type(data).__name__}, not an object")
+    return data
+
+
 def decode_head_meta(value: bytes) -> MainMeta | None:
     """The head's meta (raises ValueError, TypeError or KeyError on a value not in this layout)."""
-    data = json.loads(value)
+    data = _json_object(value)
     return MainMeta.from_dict(data["meta"]) if data.get("meta") else None
 
 
@@ -153,9 +176,14 @@ def encode_binding(binding: Binding, hold: float) -> bytes:
 
 def decode_binding(value: bytes) -> tuple[Binding, float]:
     """The binding and its hold (its expiry when a writer left the hold out)."""
-    data = json.loads(value)
+    data = _json_object(value)
     data.pop("v", None)
-    hold = float(data.pop("hold", data.get("expires_at", 0.0)))
+    try:
+        hold = float(data.pop("hold", data.get("expires_at", 0.0)))
+    except OverflowError:  # an integer past a float's range
+        raise ValueError("hold out of range") from None
+    if not math.isfinite(hold):
+        raise ValueError(f"hold is {hold}")
     return Binding.from_dict(data), hold
 
 
@@ -173,7 +201,7 @@ def encode_member(address: str) -> bytes:
 
 def decode_member(value: bytes) -> str:
     """The member's internal SIP address (raises ValueError, TypeError or KeyError when not one)."""
-    address = json.loads(value)["sip"]
+    address = _json_object(value)["sip"]
     if not isinstance(address, str):
         raise TypeError(f"member address {address!r} is not a string")
     return address

@@ -8,10 +8,12 @@ into orphan claims (registrar/store/orphans.py).
 
 from __future__ import annotations
 
-import contextlib
+import logging
 
 from registrar.store.etcd_client import EtcdClient
-from registrar.store.etcd_layout import EtcdKeys, decode_member, encode_member
+from registrar.store.etcd_layout import UNDECODABLE, EtcdKeys, decode_member, encode_member, why
+
+log = logging.getLogger(__name__)
 
 
 class MemberRegistry:
@@ -41,9 +43,11 @@ class MemberRegistry:
         page = await self.client.get_prefix(self.keys.members)
         live: dict[str, str] = {}
         for kv in page.kvs:
-            member = kv.key[len(self.keys.members) :].decode()
-            with contextlib.suppress(ValueError, KeyError, TypeError):
+            try:
+                member = kv.key[len(self.keys.members) :].decode()
                 live[member] = decode_member(kv.value)
+            except UNDECODABLE as exc:
+                log.warning("member key %r in etcd not understood, skipped: %s", kv.key, why(exc))
         self._live = live
         return page.revision
 
@@ -64,8 +68,10 @@ class MemberRegistry:
 
     def put(self, member: str, value: bytes) -> None:
         """A member key written (watch)."""
-        with contextlib.suppress(ValueError, KeyError, TypeError):
+        try:
             self._live[member] = decode_member(value)
+        except UNDECODABLE as exc:
+            log.warning("member %r written in etcd not understood, skipped: %s", member, why(exc))
 
     def gone(self, member: str) -> None:
         """A member key deleted (watch): revoked, or its lease ran out."""
