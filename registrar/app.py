@@ -11,6 +11,7 @@ import socket
 from collections.abc import Callable
 from contextlib import suppress
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -18,6 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from registrar.config import Listen, Settings, StoreKind, split_hostport
 from registrar.core import digest
+from registrar.core.handoff import HandoffKeys
 from registrar.core.service import MidRegistrar
 from registrar.http.aors import aor_json
 from registrar.http.app import EngineCollector, StoreStats, make_app
@@ -32,6 +34,7 @@ log = logging.getLogger("midregistrar")
 # A full collection after 100 gen1 ones instead of 10. A larger gen0 threshold measured worse: fewer but
 # longer pauses (11 ms median at 20,000) and more GC time overall (cache misses on the bigger young set).
 GC_THRESHOLDS = (700, 10, 100)
+HANDOFF_KEYS_RELOAD = 10.0  # seconds between checks of the hand-off key file
 
 
 def tune_gc() -> None:
@@ -68,6 +71,8 @@ class Registrar:
         credentials = [digest.Credentials(*c.split(":", 2)) for c in settings.main_credentials]
         self.core = MidRegistrar(settings, self.stack, self.store, gate=gate, credentials=credentials)
         self.started = False
+        self._handoff_text: str | None = None
+        self._handoff_task: asyncio.Task[None] | None = None
         self.store_available = True
         self.server: SipServer | None = None
         self._http: web.AppRunner | None = None
@@ -78,7 +83,39 @@ class Registrar:
         """``/readyz``: serving, not draining, and the store reachable."""
         return self.started and self.store_available and not self.core.draining
 
+    def _load_handoff_keys(self) -> None:
+        """Read the hand-off keys when their file changed (a renewed Secret): an unreadable or empty file
+        keeps the keys in use, with a log line."""
+        path = self.settings.handoff_key_file
+        if not path:
+            return
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            log.warning("hand-off keys not reloaded: %s", exc)
+            return
+        if text == self._handoff_text:
+            return
+        try:
+            self.core.state.handoff_keys = HandoffKeys.from_text(text)
+        except ValueError as exc:
+            log.warning("hand-off keys not reloaded from %s: %s", path, exc)
+            return
+        if self._handoff_text is not None:
+            log.info("hand-off keys reloaded from %s", path)
+        self._handoff_text = text
+
+    async def _watch_handoff_keys(self) -> None:
+        while True:
+            await asyncio.sleep(HANDOFF_KEYS_RELOAD)
+            self._load_handoff_keys()
+
     async def start(self) -> None:
+        self._load_handoff_keys()
+        if self.settings.handoff_key_file:
+            self._handoff_task = asyncio.get_running_loop().create_task(self._watch_handoff_keys())
+        elif self.etcd is not None:
+            log.warning("no --handoff-key-file: hand-offs between processes are trusted by source address")
         self.server = SipServer(self.settings, self.stack, self.core)
         await self.server.start()
         if self.etcd is not None:
@@ -139,6 +176,8 @@ class Registrar:
             if loop.time() - start >= settings.drain_grace and not self.stack.pending_transactions:
                 break
             await asyncio.sleep(0.05)
+        if self._handoff_task is not None:
+            self._handoff_task.cancel()
         if self.server is not None:
             await self.server.close()
         if self._http is not None:

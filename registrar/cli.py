@@ -16,9 +16,11 @@ import types
 import typing
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any, NoReturn
 
 from registrar.config import ConfigError, Settings, build_settings
+from registrar.core.handoff import HandoffKeys
 from registrar.net.tls import TlsConfigError, TlsContexts
 
 EXIT_USAGE = 2
@@ -179,6 +181,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError("invalid main-registrar: a main registrar SIP URI is required")
         # Certificate, key and CA files load now, so an unusable one is a usage error, not a traceback.
         TlsContexts(settings.tls_cert, settings.tls_key, settings.tls_client_ca, settings.tls_ca)
+        if settings.handoff_key_file:
+            try:
+                HandoffKeys.from_file(Path(settings.handoff_key_file))
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"invalid handoff-key-file {settings.handoff_key_file}: {exc}") from None
     except (ConfigError, TlsConfigError) as exc:
         print(f"midregistrar: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

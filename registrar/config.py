@@ -161,6 +161,12 @@ class Settings(BaseModel):
         description="CA bundle that verifies TLS peers the registrar dials, the main registrar first "
         "(default: the system's). Never unverified.",
     )
+    handoff_key_file: str | None = Field(
+        None,
+        description="File of shared keys (one per line, 16+ bytes; the first signs, all verify) that "
+        "authenticate the hand-off of requests between processes (etcd store). Without it a hand-off is "
+        "trusted by the sender's address. Re-read when it changes, so keys rotate without a restart.",
+    )
     tls_reload_interval: float = Field(
         10.0, gt=0, description="Seconds between checks of the certificate files for a change."
     )

@@ -20,7 +20,7 @@ from typing import Any
 
 import kopf
 
-from . import render, sidecar
+from . import handoff_keys, render, sidecar
 from .etcd import EtcdGateway, EtcdUnavailable
 from .kube import Kube, KubeError
 from .spec import API_VERSION, GROUP, KIND, PLURAL, VERSION, MidRegistrarSpec, Ref, etcd_prefix, parse_spec
@@ -29,6 +29,9 @@ from .webhook import Certificates, ServingContext, WebhookSettings, issue, renew
 
 RESYNC_SECONDS = float(os.environ.get("MIDREG_OPERATOR_RESYNC_SECONDS", "30"))
 RETRY_SECONDS = float(os.environ.get("MIDREG_OPERATOR_RETRY_SECONDS", "10"))
+# Seconds between the steps of a hand-off key rotation: the kubelet updates a mounted Secret within about a
+# minute and the registrar re-reads its key file every 10 s.
+HANDOFF_SETTLE_SECONDS = float(os.environ.get("MIDREG_HANDOFF_SETTLE_SECONDS", "120"))
 # How often the webhook's certificate is checked (and reloaded when another replica renewed it).
 CERT_CHECK_SECONDS = float(os.environ.get("MIDREG_WEBHOOK_CERT_CHECK_SECONDS", "600"))
 WATCH_SERVER_TIMEOUT = int(os.environ.get("MIDREG_OPERATOR_WATCH_SERVER_TIMEOUT", "300"))
@@ -290,6 +293,8 @@ def reconcile(
     if problem:
         problems.append(problem)
     try:
+        if spec.etcd.endpoints:
+            keep_handoff_keys(spec, ref, meta, logger)  # before the pods that mount them
         for obj in render.render_all(spec, ref):
             k.apply(obj)
         for api_version, kind, obj_name in render.absent_objects(spec, ref):
@@ -316,6 +321,52 @@ def reconcile(
         return observe_sidecars(spec, ref, status, creds, problems, logger)
     deployment = k.get("apps/v1", "Deployment", namespace, render.names(ref)["deployment"])
     return observe(spec, ref, status, deployment, creds, problems)
+
+
+def keep_handoff_keys(spec: MidRegistrarSpec, ref: Ref, meta: Any, logger: Logger) -> None:
+    """The pods' hand-off keys: made once, then stepped through a rotation when the MidRegistrar asks for one
+    (:mod:`.handoff_keys`). Never overwritten otherwise: the pods hold it."""
+    k = kube()
+    name = render.names(ref)["handoff"]
+    secret = k.get("v1", "Secret", ref.namespace, name)
+    requested = (meta.get("annotations") or {}).get(handoff_keys.ROTATE_ANNOTATION, "")
+    now = datetime.datetime.now(datetime.UTC).timestamp()
+    if secret is None:
+        state: handoff_keys.KeyState | None = handoff_keys.initial(now)
+        current = None
+    else:
+        data = {
+            key: base64.b64decode(v).decode(errors="replace") for key, v in (secret.get("data") or {}).items()
+        }
+        current = handoff_keys.KeyState.from_secret(data, dict(secret["metadata"].get("annotations") or {}))
+        state = handoff_keys.next_state(current, requested, now, HANDOFF_SETTLE_SECONDS)
+    if state is None:
+        return
+    obj: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": {
+            "name": name,
+            "namespace": ref.namespace,
+            "labels": render.labels(ref),
+            "annotations": state.annotations(),
+            "ownerReferences": [render.owner_reference(ref)],
+        },
+        "data": {handoff_keys.KEY_FILE: base64.b64encode(state.file().encode()).decode()},
+    }
+    if secret is None:
+        k.create(obj)
+        logger.info(f"hand-off keys made in Secret {name}")
+        return
+    obj["metadata"]["resourceVersion"] = secret["metadata"]["resourceVersion"]
+    k.replace(obj)  # a 409 (another writer) raises: the next reconcile starts from the new state
+    step = {
+        "added": "new key added (accepted, not used yet)",
+        "promoted": "new key in use",
+        "": "old key dropped",
+    }
+    logger.info(f"hand-off key rotation {state.rotation!r}: {step.get(state.phase, state.phase)}")
 
 
 def observe_sidecars(

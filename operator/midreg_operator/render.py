@@ -20,6 +20,7 @@ CONFIG_FILE = "config.yaml"
 ETCD_SECRET_DIR = "/etc/midregistrar/etcd"
 TLS_SECRET_DIR = "/etc/midregistrar/tls"  # spec.tls.secretName: tls.crt, tls.key, ca.crt
 MAIN_CA_DIR = "/etc/midregistrar/main-ca"  # spec.tls.mainCASecretName: ca.crt
+HANDOFF_DIR = "/etc/midregistrar/handoff"  # the operator's <name>-handoff Secret: keys (with etcd)
 PRESTOP_SLEEP_SECONDS = 5
 # Drain on SIGTERM (registrar/app.py): keep serving `drain_grace` s with short expires, then up to
 # `drain_timeout` s for open transactions. Both come out of spec.terminationGracePeriodSeconds, less a
@@ -92,6 +93,7 @@ def names(ref: Ref) -> dict[str, str]:
         "hpa": base,
         "pdb": base,
         "serviceaccount": f"{base}-registrar",
+        "handoff": f"{base}-handoff",
     }
 
 
@@ -137,6 +139,9 @@ def render_settings(spec: MidRegistrarSpec, ref: Ref) -> Settings:
             options["tls_client_ca"] = f"{TLS_SECRET_DIR}/ca.crt"
     if tls.main_ca_secret_name:
         options["tls_ca"] = f"{MAIN_CA_DIR}/ca.crt"
+    if spec.etcd.endpoints:
+        # The pods hand each other requests: authenticated with the keys the operator keeps (.handoff_keys).
+        options["handoff_key_file"] = f"{HANDOFF_DIR}/keys"
     # environ={} : the operator's own environment must never leak into a rendered configuration.
     return build_settings(options, environ={})
 
@@ -238,6 +243,7 @@ def registrar_volumes(spec: MidRegistrarSpec, ref: Ref, prefix: str = "") -> tup
         # Mounted whole (no subPath): the kubelet then swaps in a renewed Secret, which the registrar reloads.
         ("tls", TLS_SECRET_DIR, spec.tls.secret_name),
         ("main-ca", MAIN_CA_DIR, spec.tls.main_ca_secret_name),
+        ("handoff", HANDOFF_DIR, n["handoff"] if spec.etcd.endpoints else None),
     ]
     for name, path, secret in secrets:
         if secret:

@@ -9,6 +9,8 @@ receiving one checks that it comes from a live member before it acts on it.
 from __future__ import annotations
 
 from registrar.config import Insertion, Listen, Mode
+from registrar.core.handoff import HEADER as HANDOFF
+from registrar.core.handoff import sign, unsigned, verify
 from registrar.core.lookup import (
     Target,
     branch_target,
@@ -21,14 +23,13 @@ from registrar.core.policy import aor_from_uri
 from registrar.core.register import reply_contact_id
 from registrar.core.state import CoreState
 from registrar.sip.errors import ParseError
-from registrar.sip.headers import is_digits, parse_address
+from registrar.sip.headers import parse_address
 from registrar.sip.message import Request, make_response
 from registrar.sip.proxy import flow_of
 from registrar.sip.stack import IncomingRequest
 from registrar.sip.transport import Peer, peer_for_uri
 from registrar.sip.uri import URI, SipURI
 
-HANDOFF = "X-Midreg-Flow"  # internal hop: "<sender member id> <contact id>"
 ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, MESSAGE, REGISTER, SUBSCRIBE, NOTIFY, REFER, INFO, UPDATE, PRACK"
 
 
@@ -81,7 +82,7 @@ class Routing:
             t for t in result.targets if not self._flow_closed(t)
         ]  # a gone connection: wait for a REGISTER
         for target in one_flow_per_instance(live):
-            branch = self._branch_via_owner(request, target)
+            branch = self._branch_via_owner(request, target, now)
             if branch is not None:
                 branches.append(branch)
                 flows.append(branch[1] is target.peer and over_flow(target))  # not a hand-off
@@ -109,7 +110,9 @@ class Routing:
             request.uri = target.uri
             state.stack.forward_stateless(request, target.peer)
 
-    def _branch_via_owner(self, request: Request, target: Target) -> tuple[Request | URI, Peer] | None:
+    def _branch_via_owner(
+        self, request: Request, target: Target, now: float
+    ) -> tuple[Request | URI, Peer] | None:
         """A branch over the phone's flow: direct when this process holds it (or a Path leads there), else
         handed to the process that does. With that process gone, a UDP phone is reached directly at the
         address it registered from; a TCP flow died with it (None: no branch)."""
@@ -124,29 +127,32 @@ class Routing:
         hop = Listen.parse(address)
         copy = request.copy()
         copy.uri = target.uri
-        copy.headers.add(HANDOFF, f"{store.member_id} {binding.ctid}")
+        copy.headers.add(HANDOFF, sign(state.handoff_keys, store.member_id, binding.ctid, copy, now))
         state.stats.handoffs += 1
         return copy, Peer(hop.transport.value, hop.host, hop.port)
 
     def _handed_over(self, event: IncomingRequest, value: str, now: float) -> bool:
-        """A peer process hands us a request for a flow we hold: send it to the phone over that flow. The
-        header counts only from a live member's address; from anywhere else it is dropped and ignored."""
+        """A peer process hands us a request for a flow we hold: send it to the phone over that flow. With
+        hand-off keys the header counts only when its MAC verifies, it is fresh and names a live member
+        (:mod:`registrar.core.handoff`); without, only from a live member's address. Otherwise it is
+        dropped, counted, and the request is routed as if it had none."""
         state = self.state
         store = state.store
         request = event.request
-        sender, _, ctid_text = value.partition(" ")
-        address = store.member_address(sender)
-        hop = Listen.parse(address) if address else None
-        if (
-            hop is None
-            or (hop.host, hop.port) != (event.peer.host, event.peer.port)
-            or not is_digits(ctid_text)
-        ):
+        keys = state.handoff_keys
+        handoff = verify(keys, value, request, now) if keys is not None else unsigned(value)
+        address = store.member_address(handoff.sender) if handoff is not None else None
+        trusted = address is not None
+        if trusted and keys is None:
+            hop = Listen.parse(address or "")
+            trusted = (hop.host, hop.port) == (event.peer.host, event.peer.port)
+        if handoff is None or not trusted:
             request.headers.remove(HANDOFF)
+            state.stats.handoffs_refused += 1
             return False
-        record = store.find_ctid(int(ctid_text))  # may raise Pending: re-run with the header kept
+        record = store.find_ctid(handoff.ctid)  # may raise Pending: re-run with the header kept
         request.headers.remove(HANDOFF)
-        binding = record.bindings.get(int(ctid_text)) if record is not None else None
+        binding = record.bindings.get(handoff.ctid) if record is not None else None
         target = branch_target(binding) if binding is not None and binding.valid(now) else None
         if (
             target is None

@@ -16,6 +16,7 @@ from functools import partial
 
 from registrar.config import Settings
 from registrar.core.deregister import ExpirySchedule
+from registrar.core.handoff import HandoffKeys
 from registrar.records import AorRecord
 from registrar.sip.stack import Stack
 from registrar.sip.transport import Peer
@@ -36,6 +37,7 @@ class CoreStats:
     expired: int = 0
     unavailable: int = 0  # requests answered 503 because the store could not be reached
     handoffs: int = 0  # requests handed to the process holding the phone's flow
+    handoffs_refused: int = 0  # hand-off headers not trusted (bad MAC, stale, unknown sender): ignored
     lookups: dict[str, int] = field(default_factory=dict)
 
 
@@ -57,6 +59,7 @@ class CoreState:
         default_factory=dict
     )  # write in flight → (what it was for, what to do if it lost)
     draining: bool = False  # the process is shutting down: phones are sent elsewhere
+    handoff_keys: HandoffKeys | None = None  # sign and verify hand-offs (None: trust members' addresses)
 
     def park(self, key: str, work: Callable[[float], None]) -> None:
         """Run ``work(now)`` once the store reports ``key`` ready."""

@@ -146,6 +146,11 @@ class EngineCollector(Collector):
         yield CounterMetricFamily(
             "midregistrar_handoffs", "Requests handed to the process holding the flow", value=c.handoffs
         )
+        yield CounterMetricFamily(
+            "midregistrar_handoffs_refused",
+            "Hand-off headers not trusted (bad or stale MAC, unknown sender, wrong address) and ignored",
+            value=c.handoffs_refused,
+        )
         if self.connections is not None:
             counts, admission = self.connections()
             open_ = GaugeMetricFamily(

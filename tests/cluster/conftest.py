@@ -17,6 +17,7 @@ import pytest
 # The operator reads these when its handlers module is imported (the timer interval is fixed then).
 os.environ.setdefault("MIDREG_OPERATOR_RESYNC_SECONDS", "2")
 os.environ.setdefault("MIDREG_OPERATOR_RETRY_SECONDS", "2")
+os.environ.setdefault("MIDREG_HANDOFF_SETTLE_SECONDS", "2")  # steps of a hand-off key rotation
 
 from kopf.testing import KopfRunner
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import re
 import socket
+import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -249,6 +250,41 @@ def test_websocket_flow_is_handed_to_its_owner(cluster: Cluster) -> None:
     info = c.diag(invite)
     assert top_via_port == ws_ports["A"], "A sent it over wendy's WebSocket (its ws: socket in Via)\n" + info
     assert handoffs == 1, "B handed it to A\n" + info
+
+
+def test_a_forged_hand_off_is_ignored_and_counted(cluster: Cluster) -> None:
+    """Anyone can send a request claiming to be a hand-off from A (any source address): without A's key it
+    carries no valid MAC, so B ignores the header, counts it, and routes the request as a plain one."""
+    c = cluster.start("contact", names=("A", "B"), extra=node_args(outgoing=60))
+    a, b = c["A"], c["B"]
+    fleet = c.fleet("fay", ["fay"], a, expires=30, every_ms=1000)
+    assert fleet.wait_ok(1, 15), c.diag()
+    view = a.view(f"fay@{DOMAIN}")
+    assert view and view["bindings"], c.diag()
+    owner, ctid = view["bindings"][0]["owner"], view["bindings"][0]["ctid"]  # A's member id, fay's contact id
+    before = len(invites_for(fleet, "fay"))
+    # Sent from A's own address and port (a raw socket writes the IP and UDP headers): the address is no proof.
+    for value in (f"{owner} {ctid}", f"{owner} {ctid} {int(time.time())} {'0' * 32}"):
+        invite = sip_request(
+            "INVITE", fleet.contact("fay"), ("127.0.0.1", a.port), to_uri=f"sip:fay@{DOMAIN}",
+            headers=[("X-Midreg-Flow", value)],
+        )  # fmt: skip
+        spoofed_udp(("127.0.0.1", a.port), ("127.0.0.1", b.port), invite)
+    assert poll(lambda: node_metric(b, "midregistrar_handoffs_refused") == 2, 5), c.diag()
+    time.sleep(0.5)
+    assert len(invites_for(fleet, "fay")) == before, "a forged hand-off reached the phone\n" + c.diag()
+
+
+def spoofed_udp(source: tuple[str, int], dest: tuple[str, int], payload: bytes) -> None:
+    """One UDP datagram with a source address of our choosing (IPv4, root): what a forger on the pod network
+    can send. The kernel fills in the IP checksum and length; a UDP checksum of 0 means none."""
+    udp = struct.pack("!HHHH", source[1], dest[1], 8 + len(payload), 0) + payload
+    ip = struct.pack(
+        "!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, socket.IPPROTO_UDP, 0,
+        socket.inet_aton(source[0]), socket.inet_aton(dest[0]),
+    )  # fmt: skip
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as raw:
+        raw.sendto(ip + udp, (dest[0], 0))
 
 
 def ws_register(user: str, cseq: int) -> str:

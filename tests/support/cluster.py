@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import secrets
 import signal
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -109,6 +110,9 @@ class Cluster:
         self.tmp = tmp
         self.etcd = etcd
         self.prefix = prefix
+        # The nodes authenticate their hand-offs with a shared key (registrar.core.handoff).
+        self.key_file = tmp / "handoff.keys"
+        self.key_file.write_text(secrets.token_hex(24) + "\n")
         self.kam: KamailioMain | None = None
         self.nodes: dict[str, Node] = {}
         self.fleets: list[Fleet] = []
@@ -128,7 +132,8 @@ class Cluster:
         for name in names:
             self.nodes[name] = Node(
                 name, self.kam.addr, endpoint, self.prefix, mode=mode, workdir=self.tmp / f"node-{name}",
-                extra=[*extra, *(node_extra or {}).get(name, ())], transports=transports,
+                extra=[*extra, "--handoff-key-file", str(self.key_file), *(node_extra or {}).get(name, ())],
+                transports=transports,
             )  # fmt: skip
         for node in self.nodes.values():
             node.launch()

@@ -70,10 +70,11 @@ compares them). Without watchNamespaces they go into the ClusterRole; with them,
 - apiGroups: [autoscaling]
   resources: [horizontalpodautoscalers]
   verbs: [get, list, watch, create, patch, update, delete]
-# The etcd credentials Secret named by spec.etcd.secretName (read one by name; never list).
+# The etcd credentials Secret named by spec.etcd.secretName (read one by name; never list), and the
+# pods' hand-off keys, a Secret the operator makes and rotates (create, update; never list).
 - apiGroups: [""]
   resources: [secrets]
-  verbs: [get]
+  verbs: [get, create, update]
 # kopf reports handler outcomes as events.
 - apiGroups: ["", events.k8s.io]
   resources: [events]
