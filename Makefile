@@ -86,6 +86,19 @@ bench: install sip-tools etcd cluster-rig metrics-rig node-tools node-rig image 
 	$(PY) -m bench.autoscaling_bench --runs 3
 	$(PY) -m bench.tls_bench
 	$(PY) -m bench.tls_memory --connections 5000
+	# Fuzzing (tests/fuzz): 10 million inputs per target where that fits in time (mutation engine), and
+	# coverage-guided (atheris) runs boxed in time; each exits 1 on a crash or a hang over 100 ms.
+	$(PY) -m tests.fuzz.run etcd --runs 10000000
+	$(PY) -m tests.fuzz.run uri --runs 10000000 --engine mutate
+	$(PY) -m tests.fuzz.run message --runs 10000000 --engine mutate
+	$(PY) -m tests.fuzz.run udp --runs 10000000 --engine mutate
+	$(PY) -m tests.fuzz.run tcp --runs 10000000 --engine mutate
+	$(PY) -m tests.fuzz.run config --runs 1000000 --engine mutate
+	$(PY) -m tests.fuzz.run uri --seconds 1200
+	$(PY) -m tests.fuzz.run message --seconds 1800
+	$(PY) -m tests.fuzz.run udp --seconds 1800
+	$(PY) -m tests.fuzz.run tcp --seconds 1800
+	$(PY) -m tests.fuzz.run config --seconds 600
 
 .PHONY: clean
 clean: ## Remove the virtualenv and caches (not the tool cache in $(MIDREG_CACHE))
