@@ -395,18 +395,7 @@ def observe_sidecars(
         problems.append(
             Problem("SidecarNotInjected", f"{len(missing)} PBX pods without their sidecar: {names_}")
         )
-    counts_obs, source, problem = observe_counts(spec, ref, creds)
-    if problem:
-        problems.append(problem)
-    return compute_status(
-        spec,
-        ref,
-        Observed(None, counts_obs, source, tuple(problems), sidecars=counts),
-        render.selector_string(ref),
-        dict(status or {}),
-        _now(),
-        render.config_hash(spec, ref),
-    )
+    return observe(spec, ref, status, None, creds, problems, sidecars=counts)
 
 
 def observe(
@@ -416,15 +405,17 @@ def observe(
     deployment: dict[str, Any] | None,
     creds: dict[str, str] | None,
     problems: list[Problem],
+    sidecars: sidecar.SidecarCounts | None = None,
 ) -> dict[str, Any]:
-    """The status that the Deployment, the etcd counts and the problems found so far add up to."""
+    """The status that the Deployment (or the injected PBX pods), the etcd counts and the problems found so
+    far add up to."""
     counts, source, problem = observe_counts(spec, ref, creds)
     if problem:
         problems.append(problem)
     return compute_status(
         spec,
         ref,
-        Observed(deployment, counts, source, tuple(problems)),
+        Observed(deployment, counts, source, tuple(problems), sidecars),
         render.selector_string(ref),
         dict(status or {}),
         _now(),

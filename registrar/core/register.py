@@ -102,7 +102,16 @@ def inspect(request: Request, source: Peer, settings: Settings) -> RegisterView:
 
 def flow_key(contact: Contact) -> tuple[str, str] | None:
     """(instance id, reg-id) of a contact registering an RFC 5626 flow, or None."""
-    instance, reg_id = contact.instance, contact.reg_id
+    return _flow_id(contact.instance, contact.reg_id)
+
+
+def binding_flow_key(binding: Binding) -> tuple[str, str] | None:
+    """(instance id, reg-id) of a binding registered as an RFC 5626 flow (reg-id is only kept then)."""
+    return _flow_id(binding.instance, binding.reg_id)
+
+
+def _flow_id(instance: str | None, reg_id: str | None) -> tuple[str, str] | None:
+    """Instances compare without their ``<>`` and case-insensitively (a URN)."""
     if not instance or not reg_id:
         return None
     return instance_id(instance).lower(), reg_id
@@ -127,12 +136,17 @@ def wants_outbound(view: RegisterView) -> bool:
     supports it; the phone then knows its flows are kept apart and keeps them alive."""
     if not view.outbound:
         return False
-    tags = [*view.request.headers.values("supported"), *view.request.headers.values("require")]
-    return any(tag.strip().lower() == "outbound" for value in tags for tag in value.split(","))
+    headers = view.request.headers
+    return has_option_tag([*headers.values("supported"), *headers.values("require")], "outbound")
+
+
+def has_option_tag(values: list[str], tag: str) -> bool:
+    """Whether Supported/Require values (already split on commas by ``Headers.values``) name ``tag``."""
+    return any(v.lower() == tag for v in values)
 
 
 def supports_path(request: Request) -> bool:
-    return any(v.lower() == "path" for v in request.headers.values("supported"))
+    return has_option_tag(request.headers.values("supported"), "path")
 
 
 def check_path(request: Request, paths: list[str], settings: Settings) -> None:
@@ -417,13 +431,6 @@ def check_max_contacts(
             valid.add(pc.ctid)
     if len(valid) > limit:
         raise RegistrarError(503, "Too many registered contacts")
-
-
-def binding_flow_key(binding: Binding) -> tuple[str, str] | None:
-    """(instance id, reg-id) of a binding registered as an RFC 5626 flow (reg-id is only kept then)."""
-    if not binding.instance or binding.reg_id is None:
-        return None
-    return instance_id(binding.instance).lower(), binding.reg_id
 
 
 def same_flow(a: Peer, b: Peer) -> bool:

@@ -10,7 +10,7 @@ from urllib.parse import unquote
 from registrar.config import PathMode, Settings
 from registrar.core.gruu import GruuContext, gruu_params
 from registrar.core.policy import RegistrarError
-from registrar.core.register import RegisterView, supports_path, wants_outbound
+from registrar.core.register import RegisterView, has_option_tag, supports_path, wants_outbound
 from registrar.records import AorRecord, Binding
 from registrar.sip.errors import ParseError
 from registrar.sip.headers import is_digits, parse_address
@@ -167,11 +167,7 @@ def contact_value(
 
 def with_outbound(response: Response, view: RegisterView) -> Response:
     """Add ``Require: outbound`` to a 2xx when RFC 5626 was applied to a phone that supports it (§6)."""
-    if wants_outbound(view) and not any(
-        tag.strip().lower() == "outbound"
-        for value in response.headers.values("require")
-        for tag in value.split(",")
-    ):
+    if wants_outbound(view) and not has_option_tag(response.headers.values("require"), "outbound"):
         response.headers.add("Require", "outbound")
     return response
 

@@ -578,8 +578,7 @@ class Stack:
         for i, (target, peer) in enumerate(targets):
             base = target if isinstance(target, Request) else txn.request
             uri = None if isinstance(target, Request) or target is None else target
-            peer = self._bound(peer)
-            local = self.local_for(peer)
+            peer, local = self._bound(peer)
             branch = make_branch(txn.request, self._unique())
             via = Via(local.transport.upper(), local.host, local.port, (("branch", branch), ("rport", None)))
             if i < len(flows) and flows[i]:
@@ -630,8 +629,7 @@ class Stack:
     def send_request(self, request: Request, peer: Peer) -> int:
         """Originate a request (a generated De-REGISTER, a keep-alive OPTIONS). Returns a handle that comes
         back in a :class:`ClientResult`."""
-        peer = self._bound(peer)
-        local = self.local_for(peer)
+        peer, local = self._bound(peer)
         via = Via(local.transport.upper(), local.host, local.port, (("branch", f"z9hG4bK-{self._unique()}"),))
         request.headers.prepend("Via", str(via))
         if "max-forwards" not in request.headers:
@@ -644,8 +642,7 @@ class Stack:
 
     def forward_stateless(self, request: Request, peer: Peer) -> None:
         """Send a request on without a transaction (an ACK for a 2xx, §16.11)."""
-        peer = self._bound(peer)
-        local = self.local_for(peer)
+        peer, local = self._bound(peer)
         via = Via(local.transport.upper(), local.host, local.port, (("branch", make_branch(request, "ack")),))
         copy = forward_copy(request, uri=None, via=via)
         self.send(copy.to_bytes(stream=peer.reliable), peer)
@@ -683,14 +680,15 @@ class Stack:
                     fallback = j
         return fallback if fallback is not None else 0
 
-    def _bound(self, peer: Peer) -> Peer:
-        """A UDP ``peer`` with the socket it is sent from (dual stack: an IPv6 main registrar or phone is
-        reached from the IPv6 socket, whatever socket the request being forwarded came in on). A stream
-        peer is reached over its connection, whichever socket accepted it."""
-        if peer.reliable:
-            return peer
+    def _bound(self, peer: Peer) -> tuple[Peer, LocalAddress]:
+        """``peer`` and the local address a message to it leaves from. A UDP peer is given that socket (dual
+        stack: an IPv6 main registrar or phone is reached from the IPv6 socket, whatever socket the request
+        being forwarded came in on); a stream peer is reached over its connection, whichever socket
+        accepted it."""
         i = self.local_index(peer)
-        return peer if peer.local == i else replace(peer, local=i)
+        if not peer.reliable and peer.local != i:
+            peer = replace(peer, local=i)
+        return peer, self.locals[i]
 
     def is_local_uri(self, uri: URI) -> bool:
         if not isinstance(uri, SipURI):

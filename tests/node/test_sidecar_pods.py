@@ -69,6 +69,11 @@ def webhook_entry(kube: Kube) -> dict[str, Any] | None:
     return next((h for h in conf.get("webhooks") or [] if h["name"].startswith(f"{MIDREG}.{NS}.")), None)
 
 
+def set_failure_policy(kube: Kube, policy: str) -> None:
+    patch = json.dumps({"spec": {"sidecar": {"failurePolicy": policy}}})
+    kube("patch", "midreg", MIDREG, "-n", NS, "--type=merge", "-p", patch)
+
+
 def set_operator_replicas(kube: Kube, n: int) -> None:
     kube("scale", "deployment", RELEASE, "-n", SYSTEM_NS, f"--replicas={n}")
     kube.wait(
@@ -216,16 +221,7 @@ def test_an_unreachable_webhook_fails_closed_then_open_as_declared(kube: Kube, p
         lambda: rolled_out(kube, injected=True), 120, "the replacement, injected once the webhook is back"
     )
     # Ignore: declared on the MidRegistrar, carried to the webhook configuration by the operator.
-    kube(
-        "patch",
-        "midreg",
-        MIDREG,
-        "-n",
-        NS,
-        "--type=merge",
-        "-p",
-        '{"spec":{"sidecar":{"failurePolicy":"Ignore"}}}',
-    )
+    set_failure_policy(kube, "Ignore")
 
     kube.wait(
         lambda: (webhook_entry(kube) or {}).get("failurePolicy") == "Ignore",
@@ -252,16 +248,7 @@ def test_an_unreachable_webhook_fails_closed_then_open_as_declared(kube: Kube, p
     kube.wait(reported, 90, "the operator reports the pod without its sidecar")
     kube("delete", "pod", plain, "-n", NS, "--wait=false")
     kube.wait(lambda: rolled_out(kube, injected=True), 120, "injected again")
-    kube(
-        "patch",
-        "midreg",
-        MIDREG,
-        "-n",
-        NS,
-        "--type=merge",
-        "-p",
-        '{"spec":{"sidecar":{"failurePolicy":"Fail"}}}',
-    )
+    set_failure_policy(kube, "Fail")
 
 
 def test_an_expired_webhook_certificate_is_renewed_when_the_operator_starts(kube: Kube, pbx: Addr) -> None:
