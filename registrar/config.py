@@ -348,8 +348,11 @@ class Settings(BaseModel):
     @field_validator("etcd_endpoints", mode="before")
     @classmethod
     def _parse_endpoints(cls, value: Any) -> Any:
+        """Comma-separated in one value (the environment) or in each repeated flag (the CLI)."""
         if isinstance(value, str):
-            return [v.strip() for v in value.split(",") if v.strip()]
+            value = [value]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return [e.strip() for v in value for e in v.split(",") if e.strip()]
         return value
 
     @field_validator("main_registrar", "main_proxy")

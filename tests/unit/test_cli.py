@@ -37,6 +37,14 @@ def test_list_settings_from_environment() -> None:
     assert [str(x) for x in s.listen] == ["udp:127.0.0.1:5060", "tcp:127.0.0.1:5061"]
 
 
+def test_etcd_endpoints_comma_separated_in_a_repeated_flag_or_the_environment() -> None:
+    """`--etcd-endpoints a,b --etcd-endpoints c` is three members (it once reached gRPC as one bogus host)."""
+    s = build_settings({"etcd_endpoints": ["127.0.1.1:2379,127.0.1.2:2379", "127.0.1.3:2379"]}, {})
+    assert s.etcd_endpoints == ["127.0.1.1:2379", "127.0.1.2:2379", "127.0.1.3:2379"]
+    s = build_settings({}, {"MIDREG_ETCD_ENDPOINTS": "127.0.1.1:2379, 127.0.1.2:2379"})
+    assert s.etcd_endpoints == ["127.0.1.1:2379", "127.0.1.2:2379"]
+
+
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [
