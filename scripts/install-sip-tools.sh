@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install the SIP peers used by tests/integration and bench/: SIPp (Debian `sip-tester`), Kamailio (with
-# its TLS module) and baresip (Debian `baresip-core`, a real phone: tests/integration/test_baresip.py).
+# its TLS module), baresip (Debian `baresip-core`, a real phone: tests/integration/test_baresip.py) and
+# libfaketime (tests/faults).
 # Idempotent and fast when all are already present: it only calls apt when a binary is missing, and
 # runs `apt-get update` only when the first install attempt fails without it.
 set -euo pipefail
@@ -15,6 +16,8 @@ if [ ! -f /usr/lib/x86_64-linux-gnu/kamailio/modules/tls.so ] && ! dpkg -s kamai
     need+=(kamailio-tls-modules)
 fi
 command -v baresip >/dev/null 2>&1 || need+=(baresip-core)
+# libfaketime: a registrar process with its clock off (the clock-skew runs of tests/faults).
+[ -f /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ] || need+=(libfaketime)
 
 if [ "${#need[@]}" -eq 0 ]; then
     exit 0

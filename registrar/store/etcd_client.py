@@ -25,6 +25,7 @@ import logging
 import math
 import random
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -295,8 +296,8 @@ class Compacted:
 # ---------------------------------------------------------------------------------------------------- client
 
 
-def _target(endpoints: Sequence[str]) -> tuple[str, bool]:
-    """(gRPC target, TLS implied by an https:// endpoint). Several endpoints must be IP literals."""
+def _targets(endpoints: Sequence[str]) -> tuple[list[str], bool]:
+    """(one gRPC target per endpoint, TLS implied by an https:// endpoint)."""
     tls = False
     hosts: list[str] = []
     for ep in endpoints:
@@ -307,17 +308,30 @@ def _target(endpoints: Sequence[str]) -> tuple[str, bool]:
         hosts.append(ep.rstrip("/").replace("localhost", "127.0.0.1"))
     if not hosts:
         raise ValueError("no etcd endpoint")
-    if len(hosts) == 1:
-        return hosts[0], tls
-    if all(h.startswith("[") for h in hosts):
-        return "ipv6:" + ",".join(hosts), tls
-    if all(h.rsplit(":", 1)[0].replace(".", "").isdigit() for h in hosts):
-        return "ipv4:" + ",".join(hosts), tls
-    raise ValueError("several etcd endpoints must be IP literals (or give one DNS name that resolves to all)")
+    return hosts, tls
+
+
+@dataclass
+class _Endpoint:
+    """The channel to one endpoint and the services over it."""
+
+    target: str
+    channel: grpc.aio.Channel
+    kv: KVService
+    lease: LeaseService
+    maint: MaintenanceService
+    auth: AuthService
+    watch: WatchStub
 
 
 class EtcdClient:
-    """One gRPC channel to etcd with the calls the etcd store makes.
+    """A gRPC channel to etcd with the calls the etcd store makes.
+
+    Calls go to one endpoint at a time (a random one first, so processes spread). When a call to it runs out
+    of time or finds it unavailable, the following calls go to the next endpoint and open watches resume
+    there: a member that hangs (stopped, cut off, without a leader) costs one deadline, not the seconds gRPC's
+    keepalive takes to give up on its connection (a load balancer over all endpoints kept sending a share of
+    the calls to it until then). One endpoint that is a DNS name is balanced over its addresses by gRPC.
 
     Every call has a deadline (``timeout``) and raises :class:`EtcdUnavailable` when etcd cannot answer in
     time, :class:`EtcdError` for the rest. Reads, puts and lease calls are retried by the library on
@@ -352,7 +366,11 @@ class EtcdClient:
         if (cert_file is None) != (key_file is None):
             raise ValueError("etcd client cert and key go together")
         self.endpoints = list(endpoints)
-        self._target, tls = _target(self.endpoints)
+        self._targets, tls = _targets(self.endpoints)
+        self._current = random.randrange(len(self._targets))
+        self._open: dict[int, _Endpoint] = {}
+        self._watches: weakref.WeakSet[Watch] = weakref.WeakSet()
+        self.failovers = 0
         self._tls = tls or ca_file is not None or cert_file is not None
         self._ca_file, self._cert_file, self._key_file = ca_file, cert_file, key_file
         self._server_name = server_name
@@ -392,6 +410,16 @@ class EtcdClient:
         """
         if self._channel is not None:
             return
+        self._use(self._current)
+        if self._username is not None:
+            await self._login()
+
+    def _endpoint(self, index: int) -> _Endpoint:
+        """The channel to endpoint ``index`` (opened once, lazily: etcd need not be up yet)."""
+        ep = self._open.get(index)
+        if ep is not None:
+            return ep
+        target = self._targets[index]
         if self._tls:
 
             def read(p: str | Path | None) -> bytes | None:
@@ -402,22 +430,56 @@ class EtcdClient:
                 private_key=read(self._key_file),
                 certificate_chain=read(self._cert_file),
             )
-            self._channel = grpc.aio.secure_channel(self._target, creds, options=self._options)
+            channel = grpc.aio.secure_channel(target, creds, options=self._options)
         else:
-            self._channel = grpc.aio.insecure_channel(self._target, options=self._options)
-        self._kv = KVService(self._channel)
-        self._lease = LeaseService(self._channel)
-        self._maint = MaintenanceService(self._channel, max_attempts=1)
-        self._auth = AuthService(self._channel)
-        self._watch_stub = WatchStub(self._channel)
-        if self._username is not None:
-            await self._login()
+            channel = grpc.aio.insecure_channel(target, options=self._options)
+        ep = _Endpoint(
+            target,
+            channel,
+            KVService(channel),
+            LeaseService(channel),
+            MaintenanceService(channel, max_attempts=1),
+            AuthService(channel),
+            WatchStub(channel),
+        )
+        if self._token:
+            for svc in (ep.kv, ep.lease, ep.maint):
+                svc.set_token(self._token)
+        self._open[index] = ep
+        return ep
+
+    def _use(self, index: int) -> None:
+        ep = self._endpoint(index)
+        self._current = index
+        self._channel, self._kv, self._lease, self._maint = ep.channel, ep.kv, ep.lease, ep.maint
+        self._auth, self._watch_stub = ep.auth, ep.watch
+
+    @property
+    def endpoint(self) -> str:
+        """The endpoint calls go to now."""
+        return self._targets[self._current]
+
+    def _fail_over(self, used: int, why: EtcdError) -> None:
+        """A call to endpoint ``used`` found it unavailable: move to the next one (once per failure, however
+        many calls in flight failed with it) and have the watches resume there."""
+        if len(self._targets) < 2 or used != self._current or self._channel is None:
+            return
+        nxt = (used + 1) % len(self._targets)
+        log.warning(
+            "etcd endpoint %s failed (%s): switching to %s", self._targets[used], why, self._targets[nxt]
+        )
+        self.failovers += 1
+        self._use(nxt)
+        for watch in list(self._watches):
+            watch.restart()
 
     async def close(self) -> None:
-        """Close the channel; open watches end with :class:`EtcdUnavailable`."""
+        """Close the channels; open watches end with :class:`EtcdUnavailable`."""
         if self._channel is not None:
-            channel, self._channel = self._channel, None
-            await channel.close()
+            self._channel = None
+            opened, self._open = list(self._open.values()), {}
+            for ep in opened:
+                await ep.channel.close()
 
     async def __aenter__(self) -> EtcdClient:
         await self.connect()
@@ -438,13 +500,19 @@ class EtcdClient:
                     raise
                 raise _map_error(exc, "authenticate") from exc
             self._token, self._token_at = str(resp.token), time.monotonic()
-            for svc in (self._kv, self._lease, self._maint):
-                if svc is not None:
+            for ep in self._open.values():
+                for svc in (ep.kv, ep.lease, ep.maint):
                     svc.set_token(self._token)
 
     @property
     def _metadata(self) -> tuple[tuple[str, str], ...] | None:
         return (("token", self._token),) if self._token else None
+
+    @property
+    def _watch_metadata(self) -> tuple[tuple[str, str], ...]:
+        """A watch requires a leader (etcd's "hasleader"): a member cut from its cluster ends the stream,
+        which then resumes elsewhere, instead of keeping it open with no events."""
+        return (("hasleader", "true"), *(self._metadata or ()))
 
     async def _call(self, what: str, fn: Callable[[], Awaitable[Any]]) -> Any:
         """Run one library call with the error mapping, re-logging in once on an expired token."""
@@ -453,6 +521,7 @@ class EtcdClient:
         if self._username is not None and time.monotonic() - self._token_at > self._token_refresh:
             await self._login()
         for attempt in (1, 2):
+            used = self._current
             try:
                 return await fn()
             except EtcdUnauthenticatedError as exc:
@@ -462,7 +531,10 @@ class EtcdClient:
             except EtcdPermissionDeniedError as exc:
                 raise EtcdError(f"{what}: {exc}") from exc
             except (_LibError, grpc.aio.AioRpcError, grpc.aio.UsageError, TimeoutError) as exc:
-                raise _map_error(exc, what) from exc
+                err = _map_error(exc, what)
+                if isinstance(err, EtcdUnavailable):
+                    self._fail_over(used, err)
+                raise err from exc
         raise AssertionError("unreachable")
 
     @property
@@ -661,7 +733,9 @@ class EtcdClient:
         When the stream breaks (etcd restarted, connection cut, no leader), it reconnects with jittered
         exponential backoff and resumes at the revision after the last event it delivered, so nothing is
         lost or repeated. ``Watch.connected`` tells whether the stream is currently up."""
-        return Watch(self, prefix, start_revision, prev_kv, backoff_initial, backoff_max)
+        watch = Watch(self, prefix, start_revision, prev_kv, backoff_initial, backoff_max)
+        self._watches.add(watch)
+        return watch
 
 
 async def _requests(create: Any) -> AsyncIterator[Any]:
@@ -691,6 +765,7 @@ class Watch:
         self.connected = False
         self.reconnects = 0
         self._closed = False
+        self._restarting = False
         self._stream: Any = None
 
     def __aiter__(self) -> AsyncIterator[WatchEvent | Compacted]:
@@ -700,6 +775,12 @@ class Watch:
         """Stop the watch; the iterator ends."""
         self._closed = True
         if self._stream is not None:
+            self._stream.cancel()
+
+    def restart(self) -> None:
+        """Resume on the client's current endpoint (it failed over), after the last event delivered."""
+        if self._stream is not None and not self._closed:
+            self._restarting = True
             self._stream.cancel()
 
     async def _run(self) -> AsyncIterator[WatchEvent | Compacted]:
@@ -718,7 +799,9 @@ class Watch:
                 progress_notify=True,
             )
 
-            stream = stub.Watch(_requests(WatchRequest(create_request=create)), metadata=client._metadata)
+            stream = stub.Watch(
+                _requests(WatchRequest(create_request=create)), metadata=client._watch_metadata
+            )
             self._stream = stream
             try:
                 async for resp in stream:
@@ -772,7 +855,15 @@ class Watch:
             except asyncio.CancelledError:
                 if self._closed:  # close() cancelled the stream under us
                     return
-                raise
+                if not self._restarting:
+                    raise
+                self._restarting = False  # restart(): the client moved to another endpoint
+                log.info(
+                    "etcd watch %r moves to %s; resuming at %d",
+                    self.prefix,
+                    client.endpoint,
+                    self.next_revision,
+                )
             except grpc.aio.UsageError as exc:
                 raise EtcdUnavailable("watch: client closed") from exc
             finally:

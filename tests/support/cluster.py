@@ -42,10 +42,14 @@ class Node(Registrar):
         extra: Sequence[str] = (),
         internal_port: int | None = None,
         transports: Sequence[str] = ("udp",),
+        host: str = LOOPBACK,
+        env: Mapping[str, str] | None = None,
     ) -> None:
+        """``host``: the address its SIP sockets (and so its internal address) bind; ``env``: e.g. a fake
+        clock (tests/faults)."""
         self.internal_port = internal_port
         port = free_port()
-        internal = f"udp:{LOOPBACK}:{internal_port or port}"
+        internal = f"udp:{host}:{internal_port or port}"
         args = [
             "--store", "etcd",
             "--etcd-endpoints", etcd_endpoint,
@@ -55,8 +59,9 @@ class Node(Registrar):
             *extra,
         ]  # fmt: skip
         super().__init__(
-            main, mode=mode, port=port, transports=transports, extra=args, workdir=workdir, name=name
-        )
+            main, mode=mode, port=port, transports=transports, extra=args, workdir=workdir, name=name, host=host,
+            env=env,
+        )  # fmt: skip
         self.killed = False
 
     def log_tail(self, n: int = 120) -> str:

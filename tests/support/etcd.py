@@ -129,6 +129,10 @@ class EtcdServer:
     compaction_retention: str = "30s"  # periodic
     extra_args: list[str] = field(default_factory=list)
     tls: TlsFiles | None = None  # serve https and require client certificates signed by tls.ca
+    # A member of a cluster: ``name=http://127.0.0.1:<peer port>,...`` of every member (tests.support.etcd_cluster).
+    initial_cluster: str = ""
+    # More addresses to serve clients on, at the same port (fault tests give each client an address of its own).
+    client_hosts: list[str] = field(default_factory=list)
     proc: Proc | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -157,9 +161,15 @@ class EtcdServer:
         """etcd's PID (None when not running)."""
         return self.proc.pid if self.running() and self.proc is not None else None
 
+    @property
+    def peer_url(self) -> str:
+        return f"http://127.0.0.1:{self.peer_port}"
+
     def command(self) -> list[str]:
-        peer = f"http://127.0.0.1:{self.peer_port}"
+        peer = self.peer_url
         assert self.binary is not None
+        scheme = "https" if self.tls else "http"
+        listen = ",".join([self.url, *(f"{scheme}://{h}:{self.client_port}" for h in self.client_hosts)])
         return [
             self.binary,
             "--name",
@@ -167,7 +177,7 @@ class EtcdServer:
             "--data-dir",
             str(self.data_dir),
             "--listen-client-urls",
-            self.url,
+            listen,
             "--advertise-client-urls",
             self.url,
             "--listen-peer-urls",
@@ -175,7 +185,7 @@ class EtcdServer:
             "--initial-advertise-peer-urls",
             peer,
             "--initial-cluster",
-            f"{self.name}={peer}",
+            self.initial_cluster or f"{self.name}={peer}",
             "--unsafe-no-fsync",
             "--auto-compaction-mode=periodic",
             f"--auto-compaction-retention={self.compaction_retention}",
@@ -185,11 +195,18 @@ class EtcdServer:
             *self.extra_args,
         ]
 
+    def launch(self) -> None:
+        """Start (or restart on the same data dir) without waiting: a cluster's members are healthy only once
+        a quorum of them runs."""
+        if not self.running():
+            self.proc = Proc(self.command(), self.workdir, self.name)
+
     def start(self, timeout: float = 20.0) -> EtcdServer:
         """Start (or restart on the same data dir) and wait until ``/health`` says true."""
         if self.running():
             return self
-        self.proc = Proc(self.command(), self.workdir, self.name)
+        self.launch()
+        assert self.proc is not None
         try:
             wait_for(self.healthy, timeout, f"{self.name} healthy", interval=0.05, proc=self.proc)
         except BaseException:
