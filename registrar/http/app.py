@@ -25,6 +25,7 @@ class StoreStats:
     available: bool
     leases: int
     members: int
+    clock_skew: float = 0.0  # s: the largest clock offset to a live peer (registrar/store/members.py)
 
 
 class EngineCollector(Collector):
@@ -205,6 +206,11 @@ class EngineCollector(Collector):
             )
             yield GaugeMetricFamily("midregistrar_etcd_leases", "Binding leases held", value=st.leases)
             yield GaugeMetricFamily("midregistrar_members", "Live registrar processes seen", value=st.members)
+            yield GaugeMetricFamily(
+                "midregistrar_clock_skew_seconds",
+                "Largest wall-clock offset to a live peer process, as their member keys show it",
+                value=st.clock_skew,
+            )
 
 
 def make_app(

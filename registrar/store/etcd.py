@@ -68,7 +68,7 @@ from registrar.store.etcd_layout import (
     encode_index,
 )
 from registrar.store.etcd_layout import why as _why
-from registrar.store.members import MemberRegistry
+from registrar.store.members import ANNOUNCE_EVERY, ANNOUNCE_FIRST, MemberRegistry
 from registrar.store.orphans import CLAIM_TTL, Orphans, OrphanWatch, race
 from registrar.store.overlay import Overlay, WritePlan, plan_commit
 
@@ -116,7 +116,7 @@ class EtcdStore:
         bucket = max(1.0, min(5.0, self.hold / 60))
         # Each binding puts two keys (binding + index) on its lease: 500 bindings → ≤ ~1,000 keys.
         self.pool = LeasePool(self.client, bucket=bucket, max_keys=500, clock=clock, min_ttl=2)
-        self.registry = MemberRegistry(self.client, self.keys, self.member_id, settings.member_ttl)
+        self.registry = MemberRegistry(self.client, self.keys, self.member_id, settings.member_ttl, clock)
         self.cache = AorCache()
         self.overlay = Overlay()
         self.orphans = OrphanWatch(self._orphans_found)
@@ -229,7 +229,8 @@ class EtcdStore:
     async def _health_loop(self) -> None:
         ttl = self.settings.member_ttl
         keepalive_every = max(0.5, ttl / 3)
-        kept_at = time.monotonic()
+        kept_at = announced_at = time.monotonic()
+        announce_after = ANNOUNCE_FIRST
         backoff = 0.2
         while not self._closed:
             if self.available:
@@ -242,11 +243,20 @@ class EtcdStore:
                         if not await self.registry.keepalive():
                             log.warning("member lease of %s was gone: registering again", self.member_id)
                             await self._register()
+                            announced_at, announce_after = time.monotonic(), ANNOUNCE_FIRST
                         kept_at = time.monotonic()
                     except EtcdUnavailable as exc:
                         self._lost(exc)
                     except EtcdError as exc:
                         log.warning("member keepalive: %s", exc)
+                if self.available and time.monotonic() - announced_at >= announce_after:
+                    try:
+                        await self.registry.announce()
+                        announced_at, announce_after = time.monotonic(), ANNOUNCE_EVERY
+                    except EtcdUnavailable as exc:
+                        self._lost(exc)
+                    except EtcdError as exc:
+                        log.warning("member clock announce: %s", exc)
                 backoff = 0.2
             else:
                 await asyncio.sleep(backoff * (0.5 + self._rng.random() / 2))
@@ -259,7 +269,8 @@ class EtcdStore:
                 except EtcdError as exc:
                     log.info("etcd back but registration failed: %s", exc)
                     continue
-                kept_at = time.monotonic()
+                kept_at = announced_at = time.monotonic()
+                announce_after = ANNOUNCE_FIRST
                 if not self.watch_rev and self._watch_task is not None:
                     # started while etcd was down: watch from the revision just listed, so no change made
                     # after it can slip between the watch and the fetches to come

@@ -195,8 +195,23 @@ def decode_index(value: bytes) -> str:
     return value.decode()
 
 
-def encode_member(address: str) -> bytes:
-    return json.dumps({"sip": address}).encode()
+def encode_member(address: str, clock: float | None = None) -> bytes:
+    """``clock``: the writer's wall clock when it wrote (peers compare it with theirs: skew detection)."""
+    data: dict[str, Any] = {"sip": address}
+    if clock is not None:
+        data["clock"] = round(clock, 3)
+    return json.dumps(data).encode()
+
+
+def member_clock(value: bytes) -> float | None:
+    """The writer's wall clock in a member value (None when absent or not a finite number)."""
+    try:
+        clock = _json_object(value).get("clock")
+    except UNDECODABLE:
+        return None
+    if isinstance(clock, bool) or not isinstance(clock, int | float) or not math.isfinite(clock):
+        return None
+    return float(clock)
 
 
 def decode_member(value: bytes) -> str:

@@ -176,7 +176,7 @@ def faketime_env(offset: str) -> dict[str, str]:
     return {"LD_PRELOAD": FAKETIME_LIB, "FAKETIME": offset, "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
 
 
-def run(tmp: Path, fault: Fault, config: RigConfig, seconds: float | None = None) -> tuple[Report, Rig]:
+def run(tmp: Path, fault: Fault, config: RigConfig, seconds: float | None = None) -> Report:
     """One run: start the rig in a namespace of its own, let the leavers go, make the fault, wait one refresh
     interval and the leavers' expiry, call the live phones from main, check the history."""
     config = replace(config, node_env={n: faketime_env(o) for n, o in fault.skew.items()})
@@ -196,7 +196,9 @@ def run(tmp: Path, fault: Fault, config: RigConfig, seconds: float | None = None
                 rig.mark("calls from main")
                 calls = rig.call_live_phones(f"calls-{fault.name}")
                 report = rig.report(fault.name, calls)
-                return report, rig
+                if not report.ok:
+                    report.diag = rig.diag()
+                return report
             finally:
                 rig.stop()
     finally:

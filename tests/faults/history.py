@@ -72,8 +72,10 @@ class Report:
     deregisters: int = 0
     deregister_retransmissions: int = 0
     calls: int = 0
+    clock_skew: dict[str, float] = field(default_factory=dict)  # process → midregistrar_clock_skew_seconds
     violations: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    diag: str = ""  # the processes' last log lines, kept when a property broke
 
     @property
     def ok(self) -> bool:
@@ -90,6 +92,7 @@ class Report:
             "duplicates": self.duplicates,
             "deregisters": self.deregisters,
             "calls": self.calls,
+            "skew_seen_s": max(self.clock_skew.values(), default=0.0),
             "violations": len(self.violations),
         }
 
@@ -102,6 +105,8 @@ class Report:
         ]
         if len(self.violations) > 40:
             lines.append(f"  … {len(self.violations) - 40} more")
+        if self.diag:
+            lines.append(self.diag)
         return "\n".join(lines)
 
 

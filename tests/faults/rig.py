@@ -26,6 +26,7 @@ from tests.support.etcd_cluster import EtcdCluster
 from tests.support.kamailio import KamailioMain
 from tests.support.netns import Netns
 from tests.support.phones import DOMAIN, CallTarget, Fleet, place_calls
+from tests.support.registrar import metric
 
 NAMES = ("A", "B", "C")
 PHONES_IP = "127.0.3.1"
@@ -204,6 +205,11 @@ class Rig:
             calls=calls,
             held_at_main=self.held_at_main(),
         )
+        rep.clock_skew = {
+            name: metric(node.metrics(), "midregistrar_clock_skew_seconds")
+            for name, node in self.nodes.items()
+            if node.alive()
+        }
         t0 = self.marks[0][0] if self.marks else end
         rep.notes += [f"t+{t - t0:.1f}s {what}" for t, what in self.marks]
         return rep

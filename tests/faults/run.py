@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             config = RigConfig(mode=mode, phones=args.phones, every_ms=args.every_ms)
             with tempfile.TemporaryDirectory(prefix=f"fault-{name}-") as tmp:
-                report, _ = run(Path(tmp), FAULTS[name], config, args.seconds)
+                report = run(Path(tmp), FAULTS[name], config, args.seconds)
             print(report.describe(), flush=True)
             rows.append({**report.row(), "violations": report.violations, "notes": report.notes})
             bad += not report.ok

@@ -33,7 +33,7 @@ CASES = [(name, "contact") for name in FAULTS] + [
 
 @pytest.mark.parametrize(("fault", "mode"), CASES, ids=[f"{f}-{m}" for f, m in CASES])
 def test_fault_keeps_every_property(tmp_path: Path, fault: str, mode: str) -> None:
-    report, rig = run(tmp_path, FAULTS[fault], RigConfig(mode=mode, phones=10))
+    report = run(tmp_path, FAULTS[fault], RigConfig(mode=mode, phones=10))
     info = report.describe()
     assert report.ok, info
     assert report.calls >= 30, f"every refreshing phone was called from main\n{info}"
@@ -43,3 +43,9 @@ def test_fault_keeps_every_property(tmp_path: Path, fault: str, mode: str) -> No
         assert report.failed_registers == 0, f"a quorum stayed reachable: no REGISTER may fail\n{info}"
     else:
         assert report.longest_outage <= allowed + SLACK, info
+    skew = FAULTS[fault].skew
+    if skew:  # B's clock is off: every live process says by how much
+        off = abs(float(next(iter(skew.values())).rstrip("s")))
+        assert report.clock_skew and all(
+            abs(seen - off) < 1.0 if off > 1 else seen < off + 1.0 for seen in report.clock_skew.values()
+        ), info

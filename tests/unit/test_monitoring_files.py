@@ -162,6 +162,7 @@ def test_alerts_file_is_a_plain_rules_file_with_the_expected_alerts() -> None:
             "PodsNotReady",
             "HPAAtMaximum",
             "TLSCertificateNotReloaded",
+            "ClockSkew",
         )
     )
 
