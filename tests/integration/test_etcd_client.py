@@ -36,6 +36,7 @@ from registrar.store.etcd_client import (
     op_put,
 )
 from tests.support.etcd import EtcdServer, etcd_server, etcd_tls
+from tests.support.etcd_cluster import EtcdCluster
 from tests.support.wait import wait_for_async
 
 pytestmark = pytest.mark.integration
@@ -442,3 +443,53 @@ def test_mutual_tls(tmp_path: Path) -> None:
         run(main())
     finally:
         server.stop()
+
+
+def test_a_hung_member_of_three_costs_one_deadline_and_the_watch_moves_on(tmp_path: Path) -> None:
+    """Three members, the client's current one SIGSTOPped (a hung process, or a link that drops everything):
+    calls move to the next member after one deadline, not after gRPC's keepalive gives up on the connection
+    (~8 s; a load balancer over all three kept sending a share of the calls there until then, and the fault
+    runs measured 9 s of 503s), and the watch resumes on another member without missing a put."""
+    cluster = EtcdCluster(tmp_path, 3).start()
+    client = EtcdClient(cluster.endpoints(), timeout=1.0)
+
+    async def main() -> None:
+        await client.connect()
+        await client.put(b"/hung/first", b"0")
+        seen: list[bytes] = []
+
+        async def consume(watch: Watch) -> None:
+            async for ev in watch:
+                if isinstance(ev, WatchEvent) and ev.type is EventType.PUT:
+                    seen.append(ev.kv.key)
+
+        watch = client.watch_prefix(b"/hung/k")
+        task = asyncio.create_task(consume(watch))
+        await wait_for_async(lambda: watch.connected, 5, "watch connected")
+        port = int(client.endpoint.rsplit(":", 1)[1])
+        hung = next(m for m in cluster.members if m.client_port == port)
+        hung.pause()
+        try:
+            t0 = time.monotonic()
+            written, failed = [], 0
+            for i in range(10):
+                key = b"/hung/k%d" % i
+                try:
+                    await client.put(key, b"v")
+                    written.append(key)
+                except EtcdUnavailable:
+                    failed += 1  # the call that found the member hung (and one during the election)
+            took = time.monotonic() - t0
+            assert failed <= 2 and took < 5, f"{failed} calls failed, {took:.1f} s for 10 puts"
+            assert client.failovers >= 1 and int(client.endpoint.rsplit(":", 1)[1]) != port
+            await wait_for_async(lambda: set(written) <= set(seen), 10, "the watch sees every put")
+        finally:
+            hung.resume()
+            await watch.close()
+            task.cancel()
+            await client.close()
+
+    try:
+        run(main())
+    finally:
+        cluster.stop()
