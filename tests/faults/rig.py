@@ -25,7 +25,7 @@ from tests.support.cluster import Node
 from tests.support.etcd_cluster import EtcdCluster
 from tests.support.kamailio import KamailioMain
 from tests.support.netns import Netns
-from tests.support.phones import DOMAIN, CallTarget, Fleet, place_calls
+from tests.support.phones import CallTarget, Fleet, place_calls
 from tests.support.registrar import metric
 
 NAMES = ("A", "B", "C")
@@ -175,23 +175,36 @@ class Rig:
         return held
 
     def call_live_phones(self, name: str) -> dict[str, str]:
-        """A call from main (through Kamailio, which looks the AoR up) to every phone whose last 200 has not
-        run out; user → final code."""
+        """A call from main's side to every phone whose last 200 has not run out; user → final code ("" when
+        none came, "no contact at main" when main holds none).
+
+        The Request-URI is the contact main holds for the phone; the call goes to the live registrars in
+        turn. That is what main does through the Service in front of the pods (docs/operations.md
+        "Networking modes"); the rig has no Service, and main's contact names the process that forwarded
+        the phone's REGISTER, which may be the one a fault killed."""
         now = time.time()
-        live = []
-        attempts = self.phone_history()
         expires = {p.user: p.expires for p in self.phones()}
         last: dict[str, float] = {}
-        for a in attempts:
+        for a in self.phone_history():
             if a.outcome == "ok" and a.answered is not None:
                 last[a.user] = max(last.get(a.user, 0.0), a.answered)
-        live = [u for u, t in last.items() if t + expires[u] > now + 5]
+        live = sorted(u for u, t in last.items() if t + expires[u] > now + 5)
         assert self.kam is not None
-        targets = [CallTarget(u, f"sip:{u}@{DOMAIN}") for u in sorted(live)]
-        if not targets:
-            return {}
-        out = place_calls(self.tmp / "calls", self.kam, targets, name, rate=50, wait=60, local_ip=CALLER_IP)
-        return dict(out.finals)
+        held: dict[str, str] = {}
+        for ct in self.kam.contacts():
+            if ct.expires != 0:
+                held.setdefault(ct.aor, ct.address)
+        finals = {u: "no contact at main" for u in live if u not in held}
+        nodes = [n for n in self.nodes.values() if n.alive()]
+        for i, node in enumerate(nodes):
+            targets = [CallTarget(u, held[u]) for u in live[i :: len(nodes)] if u in held]
+            if targets:
+                out = place_calls(
+                    self.tmp / "calls", node, targets, f"{name}-via-{node.name}", rate=50, wait=60,
+                    local_ip=CALLER_IP,
+                )  # fmt: skip
+                finals.update(out.finals)
+        return finals
 
     def report(self, fault: str, calls: Mapping[str, str]) -> Report:
         end = time.time()

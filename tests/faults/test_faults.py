@@ -27,7 +27,8 @@ OUTAGE_ALLOWED |= {name: 4.0 for name in FAULTS if name.startswith("skew")}
 SLACK = 6.0  # s: detection (etcd deadline 1 s, member TTL 2 s) and the phones' retry interval (3 s)
 
 CASES = [(name, "contact") for name in FAULTS] + [
-    (name, "aor") for name in ("kill-leader", "stop-leader", "quorum-loss", "cut-main", "cut-peers", "skew+30")
+    (name, "aor")
+    for name in ("kill-leader", "stop-leader", "quorum-loss", "cut-main", "cut-peers", "skew+30")
 ]
 
 
