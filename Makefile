@@ -43,7 +43,7 @@ format: install ## Apply ruff's formatting and safe fixes
 	$(BIN)/ruff format registrar operator tests bench scripts
 
 .PHONY: sip-tools
-sip-tools: ## Install SIPp (sip-tester), Kamailio (with TLS) and baresip from Debian when missing
+sip-tools: ## Install SIPp (sip-tester), Kamailio (with TLS), baresip and libfaketime from Debian when missing
 	bash scripts/install-sip-tools.sh
 
 .PHONY: etcd
@@ -86,6 +86,8 @@ bench: install sip-tools etcd cluster-rig metrics-rig node-tools node-rig image 
 	$(PY) -m bench.autoscaling_bench --runs 3
 	$(PY) -m bench.tls_bench
 	$(PY) -m bench.tls_memory --connections 5000
+	# Fault runs (tests/faults): every fault in both modes with 50 phones per registrar, history-checked.
+	$(PY) -m tests.faults.run --phones 50 --json bench/results/faults.json
 	# Fuzzing (tests/fuzz): 10 million inputs per target where that fits in time (mutation engine), and
 	# coverage-guided (atheris) runs boxed in time; each exits 1 on a crash or a hang over 100 ms.
 	$(PY) -m tests.fuzz.run etcd --runs 10000000

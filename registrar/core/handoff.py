@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,14 +92,22 @@ class Handoff:
     ctid: int
 
 
-def verify(keys: HandoffKeys, value: str, request: Request, now: float) -> Handoff | None:
+def verify(
+    keys: HandoffKeys,
+    value: str,
+    request: Request,
+    now: float,
+    offset: Callable[[str], float] | None = None,
+) -> Handoff | None:
     """The hand-off the header names when its MAC verifies and it is fresh; None for anything else (forged,
-    replayed, moved to another request, unsigned, garbled)."""
+    replayed, moved to another request, unsigned, garbled). ``offset``: how far the sender's clock is ahead
+    of ours, as measured through the store (so a skew the processes know of does not make every hand-off
+    look like a replay)."""
     parts = value.split()
     if len(parts) != 4 or not is_digits(parts[1]) or not is_digits(parts[2]) or len(parts[3]) != MAC_HEX:
         return None
     sender, ctid, at = parts[0], int(parts[1]), int(parts[2])
-    if abs(now - at) > REPLAY_WINDOW:
+    if abs(now + (offset(sender) if offset is not None else 0.0) - at) > REPLAY_WINDOW:
         return None
     try:
         fields = _fields(sender, ctid, at, request, 1)

@@ -140,7 +140,9 @@ class Routing:
         store = state.store
         request = event.request
         keys = state.handoff_keys
-        handoff = verify(keys, value, request, now) if keys is not None else unsigned(value)
+        handoff = (
+            verify(keys, value, request, now, store.clock_offset) if keys is not None else unsigned(value)
+        )
         address = store.member_address(handoff.sender) if handoff is not None else None
         trusted = address is not None
         if trusted and keys is None:

@@ -89,5 +89,8 @@ class Store(Protocol):
     def member_address(self, member: str) -> str | None:
         """The internal SIP address (``transport:host:port``) of a live member, None when it is gone."""
 
+    def clock_offset(self, member: str) -> float:
+        """Seconds a live member's wall clock is ahead of ours, as measured (0 when unknown)."""
+
     def counts(self) -> tuple[int, int]:
         """(AoRs, bindings) held."""

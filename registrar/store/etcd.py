@@ -68,7 +68,7 @@ from registrar.store.etcd_layout import (
     encode_index,
 )
 from registrar.store.etcd_layout import why as _why
-from registrar.store.members import ANNOUNCE_EVERY, ANNOUNCE_FIRST, MemberRegistry
+from registrar.store.members import MemberRegistry
 from registrar.store.orphans import CLAIM_TTL, Orphans, OrphanWatch, race
 from registrar.store.overlay import Overlay, WritePlan, plan_commit
 
@@ -230,7 +230,7 @@ class EtcdStore:
         ttl = self.settings.member_ttl
         keepalive_every = max(0.5, ttl / 3)
         kept_at = announced_at = time.monotonic()
-        announce_after = ANNOUNCE_FIRST
+        announce_after = self.registry.announce_interval()
         backoff = 0.2
         while not self._closed:
             if self.available:
@@ -243,7 +243,7 @@ class EtcdStore:
                         if not await self.registry.keepalive():
                             log.warning("member lease of %s was gone: registering again", self.member_id)
                             await self._register()
-                            announced_at, announce_after = time.monotonic(), ANNOUNCE_FIRST
+                            announced_at, announce_after = time.monotonic(), self.registry.announce_interval()
                         kept_at = time.monotonic()
                     except EtcdUnavailable as exc:
                         self._lost(exc)
@@ -252,7 +252,7 @@ class EtcdStore:
                 if self.available and time.monotonic() - announced_at >= announce_after:
                     try:
                         await self.registry.announce()
-                        announced_at, announce_after = time.monotonic(), ANNOUNCE_EVERY
+                        announced_at, announce_after = time.monotonic(), self.registry.announce_interval()
                     except EtcdUnavailable as exc:
                         self._lost(exc)
                     except EtcdError as exc:
@@ -270,7 +270,7 @@ class EtcdStore:
                     log.info("etcd back but registration failed: %s", exc)
                     continue
                 kept_at = announced_at = time.monotonic()
-                announce_after = ANNOUNCE_FIRST
+                announce_after = self.registry.announce_interval()
                 if not self.watch_rev and self._watch_task is not None:
                     # started while etcd was down: watch from the revision just listed, so no change made
                     # after it can slip between the watch and the fetches to come
@@ -739,6 +739,9 @@ class EtcdStore:
 
     def member_address(self, member: str) -> str | None:
         return self.registry.address_of(member)
+
+    def clock_offset(self, member: str) -> float:
+        return self.registry.offset(member)
 
     @property
     def members(self) -> dict[str, str]:

@@ -25,7 +25,7 @@ from registrar.store.etcd_layout import UNDECODABLE, EtcdKeys, decode_member, en
 log = logging.getLogger(__name__)
 
 SKEW_WARN = 1.0  # s: a peer's clock this far from ours is logged
-ANNOUNCE_FIRST = 5.0  # s after registering: the second sample peers need
+ANNOUNCE_FIRST = 5.0  # s between the first two announcements after registering
 ANNOUNCE_EVERY = 30.0  # s: then this often
 
 
@@ -50,6 +50,7 @@ class MemberRegistry:
         self.lease = 0
         self.calls = 0
         self._live: dict[str, str] = {}
+        self.announced = 0  # announcements since the last registration
         self._offsets: dict[str, tuple[float, ...]] = {}  # member → its last two clock offsets from ours
         self._warned: dict[str, int] = {}  # member → the skew (whole seconds) last logged
 
@@ -82,6 +83,7 @@ class MemberRegistry:
         value = encode_member(self.address, self.clock())
         await self.client.put(self.keys.member(self.member_id), value, lease=lease)
         old, self.lease = self.lease, lease
+        self.announced = 0
         self._live[self.member_id] = self.address
         return old if old != lease else 0
 
@@ -95,6 +97,12 @@ class MemberRegistry:
         self.calls += 1
         value = encode_member(self.address, self.clock())
         await self.client.put(self.keys.member(self.member_id), value, lease=self.lease)
+        self.announced += 1
+
+    def announce_interval(self) -> float:
+        """Seconds until the next announcement: two soon after registering (a peer that started with us
+        listed our first put instead of watching it, and needs two), then every ``ANNOUNCE_EVERY``."""
+        return ANNOUNCE_FIRST if self.announced < 2 else ANNOUNCE_EVERY
 
     def put(self, member: str, value: bytes) -> None:
         """A member key written (watch)."""
@@ -130,6 +138,10 @@ class MemberRegistry:
                 )
         elif self._warned.pop(member, None) is not None:
             log.info("clock of member %s agrees with ours again (%+.2f s)", member, agreed)
+
+    def offset(self, member: str) -> float:
+        """Seconds ``member``'s clock is ahead of ours, once two puts agree (0 until then)."""
+        return _agreed(self._offsets.get(member, ())) or 0.0
 
     def skew(self) -> float:
         """The largest clock offset (seconds, absolute) to a live peer that two puts agree on; 0 when none."""

@@ -90,6 +90,9 @@ class MemoryStore:
     def member_address(self, member: str) -> str | None:
         return None
 
+    def clock_offset(self, member: str) -> float:
+        return 0.0
+
     def new_contact_id(self) -> int:
         while True:
             ctid = self._rng.getrandbits(63)

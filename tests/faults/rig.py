@@ -53,7 +53,7 @@ class RigConfig:
     expires: int = 30
     leavers: int = 4
     leaver_expires: int = 6
-    outgoing_expires: int = 120
+    outgoing_expires: int = 0  # what the registrars ask of main; 0: four times ``expires``
     node_env: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # e.g. a fake clock for B
 
 
@@ -81,7 +81,7 @@ class Rig:
     def node_args(self) -> list[str]:
         return [
             "--min-expires", "1",
-            "--outgoing-expires", str(self.config.outgoing_expires),
+            "--outgoing-expires", str(self.config.outgoing_expires or 4 * self.config.expires),
             "--etcd-hold", "5",
             "--member-ttl", "2",
             "--etcd-timeout", "1",
@@ -205,6 +205,21 @@ class Rig:
                 )  # fmt: skip
                 finals.update(out.finals)
         return finals
+
+    def probe_calls(self, fleet: str, via: str, timeout_ms: int = 3000) -> str:
+        """Calls to a fleet's phones through one registrar while a fault lasts (not checked: reported, e.g.
+        what a hand-off across a cut gives the caller): "code×count, …"."""
+        assert self.kam is not None
+        held = {ct.aor: ct.address for ct in self.kam.contacts() if ct.expires != 0}
+        targets = [CallTarget(u, held[u]) for u in self.fleets[fleet].users if u in held]
+        out = place_calls(
+            self.tmp / "calls", self.nodes[via], targets, f"probe-{fleet}-via-{via}", rate=50,
+            wait=timeout_ms / 1000 + 6, recv_timeout_ms=timeout_ms, local_ip=CALLER_IP,
+        )  # fmt: skip
+        codes: dict[str, int] = {}
+        for code in out.finals.values():
+            codes[code or "none"] = codes.get(code or "none", 0) + 1
+        return ", ".join(f"{c}×{n}" for c, n in sorted(codes.items()))
 
     def report(self, fault: str, calls: Mapping[str, str]) -> Report:
         end = time.time()

@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({**report.row(), "violations": report.violations, "notes": report.notes})
             bad += not report.ok
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=2))
     print(f"{len(rows) - bad}/{len(rows)} runs kept every property")
     return 1 if bad else 0

@@ -67,6 +67,21 @@ def test_a_forged_stale_moved_or_unsigned_hand_off_is_ignored_and_counted() -> N
     assert m.core.stats.handoffs_refused == len(cases)
 
 
+def test_a_sender_whose_clock_is_known_to_be_off_is_not_taken_for_a_replay() -> None:
+    """b's clock runs 45 s ahead: its hand-offs look 45 s old to a plain check (refused as replays, and calls
+    through any process but the phone's owner failed in the clock-skew fault runs). With the offset the
+    store measured (member keys carry their writer's clock), the window applies to the true age."""
+    m, store, ctid = _setup()
+    m.feed(handed_over(ctid, KEYS, m.now + 45), STRANGER)
+    assert _to_phone(m) == [] and m.core.stats.handoffs_refused == 1
+    store.clock_offset = lambda member: 45.0 if member == "b" else 0.0
+    m.feed(handed_over(ctid, KEYS, m.now + 45).replace(b"z9hG4bK-b1", b"z9hG4bK-b2"), STRANGER)
+    assert len(_to_phone(m)) == 1 and m.core.stats.handoffs_refused == 1
+    m.feed(handed_over(ctid, KEYS, m.now - 20).replace(b"z9hG4bK-b1", b"z9hG4bK-b3"), STRANGER)
+    assert _to_phone(m) == [], "65 s old by b's clock: a replay still"
+    assert m.core.stats.handoffs_refused == 2
+
+
 def test_a_sender_that_is_not_a_member_is_refused_even_with_a_good_mac() -> None:
     m, store, ctid = _setup()
     del store.members["b"]
