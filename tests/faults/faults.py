@@ -81,6 +81,16 @@ def cut_from_etcd(rig: Rig, seconds: float) -> None:
     rig.mark("healed")
 
 
+def refuse_etcd(rig: Rig, seconds: float) -> None:
+    """Registrar A's connections to etcd reset and new ones refused (TCP RST), as from a host that is up
+    but does not serve: the failure is seen at once instead of after a deadline."""
+    rig.reject("-d", etcd_host(0), "-p", "tcp")
+    rig.mark("A's etcd connections refused (RST)")
+    time.sleep(seconds)
+    rig.heal()
+    rig.mark("healed")
+
+
 def cut_from_peers(rig: Rig, seconds: float) -> None:
     """Registrar A and the other registrars cannot reach each other (hand-offs fail both ways)."""
     for i in range(1, len(NAMES)):
@@ -157,6 +167,7 @@ FAULTS = {
         Fault("rolling-restart", rolling_restart, 6, doc="every etcd member restarted in turn"),
         Fault("quorum-loss", lose_quorum, 20, doc="two of three etcd members down for 20 s"),
         Fault("cut-etcd", cut_from_etcd, 10, doc="registrar A cut from every etcd member"),
+        Fault("refuse-etcd", refuse_etcd, 10, doc="registrar A's etcd connections reset and refused"),
         Fault("cut-peers", cut_from_peers, 10, doc="registrar A cut from registrars B and C"),
         Fault("cut-main", cut_from_main, 10, doc="registrar A cut from the main registrar"),
         Fault("loss-10", packet_loss, 10, doc="10 % of SIP datagrams to and from the registrars dropped"),

@@ -132,11 +132,14 @@ class Rig:
     # ---------------------------------------------------------------------------------------- the faults
 
     def drop(self, *match: str) -> None:
-        """Drop the packets that ``match`` (iptables match arguments) from now until ``heal()``."""
-        self.netns.iptables("-A", "OUTPUT", *match, "-j", "DROP")
+        """Drop the packets that ``match`` (iptables match arguments) from now until ``heal()``. On arrival
+        (INPUT): a packet dropped on its way out (OUTPUT) fails the sender's send() with EPERM, which no
+        network does (SIPp then gives up on the phone)."""
+        self.netns.iptables("-A", "INPUT", *match, "-j", "DROP")
 
     def reject(self, *match: str) -> None:
-        self.netns.iptables("-A", "OUTPUT", *match, "-j", "REJECT", "--reject-with", "tcp-reset")
+        """Answer the TCP segments that ``match`` with a reset (a host that is up but does not serve)."""
+        self.netns.iptables("-A", "INPUT", *match, "-j", "REJECT", "--reject-with", "tcp-reset")
 
     def heal(self) -> None:
         self.netns.flush()

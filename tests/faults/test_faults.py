@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.usefixtur
 
 # Faults during which a registrar may have to answer 503 (etcd cannot answer it), and for how long at most
 # beyond the fault itself.
-OUTAGE_ALLOWED = {"quorum-loss": 20.0, "cut-etcd": 10.0}
+OUTAGE_ALLOWED = {"quorum-loss": 20.0, "cut-etcd": 10.0, "refuse-etcd": 10.0}
 # A's phones lose the REGISTER in flight when A is killed (they move to B at once).
 OUTAGE_ALLOWED |= {name: 4.0 for name in FAULTS if name.startswith("skew")}
 SLACK = 6.0  # s: detection (etcd deadline 1 s, member TTL 2 s) and the phones' retry interval (3 s)
