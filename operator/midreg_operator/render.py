@@ -10,7 +10,7 @@ from typing import Any
 
 from registrar.config import Settings, build_settings
 
-from .spec import API_VERSION, KIND, MidRegistrarSpec, Ref, etcd_prefix
+from .spec import API_VERSION, KIND, MidRegistrarSpec, Ref, Transport, etcd_prefix
 
 FIELD_MANAGER = "midreg-operator"
 MANAGED_BY = "midreg-operator"
@@ -94,6 +94,7 @@ def names(ref: Ref) -> dict[str, str]:
         "pdb": base,
         "serviceaccount": f"{base}-registrar",
         "handoff": f"{base}-handoff",
+        "networkpolicy": base,
     }
 
 
@@ -223,13 +224,19 @@ def registrar_env(spec: MidRegistrarSpec) -> list[Obj]:
         # that is gone is replaced at main when its phones refresh through another pod: their flow changed,
         # so that refresh is relayed with the new pod's address.
         env.append({"name": "MIDREG_ADVERTISE", "value": "$(POD_IP)"})
-    plain = [t for t in spec.transports if t.protocol in ("udp", "tcp")]
-    if spec.etcd.endpoints and plain:
-        # Peers hand this pod the requests for the phone flows it holds: its own address, never the Service,
-        # over UDP or TCP (a certificate names the Service, not each pod's address; the CRD requires one).
-        first = plain[0]
+    first = handoff_transport(spec)
+    if first is not None:
         env.append({"name": "MIDREG_INTERNAL_ADDRESS", "value": f"{first.protocol}:$(POD_IP):{first.port}"})
     return env
+
+
+def handoff_transport(spec: MidRegistrarSpec) -> Transport | None:
+    """The transport peers hand this pod requests on (with etcd): its own address, never the Service, over the
+    first UDP or TCP transport (a certificate names the Service, not each pod's address; the CRD requires
+    one). It is a SIP port: phones reach the same socket."""
+    if not spec.etcd.endpoints:
+        return None
+    return next((t for t in spec.transports if t.protocol in ("udp", "tcp")), None)
 
 
 def registrar_volumes(spec: MidRegistrarSpec, ref: Ref, prefix: str = "") -> tuple[list[Obj], list[Obj]]:
@@ -466,6 +473,51 @@ def render_pdb(spec: MidRegistrarSpec, ref: Ref) -> Obj:
     }
 
 
+def _policy_port(protocol: str, port: int) -> Obj:
+    return {"protocol": protocol, "port": port}
+
+
+def render_network_policy(spec: MidRegistrarSpec, ref: Ref) -> Obj | None:
+    """Ingress to the registrar pods (docs/operator.md "Network policy"): the SIP ports from anywhere (or from
+    ``sipFrom``), the HTTP port only from ``metricsFrom`` (no rule at all when it is empty: a rule without
+    ``from`` would admit everyone). With ``sipFrom``, the hand-off port stays open to the MidRegistrar's own
+    pods. Egress is left alone (Ingress only): the pods reach phones anywhere, the main registrar, etcd and
+    DNS. None for a sidecar (the pods are the PBX's) or when turned off."""
+    np = spec.network_policy
+    if spec.deployment == "sidecar" or not np.enabled:
+        return None
+    own = {"podSelector": {"matchLabels": selector_labels(ref)}}
+    sip_ports: list[Obj] = []
+    for t in spec.transports:
+        port = _policy_port(t.kube_protocol, t.port)
+        if port not in sip_ports:  # tcp, tls and ws on one port are one TCP port
+            sip_ports.append(port)
+    sip_rule: Obj = {"ports": sip_ports}
+    if np.sip_from:
+        sip_rule["from"] = [dict(peer) for peer in np.sip_from]
+    ingress: list[Obj] = [sip_rule]
+    handoff = handoff_transport(spec)
+    if np.sip_from and handoff is not None:
+        ingress.append({"from": [own], "ports": [_policy_port(handoff.kube_protocol, handoff.port)]})
+    if np.metrics_from:
+        ingress.append(
+            {
+                "from": [dict(peer) for peer in np.metrics_from],
+                "ports": [_policy_port("TCP", spec.http_port)],
+            }
+        )
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _meta(ref, names(ref)["networkpolicy"]),
+        "spec": {
+            "podSelector": {"matchLabels": selector_labels(ref)},
+            "policyTypes": ["Ingress"],
+            "ingress": ingress,
+        },
+    }
+
+
 def render_all(spec: MidRegistrarSpec, ref: Ref) -> list[Obj]:
     """Every owned object, in apply order (what the pods reference comes before the pods). A sidecar owns
     only its ConfigMap: its containers live in the PBX's pods (:mod:`.sidecar`)."""
@@ -476,9 +528,11 @@ def render_all(spec: MidRegistrarSpec, ref: Ref) -> list[Obj]:
         render_configmap(spec, ref),
         render_peers_service(spec, ref),
         render_sip_service(spec, ref),
-        render_deployment(spec, ref),
-        render_pdb(spec, ref),
     ]
+    policy = render_network_policy(spec, ref)
+    if policy is not None:
+        objs.append(policy)  # before the pods: they start behind it
+    objs += [render_deployment(spec, ref), render_pdb(spec, ref)]
     hpa = render_hpa(spec, ref)
     if hpa is not None:
         objs.append(hpa)
@@ -489,6 +543,9 @@ def absent_objects(spec: MidRegistrarSpec, ref: Ref) -> list[tuple[str, str, str
     """(apiVersion, kind, name) of owned objects that this spec no longer wants (deleted if present)."""
     if spec.deployment == "sidecar":
         return []  # never had a tier: spec.deployment cannot change (CRD)
+    absent: list[tuple[str, str, str]] = []
     if not spec.autoscaling.enabled:
-        return [("autoscaling/v2", "HorizontalPodAutoscaler", names(ref)["hpa"])]
-    return []
+        absent.append(("autoscaling/v2", "HorizontalPodAutoscaler", names(ref)["hpa"]))
+    if not spec.network_policy.enabled:
+        absent.append(("networking.k8s.io/v1", "NetworkPolicy", names(ref)["networkpolicy"]))
+    return absent

@@ -75,6 +75,17 @@ class Sidecar(_Model):
     failure_policy: Literal["Fail", "Ignore"] = Field("Fail", alias="failurePolicy")
 
 
+class NetworkPolicy(_Model):
+    """The NetworkPolicy rendered for a tier of registrar pods (docs/operator.md "Network policy"). The peers
+    are NetworkPolicyPeer objects, passed through as given (the CRD validates their shape)."""
+
+    enabled: bool = True
+    # Who may reach the HTTP port (/metrics, /healthz, /readyz, /v1/aors): nobody but the node by default.
+    metrics_from: list[dict[str, Any]] = Field(default_factory=list, alias="metricsFrom")
+    # Who may reach the SIP ports: anyone by default (phones come from anywhere).
+    sip_from: list[dict[str, Any]] = Field(default_factory=list, alias="sipFrom")
+
+
 def _default_transports() -> list[Transport]:
     return [Transport(protocol="udp", port=5060), Transport(protocol="tcp", port=5060)]
 
@@ -96,6 +107,9 @@ class MidRegistrarSpec(_Model):
     etcd: Etcd = Field(default_factory=lambda: Etcd.model_validate({}))
     replicas: int = 2
     autoscaling: Autoscaling = Field(default_factory=lambda: Autoscaling.model_validate({}))
+    network_policy: NetworkPolicy = Field(
+        default_factory=lambda: NetworkPolicy.model_validate({}), alias="networkPolicy"
+    )
     image: str = "ghcr.io/kube-midregistrar/registrar:0.1.0"
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
         "IfNotPresent", alias="imagePullPolicy"

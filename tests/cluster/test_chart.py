@@ -313,6 +313,7 @@ def test_operator_with_the_charts_identity_reconciles_an_example(
             ("hpa", name),
             ("pdb", name),
             ("serviceaccount", f"{name}-registrar"),
+            ("networkpolicy", name),
         ]:
             assert cluster.get(kind, objname, watched) is not None, f"{kind}/{objname} missing"
         svc = cluster.get("service", name, watched)

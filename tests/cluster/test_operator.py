@@ -448,6 +448,7 @@ def test_operator_rbac_is_least_privilege(cluster: Cluster, operator_kubeconfig:
         ("patch", "deployments.apps", "-n", "x"),
         ("create", "services", "-n", "x"),
         ("delete", "horizontalpodautoscalers.autoscaling", "-n", "x"),
+        ("delete", "networkpolicies.networking.k8s.io", "-n", "x"),
         ("get", "secrets", "-n", "x"),
         ("create", "events", "-n", "x"),
     ]

@@ -70,6 +70,10 @@ compares them). Without watchNamespaces they go into the ClusterRole; with them,
 - apiGroups: [autoscaling]
   resources: [horizontalpodautoscalers]
   verbs: [get, list, watch, create, patch, update, delete]
+# The NetworkPolicy is also removed when spec.networkPolicy.enabled is turned off.
+- apiGroups: [networking.k8s.io]
+  resources: [networkpolicies]
+  verbs: [get, list, watch, create, patch, update, delete]
 # The etcd credentials Secret named by spec.etcd.secretName (read one by name; never list), and the
 # pods' hand-off keys, a Secret the operator makes and rotates (create, update; never list).
 - apiGroups: [""]

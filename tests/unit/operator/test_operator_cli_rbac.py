@@ -36,10 +36,14 @@ def _rules() -> list[dict[str, Any]]:
     return rules
 
 
-def test_rbac_has_no_wildcards_and_no_deletes_except_hpa() -> None:
+def test_rbac_has_no_wildcards_and_deletes_only_what_a_spec_turns_off() -> None:
+    """Owned objects go with their MidRegistrar by garbage collection; the operator deletes only the two a
+    spec can turn off: the HPA (autoscaling.enabled) and the NetworkPolicy (networkPolicy.enabled)."""
+    deletable = []
     for rule in _rules():
         assert "*" not in rule["verbs"] and "*" not in rule["resources"] and "*" not in rule["apiGroups"]
         if "delete" in rule["verbs"]:
-            assert rule["resources"] == ["horizontalpodautoscalers"]
+            deletable += rule["resources"]
         if "secrets" in rule["resources"]:
             assert rule["verbs"] == ["get", "create", "update"]  # never list or watch: read one by name
+    assert sorted(deletable) == ["horizontalpodautoscalers", "networkpolicies"]

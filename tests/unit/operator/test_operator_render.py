@@ -27,7 +27,14 @@ def by_kind(objs: list[dict[str, object]]) -> dict[str, list[dict[str, object]]]
 def test_render_all_owned_objects_with_owner_reference() -> None:
     objs = render.render_all(parse_spec(BASE), REF)
     kinds = by_kind(objs)
-    assert sorted(kinds) == ["ConfigMap", "Deployment", "PodDisruptionBudget", "Service", "ServiceAccount"]
+    assert sorted(kinds) == [
+        "ConfigMap",
+        "Deployment",
+        "NetworkPolicy",
+        "PodDisruptionBudget",
+        "Service",
+        "ServiceAccount",
+    ]
     assert len(kinds["Service"]) == 2
     for o in objs:
         meta = o["metadata"]
