@@ -48,6 +48,7 @@ from registrar.store.etcd_client import (
     LeasePool,
     Op,
     TxnResult,
+    Watch,
     WatchEvent,
     absent,
     mod_revision_is,
@@ -73,6 +74,8 @@ from registrar.store.orphans import CLAIM_TTL, Orphans, OrphanWatch, race
 from registrar.store.overlay import Overlay, WritePlan, plan_commit
 
 log = logging.getLogger(__name__)
+
+WATCH_SETTLE = 2.0  # s after the watch (re)connects during which its member puts may be a replayed backlog
 
 __all__ = ["EtcdStore"]
 
@@ -120,6 +123,7 @@ class EtcdStore:
         self.cache = AorCache()
         self.overlay = Overlay()
         self.orphans = OrphanWatch(self._orphans_found)
+        self._live_watch: Watch | None = None
         self.available = False
         self.calls = 0
         self.health_checks = 0
@@ -604,6 +608,7 @@ class EtcdStore:
         next_rev = start
         while not self._closed:
             watch = self.client.watch_prefix(self.keys.prefix, next_rev)
+            self._live_watch = watch
             try:
                 async for item in watch:
                     if isinstance(item, Compacted):
@@ -669,7 +674,10 @@ class EtcdStore:
             if deleted:
                 self.registry.gone(key.member)
             else:
-                self.registry.put(key.member, kv.value)
+                # A put the watch replays right after (re)connecting may be old: no clock sample from it.
+                watch = self._live_watch
+                fresh = watch is not None and time.monotonic() - watch.connected_at >= WATCH_SETTLE
+                self.registry.put(key.member, kv.value, fresh=fresh)
 
     def _orphans_found(self, found: list[Orphans]) -> None:
         """Bindings whose lease ran out: drop what this process held of them and race for the claims."""

@@ -763,6 +763,7 @@ class Watch:
         self._backoff_initial = backoff_initial
         self._backoff_max = backoff_max
         self.connected = False
+        self.connected_at = 0.0  # monotonic time of the last (re)connection: a backlog replays after it
         self.reconnects = 0
         self._closed = False
         self._restarting = False
@@ -817,6 +818,7 @@ class Watch:
                         raise EtcdError(f"watch: {reason}")
                     if resp.created:
                         self.connected = True
+                        self.connected_at = time.monotonic()
                         backoff = self._backoff_initial
                         if self.next_revision == 0:
                             self.next_revision = int(resp.header.revision) + 1

@@ -9,8 +9,9 @@ The key also carries the writer's wall clock, written again now and then (``anno
 orphan claims and signed hand-offs are wall-clock times read by other processes, so a peer whose clock
 differs from ours by more than ``SKEW_WARN`` is logged and shown (``skew()``, a gauge), rather than leaving
 expiries silently early or late. The offset a put shows includes the watch's delivery delay (milliseconds);
-a put replayed late (a watch resuming) would look like a peer behind: a skew counts once two puts in a row
-agree on its sign, at the smaller of the two.
+a put replayed late would look like a peer behind: puts in the first seconds after the watch (re)connects
+(a backlog, e.g. after a cut) are no samples, and a skew counts once two puts in a row agree on its sign, at
+the smaller of the two.
 """
 
 from __future__ import annotations
@@ -104,15 +105,16 @@ class MemberRegistry:
         listed our first put instead of watching it, and needs two), then every ``ANNOUNCE_EVERY``."""
         return ANNOUNCE_FIRST if self.announced < 2 else ANNOUNCE_EVERY
 
-    def put(self, member: str, value: bytes) -> None:
-        """A member key written (watch)."""
+    def put(self, member: str, value: bytes, fresh: bool = True) -> None:
+        """A member key written (watch); ``fresh``: delivered as it happened, so its clock is a sample (not
+        replayed from a backlog after the watch reconnected)."""
         try:
             self._live[member] = decode_member(value)
         except UNDECODABLE as exc:
             log.warning("member %r written in etcd not understood, skipped: %s", member, why(exc))
             return
         clock = member_clock(value)
-        if clock is not None and member != self.member_id:
+        if clock is not None and fresh and member != self.member_id:
             self._observe(member, clock - self.clock())
 
     def gone(self, member: str) -> None:

@@ -17,6 +17,21 @@ from tests.faults.rig import RigConfig
 from tests.support.netns import available
 
 
+def markdown(rows: list[dict[str, object]]) -> str:
+    """The reports as the table of docs/operations.md "What it survives"."""
+    out = [
+        "| fault | mode | REGISTERs | failed | longest outage | bindings lost | duplicates | De-REGISTERs "
+        "| calls | violations |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        out.append(
+            f"| {r['fault']} | {r['mode']} | {r['registers']} | {r['failed']} | {r['longest_outage_s']} s "
+            f"| {r['lost']} | {r['duplicates']} | {r['deregisters']} | {r['calls']} | {len(r['violations'])} |"  # type: ignore[arg-type]
+        )
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("faults", nargs="*", help=f"default: all of {', '.join(FAULTS)}")
@@ -48,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=2))
+    print(markdown(rows))
     print(f"{len(rows) - bad}/{len(rows)} runs kept every property")
     return 1 if bad else 0
 
