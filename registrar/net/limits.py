@@ -1,20 +1,32 @@
-"""Guards against connection floods: which accepted stream connections (TCP, TLS, WebSocket) a process keeps.
+"""Guards against floods: which accepted stream connections (TCP, TLS, WebSocket) a process keeps, and how
+many messages one source address may send it.
 
 A phone holds one connection for hours; a flood opens thousands and sends nothing. The process refuses a new
 connection beyond ``--max-connections`` in all or ``--max-connections-per-source`` from one address (so one
 host cannot take every slot from the honest phones), and closes one that has sent no SIP message within
-``--new-connection-timeout`` (the shell's idle sweep). Plain bookkeeping, no I/O: the shell calls it on accept
-and on close.
+``--new-connection-timeout`` (the shell's idle sweep).
+
+A phone sends a few messages a minute; a flood sends thousands a second from one address, of REGISTERs,
+OPTIONS or garbage. :class:`SourceLimit` counts every datagram (and every message of a stream connection) by
+source address before anything parses it, and drops what is over ``--source-rate-limit`` per second: unparsed,
+unanswered (an answer would need a parse, would double the flood's traffic toward an address that may be
+forged, and a flood does not honour Retry-After), counted. A UDP phone that strays over it retransmits.
+Trusted sources (``--trusted-sources``, the main registrar, the other registrar processes) are never limited.
+
+Plain bookkeeping, no I/O: the shell calls these on accept, on close and on every message.
 """
 
 from __future__ import annotations
 
+import ipaddress
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-__all__ = ["REFUSALS", "TIMEOUTS", "Admission"]
+__all__ = ["DROPS", "REFUSALS", "TIMEOUTS", "Admission", "SourceLimit", "parse_networks"]
 
 REFUSALS = ("max_connections", "per_source")  # label values of midregistrar_connections_refused_total
 TIMEOUTS = ("first_message", "idle")  # label values of midregistrar_connections_timed_out_total
+DROPS = ("source_rate",)  # label values of midregistrar_messages_dropped_total
 
 
 @dataclass
@@ -56,3 +68,114 @@ class Admission:
     def close_for_silence(self, phase: str) -> None:
         """Count a connection closed because it sent nothing: before its first message, or for too long."""
         self.timed_out[phase] += 1
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+WINDOW = 1.0  # seconds: a source may send ``rate`` messages in each
+MAX_SOURCES = 100_000  # sources counted in one window; beyond, a new source passes uncounted
+TRUST_MEMORY = 60.0  # seconds a trust decision is kept (members come and go)
+REPORT_EVERY = 10.0  # seconds between log lines about dropped messages, however hard the flood
+_TRUSTED = -(1 << 62)  # a count that never reaches the rate: a trusted source for the rest of the window
+
+
+def parse_networks(items: Iterable[str]) -> list[Network]:
+    """``10.0.0.0/8``, ``192.0.2.7`` or ``2001:db8::/32`` → networks (host bits allowed: masked off)."""
+    return [ipaddress.ip_network(item.strip().strip("[]"), strict=False) for item in items if item.strip()]
+
+
+@dataclass
+class SourceLimit:
+    """At most ``rate`` messages per source address in each one-second window (0: no limit).
+
+    The hot path is one dictionary read and write per message; whether an address is trusted is asked only
+    once it goes over the rate, and remembered. Memory is bounded: the counts start afresh every window and
+    hold at most :data:`MAX_SOURCES` addresses (a spray of addresses each below the rate is no one-source
+    flood: past that many, new ones pass uncounted until the next window)."""
+
+    rate: int
+    trusted: list[Network] = field(default_factory=list)
+    exempt: Callable[[str], bool] = lambda host: False  # the main registrar, the other processes
+    max_sources: int = MAX_SOURCES
+    dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROPS, 0))
+    limited: int = 0  # (source, window) pairs that went over the rate
+    _counts: dict[str, int] = field(default_factory=dict)
+    _window_end: float = 0.0
+    _trust: dict[str, bool] = field(default_factory=dict)  # decisions on sources that went over
+    _trust_until: float = 0.0
+    _reported: float = -REPORT_EVERY
+    _since_report: int = 0  # messages dropped since the last report
+    _sources: dict[str, int] = field(default_factory=dict)  # over the rate since the last report (≤ 5 kept)
+
+    def allow(self, host: str, now: float) -> bool:
+        """Count one message from ``host``: False when it must be dropped (counted)."""
+        if now >= self._window_end:
+            self._roll(now)
+        counts = self._counts
+        n = counts.get(host, 0) + 1
+        if n <= self.rate:
+            if n == 1 and len(counts) >= self.max_sources:
+                return True  # a spray of sources: this one goes uncounted until the next window
+            counts[host] = n
+            return True
+        return self._over(host, n, now)
+
+    def _roll(self, now: float) -> None:
+        self._counts.clear()
+        self._window_end = now + WINDOW
+        if now >= self._trust_until:
+            self._trust.clear()
+            self._trust_until = now + TRUST_MEMORY
+
+    def _over(self, host: str, n: int, now: float) -> bool:
+        trusted = self._trust.get(host)
+        if trusted is None:
+            trusted = self.is_trusted(host)
+            if len(self._trust) >= 10_000:
+                self._trust.clear()
+            self._trust[host] = trusted
+        if trusted:
+            self._counts[host] = _TRUSTED
+            return True
+        self._counts[host] = n
+        if n == self.rate + 1:
+            self.limited += 1
+        sources = self._sources
+        if host in sources:
+            sources[host] += 1
+        elif len(sources) < 5:
+            sources[host] = 1
+        self.dropped["source_rate"] += 1
+        self._since_report += 1
+        return False
+
+    def is_trusted(self, host: str) -> bool:
+        """Listed in ``trusted`` or exempted by the caller (never rate-limited)."""
+        try:
+            address = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            return self.exempt(host)
+        mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:192.0.2.7 on a dual-stack socket
+        return any(address in net or (mapped is not None and mapped in net) for net in self.trusted) or (
+            self.exempt(host)
+        )
+
+    def report(self, now: float) -> str | None:
+        """One line about what was dropped since the last one, at most every :data:`REPORT_EVERY` s; None
+        when nothing was dropped or it is too soon."""
+        if not self._since_report or now - self._reported < REPORT_EVERY:
+            return None
+        top = ", ".join(f"{h} ({n})" for h, n in sorted(self._sources.items(), key=lambda kv: -kv[1]))
+        line = (
+            f"{self._since_report} messages dropped over --source-rate-limit {self.rate}/s per source"
+            f" since {'start' if self._reported < 0 else f'{now - self._reported:.0f} s ago'}"
+            f"{'; from ' + top if top else ''} (add an SBC or NAT to --trusted-sources)"
+        )
+        self._reported = now
+        self._since_report = 0
+        self._sources.clear()
+        return line
+
+    def tracked(self) -> int:
+        """Addresses counted in the current window (bounded by ``max_sources``)."""
+        return len(self._counts)

@@ -25,12 +25,13 @@ from typing import Protocol
 from aiohttp import WSMsgType, web
 
 from registrar.config import Listen, Settings, Transport
-from registrar.net.limits import Admission
+from registrar.net.limits import Admission, SourceLimit, parse_networks
 from registrar.net.tls import HANDSHAKE_TIMEOUT, TlsContexts, describe_failure
 from registrar.sip.framing import PING, PONG, FramingError, StreamFramer
 from registrar.sip.stack import Event, LocalAddress, Stack
 from registrar.sip.transaction import Timers
-from registrar.sip.transport import Peer, ip_reference
+from registrar.sip.transport import Peer, ip_reference, peer_for_uri
+from registrar.sip.uri import parse_uri
 
 log = logging.getLogger("midregistrar.net")
 
@@ -46,6 +47,7 @@ SEND_BATCH = 8
 # after 1, 3 and 7 s): the next hop is not there. Its transactions fail with 503 rather than at Timer B/F.
 CONNECT_TIMEOUT = 10.0
 MAX_WS_MESSAGE = 65536  # a SIP message larger than this is refused with the connection
+MAIN_RESOLVE_INTERVAL = 60.0  # seconds between look-ups of a main registrar given by name (never limited)
 
 
 class Application(Protocol):
@@ -112,7 +114,15 @@ class _Conn:
 class SipServer:
     """Listens on every configured socket and drives one stack."""
 
-    def __init__(self, settings: Settings, stack: Stack, app: Application) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        stack: Stack,
+        app: Application,
+        exempt: Callable[[str], bool] | None = None,
+    ) -> None:
+        """``exempt(host)``: whether a source is one of this registrar's own (another process handing over
+        requests); asked only of a source over --source-rate-limit."""
         self.settings = settings
         self.stack = stack
         self.app = app
@@ -137,6 +147,14 @@ class SipServer:
         self._accepting: list[asyncio.Task[None]] = []
         self.admission = Admission(settings.max_connections, settings.max_connections_per_source)
         self._refused_logged = 0.0
+        self._exempt = exempt
+        self._main_hosts: set[str] = set()  # the main registrar's (and outbound proxy's) addresses
+        self._main_task: asyncio.Task[None] | None = None
+        self.sources = SourceLimit(
+            settings.source_rate_limit, parse_networks(settings.trusted_sources), self._own_source
+        )
+        # None when off: the hot path then skips the call altogether.
+        self._allow = self.sources.allow if settings.source_rate_limit else None
         self._ws_sockets: dict[int, socket.socket] = {}  # listen index -> the WebSocket server's socket
         self._ws_runners: list[web.AppRunner] = []
 
@@ -174,6 +192,8 @@ class SipServer:
                 )
                 self._servers.append(server)
         self._idle_task = self.loop.create_task(self._close_idle())
+        if self._allow is not None and await self._resolve_main():
+            self._main_task = self.loop.create_task(self._watch_main())
         if self.tls.server is not None:
             self._tls_task = self.loop.create_task(self._watch_certificate())
 
@@ -204,6 +224,8 @@ class SipServer:
             self._idle_task.cancel()
         if self._tls_task is not None:
             self._tls_task.cancel()
+        if self._main_task is not None:
+            self._main_task.cancel()
         for task in self._accepting:
             task.cancel()
         for sock in self._tls_listeners.values():
@@ -222,8 +244,12 @@ class SipServer:
     # ------------------------------------------------------------------------------------ input
 
     def datagram(self, data: bytes, addr: tuple[str, int], index: int) -> None:
-        peer = Peer("udp", addr[0], addr[1], None, index)
         now = time.time()
+        allow = self._allow
+        if allow is not None and not allow(addr[0], now):
+            self._dropped(now)  # a flood's: before any parsing, unanswered
+            return
+        peer = Peer("udp", addr[0], addr[1], None, index)
         self._held += 1
         if not self._shortcut(data, peer, now):  # a repeated refresh is answered from its template
             self.stack.receive(data, peer, now)
@@ -239,8 +265,12 @@ class SipServer:
             self.flush()
 
     def stream_data(self, conn: _Conn, data: bytes) -> None:
-        conn.last_activity = self.now
+        conn.last_activity = now = self.now
+        allow = self._allow
         for item in conn.framer.feed(data):
+            if allow is not None and not isinstance(item, FramingError) and not allow(conn.peer.host, now):
+                self._dropped(now)  # over the source's rate: the message (or keep-alive) is not looked at
+                continue
             if item is PING:
                 conn.transport.write(PONG)  # RFC 5626 keep-alive
             elif isinstance(item, FramingError):
@@ -452,6 +482,9 @@ class SipServer:
         """One SIP message of a message-framed connection (WebSocket)."""
         now = self.now
         conn.last_activity = now
+        if self._allow is not None and not self._allow(conn.peer.host, now):
+            self._dropped(now)
+            return
         if not data.strip(b"\r\n"):
             return  # a keep-alive
         conn.used = True
@@ -524,6 +557,44 @@ class SipServer:
             else:
                 log.warning("%d connections open: refusing new ones (--max-connections)", len(self._conns))
         return True
+
+    def _dropped(self, now: float) -> None:
+        """A message over --source-rate-limit was dropped: a log line now and then, never one per message."""
+        line = self.sources.report(now)
+        if line is not None:
+            log.warning("%s", line)
+
+    def _own_source(self, host: str) -> bool:
+        """The main registrar (its addresses as last resolved) or another registrar process."""
+        return host in self._main_hosts or (self._exempt is not None and self._exempt(host))
+
+    async def _resolve_main(self) -> bool:
+        """Look up the main registrar's and the outbound proxy's addresses; True when one is a name (to be
+        looked up again now and then: its addresses may change)."""
+        hosts: set[str] = set()
+        named = False
+        for uri in (self.settings.main_registrar, self.settings.main_proxy):
+            if not uri:
+                continue
+            host = peer_for_uri(parse_uri(uri)).host
+            if self._is_ip(host):
+                hosts.add(host)
+                continue
+            named = True
+            try:
+                infos = await self.loop.getaddrinfo(host, None, type=socket.SOCK_DGRAM)
+            except OSError as exc:
+                log.warning("cannot resolve the main registrar %s: %s", host, exc)
+                hosts |= self._main_hosts  # keep what was known
+                continue
+            hosts |= {str(info[4][0]) for info in infos}
+        self._main_hosts = hosts
+        return named
+
+    async def _watch_main(self) -> None:
+        while True:
+            await asyncio.sleep(MAIN_RESOLVE_INTERVAL)
+            await self._resolve_main()
 
     def connection_counts(self) -> dict[str, int]:
         """Open connections by transport (tcp, tls, ws, wss)."""

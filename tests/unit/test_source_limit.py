@@ -1,0 +1,90 @@
+"""The per-source message limit (registrar/net/limits.py SourceLimit, docs/operations.md "Floods"): counted
+per address in one-second windows before anything parses a message, trusted addresses never limited, memory
+bounded under a spray of addresses, one log line per 10 s however hard the flood; and its settings."""
+
+from __future__ import annotations
+
+import pytest
+
+from registrar.config import ConfigError, Settings, build_settings
+from registrar.net.limits import SourceLimit, parse_networks
+
+FLOOD = "198.51.100.66"
+PHONE = "192.0.2.10"
+
+
+def _sent(limit: SourceLimit, host: str, count: int, now: float) -> int:
+    """How many of ``count`` messages from ``host`` at ``now`` pass."""
+    return sum(limit.allow(host, now) for _ in range(count))
+
+
+def test_each_source_gets_its_rate_per_second_and_the_rest_is_dropped_and_counted() -> None:
+    limit = SourceLimit(10)
+    assert _sent(limit, FLOOD, 25, 100.0) == 10
+    assert _sent(limit, PHONE, 3, 100.5) == 3  # another address: a budget of its own
+    assert _sent(limit, FLOOD, 5, 100.9) == 0  # same window
+    assert limit.dropped == {"source_rate": 20}
+    assert limit.limited == 1  # one source went over in that window
+    assert _sent(limit, FLOOD, 25, 101.0) == 10  # the next window
+    assert limit.limited == 2 and limit.dropped["source_rate"] == 35
+
+
+def test_trusted_networks_the_main_registrar_and_members_are_never_limited() -> None:
+    asked: list[str] = []
+
+    def member(host: str) -> bool:
+        asked.append(host)
+        return host == "10.1.2.3"
+
+    limit = SourceLimit(2, parse_networks(["203.0.113.0/24", "2001:db8::/32"]), member)
+    for host in ("203.0.113.9", "2001:db8::5", "::ffff:203.0.113.9", "10.1.2.3"):
+        assert _sent(limit, host, 50, 10.0) == 50, host
+    assert _sent(limit, FLOOD, 50, 10.0) == 2
+    # Trust is asked only of a source over its rate, and remembered: not once per message.
+    assert asked.count("10.1.2.3") == 1 and asked.count(FLOOD) == 1
+    assert _sent(limit, "10.1.2.3", 50, 10.5) == 50 and asked.count("10.1.2.3") == 1
+    assert limit.dropped["source_rate"] == 48
+
+
+def test_memory_stays_bounded_under_a_spray_of_sources() -> None:
+    limit = SourceLimit(2, max_sources=1000)
+    for i in range(50_000):
+        limit.allow(f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", 5.0)
+    assert limit.tracked() == 1000  # past the bound new sources pass uncounted
+    assert _sent(limit, "10.0.0.1", 10, 5.0) == 1  # one counted early on keeps its count
+    limit.allow(PHONE, 6.0)  # a new window starts afresh
+    assert limit.tracked() == 1
+
+
+def test_a_flood_is_reported_at_most_every_ten_seconds_with_its_sources() -> None:
+    limit = SourceLimit(1)
+    assert limit.report(0.0) is None  # nothing dropped
+    lines = []
+    for tick in range(300):  # 30 s of a flood, 10 messages per 0.1 s
+        now = 1000.0 + tick / 10
+        _sent(limit, FLOOD, 10, now)
+        line = limit.report(now)
+        if line is not None:
+            lines.append(line)
+    assert len(lines) == 3
+    assert FLOOD in lines[0] and "--source-rate-limit 1/s" in lines[0] and "--trusted-sources" in lines[0]
+    # 100 messages a second, 1 let through: 990 dropped in each 10 s, every one counted against its source.
+    assert lines[1].startswith("990 messages dropped") and "since 10 s ago" in lines[1]
+    assert f"from {FLOOD} (990)" in lines[1]
+
+
+def test_zero_is_no_limit_in_the_settings_and_trusted_sources_are_validated() -> None:
+    base = {"main_registrar": "sip:10.0.0.3:5070"}
+    assert Settings(**base).source_rate_limit == 500  # type: ignore[arg-type]
+    assert Settings(**base).trusted_sources == ["127.0.0.0/8", "::1/128"]  # type: ignore[arg-type]
+    env = {"MIDREG_TRUSTED_SOURCES": "10.0.0.0/8, 192.0.2.7,[2001:db8::1]", "MIDREG_SOURCE_RATE_LIMIT": "0"}
+    settings = build_settings(base, environ=env)
+    assert settings.trusted_sources == ["10.0.0.0/8", "192.0.2.7", "[2001:db8::1]"]
+    assert settings.source_rate_limit == 0
+    nets = parse_networks(settings.trusted_sources)
+    assert [str(n) for n in nets] == ["10.0.0.0/8", "192.0.2.7/32", "2001:db8::1/128"]
+    assert build_settings({**base, "trusted_sources": [""]}, environ={}).trusted_sources == []
+    with pytest.raises(ConfigError, match=r"invalid trusted-sources: 'sbc\.example\.com' is not an IP"):
+        build_settings({**base, "trusted_sources": ["sbc.example.com"]}, environ={})
+    with pytest.raises(ConfigError, match="invalid source-rate-limit"):
+        build_settings({**base, "source_rate_limit": "-1"}, environ={})
