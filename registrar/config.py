@@ -201,6 +201,13 @@ class Settings(BaseModel):
         "(0 = no limit). Never applies to --trusted-sources, the main registrar or the other registrar "
         "processes.",
     )
+    source_block_seconds: float = Field(
+        10.0,
+        ge=0,
+        description="A source sending ten times --source-rate-limit within one second is blocked this long "
+        "by a kernel socket filter on the UDP sockets (its datagrams then cost nothing), then counted afresh "
+        "(0 = never block: drop its messages one by one).",
+    )
     trusted_sources: list[str] = Field(
         default_factory=lambda: ["127.0.0.0/8", "::1/128"],
         description="Addresses or CIDR networks that --source-rate-limit never limits: an SBC or "

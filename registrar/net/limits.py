@@ -11,7 +11,10 @@ OPTIONS or garbage. :class:`SourceLimit` counts every datagram (and every messag
 source address before anything parses it, and drops what is over ``--source-rate-limit`` per second: unparsed,
 unanswered (an answer would need a parse, would double the flood's traffic toward an address that may be
 forged, and a flood does not honour Retry-After), counted. A UDP phone that strays over it retransmits.
-Trusted sources (``--trusted-sources``, the main registrar, the other registrar processes) are never limited.
+A source sending ten times its rate in one second is a flood, not a busy NAT: it is blocked for
+``--source-block-seconds``, which the shell turns into a kernel socket filter
+(registrar/net/kernel_filter.py), so that its datagrams stop costing the process anything. Trusted sources
+(``--trusted-sources``, the main registrar, the other registrar processes) are never limited.
 
 Plain bookkeeping, no I/O: the shell calls these on accept, on close and on every message.
 """
@@ -73,6 +76,8 @@ class Admission:
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 WINDOW = 1.0  # seconds: a source may send ``rate`` messages in each
+BLOCK_FACTOR = 10  # a source sending this many times its rate in one window is blocked
+MAX_BLOCKED = 64  # sources blocked at once (kernel_filter.MAX_V4); beyond, they are dropped one by one
 MAX_SOURCES = 100_000  # sources counted in one window; beyond, a new source passes uncounted
 TRUST_MEMORY = 60.0  # seconds a trust decision is kept (members come and go)
 REPORT_EVERY = 10.0  # seconds between log lines about dropped messages, however hard the flood
@@ -95,10 +100,14 @@ class SourceLimit:
 
     rate: int
     trusted: list[Network] = field(default_factory=list)
+    block_seconds: float = 0.0  # 0: never block
     exempt: Callable[[str], bool] = lambda host: False  # the main registrar, the other processes
     max_sources: int = MAX_SOURCES
     dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROPS, 0))
     limited: int = 0  # (source, window) pairs that went over the rate
+    blocks: int = 0  # sources blocked (BLOCK_FACTOR times the rate), counted once per block
+    blocked: dict[str, float] = field(default_factory=dict)  # source → blocked until
+    changed: bool = False  # ``blocked`` changed since the shell last looked (take_blocked)
     _counts: dict[str, int] = field(default_factory=dict)
     _window_end: float = 0.0
     _trust: dict[str, bool] = field(default_factory=dict)  # decisions on sources that went over
@@ -147,7 +156,27 @@ class SourceLimit:
             sources[host] = 1
         self.dropped["source_rate"] += 1
         self._since_report += 1
+        if n == self.rate * BLOCK_FACTOR and self.block_seconds and len(self.blocked) < MAX_BLOCKED:
+            self.blocked[host] = now + self.block_seconds
+            self.blocks += 1
+            self.changed = True
         return False
+
+    def expire(self, now: float) -> None:
+        """Lift the blocks whose time is up."""
+        done = [host for host, until in self.blocked.items() if until <= now]
+        for host in done:
+            del self.blocked[host]
+        if done:
+            self.changed = True
+
+    def take_blocked(self) -> list[str] | None:
+        """The sources blocked now when that changed since the last call (for the shell's filter); else
+        None."""
+        if not self.changed:
+            return None
+        self.changed = False
+        return list(self.blocked)
 
     def is_trusted(self, host: str) -> bool:
         """Listed in ``trusted`` or exempted by the caller (never rate-limited)."""
@@ -167,10 +196,14 @@ class SourceLimit:
             return None
         top = ", ".join(f"{h} ({n})" for h, n in sorted(self._sources.items(), key=lambda kv: -kv[1]))
         line = (
-            f"{self._since_report} messages dropped over --source-rate-limit {self.rate}/s per source"
+            f"{self._since_report} message{'s' if self._since_report > 1 else ''} dropped over "
+            f"--source-rate-limit {self.rate}/s per source"
             f" since {'start' if self._reported < 0 else f'{now - self._reported:.0f} s ago'}"
             f"{'; from ' + top if top else ''} (add an SBC or NAT to --trusted-sources)"
         )
+        if self.blocked:
+            shown = ", ".join(list(self.blocked)[:5])
+            line += f"; blocked (≥ {BLOCK_FACTOR}× the rate) for {self.block_seconds:g} s: {shown}"
         self._reported = now
         self._since_report = 0
         self._sources.clear()

@@ -25,7 +25,8 @@ from typing import Protocol
 from aiohttp import WSMsgType, web
 
 from registrar.config import Listen, Settings, Transport
-from registrar.net.limits import Admission, SourceLimit, parse_networks
+from registrar.net import kernel_filter
+from registrar.net.limits import BLOCK_FACTOR, Admission, SourceLimit, parse_networks
 from registrar.net.tls import HANDSHAKE_TIMEOUT, TlsContexts, describe_failure
 from registrar.sip.framing import PING, PONG, FramingError, StreamFramer
 from registrar.sip.stack import Event, LocalAddress, Stack
@@ -151,8 +152,13 @@ class SipServer:
         self._main_hosts: set[str] = set()  # the main registrar's (and outbound proxy's) addresses
         self._main_task: asyncio.Task[None] | None = None
         self.sources = SourceLimit(
-            settings.source_rate_limit, parse_networks(settings.trusted_sources), self._own_source
+            settings.source_rate_limit,
+            parse_networks(settings.trusted_sources),
+            settings.source_block_seconds,
+            self._own_source,
         )
+        self._block_task: asyncio.Task[None] | None = None
+        self._kernel_filter = True  # until the kernel refuses one
         # None when off: the hot path then skips the call altogether.
         self._allow = self.sources.allow if settings.source_rate_limit else None
         self._ws_sockets: dict[int, socket.socket] = {}  # listen index -> the WebSocket server's socket
@@ -194,6 +200,8 @@ class SipServer:
         self._idle_task = self.loop.create_task(self._close_idle())
         if self._allow is not None and await self._resolve_main():
             self._main_task = self.loop.create_task(self._watch_main())
+        if self._allow is not None and self.settings.source_block_seconds:
+            self._block_task = self.loop.create_task(self._lift_blocks())
         if self.tls.server is not None:
             self._tls_task = self.loop.create_task(self._watch_certificate())
 
@@ -226,6 +234,8 @@ class SipServer:
             self._tls_task.cancel()
         if self._main_task is not None:
             self._main_task.cancel()
+        if self._block_task is not None:
+            self._block_task.cancel()
         for task in self._accepting:
             task.cancel()
         for sock in self._tls_listeners.values():
@@ -559,10 +569,45 @@ class SipServer:
         return True
 
     def _dropped(self, now: float) -> None:
-        """A message over --source-rate-limit was dropped: a log line now and then, never one per message."""
-        line = self.sources.report(now)
+        """A message over --source-rate-limit was dropped: a log line now and then, never one per message;
+        a source just blocked is filtered in the kernel from now on."""
+        sources = self.sources
+        if sources.changed:
+            self._filter(sources.take_blocked())
+        line = sources.report(now)
         if line is not None:
             log.warning("%s", line)
+
+    def _filter(self, blocked: list[str] | None) -> None:
+        """Put the blocked sources in every UDP socket's kernel filter (none: take the filter off)."""
+        if blocked is None or not self._kernel_filter:
+            return
+        for transport in self._udp.values():
+            sock = transport.get_extra_info("socket")
+            if sock is None:
+                continue
+            try:
+                if blocked:
+                    kernel_filter.attach(sock, blocked)
+                else:
+                    kernel_filter.detach(sock)
+            except (OSError, ValueError, TypeError) as exc:
+                self._kernel_filter = False  # dropped one by one from now on
+                log.warning("cannot filter blocked sources in the kernel (%s): dropping them here", exc)
+                return
+        if blocked:
+            log.warning(
+                "blocking %s in the kernel for %g s: %d× --source-rate-limit within one second",
+                ", ".join(blocked[:5]) + (f" and {len(blocked) - 5} more" if len(blocked) > 5 else ""),
+                self.settings.source_block_seconds,
+                BLOCK_FACTOR,
+            )
+
+    async def _lift_blocks(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self.sources.expire(self.now)
+            self._filter(self.sources.take_blocked())
 
     def _own_source(self, host: str) -> bool:
         """The main registrar (its addresses as last resolved) or another registrar process."""

@@ -29,6 +29,23 @@ def test_each_source_gets_its_rate_per_second_and_the_rest_is_dropped_and_counte
     assert limit.limited == 2 and limit.dropped["source_rate"] == 35
 
 
+def test_a_source_at_ten_times_its_rate_is_blocked_for_a_while_then_counted_afresh() -> None:
+    limit = SourceLimit(10, block_seconds=5.0)
+    assert limit.take_blocked() is None
+    assert _sent(limit, FLOOD, 99, 50.0) == 10 and limit.blocked == {}  # over its rate: dropped only
+    assert _sent(limit, FLOOD, 1, 50.0) == 0  # the hundredth in one second: a flood
+    assert limit.blocked == {FLOOD: 55.0} and limit.blocks == 1
+    assert limit.take_blocked() == [FLOOD] and limit.take_blocked() is None  # for the shell's filter
+    assert "blocked (≥ 10× the rate) for 5 s: 198.51.100.66" in (limit.report(50.0) or "")
+    limit.expire(54.9)
+    assert limit.take_blocked() is None
+    limit.expire(55.0)
+    assert limit.blocked == {} and limit.take_blocked() == []  # lifted: the filter comes off
+    assert _sent(limit, FLOOD, 100, 55.0) == 10 and limit.blocks == 2  # and it is blocked again
+    never = SourceLimit(10)  # --source-block-seconds 0
+    assert _sent(never, FLOOD, 1000, 1.0) == 10 and never.blocked == {} and not never.changed
+
+
 def test_trusted_networks_the_main_registrar_and_members_are_never_limited() -> None:
     asked: list[str] = []
 
@@ -36,7 +53,7 @@ def test_trusted_networks_the_main_registrar_and_members_are_never_limited() -> 
         asked.append(host)
         return host == "10.1.2.3"
 
-    limit = SourceLimit(2, parse_networks(["203.0.113.0/24", "2001:db8::/32"]), member)
+    limit = SourceLimit(2, parse_networks(["203.0.113.0/24", "2001:db8::/32"]), exempt=member)
     for host in ("203.0.113.9", "2001:db8::5", "::ffff:203.0.113.9", "10.1.2.3"):
         assert _sent(limit, host, 50, 10.0) == 50, host
     assert _sent(limit, FLOOD, 50, 10.0) == 2
