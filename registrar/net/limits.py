@@ -75,13 +75,13 @@ class Admission:
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-WINDOW = 1.0  # seconds: a source may send ``rate`` messages in each
-BLOCK_FACTOR = 10  # a source sending this many times its rate in one window is blocked
+WINDOW = 1.0  # seconds between fresh starts of the counts (bounded memory)
+BLOCK_FACTOR = 10  # a source sending this many times its rate within one second is blocked
 MAX_BLOCKED = 64  # sources blocked at once (kernel_filter.MAX_V4); beyond, they are dropped one by one
-MAX_SOURCES = 100_000  # sources counted in one window; beyond, a new source passes uncounted
+MAX_SOURCES = 100_000  # sources counted in one second; beyond, a new source passes uncounted
 TRUST_MEMORY = 60.0  # seconds a trust decision is kept (members come and go)
 REPORT_EVERY = 10.0  # seconds between log lines about dropped messages, however hard the flood
-_TRUSTED = -(1 << 62)  # a count that never reaches the rate: a trusted source for the rest of the window
+_TRUSTED: list[float] = []  # the bucket of a trusted source (for the rest of the second): never empty
 
 
 def parse_networks(items: Iterable[str]) -> list[Network]:
@@ -91,24 +91,29 @@ def parse_networks(items: Iterable[str]) -> list[Network]:
 
 @dataclass
 class SourceLimit:
-    """At most ``rate`` messages per source address in each one-second window (0: no limit).
+    """A token bucket per source address: ``rate`` messages per second, bursts of a fifth of that (0: no
+    limit).
 
-    The hot path is one dictionary read and write per message; whether an address is trusted is asked only
-    once it goes over the rate, and remembered. Memory is bounded: the counts start afresh every window and
-    hold at most :data:`MAX_SOURCES` addresses (a spray of addresses each below the rate is no one-source
-    flood: past that many, new ones pass uncounted until the next window)."""
+    The hot path is one dictionary read and a little arithmetic per message; whether an address is trusted
+    is asked only once it goes over the rate, and remembered. The buckets refill evenly, so what a flood gets
+    through comes spread over the second, not in one burst the process must then catch up with. Memory is
+    bounded: the buckets start afresh (full) every second and hold at most :data:`MAX_SOURCES` addresses (a
+    spray of addresses each below the rate is no one-source flood: past that many, new ones pass uncounted
+    until the next second)."""
 
-    rate: int
+    rate: float
     trusted: list[Network] = field(default_factory=list)
     block_seconds: float = 0.0  # 0: never block
     exempt: Callable[[str], bool] = lambda host: False  # the main registrar, the other processes
     max_sources: int = MAX_SOURCES
     dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROPS, 0))
-    limited: int = 0  # (source, window) pairs that went over the rate
+    limited: int = 0  # (source, second) pairs that went over the rate
     blocks: int = 0  # sources blocked (BLOCK_FACTOR times the rate), counted once per block
     blocked: dict[str, float] = field(default_factory=dict)  # source → blocked until
     changed: bool = False  # ``blocked`` changed since the shell last looked (take_blocked)
-    _counts: dict[str, int] = field(default_factory=dict)
+    burst: float = 0.0  # set from the rate
+    _buckets: dict[str, list[float]] = field(default_factory=dict)  # source → [tokens, when counted]
+    _drops: dict[str, int] = field(default_factory=dict)  # source → dropped this second
     _window_end: float = 0.0
     _trust: dict[str, bool] = field(default_factory=dict)  # decisions on sources that went over
     _trust_until: float = 0.0
@@ -116,27 +121,36 @@ class SourceLimit:
     _since_report: int = 0  # messages dropped since the last report
     _sources: dict[str, int] = field(default_factory=dict)  # over the rate since the last report (≤ 5 kept)
 
+    def __post_init__(self) -> None:
+        self.burst = max(1.0, self.rate / 5)
+
     def allow(self, host: str, now: float) -> bool:
         """Count one message from ``host``: False when it must be dropped (counted)."""
         if now >= self._window_end:
             self._roll(now)
-        counts = self._counts
-        n = counts.get(host, 0) + 1
-        if n <= self.rate:
-            if n == 1 and len(counts) >= self.max_sources:
-                return True  # a spray of sources: this one goes uncounted until the next window
-            counts[host] = n
+        bucket = self._buckets.get(host)
+        if bucket is None:
+            if len(self._buckets) < self.max_sources:  # else a spray: uncounted until the next second
+                self._buckets[host] = [self.burst - 1.0, now]
             return True
-        return self._over(host, n, now)
+        if bucket is _TRUSTED:
+            return True
+        tokens = bucket[0] + (now - bucket[1]) * self.rate
+        if tokens >= 1.0:
+            bucket[0] = tokens - 1.0 if tokens < self.burst else self.burst - 1.0
+            bucket[1] = now
+            return True
+        return self._over(host, now)
 
     def _roll(self, now: float) -> None:
-        self._counts.clear()
+        self._buckets.clear()
+        self._drops.clear()
         self._window_end = now + WINDOW
         if now >= self._trust_until:
             self._trust.clear()
             self._trust_until = now + TRUST_MEMORY
 
-    def _over(self, host: str, n: int, now: float) -> bool:
+    def _over(self, host: str, now: float) -> bool:
         trusted = self._trust.get(host)
         if trusted is None:
             trusted = self.is_trusted(host)
@@ -144,10 +158,11 @@ class SourceLimit:
                 self._trust.clear()
             self._trust[host] = trusted
         if trusted:
-            self._counts[host] = _TRUSTED
+            self._buckets[host] = _TRUSTED
             return True
-        self._counts[host] = n
-        if n == self.rate + 1:
+        n = self._drops.get(host, 0) + 1
+        self._drops[host] = n
+        if n == 1:
             self.limited += 1
         sources = self._sources
         if host in sources:
@@ -156,7 +171,11 @@ class SourceLimit:
             sources[host] = 1
         self.dropped["source_rate"] += 1
         self._since_report += 1
-        if n == self.rate * BLOCK_FACTOR and self.block_seconds and len(self.blocked) < MAX_BLOCKED:
+        if (
+            n == int(self.rate * (BLOCK_FACTOR - 1))  # ten times its rate (the rate passed, the rest not)
+            and self.block_seconds
+            and len(self.blocked) < MAX_BLOCKED
+        ):
             self.blocked[host] = now + self.block_seconds
             self.blocks += 1
             self.changed = True
@@ -210,5 +229,5 @@ class SourceLimit:
         return line
 
     def tracked(self) -> int:
-        """Addresses counted in the current window (bounded by ``max_sources``)."""
-        return len(self._counts)
+        """Addresses counted in the current second (bounded by ``max_sources``)."""
+        return len(self._buckets)

@@ -159,6 +159,7 @@ class SipServer:
         )
         self._block_task: asyncio.Task[None] | None = None
         self._kernel_filter = True  # until the kernel refuses one
+        self._filtered: set[str] = set()  # the sources the kernel filter now drops
         # None when off: the hot path then skips the call altogether.
         self._allow = self.sources.allow if settings.source_rate_limit else None
         self._ws_sockets: dict[int, socket.socket] = {}  # listen index -> the WebSocket server's socket
@@ -595,10 +596,12 @@ class SipServer:
                 self._kernel_filter = False  # dropped one by one from now on
                 log.warning("cannot filter blocked sources in the kernel (%s): dropping them here", exc)
                 return
-        if blocked:
+        new = [host for host in blocked if host not in self._filtered]
+        self._filtered = set(blocked)
+        if new:  # one line per block, however many datagrams it then keeps out
             log.warning(
                 "blocking %s in the kernel for %g s: %d× --source-rate-limit within one second",
-                ", ".join(blocked[:5]) + (f" and {len(blocked) - 5} more" if len(blocked) > 5 else ""),
+                ", ".join(new[:5]) + (f" and {len(new) - 5} more" if len(new) > 5 else ""),
                 self.settings.source_block_seconds,
                 BLOCK_FACTOR,
             )

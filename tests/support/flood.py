@@ -150,7 +150,9 @@ class Flooder:
 
     def start(self) -> subprocess.Popen[str]:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-        return subprocess.Popen(self.argv(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        return subprocess.Popen(
+            self.argv(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
 
     @staticmethod
     def result(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
