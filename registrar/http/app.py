@@ -242,6 +242,11 @@ class EngineCollector(Collector):
             "Source addresses that went over --source-rate-limit, once per second each",
             value=limit.limited,
         )
+        yield CounterMetricFamily(
+            "midregistrar_sources_blocked",
+            "Sources blocked by the kernel socket filter for --source-block-seconds (ten times the rate)",
+            value=limit.blocks,
+        )
         yield GaugeMetricFamily(
             "midregistrar_sources_tracked",
             "Source addresses counted in the current second (bounded)",
