@@ -614,6 +614,8 @@ class SipServer:
 
     def _own_source(self, host: str) -> bool:
         """The main registrar (its addresses as last resolved) or another registrar process."""
+        if host.startswith("::ffff:"):  # an IPv4 source on a dual-stack socket
+            host = host[7:]
         return host in self._main_hosts or (self._exempt is not None and self._exempt(host))
 
     async def _resolve_main(self) -> bool:

@@ -10,6 +10,7 @@ address is never limited; a digest brute force is slowed without locking the use
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import socket
@@ -197,6 +198,34 @@ def test_without_blocking_each_message_over_the_rate_is_dropped_unanswered(tmp_p
         assert metric(m, "midregistrar_messages_dropped", reason="source_rate") == report["sent"] - seen
         assert options(reg.addr) == 200  # a trusted address is not concerned
         assert "blocking" not in reg.log()
+    finally:
+        reg.stop()
+
+
+def test_messages_over_a_stream_connection_count_against_its_source(tmp_path: Path) -> None:
+    reg = Registrar(
+        None,
+        mode="mirror",
+        transports=("tcp",),
+        extra=["--main-registrar", "sip:127.0.0.1:9", "--trusted-sources", "", "--source-rate-limit", "5"],
+        workdir=tmp_path / "mid",
+    ).start()  # fmt: skip
+    try:
+        with socket.create_connection(reg.addr, timeout=5, source_address=("127.0.0.9", 0)) as conn:
+            local = conn.getsockname()[:2]
+            ruri = f"sip:{LOOPBACK}:{reg.port}"
+            conn.sendall(b"".join(sip_request("OPTIONS", ruri, local, transport="TCP") for _ in range(40)))
+            time.sleep(0.5)
+            conn.settimeout(0.5)
+            data = b""
+            with contextlib.suppress(TimeoutError):
+                while chunk := conn.recv(65536):
+                    data += chunk
+            # the burst of one, the refill over the half second; the connection stays open for more
+            assert 1 <= data.count(b"SIP/2.0 200 OK") <= 4, data.count(b"SIP/2.0 200 OK")
+            m = reg.metrics()
+            assert metric(m, "midregistrar_messages_dropped", reason="source_rate") >= 36
+            assert metric(m, "midregistrar_connections", transport="tcp") == 1
     finally:
         reg.stop()
 
