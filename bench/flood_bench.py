@@ -125,7 +125,7 @@ def generate(
     saved = args.users
     args.users = users
     try:
-        argv = [*generator_argv(rig.gen, t, args, rate, warmup), "-local", PHONES_IP, "-callid-tag", "fb"]
+        argv = [*generator_argv(rig.gen, t, args, rate, warmup), "-local", PHONES_IP]
     finally:
         args.users = saved
     rep = run_generator(argv, args.duration + users / args.warmup_rate + 120)
