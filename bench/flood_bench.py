@@ -108,12 +108,17 @@ def start_rig(work: Path, gen: str, extra: list[str], name: str, users: int, arg
         raise
     target = Target(name, reg.addr, reg.pid, reg.command, registrar=reg, source_ports=[free_port(PHONES_IP)])
     rig = Rig(kam, reg, target, gen)
-    for what in ("warm-up", "first refresh"):
-        rep = generate(rig, args, users, 0, warmup=True)
-        ok = rep["warmup"]["responses"].get("200", 0)
-        print(f"{name}: {what} of {users} users: {ok} × 200", flush=True)
-        if ok != users:
-            raise RuntimeError(f"{what} failed: {json.dumps(rep)[:2000]}")
+    try:
+        for what in ("warm-up", "first refresh"):
+            rep = generate(rig, args, users, 0, warmup=True)
+            ok = rep["warmup"]["responses"].get("200", 0)
+            print(f"{name}: {what} of {users} users: {ok} × 200", flush=True)
+            if ok != users:
+                raise RuntimeError(f"{what} failed: {json.dumps(rep)[:2000]}")
+    except BaseException:
+        reg.stop()
+        kam.stop()
+        raise
     return rig
 
 
@@ -262,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--generator", help="a poissongen binary (default: build or reuse the cached one)")
     # what bench.poisson_bench's generator_argv reads
     ap.add_argument("--expires", type=int, default=300)
-    ap.add_argument("--warmup-rate", type=float, default=1000.0)
+    ap.add_argument("--warmup-rate", type=float, default=500.0)
     ap.add_argument("--timeout", type=float, default=2.0)
     ap.add_argument("--sockets", type=int, default=1)
     ap.add_argument("--spin-us", type=int, default=20)
