@@ -3,7 +3,7 @@ in garbage while 1,000 honest phones refresh; what the honest phones see, what b
 process's memory.
 
     python -m bench.flood_bench [--phones 1000] [--phone-rate 1000] [--duration 20] [--factor 10]
-                                [--capacity-rates 16000,24000,32000,40000] [--capacity N]
+                                [--capacity-rates 8000,16000,24000,32000,40000] [--capacity N]
                                 [--variants off,drop,block] [--kinds register,options,garbage] [--senders 1]
 
 What runs, all on loopback: Kamailio as the main registrar (bench/kamailio/registrar.cfg, an in-memory
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=20.0, help="seconds the phones are measured per row")
     ap.add_argument("--factor", type=float, default=10.0, help="the flood's rate, times the capacity")
     ap.add_argument(
-        "--capacity-rates", default="16000,24000,32000,40000", help="Poisson rates tried, ascending"
+        "--capacity-rates", default="8000,16000,24000,32000,40000", help="Poisson rates tried, ascending"
     )
     ap.add_argument("--capacity", type=int, help="skip the capacity measurement: absorbed refreshes/s")
     ap.add_argument("--variants", default="off,drop,block", help=f"of {', '.join(VARIANTS)}")
@@ -293,6 +293,10 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         capacity, cap_lines = measure_capacity(work, gen, args)
+        if not capacity:
+            print("\n".join(cap_lines))
+            print("no capacity rate passed (a busy machine?): lower --capacity-rates, or give --capacity")
+            return 1
         time.sleep(args.rest / 4)
     rate = int(capacity * args.factor)
     print(f"capacity {capacity}/s: flooding at {rate}/s", flush=True)
