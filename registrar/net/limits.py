@@ -78,6 +78,8 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 WINDOW = 1.0  # seconds between fresh starts of the counts (bounded memory)
 BLOCK_FACTOR = 10  # a source sending this many times its rate within one second is blocked
 MAX_BLOCKED = 64  # sources blocked at once (kernel_filter.MAX_V4); beyond, they are dropped one by one
+BLOCK_MAX = 300.0  # seconds: the longest block of a source that keeps flooding
+REPEAT_WINDOW = 60.0  # seconds after a block's end within which a new block lasts twice as long
 MAX_SOURCES = 100_000  # sources counted in one second; beyond, a new source passes uncounted
 TRUST_MEMORY = 60.0  # seconds a trust decision is kept (members come and go)
 REPORT_EVERY = 10.0  # seconds between log lines about dropped messages, however hard the flood
@@ -115,6 +117,7 @@ class SourceLimit:
     _buckets: dict[str, list[float]] = field(default_factory=dict)  # source → [tokens, when counted]
     _drops: dict[str, int] = field(default_factory=dict)  # source → dropped this second
     _window_end: float = 0.0
+    _repeats: dict[str, tuple[int, float]] = field(default_factory=dict)  # source → (doublings, block end)
     _trust: dict[str, bool] = field(default_factory=dict)  # decisions on sources that went over
     _trust_until: float = 0.0
     _reported: float = -REPORT_EVERY
@@ -176,10 +179,23 @@ class SourceLimit:
             and self.block_seconds
             and len(self.blocked) < MAX_BLOCKED
         ):
-            self.blocked[host] = now + self.block_seconds
-            self.blocks += 1
-            self.changed = True
+            self._block(host, now)
         return False
+
+    def _block(self, host: str, now: float) -> None:
+        """Block ``host``: for ``block_seconds``, twice as long each time it is blocked again within a
+        minute of its last block's end (up to :data:`BLOCK_MAX`), since it went on flooding meanwhile."""
+        level = 0
+        last = self._repeats.get(host)
+        if last is not None and now - last[1] <= REPEAT_WINDOW:
+            level = min(last[0] + 1, 16)
+        seconds = min(max(BLOCK_MAX, self.block_seconds), self.block_seconds * 2**level)
+        if len(self._repeats) >= 10_000:
+            self._repeats.clear()
+        self._repeats[host] = (level, now + seconds)
+        self.blocked[host] = now + seconds
+        self.blocks += 1
+        self.changed = True
 
     def expire(self, now: float) -> None:
         """Lift the blocks whose time is up."""
@@ -221,8 +237,8 @@ class SourceLimit:
             f"{'; from ' + top if top else ''} (add an SBC or NAT to --trusted-sources)"
         )
         if self.blocked:
-            shown = ", ".join(list(self.blocked)[:5])
-            line += f"; blocked (≥ {BLOCK_FACTOR}× the rate) for {self.block_seconds:g} s: {shown}"
+            shown = ", ".join(f"{h} for {until - now:.0f} s" for h, until in list(self.blocked.items())[:5])
+            line += f"; blocked (≥ {BLOCK_FACTOR}× the rate): {shown}"
         self._reported = now
         self._since_report = 0
         self._sources.clear()

@@ -599,10 +599,12 @@ class SipServer:
         new = [host for host in blocked if host not in self._filtered]
         self._filtered = set(blocked)
         if new:  # one line per block, however many datagrams it then keeps out
+            now = self.now
+            until = self.sources.blocked
             log.warning(
-                "blocking %s in the kernel for %g s: %d× --source-rate-limit within one second",
-                ", ".join(new[:5]) + (f" and {len(new) - 5} more" if len(new) > 5 else ""),
-                self.settings.source_block_seconds,
+                "blocking %s in the kernel: %d× --source-rate-limit within one second",
+                ", ".join(f"{h} for {until.get(h, now) - now:.0f} s" for h in new[:5])
+                + (f" and {len(new) - 5} more" if len(new) > 5 else ""),
                 BLOCK_FACTOR,
             )
 

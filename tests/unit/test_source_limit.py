@@ -37,12 +37,27 @@ def test_a_source_at_ten_times_its_rate_is_blocked_for_a_while_then_counted_afre
     assert _sent(limit, FLOOD, 1, 50.05) == 0  # the 90th dropped in one second: ten times the rate
     assert limit.blocked == {FLOOD: 55.05} and limit.blocks == 1
     assert limit.take_blocked() == [FLOOD] and limit.take_blocked() is None  # for the shell's filter
-    assert "blocked (≥ 10× the rate) for 5 s: 198.51.100.66" in (limit.report(50.05) or "")
+    assert "blocked (≥ 10× the rate): 198.51.100.66 for 5 s" in (limit.report(50.05) or "")
     limit.expire(55.0)
     assert limit.take_blocked() is None
     limit.expire(55.05)
     assert limit.blocked == {} and limit.take_blocked() == []  # lifted: the filter comes off
-    assert _sent(limit, FLOOD, 100, 55.05) == 2 and limit.blocks == 2  # and it is blocked again
+    assert _sent(limit, FLOOD, 100, 55.05) == 2 and limit.blocks == 2  # it goes on: blocked again,
+    assert limit.blocked == {FLOOD: 65.05}  # twice as long
+    limit.expire(65.05)
+    assert _sent(limit, FLOOD, 100, 65.1) == 2 and limit.blocked == {FLOOD: 85.1}  # and so on
+    limit.expire(85.1)
+    assert _sent(limit, FLOOD, 100, 85.1 + 61) == 2 and limit.blocked == {
+        FLOOD: 151.1
+    }  # after a quiet minute
+    lengths = []
+    until = limit.blocked[FLOOD]
+    for _ in range(8):  # it goes on flooding as each block ends: up to 5 minutes
+        limit.expire(until)
+        _sent(limit, FLOOD, 100, until)
+        lengths.append(round(limit.blocked[FLOOD] - until))
+        until = limit.blocked[FLOOD]
+    assert lengths == [10, 20, 40, 80, 160, 300, 300, 300]
     never = SourceLimit(10)  # --source-block-seconds 0
     assert _sent(never, FLOOD, 1000, 1.0) == 2 and never.blocked == {} and not never.changed
 
