@@ -24,6 +24,9 @@ datagrams over a connected socket at a fixed rate.
    ``--phone-rate`` without a flood, then once per kind while one source floods at FACTOR × capacity
    (starting 1 s before the phones' run, ending after it; ``--rest`` s between kinds, longer than a block).
 
+3. A digest brute force (``--brute-force`` s): a registrar with ``--auth-file``; one address answers alice's
+   challenge with guesses as fast as the answers come while her honest phone authenticates every 200 guesses.
+
 Per row: the honest phones' p50/p99/max and failures (no 200 within 2 s; the generator never retransmits), the
 flood's rate reached, what it got back (answers by code), what the process dropped itself
 (``midregistrar_messages_dropped_total``) and what the kernel dropped on the socket (``/proc/net/udp``: the
@@ -46,12 +49,12 @@ from typing import Any
 
 from bench.poisson_bench import KAMAILIO_CFG, Target, build_generator, generator_argv, loadavg, run_generator
 from bench.poisson_bench import source_state as poisson_source_state
-from tests.support.flood import KINDS, Flooder
+from tests.support.flood import KINDS, DigestPhone, Flooder
 from tests.support.kamailio import Kamailio
 from tests.support.ports import free_port, udp_drops
 from tests.support.process import tree_cpu_seconds
 from tests.support.registrar import Registrar, metric
-from tests.support.sip import LOOPBACK
+from tests.support.sip import LOOPBACK, status_code
 from tests.support.sipp import ensure_sip_tools
 
 PHONES_IP = "127.0.0.3"
@@ -229,6 +232,61 @@ def flood_row(
     return row
 
 
+def brute_force(work: Path, seconds: float) -> str:
+    """One address guessing alice's password as fast as the answers come, against ``--auth-file``; her
+    honest phone authenticating every 200 guesses meanwhile. The figures as one line."""
+    (work / "users").write_text("alice:right\n")
+    kam = Kamailio(KAMAILIO_CFG, children=2, workdir=work / "kam-brute")
+    kam.start()
+    reg = Registrar(
+        (LOOPBACK, kam.port),
+        mode="contact",
+        transports=("udp",),
+        extra=[
+            "--outgoing-expires",
+            "3600",
+            "--auth-file",
+            str(work / "users"),
+            "--auth-realm",
+            "example.test",
+        ],
+        workdir=work / "mid-brute",
+    )
+    try:
+        reg.start()
+        honest, attacker = DigestPhone(reg.addr, "127.0.0.21"), DigestPhone(reg.addr, "127.0.0.22")
+        for phone in (honest, attacker):
+            if status_code(phone.register()) != 200:
+                raise RuntimeError("registration through the main registrar failed")
+        honest.authenticate("right")
+        nonce = attacker.nonce()
+        sent = honest_ok = honest_tries = 0
+        checked: dict[int, float] = {}
+        start = time.monotonic()
+        while (elapsed := time.monotonic() - start) < seconds:
+            attacker.register(f"guess{sent}", nonce)
+            sent += 1
+            if sent % 200 == 0:
+                honest_tries += 1
+                honest_ok += honest.authenticate("right") == 200
+            for mark in (10, 30):
+                if mark not in checked and elapsed >= mark:
+                    checked[mark] = metric(reg.metrics(), "midregistrar_auth_failures")
+        m = reg.metrics()
+        return (
+            f"{seconds:g} s of guesses from one address: {sent:,} sent ({sent / seconds:,.0f}/s, each after "
+            f"the last one's answer); checked (wrong answers counted) by 10 s: {checked.get(10, 0):.0f}, by "
+            f"30 s: {checked.get(30, 0):.0f}, by {seconds:g} s: "
+            f"{metric(m, 'midregistrar_auth_failures'):.0f}; "
+            f"answered 503 unchecked: {metric(m, 'midregistrar_auth_refused', reason='source'):,.0f}; the "
+            f"honest phone of that user: {honest_ok} / {honest_tries} authenticated; log lines: "
+            f"{reg.log().count('digest brute force')}"
+        )
+    finally:
+        reg.stop()
+        kam.stop()
+
+
 HEADER = (
     "| variant | flood | offered/s | reached/s | honest 200s / sent | honest p50 / p99 / max ms "
     "| flood answered | dropped in process | dropped by kernel | sources blocked | registrar CPU s "
@@ -265,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--senders", type=int, default=1, help="flooding processes, all from the one address")
     ap.add_argument("--rest", type=float, default=12.0, help="pause between floods, s (a block lasts 10 s)")
     ap.add_argument("--generator", help="a poissongen binary (default: build or reuse the cached one)")
+    ap.add_argument("--brute-force", type=float, default=60.0, help="seconds of digest guessing (0: none)")
     # what bench.poisson_bench's generator_argv reads
     ap.add_argument("--expires", type=int, default=300)
     ap.add_argument("--warmup-rate", type=float, default=500.0)
@@ -314,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
             rig.reg.stop()
             rig.kam.stop()
     (work / "rows.json").write_text(json.dumps(rows, indent=2))
+    brute = brute_force(work, args.brute_force) if args.brute_force else ""
+    print(brute, flush=True)
     command = f"{sys.executable} -m bench.flood_bench {shlex.join(sys.argv[1:] if argv is None else argv)}"
     out = [
         "### Floods",
@@ -336,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     out += [HEADER, RULE, *[fmt(r) for r in rows], ""]
     out += ["Commands:", "", *sorted({f"- `{r['flood_command']}`" for r in rows if r["flood_command"]})]
     out += [f"- phones: `{rows[0]['honest_command']}`" if rows else ""]
+    if brute:
+        out += ["", f"Digest brute force (`--auth-file`, `--auth-failure-limit` 5): {brute}."]
     print("\n".join(out))
     print(f"\nwork dir (JSON per row): {work}")
     return 0

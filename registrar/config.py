@@ -205,9 +205,9 @@ class Settings(BaseModel):
         10.0,
         ge=0,
         description="A source sending ten times --source-rate-limit within one second is blocked this long "
-        "by a kernel socket filter on the UDP sockets (its datagrams then cost nothing), then counted afresh; "
-        "twice as long each time it is blocked again within a minute, up to 5 min (0 = never block: drop its "
-        "messages one by one).",
+        "by a kernel socket filter on the UDP sockets (its datagrams then cost nothing), then counted "
+        "afresh; twice as long each time it is blocked again within a minute, up to 5 min (0 = never block: "
+        "drop its messages one by one).",
     )
     trusted_sources: list[str] = Field(
         default_factory=lambda: ["127.0.0.0/8", "::1/128"],

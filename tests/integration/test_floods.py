@@ -19,14 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from registrar.core import digest
 from registrar.net import kernel_filter
-from tests.support.flood import Flooder
+from tests.support.flood import DigestPhone, Flooder
 from tests.support.kamailio import Kamailio
 from tests.support.phones import Fleet
 from tests.support.ports import udp_drops
 from tests.support.registrar import Registrar, metric
-from tests.support.sip import LOOPBACK, ipv6_loopback, options, sip_request, status_code, udp_exchange
+from tests.support.sip import LOOPBACK, ipv6_loopback, options, sip_request, status_code
 from tests.support.stats import percentile
 
 pytestmark = pytest.mark.integration
@@ -262,44 +261,6 @@ def test_the_main_registrar_is_never_limited(tmp_path: Path) -> None:
         reg.stop()
 
 
-class Phone:
-    """A raw UDP phone of alice on its own loopback address: registers through the main registrar, then
-    refreshes on that flow (absorbed, so the local digest gate answers)."""
-
-    def __init__(self, reg: Registrar, source: str) -> None:
-        self.reg = reg
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind((source, 0))
-        self.local = self.sock.getsockname()[:2]
-        self.call_id = f"alice-{source}"
-        self.cseq = 1
-        self.contact = f"<sip:alice@{source}:{self.local[1]}>;expires=300"
-
-    def register(self, password: str | None = None, nonce: str | None = None) -> bytes | None:
-        self.cseq += 1
-        headers = [("Contact", self.contact)]
-        if password is not None:
-            challenge = {"realm": "example.test", "nonce": nonce or "", "qop": "auth"}
-            creds = digest.Credentials("example.test", "alice", password)
-            answer = digest.authorization(challenge, creds, "REGISTER", "sip:example.test", f"c{self.cseq}")
-            headers.append(("Authorization", answer))
-        msg = sip_request(
-            "REGISTER", "sip:example.test", self.local, headers=headers, call_id=self.call_id,
-            cseq=self.cseq, from_uri="sip:alice@example.test", from_tag="a", to_uri="sip:alice@example.test",
-        )  # fmt: skip
-        return udp_exchange(self.reg.addr, msg, timeout=3, sock=self.sock)
-
-    def nonce(self) -> str:
-        reply = self.register()
-        assert status_code(reply) == 401, reply
-        m = re.search(rb'nonce="([^"]+)"', reply or b"")
-        assert m is not None
-        return m.group(1).decode()
-
-    def authenticate(self, password: str) -> int | None:
-        return status_code(self.register(password, self.nonce()))
-
-
 @pytest.mark.usefixtures("sip_tools")
 def test_a_digest_brute_force_is_slowed_counted_and_logged(tmp_path: Path) -> None:
     kam = Kamailio(KAMAILIO_CFG, children=2, workdir=tmp_path / "kam").start()
@@ -315,7 +276,8 @@ def test_a_digest_brute_force_is_slowed_counted_and_logged(tmp_path: Path) -> No
     try:
         reg.start()
         phones = {
-            name: Phone(reg, f"127.0.0.{n}") for name, n in (("honest", 21), ("attacker", 22), ("new", 23))
+            name: DigestPhone(reg.addr, f"127.0.0.{n}")
+            for name, n in (("honest", 21), ("attacker", 22), ("new", 23))
         }
         for phone in phones.values():
             assert (

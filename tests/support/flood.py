@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import random
+import re
 import resource
 import socket
 import subprocess
@@ -27,7 +28,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from registrar.core import digest
 from tests.support import REPO
+from tests.support.sip import sip_request, status_code, udp_exchange
 
 KINDS = ("register", "options", "garbage")
 BATCH = 64
@@ -129,6 +132,45 @@ def flood(
         "answers": answers,
         "cpu_seconds": round(cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime, 3),
     }
+
+
+class DigestPhone:
+    """A raw UDP phone of alice (realm example.test) on its own loopback address: registers through the main
+    registrar, then refreshes on that flow (absorbed, so the local digest gate answers); a brute forcer is one
+    answering with guesses."""
+
+    def __init__(self, target: tuple[str, int], source: str) -> None:
+        self.target = target
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((source, 0))
+        self.local = self.sock.getsockname()[:2]
+        self.call_id = f"alice-{source}"
+        self.cseq = 1
+        self.contact = f"<sip:alice@{source}:{self.local[1]}>;expires=300"
+
+    def register(self, password: str | None = None, nonce: str | None = None) -> bytes | None:
+        self.cseq += 1
+        headers = [("Contact", self.contact)]
+        if password is not None:
+            challenge = {"realm": "example.test", "nonce": nonce or "", "qop": "auth"}
+            creds = digest.Credentials("example.test", "alice", password)
+            answer = digest.authorization(challenge, creds, "REGISTER", "sip:example.test", f"c{self.cseq}")
+            headers.append(("Authorization", answer))
+        msg = sip_request(
+            "REGISTER", "sip:example.test", self.local, headers=headers, call_id=self.call_id,
+            cseq=self.cseq, from_uri="sip:alice@example.test", from_tag="a", to_uri="sip:alice@example.test",
+        )  # fmt: skip
+        return udp_exchange(self.target, msg, timeout=3, sock=self.sock)
+
+    def nonce(self) -> str:
+        reply = self.register()
+        assert status_code(reply) == 401, reply
+        m = re.search(rb'nonce="([^"]+)"', reply or b"")
+        assert m is not None
+        return m.group(1).decode()
+
+    def authenticate(self, password: str) -> int | None:
+        return status_code(self.register(password, self.nonce()))
 
 
 @dataclass
