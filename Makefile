@@ -86,6 +86,7 @@ bench: install sip-tools etcd cluster-rig metrics-rig node-tools node-rig image 
 	$(PY) -m bench.autoscaling_bench --runs 3
 	$(PY) -m bench.tls_bench
 	$(PY) -m bench.tls_memory --connections 5000
+	$(PY) -m bench.flood_bench
 	# Fuzzing (tests/fuzz): 10 million inputs per target where that fits in time (mutation engine), and
 	# coverage-guided (atheris) runs boxed in time; each exits 1 on a crash or a hang over 100 ms.
 	$(PY) -m tests.fuzz.run etcd --runs 10000000
