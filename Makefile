@@ -86,6 +86,7 @@ bench: install sip-tools etcd cluster-rig metrics-rig node-tools node-rig image 
 	$(PY) -m bench.autoscaling_bench --runs 3
 	$(PY) -m bench.tls_bench
 	$(PY) -m bench.tls_memory --connections 5000
+	$(PY) -m bench.flood_bench
 	# Fault runs (tests/faults): every fault in both modes with 50 phones per registrar, history-checked.
 	$(PY) -m tests.faults.run --phones 50 --json bench/results/faults.json
 	# Fuzzing (tests/fuzz): 10 million inputs per target where that fits in time (mutation engine), and

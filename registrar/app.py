@@ -116,7 +116,7 @@ class Registrar:
             self._handoff_task = asyncio.get_running_loop().create_task(self._watch_handoff_keys())
         elif self.etcd is not None:
             log.warning("no --handoff-key-file: hand-offs between processes are trusted by source address")
-        self.server = SipServer(self.settings, self.stack, self.core)
+        self.server = SipServer(self.settings, self.stack, self.core, exempt=self._member_host)
         await self.server.start()
         if self.etcd is not None:
             await self.etcd.start(self.internal_address())
@@ -132,6 +132,7 @@ class Registrar:
                     lambda: self.ready,
                     self.server.tls.stats,
                     self._connections,
+                    lambda: self.server.sources if self.server is not None else None,
                 )
             )
             app = make_app(registry, lambda: self.ready, self.aor_view)
@@ -189,6 +190,18 @@ class Registrar:
     def _connections(self) -> tuple[dict[str, int], Admission]:
         assert self.server is not None
         return self.server.connection_counts(), self.server.admission
+
+    def _member_host(self, host: str) -> bool:
+        """Whether ``host`` is another registrar process's (hand-offs are never rate-limited by source)."""
+        if self.etcd is None:
+            return False
+        for address in self.etcd.members.values():
+            try:
+                if Listen.parse(address).host == host:
+                    return True
+            except ValueError:  # a foreign member value: not ours to trust
+                continue
+        return False
 
     def _store_stats(self) -> StoreStats:
         assert self.etcd is not None

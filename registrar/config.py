@@ -193,6 +193,28 @@ class Settings(BaseModel):
         description="Stream connections a process accepts at once from one IP address; beyond, new ones from "
         "it are closed at once and counted (0 = no limit). Raise it for phones behind a carrier-grade NAT.",
     )
+    source_rate_limit: int = Field(
+        500,
+        ge=0,
+        description="Messages per second one source address may send (UDP datagrams, and messages over its "
+        "stream connections), counted before any parsing; beyond, they are dropped unanswered and counted "
+        "(0 = no limit). Never applies to --trusted-sources, the main registrar or the other registrar "
+        "processes.",
+    )
+    source_block_seconds: float = Field(
+        10.0,
+        ge=0,
+        description="A source sending ten times --source-rate-limit within one second is blocked this long "
+        "by a kernel socket filter on the UDP sockets (its datagrams then cost nothing), then counted "
+        "afresh; twice as long each time it is blocked again within a minute, up to 5 min (0 = never block: "
+        "drop its messages one by one).",
+    )
+    trusted_sources: list[str] = Field(
+        default_factory=lambda: ["127.0.0.0/8", "::1/128"],
+        description="Addresses or CIDR networks that --source-rate-limit never limits: an SBC or "
+        "carrier-grade NAT sending many phones from one address (default: loopback, a PBX in the same pod). "
+        "Comma-separated or repeated; an empty value trusts none.",
+    )
     new_connection_timeout: float = Field(
         30.0,
         gt=0,
@@ -265,6 +287,14 @@ class Settings(BaseModel):
         None, description="user:password file: digest-authenticate REGISTERs before absorbing them."
     )
     auth_realm: str = Field("midregistrar", description="Realm of the local digest challenge.")
+    auth_failure_limit: int = Field(
+        5,
+        ge=0,
+        description="Wrong digest answers from one source address, or for one user, before the local gate "
+        "refuses further attempts with 503 and Retry-After for a back-off window (2 s, doubling while it "
+        "goes on, up to 5 min); while a user is in back-off each source may still try once per window "
+        "(0 = no back-off).",
+    )
     main_credentials: list[str] = Field(
         default_factory=list, description="realm:user:password answering challenges to De-REGISTERs; repeat."
     )
@@ -343,6 +373,21 @@ class Settings(BaseModel):
         for item in value or []:
             if isinstance(item, str) and item.count(":") < 2:
                 raise ValueError(f"credentials {item.split(':')[0]!r}… must look like realm:user:password")
+        return value
+
+    @field_validator("trusted_sources", mode="before")
+    @classmethod
+    def _parse_trusted(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list):
+            items = [part.strip() for v in value for part in str(v).split(",") if part.strip()]
+            for item in items:
+                try:
+                    ipaddress.ip_network(item.strip("[]"), strict=False)
+                except ValueError:
+                    raise ValueError(f"{item!r} is not an IP address or CIDR network") from None
+            return items
         return value
 
     @field_validator("etcd_endpoints", mode="before")

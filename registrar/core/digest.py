@@ -7,6 +7,7 @@ timestamp under a per-process secret, so verifying one needs no state.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import hmac
 from dataclasses import dataclass
@@ -39,6 +40,13 @@ def _split(text: str) -> list[str]:
             start = i + 1
     parts.append(text[start:])
     return [p for p in parts if p.strip()]
+
+
+class Verdict(enum.Enum):
+    OK = "ok"
+    MISSING = "missing"
+    STALE = "stale"
+    WRONG = "wrong"
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,19 +101,26 @@ class DigestGate:
     def challenge(self, now: float) -> str:
         return f'Digest realm="{self.realm}", nonce="{self.nonce(now)}", qop="auth", algorithm=MD5'
 
-    def _nonce_ok(self, nonce: str, now: float) -> bool:
+    def _nonce_age(self, nonce: str, now: float) -> float | None:
+        """Seconds since we issued ``nonce``; None when we did not issue it."""
         stamp, _, mac = nonce.partition(".")
         try:
             issued = int(stamp, 16)
         except ValueError:
-            return False
+            return None
         good = hmac.new(self.secret, stamp.encode(), hashlib.sha256).hexdigest()[:24]
-        return hmac.compare_digest(good, mac) and 0 <= now - issued <= self.nonce_ttl
+        return now - issued if hmac.compare_digest(good, mac) else None
 
     def verify(self, header: str | None, method: str, to_user: str, now: float) -> bool:
         """True when the header answers our challenge with the right password for the To user."""
+        return self.check(header, method, to_user, now) is Verdict.OK
+
+    def check(self, header: str | None, method: str, to_user: str, now: float) -> Verdict:
+        """What the Authorization header is worth: OK; MISSING (none: challenge it); STALE (our nonce, past
+        its lifetime: an honest phone that waited, challenged afresh); WRONG (anything else: a wrong
+        password, another user, a forged nonce: what a brute force sends, counted by the gate)."""
         if not header:
-            return False
+            return Verdict.MISSING
         fields = parse_challenge(header)
         username = fields.get("username", "")
         password = self.passwords.get(username)
@@ -114,9 +129,13 @@ class DigestGate:
             or password is None
             or username != to_user
             or fields.get("realm") != self.realm
-            or not self._nonce_ok(fields.get("nonce", ""), now)
         ):
-            return False
+            return Verdict.WRONG
+        nonce = self._nonce_age(fields.get("nonce", ""), now)
+        if nonce is None:
+            return Verdict.WRONG
+        if not 0 <= nonce <= self.nonce_ttl:
+            return Verdict.STALE
         ha1 = _md5(f"{username}:{self.realm}:{password}")
         ha2 = _md5(f"{method}:{fields.get('uri', '')}")
         if fields.get("qop") == "auth":
@@ -125,7 +144,7 @@ class DigestGate:
             )
         else:
             expected = _md5(f"{ha1}:{fields['nonce']}:{ha2}")
-        return hmac.compare_digest(expected, fields.get("response", ""))
+        return Verdict.OK if hmac.compare_digest(expected, fields.get("response", "")) else Verdict.WRONG
 
 
 def load_passwords(path: str) -> dict[str, str]:
@@ -143,4 +162,4 @@ def load_passwords(path: str) -> dict[str, str]:
     return out
 
 
-__all__ = ["Credentials", "DigestGate", "authorization", "load_passwords", "parse_challenge"]
+__all__ = ["Credentials", "DigestGate", "Verdict", "authorization", "load_passwords", "parse_challenge"]

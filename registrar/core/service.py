@@ -16,7 +16,7 @@ from functools import partial
 from registrar.config import Settings
 from registrar.core import digest
 from registrar.core.expiry import Expiry
-from registrar.core.gate import Gate, RateLimiter
+from registrar.core.gate import AuthBackoff, Gate, RateLimiter
 from registrar.core.refresh import RefreshTemplates
 from registrar.core.registration import Registration
 from registrar.core.routing import Routing
@@ -50,7 +50,16 @@ class MidRegistrar:
         self.state = CoreState(settings, stack, store, rng or random.Random(), main_uri, main_peer)
         limiter = RateLimiter(settings.register_rate_limit) if settings.register_rate_limit else None
         self.expiry = Expiry(self.state, credentials or [])
-        absorb_gate = Gate(gate, limiter) if gate is not None or limiter is not None else None
+        backoff = (
+            AuthBackoff(settings.auth_failure_limit)
+            if gate is not None and settings.auth_failure_limit
+            else None
+        )
+        absorb_gate = (
+            Gate(gate, limiter, backoff, self.state.stats)
+            if gate is not None or limiter is not None
+            else None
+        )
         self.templates = RefreshTemplates(self.state, limiter, gate is not None, settings.refresh_templates)
         self.registration = Registration(self.state, self.expiry, self.handle, absorb_gate, self.templates)
         self.routing = Routing(self.state)

@@ -39,6 +39,8 @@ class CoreStats:
     handoffs: int = 0  # requests handed to the process holding the phone's flow
     handoffs_refused: int = 0  # hand-off headers not trusted (bad MAC, stale, unknown sender): ignored
     lookups: dict[str, int] = field(default_factory=dict)
+    auth_failures: int = 0  # wrong answers to the local digest challenge (registrar.core.gate)
+    auth_refused: dict[str, int] = field(default_factory=dict)  # "source"/"user" in back-off → refused
 
 
 @dataclass(eq=False)

@@ -11,8 +11,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from registrar.core.gate import REFUSED
 from registrar.core.state import CoreStats
-from registrar.net.limits import REFUSALS, TIMEOUTS, Admission
+from registrar.net.limits import DROPS, REFUSALS, TIMEOUTS, Admission, SourceLimit
 from registrar.net.tls import TlsStats
 from registrar.sip.stack import StackStats
 
@@ -41,7 +42,9 @@ class EngineCollector(Collector):
         ready: Callable[[], bool] | None = None,
         tls_stats: TlsStats | None = None,
         connections: Callable[[], tuple[dict[str, int], Admission]] | None = None,
+        sources: Callable[[], SourceLimit | None] | None = None,
     ) -> None:
+        self.sources = sources
         self.stack_stats = stack_stats
         self.ready = ready
         self.tls_stats = tls_stats
@@ -176,6 +179,7 @@ class EngineCollector(Collector):
             for phase in TIMEOUTS:
                 timed_out.add_metric([phase], admission.timed_out[phase])
             yield timed_out
+        yield from self._floods()
         if self.tls_stats is not None:
             t = self.tls_stats
             failures = CounterMetricFamily(
@@ -211,6 +215,49 @@ class EngineCollector(Collector):
                 "Largest wall-clock offset to a live peer process, as their member keys show it",
                 value=st.clock_skew,
             )
+
+    def _floods(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        """The per-source message limit and the digest gate's back-off (docs/operations.md "Floods")."""
+        c = self.core_stats
+        yield CounterMetricFamily(
+            "midregistrar_auth_failures",
+            "Wrong answers to the local digest challenge (wrong password, unknown user, forged nonce)",
+            value=c.auth_failures,
+        )
+        refused = CounterMetricFamily(
+            "midregistrar_auth_refused",
+            "REGISTERs answered 503 unchecked: their source, or their user, in back-off after wrong answers",
+            labels=["reason"],
+        )
+        for reason in REFUSED:
+            refused.add_metric([reason], c.auth_refused.get(reason, 0))
+        yield refused
+        limit = self.sources() if self.sources is not None else None
+        if limit is None:
+            return
+        dropped = CounterMetricFamily(
+            "midregistrar_messages_dropped",
+            "Messages dropped unparsed and unanswered (source_rate: over --source-rate-limit)",
+            labels=["reason"],
+        )
+        for reason in DROPS:
+            dropped.add_metric([reason], limit.dropped[reason])
+        yield dropped
+        yield CounterMetricFamily(
+            "midregistrar_sources_limited",
+            "Source addresses that went over --source-rate-limit, once per second each",
+            value=limit.limited,
+        )
+        yield CounterMetricFamily(
+            "midregistrar_sources_blocked",
+            "Sources blocked by the kernel socket filter for --source-block-seconds (ten times the rate)",
+            value=limit.blocks,
+        )
+        yield GaugeMetricFamily(
+            "midregistrar_sources_tracked",
+            "Source addresses counted in the current second (bounded)",
+            value=limit.tracked(),
+        )
 
 
 def make_app(

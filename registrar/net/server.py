@@ -25,12 +25,14 @@ from typing import Protocol
 from aiohttp import WSMsgType, web
 
 from registrar.config import Listen, Settings, Transport
-from registrar.net.limits import Admission
+from registrar.net import kernel_filter
+from registrar.net.limits import BLOCK_FACTOR, Admission, SourceLimit, parse_networks
 from registrar.net.tls import HANDSHAKE_TIMEOUT, TlsContexts, describe_failure
 from registrar.sip.framing import PING, PONG, FramingError, StreamFramer
 from registrar.sip.stack import Event, LocalAddress, Stack
 from registrar.sip.transaction import Timers
-from registrar.sip.transport import Peer, ip_reference
+from registrar.sip.transport import Peer, ip_reference, peer_for_uri
+from registrar.sip.uri import parse_uri
 
 log = logging.getLogger("midregistrar.net")
 
@@ -46,6 +48,7 @@ SEND_BATCH = 8
 # after 1, 3 and 7 s): the next hop is not there. Its transactions fail with 503 rather than at Timer B/F.
 CONNECT_TIMEOUT = 10.0
 MAX_WS_MESSAGE = 65536  # a SIP message larger than this is refused with the connection
+MAIN_RESOLVE_INTERVAL = 60.0  # seconds between look-ups of a main registrar given by name (never limited)
 
 
 class Application(Protocol):
@@ -112,7 +115,15 @@ class _Conn:
 class SipServer:
     """Listens on every configured socket and drives one stack."""
 
-    def __init__(self, settings: Settings, stack: Stack, app: Application) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        stack: Stack,
+        app: Application,
+        exempt: Callable[[str], bool] | None = None,
+    ) -> None:
+        """``exempt(host)``: whether a source is one of this registrar's own (another process handing over
+        requests); asked only of a source over --source-rate-limit."""
         self.settings = settings
         self.stack = stack
         self.app = app
@@ -137,6 +148,20 @@ class SipServer:
         self._accepting: list[asyncio.Task[None]] = []
         self.admission = Admission(settings.max_connections, settings.max_connections_per_source)
         self._refused_logged = 0.0
+        self._exempt = exempt
+        self._main_hosts: set[str] = set()  # the main registrar's (and outbound proxy's) addresses
+        self._main_task: asyncio.Task[None] | None = None
+        self.sources = SourceLimit(
+            settings.source_rate_limit,
+            parse_networks(settings.trusted_sources),
+            settings.source_block_seconds,
+            self._own_source,
+        )
+        self._block_task: asyncio.Task[None] | None = None
+        self._kernel_filter = True  # until the kernel refuses one
+        self._filtered: set[str] = set()  # the sources the kernel filter now drops
+        # None when off: the hot path then skips the call altogether.
+        self._allow = self.sources.allow if settings.source_rate_limit else None
         self._ws_sockets: dict[int, socket.socket] = {}  # listen index -> the WebSocket server's socket
         self._ws_runners: list[web.AppRunner] = []
 
@@ -174,6 +199,10 @@ class SipServer:
                 )
                 self._servers.append(server)
         self._idle_task = self.loop.create_task(self._close_idle())
+        if self._allow is not None and await self._resolve_main():
+            self._main_task = self.loop.create_task(self._watch_main())
+        if self._allow is not None and self.settings.source_block_seconds:
+            self._block_task = self.loop.create_task(self._lift_blocks())
         if self.tls.server is not None:
             self._tls_task = self.loop.create_task(self._watch_certificate())
 
@@ -204,6 +233,10 @@ class SipServer:
             self._idle_task.cancel()
         if self._tls_task is not None:
             self._tls_task.cancel()
+        if self._main_task is not None:
+            self._main_task.cancel()
+        if self._block_task is not None:
+            self._block_task.cancel()
         for task in self._accepting:
             task.cancel()
         for sock in self._tls_listeners.values():
@@ -222,8 +255,12 @@ class SipServer:
     # ------------------------------------------------------------------------------------ input
 
     def datagram(self, data: bytes, addr: tuple[str, int], index: int) -> None:
-        peer = Peer("udp", addr[0], addr[1], None, index)
         now = time.time()
+        allow = self._allow
+        if allow is not None and not allow(addr[0], now):
+            self._dropped(now)  # a flood's: before any parsing, unanswered
+            return
+        peer = Peer("udp", addr[0], addr[1], None, index)
         self._held += 1
         if not self._shortcut(data, peer, now):  # a repeated refresh is answered from its template
             self.stack.receive(data, peer, now)
@@ -239,8 +276,12 @@ class SipServer:
             self.flush()
 
     def stream_data(self, conn: _Conn, data: bytes) -> None:
-        conn.last_activity = self.now
+        conn.last_activity = now = self.now
+        allow = self._allow
         for item in conn.framer.feed(data):
+            if allow is not None and not isinstance(item, FramingError) and not allow(conn.peer.host, now):
+                self._dropped(now)  # over the source's rate: the message (or keep-alive) is not looked at
+                continue
             if item is PING:
                 conn.transport.write(PONG)  # RFC 5626 keep-alive
             elif isinstance(item, FramingError):
@@ -452,6 +493,9 @@ class SipServer:
         """One SIP message of a message-framed connection (WebSocket)."""
         now = self.now
         conn.last_activity = now
+        if self._allow is not None and not self._allow(conn.peer.host, now):
+            self._dropped(now)
+            return
         if not data.strip(b"\r\n"):
             return  # a keep-alive
         conn.used = True
@@ -524,6 +568,85 @@ class SipServer:
             else:
                 log.warning("%d connections open: refusing new ones (--max-connections)", len(self._conns))
         return True
+
+    def _dropped(self, now: float) -> None:
+        """A message over --source-rate-limit was dropped: a log line now and then, never one per message;
+        a source just blocked is filtered in the kernel from now on."""
+        sources = self.sources
+        if sources.changed:
+            self._filter(sources.take_blocked())
+        line = sources.report(now)
+        if line is not None:
+            log.warning("%s", line)
+
+    def _filter(self, blocked: list[str] | None) -> None:
+        """Put the blocked sources in every UDP socket's kernel filter (none: take the filter off)."""
+        if blocked is None or not self._kernel_filter:
+            return
+        for transport in self._udp.values():
+            sock = transport.get_extra_info("socket")
+            if sock is None:
+                continue
+            try:
+                if blocked:
+                    kernel_filter.attach(sock, blocked)
+                else:
+                    kernel_filter.detach(sock)
+            except (OSError, ValueError, TypeError) as exc:
+                self._kernel_filter = False  # dropped one by one from now on
+                log.warning("cannot filter blocked sources in the kernel (%s): dropping them here", exc)
+                return
+        new = [host for host in blocked if host not in self._filtered]
+        self._filtered = set(blocked)
+        if new:  # one line per block, however many datagrams it then keeps out
+            now = self.now
+            until = self.sources.blocked
+            log.warning(
+                "blocking %s in the kernel: %d× --source-rate-limit within one second",
+                ", ".join(f"{h} for {until.get(h, now) - now:.0f} s" for h in new[:5])
+                + (f" and {len(new) - 5} more" if len(new) > 5 else ""),
+                BLOCK_FACTOR,
+            )
+
+    async def _lift_blocks(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self.sources.expire(self.now)
+            self._filter(self.sources.take_blocked())
+
+    def _own_source(self, host: str) -> bool:
+        """The main registrar (its addresses as last resolved) or another registrar process."""
+        if host.startswith("::ffff:"):  # an IPv4 source on a dual-stack socket
+            host = host[7:]
+        return host in self._main_hosts or (self._exempt is not None and self._exempt(host))
+
+    async def _resolve_main(self) -> bool:
+        """Look up the main registrar's and the outbound proxy's addresses; True when one is a name (to be
+        looked up again now and then: its addresses may change)."""
+        hosts: set[str] = set()
+        named = False
+        for uri in (self.settings.main_registrar, self.settings.main_proxy):
+            if not uri:
+                continue
+            host = peer_for_uri(parse_uri(uri)).host
+            if self._is_ip(host):
+                hosts.add(host)
+                continue
+            named = True
+            try:
+                infos = await self.loop.getaddrinfo(host, None, type=socket.SOCK_DGRAM)
+            except OSError as exc:
+                log.warning("cannot resolve the main registrar %s: %s", host, exc)
+                hosts |= self._main_hosts  # keep what was known
+                continue
+            hosts |= {str(info[4][0]) for info in infos}
+        self._main_hosts = hosts
+        return named
+
+    async def _watch_main(self) -> None:
+        while True:
+            await asyncio.sleep(MAIN_RESOLVE_INTERVAL)
+            await self._resolve_main()
 
     def connection_counts(self) -> dict[str, int]:
         """Open connections by transport (tcp, tls, ws, wss)."""

@@ -11,6 +11,7 @@ repository's root (pytest's ``pythonpath``, or ``python -m bench.<name>``).
 - ``sip``, ``sipp``, ``kamailio``, ``registrar``, ``phones``, ``cluster``: SIP peers and the ``midregistrar``
   process on loopback, alone or several sharing one etcd; ``scenarios/`` holds the SIPp scenarios and
   ``main_registrar.cfg`` the Kamailio main registrar.
+- ``flood``: one flooding host (UDP datagrams from one source address at a fixed rate), as a process.
 - ``controlplane``, ``helm``, ``node``, ``e2e``: a Kubernetes control plane on loopback, the helm binary, a real
   node in a network namespace, and what the end-to-end tests on that node share.
 """

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from registrar.http.app import EngineCollector, StoreStats
-from registrar.net.limits import Admission
+from registrar.net.limits import Admission, SourceLimit
 from registrar.net.tls import TlsStats
 from tests.unit.corekit import Core
 
@@ -43,6 +43,7 @@ def _exported_metrics() -> frozenset[str]:
         ready=lambda: True,
         tls_stats=TlsStats(),
         connections=lambda: ({}, Admission(0, 0)),
+        sources=lambda: SourceLimit(500),
     )
     suffixes = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
     return frozenset(f"{fam.name}{suffix}" for fam in collector.collect() for suffix in suffixes[fam.type])
