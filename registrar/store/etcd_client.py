@@ -116,6 +116,17 @@ class EtcdCompacted(EtcdError):
 _UNAVAILABLE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
+def _never_sent(exc: BaseException) -> bool:
+    """gRPC could not connect to the endpoint at all: the request never reached etcd (safe to send again)."""
+    if isinstance(exc, grpc.aio.AioRpcError):
+        text = f"{exc.code().name} {exc.details() or ''}".lower()
+    else:
+        text = str(exc).lower()
+    return "unavailable" in text and (
+        "failed to connect" in text or "connections to all backends failing" in text
+    )
+
+
 def _map_error(exc: BaseException, what: str) -> EtcdError:
     """Sort a library/gRPC error into unavailable vs other, keeping the original as ``__cause__``."""
     if isinstance(exc, EtcdError):
@@ -514,13 +525,18 @@ class EtcdClient:
         which then resumes elsewhere, instead of keeping it open with no events."""
         return (("hasleader", "true"), *(self._metadata or ()))
 
-    async def _call(self, what: str, fn: Callable[[], Awaitable[Any]]) -> Any:
-        """Run one library call with the error mapping, re-logging in once on an expired token."""
+    async def _call(self, what: str, fn: Callable[[], Awaitable[Any]], *, reads: bool = False) -> Any:
+        """Run one library call with the error mapping, re-logging in once on an expired token.
+
+        When the endpoint fails and the client moves to the next one, the call is sent there once more if
+        that cannot do harm: it only ``reads``, or it never left (no connection to the endpoint). An etcd
+        member stopped for an upgrade then costs no call at all."""
         if self._channel is None:
             raise EtcdUnavailable(f"{what}: not connected")
         if self._username is not None and time.monotonic() - self._token_at > self._token_refresh:
             await self._login()
-        for attempt in (1, 2):
+        moved = False
+        for attempt in (1, 2, 3):
             used = self._current
             try:
                 return await fn()
@@ -534,6 +550,9 @@ class EtcdClient:
                 err = _map_error(exc, what)
                 if isinstance(err, EtcdUnavailable):
                     self._fail_over(used, err)
+                    if not moved and self._current != used and (reads or _never_sent(exc)):
+                        moved = True
+                        continue
                 raise err from exc
         raise AssertionError("unreachable")
 
@@ -553,7 +572,7 @@ class EtcdClient:
 
     async def get(self, key: bytes) -> KeyValue | None:
         """The key, or None when absent (linearizable: sees every write acknowledged before it)."""
-        resp = await self._call("get", lambda: self.kv.get(key, timeout=self.timeout))
+        resp = await self._call("get", lambda: self.kv.get(key, timeout=self.timeout), reads=True)
         return KeyValue._from_pb(resp.kvs[0]) if resp.kvs else None
 
     async def get_prefix(
@@ -581,7 +600,7 @@ class EtcdClient:
                 timeout=self.timeout,
             )
 
-        resp = await self._call("range", call)
+        resp = await self._call("range", call, reads=True)
         return RangeResult(
             [KeyValue._from_pb(kv) for kv in resp.kvs], resp.header.revision, resp.more, resp.count
         )
@@ -633,7 +652,8 @@ class EtcdClient:
                 max_attempts=1,
             )
 
-        resp = await self._call("txn", call)
+        reads = all(o.kind is _OpKind.GET for o in (*success_ops, *failure_ops))
+        resp = await self._call("txn", call, reads=reads)
         results: list[OpResult] = []
         for r in resp.responses:
             kind = r.WhichOneof("response")
@@ -656,7 +676,9 @@ class EtcdClient:
 
     async def revision(self) -> int:
         """The store's current revision."""
-        resp = await self._call("revision", lambda: self.kv.get(b"\0", count_only=True, timeout=self.timeout))
+        resp = await self._call(
+            "revision", lambda: self.kv.get(b"\0", count_only=True, timeout=self.timeout), reads=True
+        )
         return int(resp.header.revision)
 
     # -- leases
@@ -711,7 +733,9 @@ class EtcdClient:
             return False
         t = timeout or self.timeout
         try:
-            await self._call("health", lambda: self.kv.get(key, count_only=True, timeout=t, max_attempts=1))
+            await self._call(
+                "health", lambda: self.kv.get(key, count_only=True, timeout=t, max_attempts=1), reads=True
+            )
         except EtcdError:
             return False
         return True
