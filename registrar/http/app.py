@@ -107,7 +107,7 @@ class EngineCollector(Collector):
             tasks = len(asyncio.all_tasks())
         except RuntimeError:  # collected outside the event loop (a test reading the registry directly)
             pass
-        else:  # a task left behind per request would show here as growth: the soak (bench.soak_bench) reads it
+        else:  # a task left behind per request shows here as growth (bench.soak_bench reads it)
             yield GaugeMetricFamily(
                 "midregistrar_asyncio_tasks", "asyncio tasks not yet done in the event loop", value=tasks
             )
