@@ -75,7 +75,7 @@ from tests.support import REPO
 from tests.support.etcd import EtcdServer, find_etcd_binary
 from tests.support.kamailio import KamailioMain
 from tests.support.ports import free_port, udp_drops
-from tests.support.process import process_tree
+from tests.support.process import cpu_seconds, process_tree
 from tests.support.registrar import Registrar, metric, metrics
 from tests.support.sip import LOOPBACK
 from tests.support.stats import percentile
@@ -497,12 +497,17 @@ class Sampler:
         self.t0 = time.monotonic()
 
     async def keys(self, prefix: str) -> dict[str, int]:
+        """Keys under ``prefix`` by kind, all counted at one revision (a head and its binding are written and
+        deleted together, so heads = bindings for AoRs of one binding)."""
         p = prefix.encode()
+        first = await self.client.get_prefix(p + b"aor/", limit=1, keys_only=True)
 
         async def count(sub: bytes) -> int:
-            return (await self.client.get_prefix(p + sub, limit=1, keys_only=True)).count
+            page = await self.client.get_prefix(p + sub, limit=1, keys_only=True, revision=first.revision)
+            return page.count
 
-        aor, ctid, claims, members = [await count(s) for s in (b"aor/", b"ctid/", b"claims/", b"members/")]
+        aor = first.count
+        ctid, claims, members = [await count(s) for s in (b"ctid/", b"claims/", b"members/")]
         return {"heads": aor - ctid, "bindings": ctid, "claims": claims, "members": members}
 
     async def take(self, phase: str) -> dict[str, float]:
@@ -728,6 +733,48 @@ def run_soak(cfg: SoakConfig) -> SoakResult:
     return result
 
 
+async def _ramp(cfg: SoakConfig, member: Member, gen: str, rates: list[float], seconds: float) -> list[str]:
+    reg = member.registrar
+    stable = Stable(gen, reg.addr, f"{member.name}.soak", cfg, cfg.workdir / member.name / "poissongen")
+    await stable.register(partial(_bindings_held, reg))
+    rows = [
+        "| offered/s | sent | 200 | lost | achieved/s | p50 / p99 / max ms | CPU µs/REG | result |",
+        "|---|" * 8,
+    ]
+    for rate in rates:
+        stable.rate = rate
+        cpu0 = cpu_seconds(reg.pid)
+        await stable.refresh_until(time.monotonic() + seconds, time.monotonic())
+        run = stable.runs[-1]
+        cpu = (cpu_seconds(reg.pid) - cpu0) / max(1, run["ok"]) * 1e6
+        lat = run["latency_ms"]
+        ok = run["lost"] == 0 and run["ok"] == run["sent"] and (run["achieved_rate"] or 0) >= 0.95 * rate
+        rows.append(
+            f"| {rate:,.0f} | {run['sent']:,} | {run['ok']:,} | {run['lost']:,} | {run['achieved_rate']} | "
+            f"{lat.get('p50', 0):.2f} / {lat.get('p99', 0):.2f} / {lat.get('max', 0):.1f} | {cpu:.0f} | "
+            f"{'pass' if ok else 'FAIL'} |"
+        )
+        print(rows[-1], flush=True)
+        if not ok:
+            break
+        await asyncio.sleep(40)  # the last run's transactions linger 32 s: each step starts from idle
+    return rows
+
+
+def ramp(cfg: SoakConfig, mode: str, rates: list[float], seconds: float) -> list[str]:
+    """The maximum rate of one process of ``mode`` (etcd store, Kamailio as main, ``cfg.users`` phones
+    registered): one poissongen run per rate, up to the first that loses an answer or misses the rate."""
+    gen = build_generator()
+    cfg.workdir.mkdir(parents=True, exist_ok=True)
+    cfg.modes, cfg.processes = (mode,), 1
+    with _signals_stop(), contextlib.ExitStack() as stack:
+        etcd = EtcdServer(cfg.workdir / "etcd", extra_args=["--quota-backend-bytes", str(8 << 30)])
+        stack.callback(etcd.stop)
+        etcd.start()
+        (dep,) = start_deployments(cfg, etcd, stack)
+        return asyncio.run(_ramp(cfg, dep.members[0], gen, rates, seconds))
+
+
 # ------------------------------------------------------------------------------------------ output
 
 
@@ -851,6 +898,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--leave-share", type=float, default=d.leave_share, help="share that De-REGISTER")
     ap.add_argument("--workdir", type=Path, default=d.workdir, help="process logs and data")
     ap.add_argument("--out", type=Path, help="CSV of the samples (default bench/results/soak-<time>.csv)")
+    ap.add_argument("--ramp", choices=["contact", "aor"], help="instead of the soak: find the mode's maximum")
+    ap.add_argument("--ramp-rates", default="1000,2000,3000,4000,5000,6000,8000,10000")
+    ap.add_argument("--ramp-seconds", type=float, default=15.0)
     args = ap.parse_args(argv)
     cfg = SoakConfig(
         duration=args.duration, warmup=args.warmup, interval=args.interval,
@@ -862,6 +912,12 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     command = " ".join(["python -m bench.soak_bench", *(argv if argv is not None else sys.argv[1:])])
     print(f"{command}: {json.dumps({k: str(v) for k, v in asdict(cfg).items()})}", flush=True)
+    if args.ramp:
+        rates = [float(x) for x in args.ramp_rates.split(",")]
+        rows = ramp(cfg, args.ramp, rates, args.ramp_seconds)
+        print(f"\n`{command}` — {os.cpu_count()} cores (shared), at {source_state()}\n")
+        print("\n".join(rows))
+        return 0
     result = run_soak(cfg)
     print(report(result, command))
     if result.csv_path is not None:
