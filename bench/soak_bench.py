@@ -416,7 +416,12 @@ class Stable:
             argv = [*self.argv(), "-rate", str(self.rate), "-duration", f"{seconds:.3f}"]
             argv += ["-first-user", str(self.first_user)]
             start = time.monotonic() - t0
-            rep = await self._run(argv, seconds + 60)
+            try:
+                rep = await self._run(argv, seconds + 60)
+            except (RuntimeError, ValueError, TimeoutError) as exc:  # noted; the next run goes on
+                self.runs.append({"t_start": round(start, 1), "error": str(exc)[:300], "sent": 0, "ok": 0})
+                await asyncio.sleep(1)
+                continue
             m = rep["measured"]
             self.runs.append(
                 {
@@ -431,6 +436,15 @@ class Stable:
                     "generator_cpu_us": m.get("generator_cpu_us_per_send"),
                 }
             )
+            if not self.cfg.quiet:
+                r = self.runs[-1]
+                lat = r["latency_ms"]
+                print(
+                    f"  {self.domain} t={r['t_start']:.0f}-{r['t_end']:.0f}s sent {r['sent']} ok {r['ok']} "
+                    f"other {r['other']} lost {r['lost']} p50/p99/max "
+                    f"{lat.get('p50', 0):.2f}/{lat.get('p99', 0):.2f}/{lat.get('max', 0):.1f} ms",
+                    flush=True,
+                )
 
 
 # ------------------------------------------------------------------------------------------ deployment
@@ -493,7 +507,8 @@ class Sampler:
         self.etcd = etcd
         self.deps = deps
         self.client = client
-        self.rows: list[dict[str, float]] = []
+        self.rows: list[dict[str, Any]] = []
+        self.errors: Counter[str] = Counter()
         self.t0 = time.monotonic()
 
     async def keys(self, prefix: str) -> dict[str, int]:
@@ -510,7 +525,16 @@ class Sampler:
         ctid, claims, members = [await count(s) for s in (b"ctid/", b"claims/", b"members/")]
         return {"heads": aor - ctid, "bindings": ctid, "claims": claims, "members": members}
 
-    async def take(self, phase: str) -> dict[str, float]:
+    async def _read(self, what: str, fn: Callable[[], Any]) -> Any:
+        """One blocking read (HTTP, kamcmd, etcdctl) in a thread; None when it fails or takes over 10 s (a
+        process too busy to answer its /metrics is a finding, not a reason to stop the soak)."""
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(fn), 10.0)
+        except Exception as exc:  # any failure of one read is noted and the sample goes on
+            self.errors[f"{what}: {type(exc).__name__}"] += 1
+            return None
+
+    async def take(self, phase: str) -> dict[str, Any]:
         now = time.monotonic()
         row: dict[str, Any] = {"t": round(now - self.t0, 2), "phase": phase, "load1": os.getloadavg()[0]}
         for dep in self.deps:
@@ -518,18 +542,30 @@ class Sampler:
             before: list[tuple[int, int]] = []
             for m in dep.members:
                 pid = m.registrar.pid
-                mets = await asyncio.to_thread(metrics, LOOPBACK, m.registrar.http_port)
+                mets = await self._read(
+                    f"{m.name} /metrics", partial(metrics, LOOPBACK, m.registrar.http_port)
+                )
                 row[f"{m.name}.rss_mib"] = round(rss_mib(pid), 2)
                 row[f"{m.name}.fds"] = fd_count(pid)
-                row[f"{m.name}.tasks"] = metric(mets, "midregistrar_asyncio_tasks")
-                row[f"{m.name}.bindings"] = metric(mets, "midregistrar_bindings")
-                row[f"{m.name}.leases"] = metric(mets, "midregistrar_etcd_leases")
-                row[f"{m.name}.transactions"] = metric(mets, "midregistrar_transactions_active")
+                for col, name in (
+                    ("tasks", "midregistrar_asyncio_tasks"),
+                    ("bindings", "midregistrar_bindings"),
+                    ("cached_aors", "midregistrar_aors"),
+                    ("leases", "midregistrar_etcd_leases"),
+                    ("transactions", "midregistrar_transactions_active"),
+                    ("store_503s", "midregistrar_store_unavailable"),
+                    ("etcd_calls", "midregistrar_etcd_calls"),
+                ):
+                    row[f"{m.name}.{col}"] = None if mets is None else metric(mets, name)
                 row[f"{m.name}.udp_drops"] = udp_drops(m.registrar.port)
                 if m.stable is not None and m.stable.warmup:
                     stable += self.cfg.users
                 before.append(m.churn.expected(time.monotonic()) if m.churn else (0, 0))
-            keys = await self.keys(dep.prefix)
+            try:
+                keys: dict[str, int | None] = dict(await asyncio.wait_for(self.keys(dep.prefix), 10.0))
+            except Exception as exc:
+                self.errors[f"{dep.mode} etcd keys: {type(exc).__name__}"] += 1
+                keys = dict.fromkeys(("heads", "bindings", "claims", "members"))
             end = time.monotonic()
             lo = hi = 0
             for m, (a, b) in zip(dep.members, before, strict=True):  # bounds over the time the counts took
@@ -539,15 +575,15 @@ class Sampler:
                 row[f"{dep.mode}.keys_{k}"] = v
             row[f"{dep.mode}.expected_lo"] = stable + lo
             row[f"{dep.mode}.expected_hi"] = stable + hi
-            _, contacts = await asyncio.to_thread(dep.kam.location_size)
-            row[f"{dep.mode}.kamailio_contacts"] = contacts
+            size = await self._read(f"{dep.mode} kamcmd", dep.kam.location_size)
+            row[f"{dep.mode}.kamailio_contacts"] = None if size is None else size[1]
             row[f"{dep.mode}.kamailio_pss_mib"] = round(pss_mib(dep.kam.pid), 2)
         assert self.etcd.pid is not None
         row["etcd.rss_mib"] = round(rss_mib(self.etcd.pid), 2)
-        status = await asyncio.to_thread(self.etcd.etcdctl, "endpoint", "status", "-w", "json")
-        st = json.loads(status)[0]["Status"]
-        row["etcd.db_mib"] = round(st.get("dbSize", 0) / 2**20, 2)
-        row["etcd.db_in_use_mib"] = round(st.get("dbSizeInUse", 0) / 2**20, 2)
+        status = await self._read("etcdctl", partial(self.etcd.etcdctl, "endpoint", "status", "-w", "json"))
+        st = json.loads(status)[0]["Status"] if status else {}
+        row["etcd.db_mib"] = round(st["dbSize"] / 2**20, 2) if "dbSize" in st else None
+        row["etcd.db_in_use_mib"] = round(st["dbSizeInUse"] / 2**20, 2) if "dbSizeInUse" in st else None
         self.rows.append(row)
         return row
 
@@ -581,10 +617,13 @@ def trends(rows: list[dict[str, Any]], after: float) -> list[Trend]:
         return []
     out = []
     for name in rows[0]:
-        if name in ("t", "phase") or not all(isinstance(r.get(name), int | float) for r in window):
+        if name in ("t", "phase"):
             continue
-        ts = [float(r["t"]) for r in window]
-        ys = [float(r[name]) for r in window]
+        points = [(float(r["t"]), float(r[name])) for r in window if isinstance(r.get(name), int | float)]
+        if len(points) < 3:
+            continue
+        ts = [t for t, _ in points]
+        ys = [y for _, y in points]
         per_hour = fit(ts, ys) * 3600
         mean = statistics.fmean(ys)
         pct = per_hour / mean * 100 if mean else None
@@ -603,6 +642,7 @@ class SoakResult:
     stable: dict[str, list[dict[str, Any]]]
     stable_warmup: dict[str, dict[str, Any]]
     registrar_commands: list[str]
+    sample_errors: dict[str, int] = field(default_factory=dict)  # reads that failed or took over 10 s
     csv_path: Path | None = None
 
     def churn_created(self, member: str) -> int:
@@ -690,6 +730,7 @@ async def drive(cfg: SoakConfig, etcd: EtcdServer, deps: list[Deployment], gen: 
         stable={m.name: m.stable.runs for m in members if m.stable},
         stable_warmup={m.name: m.stable.warmup for m in members if m.stable},
         registrar_commands=[m.registrar.command for m in members],
+        sample_errors=dict(sampler.errors),
     )
 
 
@@ -698,7 +739,10 @@ def _bindings_held(registrar: Registrar) -> int:
 
 
 def _brief(row: dict[str, Any]) -> str:
-    keep = ("rss_mib", "fds", "tasks", "keys_bindings", "expected_lo", "expected_hi", "kamailio_contacts")
+    keep = (
+        "rss_mib", "fds", "tasks", "keys_bindings", "expected_lo", "expected_hi", "kamailio_contacts",
+        "cached_aors", "store_503s",
+    )  # fmt: skip
     return " ".join(f"{k}={v}" for k, v in row.items() if k.endswith(keep) or k.startswith("etcd.rss"))
 
 
@@ -797,6 +841,7 @@ def write_results(r: SoakResult) -> Path:
         "stable_runs": r.stable,
         "baseline": r.baseline,
         "final": r.final,
+        "sample_errors": r.sample_errors,
     }
     out.with_suffix(".json").write_text(json.dumps(summary, indent=1))
     return out
@@ -829,7 +874,9 @@ def report(r: SoakResult, command: str) -> str:
         "| phones | REGISTERs | 200 | other answers | lost | success | p50 / p99 / max ms |",
         "|---|---|---|---|---|---|---|",
     ]
-    for name, runs in r.stable.items():
+    for name, all_runs in r.stable.items():
+        runs = [x for x in all_runs if "error" not in x]
+        failed_runs = len(all_runs) - len(runs)
         sent = sum(x["sent"] for x in runs)
         ok = sum(x["ok"] for x in runs)
         lost = sum(x["lost"] for x in runs)
@@ -840,8 +887,9 @@ def report(r: SoakResult, command: str) -> str:
         p99s = [x["latency_ms"].get("p99", 0) for x in runs]
         mx = max((x["latency_ms"].get("max", 0) for x in runs), default=0)
         lines.append(
-            f"| {name} stable, {len(runs)} poissongen runs | {sent:,} | {ok:,} | {dict(other) or '–'} | "
-            f"{lost} | "
+            f"| {name} stable, {len(runs)} poissongen runs"
+            f"{f' ({failed_runs} failed)' if failed_runs else ''} | {sent:,} | {ok:,} | "
+            f"{dict(other) or '–'} | {lost} | "
             f"{ok / max(1, sent) * 100:.4f} % | {p50:.2f} / {statistics.median(p99s) if p99s else 0:.2f} "
             f"(worst run {max(p99s, default=0):.2f}) / {mx:.1f} |"
         )
@@ -860,6 +908,8 @@ def report(r: SoakResult, command: str) -> str:
             f"| {name} churn phones | joined {s.joined:,}, left {s.left:,}, vanished {s.vanished:,}, "
             f"failed {s.failed} | | | | | |"
         )
+    if r.sample_errors:
+        lines += ["", f"Reads that failed or took over 10 s while sampling: {r.sample_errors}"]
     lines += ["", "| idle, before and after | " + " | ".join(("baseline", "final")) + " |", "|---|---|---|"]
     for k in r.final:
         if k in ("t", "phase", "load1") or k.endswith(("udp_drops", "transactions")):
