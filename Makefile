@@ -81,6 +81,8 @@ bench: install sip-tools etcd cluster-rig metrics-rig node-tools node-rig image 
 	$(PY) -m bench.memory_bench --contacts 100000 --mode contact
 	$(PY) -m bench.etcd_bench
 	$(PY) -m bench.cluster_bench all
+	# The soak: one hour at half the maximum rate, etcd store, churn; slopes of RSS, fds, tasks, etcd keys.
+	$(PY) -m bench.soak_bench
 	$(PY) -m bench.operator_bench
 	$(PY) -m bench.node_bench
 	$(PY) -m bench.autoscaling_bench --runs 3

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -106,6 +107,14 @@ class EngineCollector(Collector):
         yield GaugeMetricFamily(
             "midregistrar_transactions_active", "Live SIP transactions", value=self.active_transactions()
         )
+        try:
+            tasks = len(asyncio.all_tasks())
+        except RuntimeError:  # collected outside the event loop (a test reading the registry directly)
+            pass
+        else:  # a task left behind per request shows here as growth (bench.soak_bench reads it)
+            yield GaugeMetricFamily(
+                "midregistrar_asyncio_tasks", "asyncio tasks not yet done in the event loop", value=tasks
+            )
         c = self.core_stats
         registers = CounterMetricFamily("midregistrar_registers", "REGISTER outcomes", labels=["outcome"])
         registers.add_metric(["relayed"], c.registers_relayed)
