@@ -783,7 +783,7 @@ async def _ramp(cfg: SoakConfig, member: Member, gen: str, rates: list[float], s
     await stable.register(partial(_bindings_held, reg))
     rows = [
         "| offered/s | sent | 200 | lost | achieved/s | p50 / p99 / max ms | CPU µs/REG | result |",
-        "|---|" * 8,
+        "|" + "---|" * 8,
     ]
     for rate in rates:
         stable.rate = rate
