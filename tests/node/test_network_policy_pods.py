@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import json
 import random
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -164,7 +165,9 @@ def registrar_ips(kube: Kube) -> list[str]:
 
 @pytest.fixture(scope="module")
 def enforcing(node: Node, platform: dict[str, float]) -> Iterator[PolicyAgent]:
+    t0 = time.monotonic()
     agent = PolicyAgent(node).start()
+    print(f"kube-network-policies enforcing {time.monotonic() - t0:.1f} s after its start")
     yield agent
     agent.stop()
 
