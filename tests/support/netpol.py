@@ -15,7 +15,8 @@ agent listening, new connections to pods are dropped, so :meth:`PolicyAgent.stop
 The agent only knows the in-cluster configuration (a service account token and CA under
 ``/var/run/secrets/kubernetes.io/serviceaccount``, the API server from ``KUBERNETES_SERVICE_HOST``): it runs
 in a mount namespace of its own with a tmpfs on ``/run`` where that directory links to the rig's, so nothing
-is written to the host's ``/run``.
+is written to the host's ``/run``. Its NRI plugin finds no NRI socket there and stops (v0.8.0 starts it
+whatever ``--disable-nri`` says); the pods' addresses then come from the API server alone.
 """
 
 from __future__ import annotations
