@@ -132,7 +132,7 @@ image: install node-tools ## Build the registrar, operator, etcd and example PBX
 	bash scripts/build-images.sh all
 
 .PHONY: node-rig
-node-rig: node-tools ## Build (once, cached) kubelet, kube-proxy, CoreDNS and pause for the node tier of the tests
+node-rig: node-tools ## Build (once, cached) kubelet, kube-proxy, CoreDNS, pause and kube-network-policies for the node tier of the tests
 	bash scripts/k8s-rig.sh node
 	bash scripts/build-images.sh pause
 

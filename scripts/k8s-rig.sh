@@ -8,8 +8,9 @@
 #   scripts/k8s-rig.sh check      check that the Go proxy serves k8s.io/kubernetes and every staging module
 #   scripts/k8s-rig.sh etcd       build (or reuse) only the etcd binary; prints its path on the last line
 #   scripts/k8s-rig.sh node       also build what a real node runs (tests/node): kubelet and kube-proxy from the
-#                                 same scratch module, CoreDNS, and the pause binary compiled from the
-#                                 k8s.io/kubernetes module's build/pause/linux/pause.c
+#                                 same scratch module, CoreDNS, the pause binary compiled from the
+#                                 k8s.io/kubernetes module's build/pause/linux/pause.c, and SIG Network's
+#                                 kube-network-policies (the agent that makes the node enforce NetworkPolicies)
 #
 # The control plane itself (PKI, etcd, processes on loopback) is started by the pytest session fixture in
 # tests/cluster/conftest.py through tests/support/controlplane.py, which calls `build` first when needed.
@@ -26,6 +27,8 @@ BINDIR="$CACHE/k8s/$K8S_VERSION"
 COMPONENTS=(kube-apiserver kube-controller-manager kube-scheduler)
 NODE_COMPONENTS=(kubelet kube-proxy)
 COREDNS_VERSION="${COREDNS_VERSION:-v1.15.0}"
+# The NetworkPolicy agent of the node tier (nftables + nfqueue, beside any CNI): tests/support/netpol.py.
+KNP_VERSION="${KNP_VERSION:-v0.8.0}"
 NICE="${RIG_NICE:-nice -n 10}"
 
 log() { printf '[k8s-rig] %s\n' "$*" >&2; }
@@ -208,6 +211,27 @@ build_coredns() {
     mv "$BINDIR/coredns.tmp" "$BINDIR/coredns"
 }
 
+build_network_policies() {
+    # One binary of its own version beside the node's; the stamp makes a changed KNP_VERSION build anew.
+    local bin="$BINDIR/kube-network-policies"
+    if [[ -x "$bin" && "$(cat "$bin.version" 2>/dev/null)" == "$KNP_VERSION" ]]; then
+        log "kube-network-policies $KNP_VERSION cached"
+        return 0
+    fi
+    mkdir -p "$BINDIR"
+    log "building kube-network-policies $KNP_VERSION (CGO_ENABLED=0, slow cold)"
+    local start tmp
+    start=$(date +%s)
+    tmp="$(mktemp -d)"
+    # Its main package is .../cmd, so go installs it as "cmd".
+    CGO_ENABLED=0 GOFLAGS=-buildvcs=false GOBIN="$tmp" $NICE go install -trimpath -ldflags "-s -w" \
+        "sigs.k8s.io/kube-network-policies/cmd@$KNP_VERSION"
+    mv "$tmp/cmd" "$bin"
+    rm -rf "$tmp"
+    echo "$KNP_VERSION" >"$bin.version"
+    log "kube-network-policies built in $(($(date +%s) - start)) s"
+}
+
 build_pause() {
     if [[ -x "$BINDIR/pause" ]]; then
         log "pause cached"
@@ -252,6 +276,7 @@ node)
     build_k8s "${NODE_COMPONENTS[@]}"
     build_coredns
     build_pause
+    build_network_policies
     log "node rig ready in $(($(date +%s) - t0)) s: $(du -sh "$BINDIR" | cut -f1) in $BINDIR"
     echo "$BINDIR"
     ;;

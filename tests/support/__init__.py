@@ -14,6 +14,7 @@ repository's root (pytest's ``pythonpath``, or ``python -m bench.<name>``).
 - ``flood``: one flooding host (UDP datagrams from one source address at a fixed rate), as a process.
 - ``controlplane``, ``helm``, ``node``, ``e2e``: a Kubernetes control plane on loopback, the helm binary, a real
   node in a network namespace, and what the end-to-end tests on that node share.
+- ``netpol``: kube-network-policies on that node, so that it enforces NetworkPolicies.
 """
 
 from pathlib import Path

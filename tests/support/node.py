@@ -319,6 +319,10 @@ class Node:
     def ns(self, *argv: str, check: bool = True, timeout: float = 60) -> str:
         return run(*_nsenter(self.netns, argv), check=check, timeout=timeout)
 
+    def in_netns(self, argv: Sequence[str]) -> list[str]:
+        """`argv` run in the node's network namespace (for a process started beside the node)."""
+        return _nsenter(self.netns, argv)
+
     def claim(self) -> None:
         """Record what teardown will have to undo and start the guardian, before anything is changed."""
         workdir = Path(tempfile.mkdtemp(prefix="midreg-node-"))

@@ -56,7 +56,11 @@ def aor_view(host: str, port: int, aor: str) -> dict[str, Any] | None:
 
 def metrics(host: str, port: int) -> dict[str, float]:
     """GET /metrics, Prometheus text → {'name{labels}': value} (labels as written)."""
-    _, body = http_get(host, port, "/metrics")
+    return parse_metrics(http_get(host, port, "/metrics")[1])
+
+
+def parse_metrics(body: str) -> dict[str, float]:
+    """Prometheus text → {'name{labels}': value} (for a body fetched elsewhere: from inside a pod)."""
     out: dict[str, float] = {}
     for line in body.splitlines():
         if not line or line.startswith("#"):
