@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -197,6 +198,8 @@ def run_stall(cfg: StallConfig) -> StallResult:
         workdir=cfg.workdir,
         quiet=True,
     )
+    # a fresh etcd: a previous run's bindings (same Call-IDs, higher CSeqs) would refuse these phones' 400
+    shutil.rmtree(cfg.workdir / "etcd", ignore_errors=True)
     with contextlib.ExitStack() as stack:
         etcd = EtcdServer(cfg.workdir / "etcd")
         stack.callback(etcd.stop)

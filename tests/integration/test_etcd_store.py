@@ -27,7 +27,7 @@ from registrar.config import Settings
 from registrar.records import AorRecord, Binding, MainMeta
 from registrar.sip.transport import Peer
 from registrar.store.base import Pending, StoreUnavailable, aor_key, ctid_key
-from registrar.store.etcd import EtcdStore
+from registrar.store.etcd import FETCH_BACKLOG, EtcdStore
 from registrar.store.etcd_client import EtcdClient
 from tests.support.etcd import EtcdServer, etcd_server
 from tests.support.etcd_cluster import EtcdCluster
@@ -645,6 +645,37 @@ def test_a_stall_is_answered_from_memory_while_the_member_lease_runs(etcd_server
             more = current.copy()
             more.bindings[99] = binding(99, now + 60)
             assert await write(a, ra, more, current) is True
+        finally:
+            await a.close()
+
+    run(main())
+
+
+def test_reads_queued_are_bounded_and_the_rest_answered_503_at_once(etcd_server: EtcdServer) -> None:
+    """A burst of AoRs not in memory (every phone of a restarted process refreshing at once) queues at most
+    ``FETCH_BACKLOG`` reads; the next miss raises ``StoreUnavailable`` (503 with Retry-After: the phone comes
+    back) instead of parking a request and a task more, and is counted. A miss already queued stays Pending,
+    and once the queue drains, reads are taken again."""
+
+    async def main() -> None:
+        prefix = new_prefix()
+        a, ra = await started(etcd_server, prefix, "a")
+        try:
+            names = [f"burst{i}@example.com" for i in range(FETCH_BACKLOG + 5)]
+            for name in names[:FETCH_BACKLOG]:
+                with pytest.raises(Pending):
+                    a.load(name)
+            with pytest.raises(Pending):
+                a.load(names[0])  # already queued: waits with the others
+            for name in names[FETCH_BACKLOG:]:
+                with pytest.raises(StoreUnavailable, match="queued"):
+                    a.load(name)
+            with pytest.raises(StoreUnavailable, match="queued"):
+                a.find_ctid(424242)
+            assert a.fetches_refused == 6
+            assert a.available, "a full queue is no outage"
+            await ra.wait(lambda: len(ra.ready) >= FETCH_BACKLOG, timeout=30, what="the queue drained")
+            assert await load(a, ra, names[-1]) is None  # taken now: an AoR etcd does not hold
         finally:
             await a.close()
 
