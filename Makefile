@@ -83,6 +83,9 @@ bench: install sip-tools etcd cluster-rig metrics-rig node-tools node-rig image 
 	$(PY) -m bench.cluster_bench all
 	# The soak: one hour at half the maximum rate, etcd store, churn; slopes of RSS, fds, tasks, etcd keys.
 	$(PY) -m bench.soak_bench
+	# etcd paused 3 s (then 10 s) under 4,300 refreshes/s: what is answered, what it costs afterwards.
+	$(PY) -m bench.stall_bench --json bench/results/stall-3s.json
+	$(PY) -m bench.stall_bench --stall 10 --json bench/results/stall-10s.json
 	$(PY) -m bench.operator_bench
 	$(PY) -m bench.node_bench
 	$(PY) -m bench.autoscaling_bench --runs 3

@@ -409,15 +409,22 @@ class Stable:
                 return
         raise RuntimeError(f"registering the stable phones of {self.target} failed: {self.warmup}")
 
+    def refresh_argv(self, seconds: float) -> list[str]:
+        """One run of refreshes at ``rate`` for ``seconds``, going on from where the last run stopped."""
+        argv = [*self.argv(), "-rate", str(self.rate), "-duration", f"{seconds:.3f}"]
+        return [*argv, "-first-user", str(self.first_user)]
+
+    async def refresh(self, seconds: float) -> dict[str, Any]:
+        """poissongen's report of one :meth:`refresh_argv` run."""
+        return await self._run(self.refresh_argv(seconds), seconds + 60)
+
     async def refresh_until(self, t_end: float, t0: float) -> None:
         """poissongen runs of ``chunk`` s until monotonic ``t_end``."""
         while (left := t_end - time.monotonic()) > 1.0:
             seconds = min(self.cfg.chunk, left)
-            argv = [*self.argv(), "-rate", str(self.rate), "-duration", f"{seconds:.3f}"]
-            argv += ["-first-user", str(self.first_user)]
             start = time.monotonic() - t0
             try:
-                rep = await self._run(argv, seconds + 60)
+                rep = await self.refresh(seconds)
             except (RuntimeError, ValueError, TimeoutError) as exc:  # noted; the next run goes on
                 self.runs.append({"t_start": round(start, 1), "error": str(exc)[:300], "sent": 0, "ok": 0})
                 await asyncio.sleep(1)

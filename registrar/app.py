@@ -206,7 +206,14 @@ class Registrar:
     def _store_stats(self) -> StoreStats:
         assert self.etcd is not None
         etcd = self.etcd
-        return StoreStats(etcd.calls, etcd.available, etcd.pool.live, len(etcd.members), etcd.registry.skew())
+        return StoreStats(
+            etcd.calls,
+            etcd.available,
+            etcd.pool.live,
+            len(etcd.members),
+            etcd.registry.skew(),
+            etcd.fetches_refused,
+        )
 
     async def aor_view(self, aor: str) -> dict[str, Any] | None:
         """``GET /v1/aors/{aor}``: from the store's memory, fetched first when it must be."""

@@ -47,8 +47,7 @@ class Expiry:
             state.park(wait.key, partial(self._expire, aor, ctids))
             return
         except StoreUnavailable:
-            for ctid in ctids:
-                state.schedule.at(aor, ctid, now + 1.0)  # looked at again until the store is back
+            self._later(aor, ctids, now)
             return
         if record is None:
             return
@@ -68,7 +67,16 @@ class Expiry:
             del left.bindings[binding.ctid]
         # The write's compare-and-swap makes this process the only sender (T58); on a conflict, look again.
         send = partial(self._expired, record, left, gone, now)
-        state.commit(aor, left, record, now, send, partial(self._expire, aor, [b.ctid for b in gone]))
+        ctids = [b.ctid for b in gone]
+        try:
+            state.commit(aor, left, record, now, send, partial(self._expire, aor, ctids))
+        except StoreUnavailable:  # read from memory while etcd is away, but a removal must be written
+            self._later(aor, ctids, now)
+
+    def _later(self, aor: str, ctids: list[int], now: float) -> None:
+        """Look at these bindings again in a second, until the store can take their removal."""
+        for ctid in ctids:
+            self.state.schedule.at(aor, ctid, now + 1.0)
 
     def _expired(self, record: AorRecord, left: AorRecord, gone: list[Binding], now: float) -> None:
         state = self.state

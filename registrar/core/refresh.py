@@ -209,14 +209,17 @@ class RefreshTemplates:
             return False  # over its rate: the pipeline answers 503 (the bucket stays empty for it)
         updated = record.copy()
         updated.bindings[ctid] = refreshed(binding, seq, q, life, paths, user_agent, now)
-        state.commit(
-            aor,
-            updated,
-            record,
-            now,
-            partial(self._reply, template, answer_to, branch, number, from_tag, updated, now),
-            partial(self._again, key, data, peer),
-        )
+        try:
+            state.commit(
+                aor,
+                updated,
+                record,
+                now,
+                partial(self._reply, template, answer_to, branch, number, from_tag, updated, now),
+                partial(self._again, key, data, peer),
+            )
+        except StoreUnavailable:
+            return False  # it must be written and etcd cannot be reached: the pipeline answers 503
         return True
 
     def _reply(

@@ -9,6 +9,7 @@ an absorbed REGISTER must pass). This module applies them to the stack's events 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import replace
@@ -284,4 +285,5 @@ class Registration:
             return
         cleared = record.copy()
         cleared.meta = replace(record.meta, relay_until=None)
-        self.state.commit(aor, cleared, record, now)
+        with contextlib.suppress(StoreUnavailable):  # the answer went out already; the mark lapses alone
+            self.state.commit(aor, cleared, record, now)

@@ -28,6 +28,7 @@ class StoreStats:
     leases: int
     members: int
     clock_skew: float = 0.0  # s: the largest clock offset to a live peer (registrar/store/members.py)
+    reads_refused: int = 0  # AoR reads not queued (registrar/store/etcd.py FETCH_BACKLOG): answered 503
 
 
 class EngineCollector(Collector):
@@ -216,6 +217,11 @@ class EngineCollector(Collector):
             )
             yield GaugeMetricFamily(
                 "midregistrar_etcd_up", "1 while etcd is reachable", value=int(st.available)
+            )
+            yield CounterMetricFamily(
+                "midregistrar_etcd_reads_refused",
+                "Requests answered 503 because the etcd reads queued had reached their bound",
+                value=st.reads_refused,
             )
             yield GaugeMetricFamily("midregistrar_etcd_leases", "Binding leases held", value=st.leases)
             yield GaugeMetricFamily("midregistrar_members", "Live registrar processes seen", value=st.members)

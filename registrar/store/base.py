@@ -12,7 +12,8 @@ needs the network (etcd) answers from its own memory when it can and otherwise t
   with :meth:`StoreListener.store_committed`. On a conflict the backend has already dropped its stale copy:
   the core decides again from scratch.
 - Any of them raise :class:`StoreUnavailable` while the backend cannot reach its data: the core answers
-  503 with Retry-After and never guesses.
+  503 with Retry-After and never guesses. A backend may answer reads from memory while it cannot write
+  (etcd during an outage), so ``commit``/``delete`` may raise it after ``load`` answered.
 
 Records are :class:`AorRecord` values; a commit replaces the whole AoR (``old`` is the record as loaded,
 whose ``version`` is the revision the write compares against).

@@ -15,10 +15,16 @@ composition of single-job parts:
 
 This class holds what ties them together: the fetches and writes in flight, the watch on the whole prefix
 (it invalidates cached AoRs changed elsewhere and feeds the registry and the orphan watch) and the health
-loop. Every call has a deadline; on ``EtcdUnavailable`` the store turns unavailable (``StoreUnavailable``)
-until the health loop sees etcd again, then drops its cache and registers again. A write takes the
-caller's ``now`` (the core's clock decides what may stay unwritten); reads and the background loops take
-wall-clock time from ``clock``.
+loop. Every call has a deadline; on ``EtcdUnavailable`` the store turns unavailable until the health loop
+sees etcd again and registers this member again. While unavailable it answers from memory for as long as
+this member's lease surely runs in etcd (peers still count the process live, so nothing it holds can have
+been taken over): cached AoRs read as before and a change that needs no write (the owner's absorbed
+refresh) is made, exactly as at steady state; a fetch, and any change that must be written, raise
+``StoreUnavailable`` (503). Past the lease, everything does. The cache outlives the outage: the watch resumes
+from its last revision, so the changes made meanwhile drop what they touched (a compacted history drops it
+all), and a stall costs no fetch of every AoR afterwards. Reads in flight are bounded (``FETCH_BACKLOG``):
+past it a miss is answered 503 at once rather than parked. A write takes the caller's ``now`` (the core's
+clock decides what may stay unwritten); reads and the background loops take wall-clock time from ``clock``.
 """
 
 from __future__ import annotations
@@ -76,6 +82,12 @@ from registrar.store.overlay import Overlay, WritePlan, plan_commit
 log = logging.getLogger(__name__)
 
 WATCH_SETTLE = 2.0  # s after the watch (re)connects during which its member puts may be a replayed backlog
+# Memory answers while etcd cannot, until this long before this member's lease may have run out in etcd.
+LEASE_MARGIN = 1.0
+# AoR and contact-id reads queued or in flight at most (64 of them run at once): past it, an AoR or contact id
+# not in memory is answered 503 at once. A read takes ~1-2 ms, so the queue is well under a second long, and a
+# burst (every phone of a restarted process) cannot pile up tasks, parked transactions and memory.
+FETCH_BACKLOG = 1024
 
 __all__ = ["EtcdStore"]
 
@@ -125,6 +137,8 @@ class EtcdStore:
         self.orphans = OrphanWatch(self._orphans_found)
         self._live_watch: Watch | None = None
         self.available = False
+        self._alive_until = 0.0  # monotonic: this member's lease in etcd runs at least until then
+        self.fetches_refused = 0  # reads not queued: FETCH_BACKLOG was reached
         self.calls = 0
         self.health_checks = 0
         self.health_interval = 1.0
@@ -186,7 +200,9 @@ class EtcdStore:
         await self.client.close()
 
     async def _register(self) -> None:
+        sent = time.monotonic()
         replaced = await self.registry.register()
+        self._alive_until = sent + self.settings.member_ttl
         if replaced:
             self._spawn(self._revoke_quietly(replaced))
 
@@ -205,6 +221,26 @@ class EtcdStore:
     def _check(self) -> None:
         if not self.available:
             raise StoreUnavailable("etcd unavailable")
+
+    def from_memory(self) -> bool:
+        """Whether memory may answer while etcd cannot: this member's lease surely still runs in etcd, so its
+        peers count it live (they hand it its phones' calls and claim none of its bindings), and what it
+        holds is what it would answer from at steady state."""
+        return time.monotonic() < self._alive_until - LEASE_MARGIN
+
+    def _remembered(self, aor: str) -> AorRecord | None:
+        """The AoR from memory while etcd is unavailable; ``StoreUnavailable`` when it is not there or memory
+        may no longer answer."""
+        entry = self.cache.get(aor) if self.from_memory() else None
+        if entry is None:
+            raise StoreUnavailable("etcd unavailable")
+        return entry.record(aor, self.member_id, self.overlay, self.clock())
+
+    def _backlog_full(self) -> bool:
+        if len(self._fetching) + len(self._ctid_fetching) < FETCH_BACKLOG:
+            return False
+        self.fetches_refused += 1
+        return True
 
     def _notify_availability(self, available: bool) -> None:
         if self.listener is not None:
@@ -244,7 +280,10 @@ class EtcdStore:
                     continue
                 if time.monotonic() - kept_at >= keepalive_every:
                     try:
-                        if not await self.registry.keepalive():
+                        sent = time.monotonic()
+                        if await self.registry.keepalive():
+                            self._alive_until = sent + ttl
+                        else:
                             log.warning("member lease of %s was gone: registering again", self.member_id)
                             await self._register()
                             announced_at, announce_after = time.monotonic(), self.registry.announce_interval()
@@ -280,7 +319,7 @@ class EtcdStore:
                     # after it can slip between the watch and the fetches to come
                     await self.stop_watch()
                     self.watch_rev = listed
-                self.cache.clear()
+                # The fetched AoRs stay: the watch resumes from its last revision and drops what changed.
                 self.cache.ctids = {c: a for c, a in self.cache.ctids.items() if a}
                 self.available = True
                 log.info("etcd available again: %s registered", self.member_id)
@@ -291,17 +330,25 @@ class EtcdStore:
     # ------------------------------------------------------------------------------------------ reads
 
     def load(self, aor: str) -> AorRecord | None:
-        self._check()
+        if not self.available:
+            return self._remembered(aor)
         if self._writing.get(aor):
             raise Pending(aor_key(aor))
         entry = self.cache.get(aor)
         if entry is None:
+            if aor not in self._fetching and self._backlog_full():
+                raise StoreUnavailable("too many etcd reads queued")
             self._fetch(aor)
             raise Pending(aor_key(aor))
         return entry.record(aor, self.member_id, self.overlay, self.clock())
 
     def find_ctid(self, ctid: int) -> AorRecord | None:
-        self._check()
+        if not self.available:
+            aor = self.cache.ctids.get(ctid) if self.from_memory() else None
+            if aor is None:
+                raise StoreUnavailable("etcd unavailable")
+            record = self._remembered(aor) if aor else None
+            return record if record is not None and ctid in record.bindings else None
         aor = self.cache.ctids.get(ctid)
         if aor is None:
             self._fetch_ctid(ctid)
@@ -388,6 +435,8 @@ class EtcdStore:
     def _fetch_ctid(self, ctid: int) -> None:
         if ctid in self._ctid_fetching:
             return
+        if self._backlog_full():
+            raise StoreUnavailable("too many etcd reads queued")
         task = asyncio.get_running_loop().create_task(self._run_fetch_ctid(ctid))
         self._ctid_fetching[ctid] = task
         self._ops[task] = lambda: self._ctid_done(ctid)
@@ -424,17 +473,23 @@ class EtcdStore:
     # ------------------------------------------------------------------------------------------ writes
 
     def commit(self, record: AorRecord, old: AorRecord | None, now: float) -> int | None:
-        self._check()
+        available = self.available
+        if not available and not self.from_memory():
+            raise StoreUnavailable("etcd unavailable")
         aor = record.aor
         entry = self.cache.get(aor)
         expected = old.version if old is not None else 0
         if entry is None and old is None:
             entry = CachedAor.absent()  # a create: the head must be absent (compared in the txn)
         if entry is None or entry.version != expected:
+            if not available:
+                raise StoreUnavailable("etcd unavailable")
             return self._fail_ticket(aor)  # changed (or forgotten) since it was loaded: decide afresh
         plan = plan_commit(
             old, record, entry.held(), self.member_id, margin=self.margin, hold=self.hold, now=now
         )
+        if plan.write and not available:
+            raise StoreUnavailable("etcd unavailable: the change must be written")
         for binding in plan.changed:
             record.bindings[binding.ctid] = binding
         if not plan.write:

@@ -466,9 +466,10 @@ def test_etcd_cut_30s_gives_503_unready_then_full_recovery(
     cluster: Cluster, etcd_server: EtcdServer, cut: str
 ) -> None:
     """etcd away for 30 s under load: SIGSTOP (a network cut: connections hang, calls time out) or a clean stop
-    (connections refused). Phones refreshing meanwhile and new phones get 503 with Retry-After (never a guessed
-    absorb of a new phone), /readyz is 503 on every process during the cut and 200 after, nothing crashes,
-    and afterwards every binding is still there (processes, Kamailio) and new phones register."""
+    (connections refused). Phones refreshing meanwhile are answered from memory for the first seconds (while
+    each process's member lease runs), then get 503 with Retry-After; new phones get 503 from the start (never
+    a guessed absorb of a new phone). /readyz is 503 on every process during the cut and 200 after, nothing
+    crashes, and afterwards every binding is still there (processes, Kamailio) and new phones register."""
     c = cluster.start("contact", extra=node_args(outgoing=120))
     a, b, cc = c["A"], c["B"], c["C"]
     fleets = [

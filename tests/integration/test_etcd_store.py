@@ -5,7 +5,8 @@ Fetch → Pending → store_ready; one compare-and-swap per decision (two stores
 wins); the owner's steady-state refreshes cost no etcd call and a lapse-near one writes once; a refresh on
 another store takes ownership; how a binding reads for its owner and for its peers; the member registry;
 orphaned bindings (lease ran out) → exactly one ``orphans_expired`` across three stores; etcd stopped or
-paused → ``StoreUnavailable`` and recovery without restart; invalidation by the watch.
+paused → answers from memory while the member lease runs, then ``StoreUnavailable``, and recovery without
+restart or a fetch of every AoR; invalidation by the watch, also of changes made while a process was cut.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ from registrar.config import Settings
 from registrar.records import AorRecord, Binding, MainMeta
 from registrar.sip.transport import Peer
 from registrar.store.base import Pending, StoreUnavailable, aor_key, ctid_key
-from registrar.store.etcd import EtcdStore
+from registrar.store.etcd import FETCH_BACKLOG, EtcdStore
 from registrar.store.etcd_client import EtcdClient
 from tests.support.etcd import EtcdServer, etcd_server
+from tests.support.etcd_cluster import EtcdCluster
 
 pytestmark = pytest.mark.integration
 __all__ = ["etcd_server"]  # the fixture, collected from this module
@@ -499,6 +501,8 @@ def test_etcd_stopped_then_restarted(etcd_server: EtcdServer) -> None:
                     a.load("other@example.com")
                 await ra.wait(lambda: ra.availability == [False], timeout=5, what="unavailable")
                 await ra.wait(lambda: aor_key("other@example.com") in ra.ready, what="parked fetch failed")
+                # memory answers only while the member lease surely runs (a 2-s TTL: about a second here)
+                await ra.wait(lambda: not a.from_memory(), timeout=3, what="past the member lease")
                 for call in (
                     lambda: a.load(aor),
                     lambda: a.find_ctid(1),
@@ -565,6 +569,200 @@ def test_etcd_paused_then_resumed(etcd_server: EtcdServer) -> None:
             await stop_all(a, b)
 
     run(main())
+
+
+def test_a_stall_is_answered_from_memory_while_the_member_lease_runs(etcd_server: EtcdServer) -> None:
+    """etcd paused (SIGSTOP) under a process that holds bindings: once a call misses its deadline the process
+    is unavailable, yet until its member lease may have run out (peers still count it live, nothing it holds
+    can have been taken over) it answers from memory what it would answer at steady state: cached AoRs and
+    contact ids, and the owner's refresh that needs no write. A new binding, a removal and an AoR not in memory
+    raise ``StoreUnavailable`` (503), and past the lease everything does. When etcd is back, the cache is still
+    there: no fetch of every AoR (before, recovery cleared it and every phone's next refresh was a fetch)."""
+
+    async def main() -> None:
+        prefix = new_prefix()
+        a, ra = await started(etcd_server, prefix, "a", member_ttl=8)
+        try:
+            aors = [f"stall{i}@example.com" for i in range(20)]
+            now = time.time()
+            for i, aor in enumerate(aors, 1):
+                assert await write(a, ra, AorRecord(aor, {i: binding(i, now + 60)}, meta=META), None)
+            aor = aors[0]
+            await asyncio.sleep(3.0)  # a keepalive: the lease's end is known from a call that answered
+            etcd_server.pause()
+            try:
+                # a new phone's write misses its deadline (its AoR alone is dropped from the cache: the write
+                # may or may not have landed)
+                probe = AorRecord("probe@example.com", {97: binding(97, now + 60)}, meta=META)
+                assert await settle(ra, a.commit(probe, None, time.time())) is False
+                await ra.wait(lambda: ra.availability == [False], timeout=3, what="unavailable")
+                stalled = time.monotonic()
+                assert a.from_memory()
+                calls = a.calls
+                for i, name in enumerate(aors, 1):
+                    seen = a.load(name)
+                    assert seen is not None and set(seen.bindings) == {i} and a.owns(seen.bindings[i])
+                found = a.find_ctid(2)
+                assert found is not None and found.aor == aors[1]
+                # the owner's refresh within the binding's lease: made in memory, as at steady state
+                old = a.load(aor)
+                assert old is not None
+                cur = old.bindings[1]
+                refreshed = old.copy()
+                refreshed.bindings[1] = replace(cur, expires_at=time.time() + 60, cseq=cur.cseq + 1)
+                assert a.commit(refreshed, old, time.time()) is None
+                seen = a.load(aor)
+                assert seen is not None and seen.bindings[1].cseq == cur.cseq + 1
+                # what must be written, or read from etcd, waits for etcd: 503
+                added = seen.copy()
+                added.bindings[99] = binding(99, now + 60)
+                for call in (
+                    lambda: a.commit(added, a.load(aor), time.time()),
+                    lambda: a.delete(aor, a.load(aor), time.time()),
+                    lambda: a.commit(AorRecord("new@example.com", {98: binding(98, now + 60)}), None, now),
+                    lambda: a.load("unknown@example.com"),
+                    lambda: a.find_ctid(12345),
+                ):
+                    with pytest.raises(StoreUnavailable):
+                        call()
+                assert a.calls == calls, "memory answered without an etcd call"
+                await ra.wait(lambda: not a.from_memory(), timeout=8, what="past the member lease")
+                lasted = time.monotonic() - stalled
+                print(f"\nanswered from memory for {lasted:.1f} s of the stall (member lease 8 s)")
+                assert lasted >= 2.0, "a keepalive 3 s before the stall leaves its lease several seconds"
+                with pytest.raises(StoreUnavailable):
+                    a.load(aor)
+            finally:
+                etcd_server.resume()
+            await ra.wait(lambda: ra.availability == [False, True], timeout=15, what="available again")
+            calls = a.calls
+            for i, name in enumerate(aors, 1):
+                seen = a.load(name)  # from the cache kept across the stall: no Pending, no fetch
+                assert seen is not None and i in seen.bindings
+            assert a.calls == calls
+            current = a.load(aor)
+            assert current is not None and current.bindings[1].cseq == cur.cseq + 1  # the refresh was kept
+            more = current.copy()
+            more.bindings[99] = binding(99, now + 60)
+            assert await write(a, ra, more, current) is True
+        finally:
+            await a.close()
+
+    run(main())
+
+
+def test_reads_queued_are_bounded_and_the_rest_answered_503_at_once(etcd_server: EtcdServer) -> None:
+    """A burst of AoRs not in memory (every phone of a restarted process refreshing at once) queues at most
+    ``FETCH_BACKLOG`` reads; the next miss raises ``StoreUnavailable`` (503 with Retry-After: the phone comes
+    back) instead of parking a request and a task more, and is counted. A miss already queued stays Pending,
+    and once the queue drains, reads are taken again."""
+
+    async def main() -> None:
+        prefix = new_prefix()
+        a, ra = await started(etcd_server, prefix, "a")
+        try:
+            names = [f"burst{i}@example.com" for i in range(FETCH_BACKLOG + 5)]
+            for name in names[:FETCH_BACKLOG]:
+                with pytest.raises(Pending):
+                    a.load(name)
+            with pytest.raises(Pending):
+                a.load(names[0])  # already queued: waits with the others
+            for name in names[FETCH_BACKLOG:]:
+                with pytest.raises(StoreUnavailable, match="queued"):
+                    a.load(name)
+            with pytest.raises(StoreUnavailable, match="queued"):
+                a.find_ctid(424242)
+            assert a.fetches_refused == 6
+            assert a.available, "a full queue is no outage"
+            await ra.wait(lambda: len(ra.ready) >= FETCH_BACKLOG, timeout=30, what="the queue drained")
+            assert await load(a, ra, names[-1]) is None  # taken now: an AoR etcd does not hold
+        finally:
+            await a.close()
+
+    run(main())
+
+
+def test_a_process_cut_from_etcd_keeps_its_cache_and_the_watch_brings_what_changed(tmp_path: Path) -> None:
+    """Three members; process a talks to member 1 only, process b to members 2 and 3. Member 1 hangs
+    (SIGSTOP): a is cut while b, with the quorum, changes an AoR a has cached and deletes another. When
+    member 1 is back, a keeps its cache (no fetch of the AoRs nothing changed) and its watch, resumed from
+    its last revision, replays b's changes: a reads them without being told otherwise, and a write a
+    decides on its stale copy loses its compare-and-swap instead of undoing b's."""
+    cluster = EtcdCluster(tmp_path, 3).start()
+    one, rest = cluster.endpoints()[0], cluster.endpoints()[1:]
+
+    async def main() -> None:
+        prefix = new_prefix()
+        base = {"etcd_prefix": prefix, "etcd_timeout": 1.0, "member_ttl": 4}
+        a = EtcdStore(Settings(etcd_endpoints=[one], **base), member_id="a")
+        b = EtcdStore(Settings(etcd_endpoints=rest, **base), member_id="b")
+        ra, rb = Recorder(), Recorder()
+        a.listener, b.listener = ra, rb
+        await a.start("udp:127.0.0.1:5001")
+        await b.start("udp:127.0.0.1:5002")
+        try:
+            now = time.time()
+            changed, gone, kept = "changed@example.com", "gone@example.com", "kept@example.com"
+            for i, aor in enumerate((changed, gone, kept), 1):
+                assert await write(a, ra, AorRecord(aor, {i: binding(i, now + 60)}, meta=META), None)
+            stale = await load(a, ra, changed)
+            assert stale is not None
+            cluster["etcd-1"].pause()
+            try:
+                probe = stale.copy()
+                probe.bindings[50] = binding(50, now + 60)
+                assert await settle(ra, a.commit(probe, stale, time.time())) is False
+                await ra.wait(lambda: ra.availability == [False], timeout=3, what="a cut")
+                for _attempt in range(20):  # member 1 may have been the leader: the others elect one first
+                    try:
+                        old = await load(b, rb, changed)
+                        assert old is not None
+                        new = old.copy()
+                        new.bindings[7] = binding(7, now + 60)
+                        if await write(b, rb, new, old):
+                            break
+                    except StoreUnavailable:
+                        pass
+                    await asyncio.sleep(0.5)
+                else:
+                    raise AssertionError("b could not write with the quorum of members 2 and 3")
+                old = await load(b, rb, gone)
+                assert old is not None
+                assert await settle(rb, b.delete(gone, old, time.time())) is True
+            finally:
+                cluster["etcd-1"].resume()
+            await ra.wait(lambda: ra.availability[-1:] == [True], timeout=15, what="a back")
+            calls = a.calls
+            seen = a.load(kept)  # nothing changed it: still cached
+            assert seen is not None and 3 in seen.bindings and a.calls == calls
+
+            async def replayed() -> bool:
+                try:
+                    record = a.load(changed)
+                    lost = a.load(gone)
+                except Pending:
+                    return False
+                return record is not None and set(record.bindings) == {1, 7} and lost is None
+
+            t0 = time.monotonic()
+            while not await replayed():
+                assert time.monotonic() - t0 < 5, "a's watch never replayed b's changes"
+                await asyncio.sleep(0.05)
+            print(f"\nb's changes reached a {time.monotonic() - t0:.2f} s after a was available again")
+            # a write decided on the copy from before the cut compares the head's old revision: it loses
+            late = stale.copy()
+            late.bindings[1] = replace(stale.bindings[1], contact="sip:late@192.0.2.9", cseq=50)
+            ticket = a.commit(late, stale, time.time())
+            assert ticket is not None and await settle(ra, ticket) is False
+            record = await load(a, ra, changed)
+            assert record is not None and set(record.bindings) == {1, 7}
+        finally:
+            await stop_all(a, b)
+
+    try:
+        run(main())
+    finally:
+        cluster.stop()
 
 
 def test_figures_calls_per_refresh_memory_fetch_latency(etcd_server: EtcdServer) -> None:
