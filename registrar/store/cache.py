@@ -90,8 +90,8 @@ class AorCache:
     while etcd has no such contact id).
 
     What etcd was found not to hold, an AoR or a contact id, is kept apart in ``_absent`` (key → until when,
-    by ``clock``) and answered for :data:`ABSENT_TTL` seconds: the watch drops it sooner when the AoR is
-    written. ``len()`` counts the AoRs held, not those.
+    by ``clock``, and the revision it was read at) and answered for :data:`ABSENT_TTL` seconds: the watch
+    drops it sooner when the AoR is written. ``len()`` counts the AoRs held, not those.
 
     A read (fetch, or a compare-and-swap that returns the AoR) answers at some revision while the watch
     goes on: ``changed`` drops a copy older than a change the watch showed and, while reads are in flight,
@@ -102,24 +102,26 @@ class AorCache:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._aors: dict[str, CachedAor] = {}
         self.ctids: dict[int, str] = {}
-        self._absent: dict[str | int, float] = {}  # AoR or contact id etcd does not hold → until when
+        self._absent: dict[str | int, tuple[float, int]] = {}  # AoR or ctid etcd lacks → (until, revision)
         self._clock = clock
         self._reads = 0
         self._recent: dict[str, int] = {}  # AoR → last revision the watch showed, while reads are in flight
 
     def get(self, aor: str) -> CachedAor | None:
         entry = self._aors.get(aor)
-        if entry is None and aor in self._absent:
-            if self._absent[aor] > self._clock():
-                return CachedAor.absent()
-            self._expire()
+        if entry is None:
+            absent = self._absent.get(aor)
+            if absent is not None:
+                if absent[0] > self._clock():
+                    return CachedAor(absent[1], 0, None, ())
+                self._expire()
         return entry
 
     def put(self, aor: str, entry: CachedAor) -> None:
         aors = self._aors
         aors.pop(aor, None)
         if entry.empty:
-            self._put_absent(aor)
+            self._put_absent(aor, entry.rev)
             return
         self._absent.pop(aor, None)
         if len(aors) >= CACHE_LIMIT:
@@ -134,7 +136,7 @@ class AorCache:
     def clear(self) -> None:
         """Forget every fetched AoR (the contact-id index stays: it only names AoRs)."""
         self._aors.clear()
-        self._absent = {k: until for k, until in self._absent.items() if isinstance(k, int)}
+        self._absent = {k: v for k, v in self._absent.items() if isinstance(k, int)}
 
     def changed(self, aor: str, rev: int) -> None:
         """The watch showed a change of ``aor`` at ``rev``."""
@@ -143,8 +145,9 @@ class AorCache:
         entry = self._aors.get(aor)
         if entry is not None and rev > entry.rev:
             del self._aors[aor]
-        elif aor in self._absent:
-            del self._absent[aor]  # whatever the revision: reading again is always right
+        absent = self._absent.get(aor)
+        if absent is not None and rev > absent[1]:
+            del self._absent[aor]
 
     def reading(self) -> None:
         """A read of etcd starts."""
@@ -166,15 +169,15 @@ class AorCache:
             self.ctids.clear()
         self.ctids[ctid] = aor
         if not aor:
-            self._put_absent(ctid)
+            self._put_absent(ctid, 0)  # the watch's put of its index key drops it (EtcdStore._on_event)
 
-    def _put_absent(self, key: str | int) -> None:
+    def _put_absent(self, key: str | int, rev: int) -> None:
         absent = self._absent
         absent.pop(key, None)
         self._expire()
         if len(absent) >= ABSENT_LIMIT:
             self._forget(next(iter(absent)))
-        absent[key] = self._clock() + ABSENT_TTL
+        absent[key] = (self._clock() + ABSENT_TTL, rev)
 
     def _expire(self) -> None:
         """Forget the absences past their time (oldest first: each is put at the end)."""
@@ -182,7 +185,7 @@ class AorCache:
         absent = self._absent
         while absent:
             key = next(iter(absent))
-            if absent[key] > now:
+            if absent[key][0] > now:
                 return
             self._forget(key)
 

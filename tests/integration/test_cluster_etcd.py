@@ -764,7 +764,7 @@ def test_what_a_process_keeps_for_a_phone_goes_when_the_phone_leaves(cluster: Cl
         assert held(b) == (0, 0, 0), f"B holds (templates, AoRs, bindings) {held(b)}\n" + info
         # and left main (the last De-REGISTERs may still be on their way); not those De-REGISTERed through B:
         # on loopback each process has a port of its own, and B's relay names B's, not A's that main holds
-        # (architecture "Which address main holds")
+        # (architecture "Networking and flow ownership")
         gone = [*phones[:3], *phones[5:]]
         assert poll(lambda: not any(c.kam_contacts(p.user) for p in gone), 3), c.diag()
 
