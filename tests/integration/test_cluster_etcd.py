@@ -749,7 +749,7 @@ def test_what_a_process_keeps_for_a_phone_goes_when_the_phone_leaves(cluster: Cl
         for phone in phones:  # relayed, then absorbed (its template learned), then answered from the template
             for _ in range(3):
                 assert status_code(phone.register(a.addr, expires)) == 200, c.diag(phone.user)
-        assert metric(a.metrics(), "midregistrar_refresh_template_hits") == 10, c.diag()
+        assert metric(a.metrics(), "midregistrar_refresh_template_hits") >= 10, c.diag()
         assert held(a) == (10, 10, 10), c.diag(f"A holds (templates, AoRs, bindings) {held(a)}")
         for phone in phones[:3]:
             assert status_code(phone.register(a.addr, 0)) == 200, c.diag(f"{phone.user} leaves through A")
