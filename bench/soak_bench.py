@@ -34,11 +34,12 @@ mode aor 6,000/s (``--ramp aor``: every refresh there is parsed and runs a trans
 against ~50 µs for a templated refresh in mode contact).
 
 Every ``--interval`` s a sample is taken: per registrar process its RSS (``/proc/<pid>/status`` VmRSS), open
-file descriptors (``/proc/<pid>/fd``), asyncio tasks (the ``midregistrar_asyncio_tasks`` gauge), bindings held
-and leases; per deployment the keys under its prefix by kind (heads, bindings, index, claims, members),
-Kamailio's contacts (usrloc statistics) and its processes' proportional memory (PSS from smaps_rollup); etcd's
-RSS and database size. The samples go to ``bench/results/soak-<time>.csv`` (one row per sample), the generator
-runs and the summary to a ``.json`` beside it. After ``--warmup`` s a least-squares line is fitted to every
+file descriptors (``/proc/<pid>/fd``), asyncio tasks (the ``midregistrar_asyncio_tasks`` gauge), bindings
+held, cached AoRs, refresh templates and leases; per deployment the keys under its prefix by kind (heads,
+bindings, index, claims, members), Kamailio's contacts (usrloc statistics) and its processes' proportional
+memory (PSS from smaps_rollup); etcd's RSS and database size. The samples go to
+``bench/results/soak-<time>.csv`` (one row per sample), the generator runs and the summary to a ``.json``
+beside it. After ``--warmup`` s a least-squares line is fitted to every
 series: its slope per hour, also as a percentage of the series' mean, is the figure reported. Then the load
 stops, the churn phones all vanish, and once their bindings have expired a last sample is compared with what
 must remain: the stable phones' keys and contacts only, the churn's claims, and the idle process's tasks and
@@ -558,6 +559,7 @@ class Sampler:
                     ("tasks", "midregistrar_asyncio_tasks"),
                     ("bindings", "midregistrar_bindings"),
                     ("cached_aors", "midregistrar_aors"),
+                    ("templates", "midregistrar_refresh_templates"),
                     ("leases", "midregistrar_etcd_leases"),
                     ("transactions", "midregistrar_transactions_active"),
                     ("store_503s", "midregistrar_store_unavailable"),
@@ -748,7 +750,7 @@ def _bindings_held(registrar: Registrar) -> int:
 def _brief(row: dict[str, Any]) -> str:
     keep = (
         "rss_mib", "fds", "tasks", "keys_bindings", "expected_lo", "expected_hi", "kamailio_contacts",
-        "cached_aors", "store_503s",
+        "cached_aors", "templates", "store_503s",
     )  # fmt: skip
     return " ".join(f"{k}={v}" for k, v in row.items() if k.endswith(keep) or k.startswith("etcd.rss"))
 

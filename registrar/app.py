@@ -133,6 +133,7 @@ class Registrar:
                     self.server.tls.stats,
                     self._connections,
                     lambda: self.server.sources if self.server is not None else None,
+                    lambda: len(self.core.templates),
                 )
             )
             app = make_app(registry, lambda: self.ready, self.aor_view)

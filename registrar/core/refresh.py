@@ -254,6 +254,16 @@ class RefreshTemplates:
         if template is not None and self._of_binding.get(template[2]) == key:
             del self._of_binding[template[2]]
 
+    def forget(self, ctid: int) -> None:
+        """Binding ``ctid`` is not this process's any more (removed, or another process holds its flow): its
+        template goes too. :meth:`answer` drops one only when its flow sends again, which a phone that has
+        left never does (the store calls this: ``Store.released``)."""
+        key = self._of_binding.pop(ctid, None)
+        if key is not None:
+            template = self._templates.get(key)
+            if template is not None and template[2] == ctid:
+                del self._templates[key]
+
     # ------------------------------------------------------------------------------------ learning
 
     def learn(

@@ -61,6 +61,7 @@ class MidRegistrar:
             else None
         )
         self.templates = RefreshTemplates(self.state, limiter, gate is not None, settings.refresh_templates)
+        store.released = self.templates.forget
         self.registration = Registration(self.state, self.expiry, self.handle, absorb_gate, self.templates)
         self.routing = Routing(self.state)
 

@@ -105,7 +105,10 @@ class CoreState:
             for binding in record.bindings.values():
                 if not self.store.owns(binding):
                     continue
-                self.schedule.schedule(record.aor, binding, before.get(binding.ctid))
+                previous = before.get(binding.ctid)
+                if previous is not None and previous.owner != binding.owner:
+                    previous = None  # taken over from another process: nothing here looks at it yet
+                self.schedule.schedule(record.aor, binding, previous)
                 conn = binding.source.conn
                 if conn is not None and flows.get(conn, 0.0) < binding.expires_at + FLOW_GRACE:
                     flows[conn] = binding.expires_at + FLOW_GRACE

@@ -45,8 +45,10 @@ class EngineCollector(Collector):
         tls_stats: TlsStats | None = None,
         connections: Callable[[], tuple[dict[str, int], Admission]] | None = None,
         sources: Callable[[], SourceLimit | None] | None = None,
+        templates: Callable[[], int] | None = None,
     ) -> None:
         self.sources = sources
+        self.templates = templates
         self.stack_stats = stack_stats
         self.ready = ready
         self.tls_stats = tls_stats
@@ -138,6 +140,12 @@ class EngineCollector(Collector):
             "Refreshes answered from a refresh template, without parsing",
             value=c.template_answers,
         )
+        if self.templates is not None:
+            yield GaugeMetricFamily(
+                "midregistrar_refresh_templates",
+                "Refresh templates held (one per phone whose refreshes are answered from one)",
+                value=self.templates(),
+            )
         yield CounterMetricFamily(
             "midregistrar_bindings_expired", "Bindings removed on expiry", value=c.expired
         )

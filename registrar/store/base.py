@@ -21,6 +21,7 @@ whose ``version`` is the revision the write compares against).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from registrar.records import AorRecord, Binding
@@ -68,6 +69,10 @@ class StoreListener(Protocol):
 
 class Store(Protocol):
     member_id: str  # this process's id; bindings this process holds the flow of carry it as ``owner``
+    # Called with the contact id of each binding this process stops holding: removed (by this process or
+    # another), or now held by another process. Set by the core: its refresh templates stand for such
+    # bindings, and a phone that has left never sends again to drop its own.
+    released: Callable[[int], None] | None
 
     def load(self, aor: str) -> AorRecord | None:
         """The AoR with its bindings (expired ones included: callers filter on ``now``)."""

@@ -115,6 +115,7 @@ class EtcdStore:
         self.member_id = member_id or f"{socket.gethostname()}-{self._rng.getrandbits(32):08x}"
         self.clock = clock
         self.listener = None
+        self.released: Callable[[int], None] | None = None
         self.keys = EtcdKeys(settings.etcd_prefix.encode())
         self.client = EtcdClient(
             settings.etcd_endpoints,
@@ -425,8 +426,8 @@ class EtcdStore:
                 log.warning("binding of %s in etcd not understood, skipped (%s): %s", aor, kv.key, _why(exc))
                 continue
             items.append(cached_item(binding, hold, kv.mod_revision))
-            if binding.owner != me:
-                self.overlay.drop(binding.ctid)  # another process holds its flow now
+            if binding.owner != me and binding.ctid in self.overlay:
+                self._release(binding.ctid)  # another process holds its flow now
         # No head but bindings (the head's lease ended first, e.g. leases reset unevenly by an etcd restart):
         # version 0, so the next write compares the head absent and puts it back.
         self.cache.put(aor, CachedAor(rev, version, meta, tuple(items)))
@@ -624,7 +625,7 @@ class EtcdStore:
             return False
         rev = result.revision
         for ctid, _rev in plan.removed:
-            self.overlay.drop(ctid)
+            self._release(ctid)
             self.cache.ctids.pop(ctid, None)
         written = {b.ctid: b for b in plan.changed}
         items: list[Item] = []
@@ -711,6 +712,8 @@ class EtcdStore:
                 if deleted:
                     if event.prev_kv is not None:
                         self.orphans.binding_deleted(rev, aor, key.ctid, event.prev_kv)
+                    if key.ctid in self.overlay:
+                        self._release(key.ctid)  # deleted by a peer (a De-REGISTER through it) or its lease
                 elif key.ctid in self.overlay:
                     try:
                         owner = decode_binding(kv.value)[0].owner
@@ -718,7 +721,7 @@ class EtcdStore:
                         log.warning("binding %s written in etcd not understood: %s", kv.key, _why(exc))
                         owner = None
                     if owner != self.member_id:
-                        self.overlay.drop(key.ctid)
+                        self._release(key.ctid)
         elif kind is KeyKind.CLAIM:
             if not deleted and kv.create_revision == rev:
                 self.orphans.claim_created(rev, key.ctid, key.mod_revision)
@@ -738,7 +741,7 @@ class EtcdStore:
         """Bindings whose lease ran out: drop what this process held of them and race for the claims."""
         for orphans in found:
             for ctid, _kv in orphans.gone:
-                self.overlay.drop(ctid)
+                self._release(ctid)
         now = self.clock()
         for orphans in found:
             aor = orphans.aor
@@ -788,6 +791,13 @@ class EtcdStore:
             before.bindings[binding.ctid] = binding
         if self.listener is not None:
             self.listener.orphans_expired(before, [b for b, _rev in gone])
+
+    def _release(self, ctid: int) -> None:
+        """This process holds binding ``ctid`` no longer (it was removed, or another process holds its flow):
+        out of the overlay, and ``released`` told (the core drops what it kept for it)."""
+        self.overlay.drop(ctid)
+        if self.released is not None:
+            self.released(ctid)
 
     # ------------------------------------------------------------------------------------------ the rest
 

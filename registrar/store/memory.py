@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import marshal
 import random
+from collections.abc import Callable
 
 from registrar.records import AorRecord, Binding
 
@@ -29,6 +30,7 @@ class MemoryStore:
         # The value load() decoded last and its contact ids: a commit right after a load (every REGISTER)
         # then knows which ids the stored value holds without decoding it a second time.
         self._loaded: tuple[bytes, list[int]] | None = None
+        self.released: Callable[[int], None] | None = None
 
     def load(self, aor: str) -> AorRecord | None:
         data = self._aors.get(aor)
@@ -51,7 +53,7 @@ class MemoryStore:
             self._bindings -= len(held)
             for ctid in held:
                 if ctid not in record.bindings:
-                    self._ctids.pop(ctid, None)
+                    self._release(ctid)
         if not record.bindings:
             self._aors.pop(aor, None)
             return
@@ -69,7 +71,13 @@ class MemoryStore:
             del self._aors[aor]
             self._bindings -= len(held)
             for ctid in held:
-                self._ctids.pop(ctid, None)
+                self._release(ctid)
+
+    def _release(self, ctid: int) -> None:
+        """Binding ``ctid`` was removed: out of the index, and ``released`` told."""
+        self._ctids.pop(ctid, None)
+        if self.released is not None:
+            self.released(ctid)
 
     def _held_ctids(self, aor: str) -> list[int]:
         data = self._aors.get(aor)

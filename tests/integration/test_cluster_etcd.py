@@ -723,3 +723,59 @@ def test_aggregated_contact_moves_off_a_killed_process(cluster: Cluster) -> None
         )
     finally:
         phone.close()
+
+
+# ------------------------------------------------------------------------------- 6. phones that have left
+
+
+def held(node: Node) -> tuple[float, ...]:
+    """(refresh templates, cached AoRs, bindings held) from the node's /metrics."""
+    m = node.metrics()
+    return tuple(metric(m, f"midregistrar_{name}") for name in ("refresh_templates", "aors", "bindings"))
+
+
+def test_what_a_process_keeps_for_a_phone_goes_when_the_phone_leaves(cluster: Cluster) -> None:
+    """The soak's ~2.2 KB kept per departed phone (issue 15, item 6). Ten phones register through A and
+    refresh until A answers them from refresh templates; then they leave A every way a binding can: a
+    De-REGISTER through A, a De-REGISTER through B (removed by a peer), a refresh through B (held by another
+    process now, then expired there), or silence (expired by A's timer). A's templates, cached AoRs and
+    bindings come back to zero, and B's too once its phones have expired. A user nobody registered, looked up
+    again and again, costs one etcd fetch (a call from main to an unregistered user: no fetch storm)."""
+    c = cluster.start("contact", names=("A", "B"), extra=node_args(outgoing=60))
+    a, b = c["A"], c["B"]
+    assert held(a) == held(b) == (0, 0, 0), c.diag()
+    expires = 4
+    phones = [UdpPhone(f"left{i}") for i in range(10)]
+    try:
+        for phone in phones:  # relayed, then absorbed (its template learned), then answered from the template
+            for _ in range(3):
+                assert status_code(phone.register(a.addr, expires)) == 200, c.diag(phone.user)
+        assert metric(a.metrics(), "midregistrar_refresh_template_hits") >= 10, c.diag()
+        assert held(a) == (10, 10, 10), c.diag(f"A holds (templates, AoRs, bindings) {held(a)}")
+        for phone in phones[:3]:
+            assert status_code(phone.register(a.addr, 0)) == 200, c.diag(f"{phone.user} leaves through A")
+        for phone in phones[3:5]:
+            assert status_code(phone.register(b.addr, 0)) == 200, c.diag(f"{phone.user} leaves through B")
+        for phone in phones[5:7]:
+            assert status_code(phone.register(b.addr, expires)) == 200, c.diag(f"{phone.user} moves to B")
+        # phones[7:] fall silent
+        poll(lambda: held(a) == held(b) == (0, 0, 0), expires + 8, interval=0.2)
+        info = c.diag()
+        assert held(a) == (0, 0, 0), f"A holds (templates, AoRs, bindings) {held(a)}\n" + info
+        assert held(b) == (0, 0, 0), f"B holds (templates, AoRs, bindings) {held(b)}\n" + info
+        # and left main (the last De-REGISTERs may still be on their way); not those De-REGISTERed through B:
+        # on loopback each process has a port of its own, and B's relay names B's, not A's that main holds
+        # (architecture "Networking and flow ownership")
+        gone = [*phones[:3], *phones[5:]]
+        assert poll(lambda: not any(c.kam_contacts(p.user) for p in gone), 3), c.diag()
+
+        calls = metric(b.metrics(), "midregistrar_etcd_calls")
+        for _ in range(5):
+            assert b.view(f"nobody@{DOMAIN}") is None
+        assert metric(b.metrics(), "midregistrar_etcd_calls") == calls + 1, (
+            "one fetch, then remembered\n" + info
+        )
+        assert held(b) == (0, 0, 0), "and not counted as an AoR held\n" + info
+    finally:
+        for phone in phones:
+            phone.close()

@@ -49,7 +49,9 @@ def test_a_short_stall_is_answered_from_memory_and_costs_no_fetch_after(
 ) -> None:
     r = _stall(tmp_path_factory, 4.0)
     detail = _detail(r)
-    assert r.unavailable_s >= 0.5, "the stall must be seen (etcd_up 0), or this test proves nothing\n" + detail
+    assert r.unavailable_s >= 0.5, (
+        "the stall must be seen (etcd_up 0), or this test proves nothing\n" + detail
+    )
     assert r.sent >= 0.9 * RATE * 19, detail
     assert r.refused == 0, "within the member lease, a refresh is answered from memory\n" + detail
     assert r.lost <= 0.002 * r.sent, detail

@@ -8,6 +8,8 @@ along. What a leak would break:
   churn's bindings have expired: one head, one binding and one index key per stable phone, one claim key per
   churn binding ever created (they live 300 s, longer than this test), one member key per process; Kamailio's
   contacts and the registrar's own bindings return to the stable phones alone;
+- nothing is kept for the phones that left: no more cached AoRs than before the load, no more refresh
+  templates than phones still registered;
 - resident memory stops growing after the warm-up (the lingering transactions of the first seconds).
 
 How the bounds were checked against real leaks, each patched in locally and not committed, each run once
@@ -135,6 +137,19 @@ def test_memory_stops_growing_after_the_warm_up(soak: SoakResult) -> None:
         growth = window[-1][rss] - min(row[rss] for row in window[:3])
         assert growth <= RSS_GROWTH_MIB, _samples(soak, rss, f"{member}.transactions")
         assert soak.final[rss] <= max(row[rss] for row in window) + RSS_GROWTH_MIB, _samples(soak, rss)
+
+
+def test_nothing_is_kept_for_the_phones_that_left(soak: SoakResult) -> None:
+    """Once the churn's bindings have expired, a registrar holds no more cached AoRs than before the load
+    and no more refresh templates than phones still registered: nothing of the ~1,000 phones per mode that
+    joined and left. Before templates and cached AoRs went with their bindings (issue 15, item 6), the
+    cached AoRs ended at 2,985 (contact) and 3,001 (aor) for 2,000 stable phones, and a departed phone's
+    template stayed; resident memory does not show either over so short a run."""
+    for member in soak.churn:
+        aors, templates = f"{member}.cached_aors", f"{member}.templates"
+        detail = _samples(soak, aors, templates, f"{member}.bindings")
+        assert soak.final[aors] <= soak.baseline[aors] == USERS, detail
+        assert soak.final[templates] <= (USERS if member.startswith("contact") else 0), detail
 
 
 def test_samples_are_written(soak: SoakResult) -> None:

@@ -171,6 +171,30 @@ def test_expiry_is_timed_by_the_owner_only() -> None:
     assert [x for x, p in m.take() if isinstance(x, Request)] == [], "the owner sends the De-REGISTER, not us"
 
 
+def test_a_binding_taken_over_by_a_refresh_expires_at_its_new_owner() -> None:
+    """The phone's refreshes went to another process for a while (it held the binding and its expiry), then
+    one lands here: this process holds the flow now and must remove the binding, and De-REGISTER it, when
+    it expires, not leave it to its lease (the orphan claim, up to --etcd-hold later)."""
+    m, store = _core()
+    _registered(m, store, expires=60)  # t0: this process's timer looks at it at t0 + 60
+    record = store.load(AOR)
+    assert record is not None
+    (binding,) = record.bindings.values()
+    elsewhere = record.copy()  # t0 + 30: refreshed through another process, which holds it now
+    elsewhere.bindings[binding.ctid] = replace(binding, owner="other", cseq=11, expires_at=m.now + 90)
+    store.commit(elsewhere, None, 0.0)
+    m.advance(80)  # t0 + 60 passed: not ours, nothing done
+    m.feed(register(CONTACT, expires=60, cseq=12, branch="z9hG4bK-back"), PHONE)  # t0 + 80: back here
+    assert m.to_phone().status == 200
+    taken = store.load(AOR)
+    assert taken is not None and [b.owner for b in taken.bindings.values()] == ["me"]
+    m.advance(61)  # silent since: expired at t0 + 140
+    sent = [x for x, p in m.take() if isinstance(x, Request) and p == MAIN]  # with its retransmissions
+    assert sent and len({r.vias[0].branch for r in sent}) == 1, sent
+    assert "expires=0" in (sent[0].headers.get("contact") or "")
+    assert store.load(AOR) is None
+
+
 def test_orphans_are_deregistered_by_the_claim_winner() -> None:
     m, store = _core()
     _registered(m, store, expires=60)

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 from registrar.records import Binding, MainMeta
 from registrar.sip.transport import Peer
-from registrar.store.cache import CACHE_LIMIT, AorCache, CachedAor, cached_item
+from registrar.store.cache import ABSENT_LIMIT, ABSENT_TTL, CACHE_LIMIT, AorCache, CachedAor, cached_item
 from registrar.store.etcd_client import KeyValue
 from registrar.store.orphans import Orphans, OrphanWatch
 from registrar.store.overlay import Held, Overlay
@@ -59,11 +59,16 @@ def test_absent_aor_reads_as_none() -> None:
     )  # bindings without a head still read
 
 
+def held(rev: int = 10) -> CachedAor:
+    return CachedAor(rev, rev, META, (cached_item(binding(1, "me"), NOW + 660, rev),))
+
+
 def test_cache_is_bounded_oldest_first() -> None:
     cache = AorCache()
+    entry = held()
     for i in range(CACHE_LIMIT):
-        cache.put(f"{i}@x", CachedAor.absent())
-    cache.put("new@x", CachedAor.absent())
+        cache.put(f"{i}@x", entry)
+    cache.put("new@x", entry)
     assert "0@x" not in cache and "new@x" in cache and len(cache) < CACHE_LIMIT
     cache.index(1, "a@x")
     cache.clear()
@@ -83,6 +88,55 @@ def test_watch_change_drops_older_copies_and_marks_reads_in_flight_stale() -> No
     assert cache.stale("a@x", 11) and not cache.stale("a@x", 12) and not cache.stale("b@x", 1)
     cache.read_done()
     assert not cache.stale("a@x", 11)  # forgotten once no read is in flight
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_what_etcd_does_not_hold_is_answered_for_a_while_and_not_counted() -> None:
+    """An AoR without bindings (its last one deleted, or never registered: a call to an unknown user) is not
+    kept like a fetched AoR: it reads as absent for ABSENT_TTL seconds, so the work its fetch was for runs
+    again without another fetch, then it is gone (soak, issue 15 item 6)."""
+    clock = Clock()
+    cache = AorCache(clock)
+    cache.put("a@x", held())
+    cache.put("a@x", CachedAor(12, 0, None, ()))  # its last binding deleted at revision 12
+    cache.put("nobody@x", CachedAor(12, 0, None, ()))  # fetched: nothing there
+    assert len(cache) == 0  # AoRs held: none
+    for aor in ("a@x", "nobody@x"):
+        entry = cache.get(aor)
+        assert entry is not None and entry.record(aor, "me", Overlay(), NOW) is None and aor in cache
+    cache.changed("a@x", 12)  # the watch's event of that delete: nothing new
+    cache.changed("nobody@x", 13)  # written since: read it again
+    entry = cache.get("a@x")
+    assert entry is not None and entry.rev == 12 and entry.version == 0 and cache.get("nobody@x") is None
+    clock.now = ABSENT_TTL + 1
+    assert cache.get("a@x") is None and "a@x" not in cache
+    cache.put("b@x", held(14))  # a head without bindings, or bindings: held as before
+    assert len(cache) == 1 and cache.get("b@x") is not None
+
+
+def test_absent_aors_and_contact_ids_are_bounded_and_expire() -> None:
+    clock = Clock()
+    cache = AorCache(clock)
+    cache.index(7, "a@x")
+    cache.index(8, "")  # no such contact id
+    assert cache.ctids == {7: "a@x", 8: ""}
+    for i in range(ABSENT_LIMIT):  # the limit reached: the oldest absence goes first
+        cache.put(f"{i}@x", CachedAor.absent())
+    assert 8 not in cache.ctids and cache.get("0@x") is not None
+    cache.put("new@x", CachedAor.absent())
+    assert cache.get("0@x") is None and cache.get(f"{ABSENT_LIMIT - 1}@x") is not None
+    cache.index(9, "")
+    clock.now = ABSENT_TTL + 1
+    cache.index(10, "")  # each new absence forgets the expired ones first
+    assert cache.ctids == {7: "a@x", 10: ""}
+    assert cache.get(f"{ABSENT_LIMIT - 1}@x") is None
 
 
 def kv(ctid: int, mod_revision: int) -> KeyValue:

@@ -80,6 +80,7 @@ def _metrics(m: Core) -> str:
             lambda: m.rig.stack.active_transactions,
             m.store.counts,
             ready=lambda: True,
+            templates=lambda: len(m.core.templates),
         )
     )
     return generate_latest(registry).decode()
@@ -118,6 +119,7 @@ def test_register_answers_are_counted_and_timed_by_outcome() -> None:
     m.feed(bob.replace(b"alice@example.com>;tag", b"bob@example.com>;tag"), PHONE)
     m.feed(response_to(m.to_main(), 503), MAIN)
     assert m.to_phone().status == 503  # main's failure passed on
+    assert _sample(_metrics(m), "midregistrar_refresh_templates") == 1  # alice's
     m.advance(62)  # alice stopped refreshing: her binding expires and is withdrawn from main
     dereg = [r for r, p in m.take() if isinstance(r, Request) and p == MAIN]  # with its retransmissions
     assert dereg and {r.cseq.seq for r in dereg} == {13}, dereg
@@ -125,6 +127,7 @@ def test_register_answers_are_counted_and_timed_by_outcome() -> None:
     text = _metrics(m)
     assert m.core.stats.template_answers == 1
     assert _sample(text, "midregistrar_refresh_template_hits_total") == 1
+    assert _sample(text, "midregistrar_refresh_templates") == 0  # went with alice's binding
     assert _sample(text, "midregistrar_relayed_register_answers_total", code="200") == 1
     assert _sample(text, "midregistrar_relayed_register_answers_total", code="503") == 1
     assert _sample(text, "midregistrar_responses_total", method="REGISTER", code="503") == 1

@@ -44,6 +44,7 @@ def _exported_metrics() -> frozenset[str]:
         tls_stats=TlsStats(),
         connections=lambda: ({}, Admission(0, 0)),
         sources=lambda: SourceLimit(500),
+        templates=lambda: 0,
     )
     suffixes = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
     return frozenset(f"{fam.name}{suffix}" for fam in collector.collect() for suffix in suffixes[fam.type])

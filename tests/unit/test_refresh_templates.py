@@ -317,3 +317,51 @@ def test_a_from_uri_with_a_tag_parameter_is_not_taken_for_the_from_tag() -> None
 
     fast, _ = run_both(scenario)
     assert fast.shortcuts == 0
+
+
+def test_a_phone_that_leaves_takes_its_template_with_it() -> None:
+    """A phone that De-REGISTERs or vanishes never sends again, so :meth:`RefreshTemplates.answer` never finds
+    its template unused: it goes when its binding goes (the soak's ~1.5 KB per departed phone, issue 15 item
+    6), whether the phone De-REGISTERed or its binding expired."""
+    phones = [(f"u{i}", Peer("udp", f"192.0.2.{20 + i}", 5062)) for i in range(6)]
+
+    def scenario(m: Core) -> None:
+        for user, peer in phones:
+            add_phone(m, peer, user)
+        m.advance(5)
+        for user, peer in phones:
+            m.feed(refresh(3, user=user, peer=peer), peer)  # answered from its template
+        m.take()
+        for user, peer in phones[:3]:
+            m.feed(refresh(4, user=user, peer=peer).replace(b"expires=600", b"expires=0"), peer)
+            m.feed(main_ok(m.to_main(), expires=0, header=0), MAIN)
+            m.take()
+
+    fast, _ = run_both(scenario)
+    assert fast.shortcuts == 6
+    assert len(fast.core.templates) == 3  # the three De-REGISTERed phones' templates are gone
+    fast.advance(700)  # the other three vanished: their bindings expire (and are De-REGISTERed at main)
+    assert fast.core.stats.expired == 3
+    assert len(fast.core.templates) == 0
+
+
+def test_a_binding_evicted_by_max_contacts_takes_its_template_with_it() -> None:
+    second = Peer("udp", "192.0.2.11", 5062)
+
+    def scenario(m: Core) -> None:
+        add_phone(m, PHONE)
+        m.advance(1)
+        new_device = register(
+            "<sip:alice@192.0.2.11:5062>;expires=900",
+            cseq=1,
+            call_id="d2",
+            branch="z9hG4bK-d2",
+            via_host="192.0.2.11:5062",
+        )
+        m.feed(new_device, second)
+        m.feed(main_ok(m.to_main()), MAIN)  # stored: the oldest binding, alice's first phone, is evicted
+
+    fast, _ = run_both(scenario, max_contacts=1, force_registration=True)
+    record = fast.store.load("alice@example.com")
+    assert record is not None and [b.source for b in record.bindings.values()] == [second]  # the new device
+    assert len(fast.core.templates) == 0
