@@ -8,6 +8,8 @@ receiving one checks that it comes from a live member before it acts on it.
 
 from __future__ import annotations
 
+import logging
+
 from registrar.config import Insertion, Listen, Mode
 from registrar.core.handoff import HEADER as HANDOFF
 from registrar.core.handoff import sign, unsigned, verify
@@ -31,6 +33,9 @@ from registrar.sip.transport import Peer, peer_for_uri
 from registrar.sip.uri import URI, SipURI
 
 ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, MESSAGE, REGISTER, SUBSCRIBE, NOTIFY, REFER, INFO, UPDATE, PRACK"
+
+
+log = logging.getLogger("midregistrar.core")
 
 
 class Routing:
@@ -149,6 +154,9 @@ class Routing:
             hop = Listen.parse(address or "")
             trusted = (hop.host, hop.port) == (event.peer.host, event.peer.port)
         if handoff is None or not trusted:
+            log.debug(
+                "hand-off refused (%s): %s", "not verified" if handoff is None else "unknown sender", value
+            )
             request.headers.remove(HANDOFF)
             state.stats.handoffs_refused += 1
             return False

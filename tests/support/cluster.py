@@ -24,6 +24,7 @@ from tests.support.phones import Fleet
 from tests.support.ports import free_port
 from tests.support.registrar import Registrar
 from tests.support.sip import LOOPBACK
+from tests.support.wait import wait_for
 
 
 class Node(Registrar):
@@ -144,6 +145,15 @@ class Cluster:
             node.launch()
         for node in self.nodes.values():
             node.wait_ready(30)
+        # Ready is not yet knowing every peer: processes started together learn of each other through their
+        # watches, 20-70 ms later, and a hand-off meanwhile is refused (or a call finds no live owner: 480).
+        # Deployed processes start apart; the tests start them at once, so they wait for that.
+        count = len(self.nodes)
+
+        def every_node_sees_all() -> bool:
+            return all(n.metrics().get("midregistrar_members") == count for n in self.nodes.values())
+
+        wait_for(every_node_sees_all, 10, f"every node sees {count} members", interval=0.01)
         return self
 
     def __getitem__(self, name: str) -> Node:
