@@ -45,6 +45,16 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         "ipBlock.except entries must be CIDRs",
     ),
     (
+        "host-bits",  # the API server's NetworkPolicy validation refuses it: caught before, not as ApplyFailed
+        {"networkPolicy": {"sipFrom": [{"ipBlock": {"cidr": "10.254.71.1/24"}}]}},
+        "ipBlock.cidr must not have bits set beyond its prefix length",
+    ),
+    (
+        "host-bits-except",
+        {"networkPolicy": {"sipFrom": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.1.2.3/16"]}}]}},
+        "ipBlock.except entries must not have bits set beyond their prefix length",
+    ),
+    (
         "bad-label-value",
         {"networkPolicy": {"metricsFrom": [{"namespaceSelector": {"matchLabels": {"team": "-ops"}}}]}},
         "matchLabels must hold label keys",
