@@ -122,6 +122,9 @@ def render_settings(spec: MidRegistrarSpec, ref: Ref) -> Settings:
         "max_expires": spec.expires.max,
         "max_contacts": spec.max_contacts,
         "refresh_templates": spec.refresh_templates,
+        "source_rate_limit": spec.limits.source_rate_limit,
+        "source_block_seconds": float(spec.limits.source_block_seconds),
+        "max_connections_per_source": spec.limits.max_connections_per_source,
         "http": f"0.0.0.0:{spec.http_port}",
         "log_format": spec.log_format,
         "store": "etcd" if spec.etcd.endpoints else "memory",
@@ -130,6 +133,8 @@ def render_settings(spec: MidRegistrarSpec, ref: Ref) -> Settings:
     options["drain_grace"], options["drain_timeout"] = drain_budget(spec)
     if spec.etcd.endpoints:
         options["etcd_endpoints"] = list(spec.etcd.endpoints)
+    if spec.limits.trusted_sources is not None:
+        options["trusted_sources"] = list(spec.limits.trusted_sources)
     if spec.network.mode == "service" and spec.network.advertise:
         options["advertise"] = spec.network.advertise
     tls = spec.tls

@@ -86,6 +86,17 @@ class NetworkPolicy(_Model):
     sip_from: list[dict[str, Any]] = Field(default_factory=list, alias="sipFrom")
 
 
+class Limits(_Model):
+    """Per-source guards of each pod (docs/operations.md "Floods"): an SBC or a carrier-grade NAT sends many
+    phones from one address and must be trusted or given room. ``trusted_sources`` None keeps the
+    registrar's default (loopback)."""
+
+    source_rate_limit: int = Field(500, alias="sourceRateLimit", ge=0)
+    source_block_seconds: int = Field(10, alias="sourceBlockSeconds", ge=0)
+    trusted_sources: list[str] | None = Field(None, alias="trustedSources")
+    max_connections_per_source: int = Field(1000, alias="maxConnectionsPerSource", ge=0)
+
+
 def _default_transports() -> list[Transport]:
     return [Transport(protocol="udp", port=5060), Transport(protocol="tcp", port=5060)]
 
@@ -100,6 +111,7 @@ class MidRegistrarSpec(_Model):
     expires: Expires = Field(default_factory=lambda: Expires())
     max_contacts: int = Field(0, alias="maxContacts")
     refresh_templates: int = Field(100_000, alias="refreshTemplates", ge=0)
+    limits: Limits = Field(default_factory=lambda: Limits.model_validate({}))
     transports: list[Transport] = Field(default_factory=_default_transports, min_length=1)
     tls: Tls = Field(default_factory=lambda: Tls.model_validate({}))
     http_port: int = Field(9090, alias="httpPort")

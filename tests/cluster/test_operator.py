@@ -63,6 +63,12 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         "a tls or wss transport needs spec.tls.secretName",
     ),
     (
+        "trusted-source",
+        {"limits": {"trustedSources": ["192.0.2.0/24", "sbc.example.com"]}},
+        "limits.trustedSources entries must be IP addresses or CIDRs",
+    ),
+    ("negative-rate", {"limits": {"sourceRateLimit": -1}}, "should be greater than or equal to 0"),
+    (
         "etcd-tls-only",
         {
             "transports": [{"protocol": "tls", "port": 5061}],

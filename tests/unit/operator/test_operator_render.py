@@ -86,6 +86,27 @@ def test_configmap_goes_through_the_shared_config_model(tmp_path: object) -> Non
     assert build_settings(environ={}, config_file=path).mode == "contact"
 
 
+def test_per_source_limits_reach_the_registrar_an_sbc_trusted() -> None:
+    """An SBC sends all its phones from one address: the MidRegistrar trusts it, or gives each source more
+    room; untouched, the registrar's own defaults hold (500/s, 10-s block, loopback trusted)."""
+    data = yaml.safe_load(render.render_config_yaml(spec(), REF))
+    assert (data["source_rate_limit"], data["source_block_seconds"]) == (500, 10.0)
+    assert data["max_connections_per_source"] == 1000
+    assert data["trusted_sources"] == ["127.0.0.0/8", "::1/128"]
+    limits = {
+        "sourceRateLimit": 5000,
+        "sourceBlockSeconds": 0,
+        "trustedSources": ["198.51.100.7", "203.0.113.0/24"],
+        "maxConnectionsPerSource": 0,
+    }
+    settings = render.render_settings(spec(limits=limits), REF)
+    assert (settings.source_rate_limit, settings.source_block_seconds) == (5000, 0.0)
+    assert settings.max_connections_per_source == 0
+    assert settings.trusted_sources == ["198.51.100.7", "203.0.113.0/24"]
+    none = render.render_settings(spec(limits={"trustedSources": []}), REF)
+    assert none.trusted_sources == []  # trust no address, not even loopback
+
+
 def test_memory_store_without_etcd_and_custom_prefix() -> None:
     assert yaml.safe_load(render.render_config_yaml(spec(), REF))["store"] == "memory"
     s = spec(etcd={"endpoints": ["e:2379"], "prefix": "/custom/"})
