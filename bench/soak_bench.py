@@ -6,12 +6,13 @@ the etcd keys must stay flat after the warm-up. Prints the least-squares slope o
                                [--rates contact=4300,aor=3000]
                                [--modes contact,aor] [--processes 1] [--users 10000]
                                [--join-rate 10] [--churn-expires 30] [--lifetime 90] [--leave-share 0.5]
+                               [--etcd-hold 600]
 
 What runs, all on 127.0.0.1, every process started here and stopped by its PID (also on SIGTERM, SIGINT and
 SIGHUP): one etcd member (tests/support/etcd.py), and for each mode of ``--modes`` a deployment of its own
 (etcd prefix ``/midregistrar/soak/<mode>/``): Kamailio as the main registrar
 (tests/support/main_registrar.cfg, no digest, quiet) and ``--processes`` ``midregistrar run --store etcd``
-processes sharing the prefix (``--outgoing-expires 3600``, hand-offs keyed).
+processes sharing the prefix (``--outgoing-expires 3600``, ``--etcd-hold`` as given, hand-offs keyed).
 Each process gets two kinds of phones:
 
 - the stable ones: ``--users`` AoRs of one binding each (``--expires`` 300), registered once at the start
@@ -52,6 +53,7 @@ import argparse
 import asyncio
 import contextlib
 import csv
+import itertools
 import json
 import os
 import platform
@@ -107,6 +109,7 @@ class SoakConfig:
     churn_expires: int = 30
     lifetime: float = 90.0
     leave_share: float = 0.5
+    etcd_hold: int = 600  # the registrars' --etcd-hold: shorter shows more lease-renewal cycles in less time
     seed: int = 1
     workdir: Path = field(default_factory=lambda: REPO / "build" / "soak")
     out: Path | None = None  # CSV of the samples (default bench/results/soak-<time>.csv)
@@ -491,7 +494,7 @@ def start_deployments(cfg: SoakConfig, etcd: EtcdServer, stack: contextlib.ExitS
             extra = [
                 "--store", "etcd", "--etcd-endpoints", etcd.endpoint, "--etcd-prefix", prefix,
                 "--internal-address", f"udp:{LOOPBACK}:{port}", "--handoff-key-file", str(key_file),
-                "--outgoing-expires", "3600", "--log-level", "warning",
+                "--outgoing-expires", "3600", "--log-level", "warning", "--etcd-hold", str(cfg.etcd_hold),
             ]  # fmt: skip
             reg = Registrar(
                 kam.addr, mode=mode, port=port, transports=("udp",), extra=extra,
@@ -917,6 +920,18 @@ def report(r: SoakResult, command: str) -> str:
             f"| {name} churn phones | joined {s.joined:,}, left {s.left:,}, vanished {s.vanished:,}, "
             f"failed {s.failed} | | | | | |"
         )
+    window = [x for x in r.rows if x["phase"] == "load" and x["t"] >= cfg.warmup]
+    for col in sorted(k for k in (window[0] if window else {}) if k.endswith(".etcd_calls")):
+        # bursts of writes (lease renewals coming due together) show as samples far above the median
+        seen = [x[col] for x in window if x[col] is not None]
+        steps = [b - a for a, b in itertools.pairwise(seen)]
+        if steps:
+            mid, top = statistics.median(steps), max(steps)
+            lines += [
+                "",
+                f"{col} per {cfg.interval:.0f}-s sample after warm-up: median {mid:,.0f}, "
+                f"p90 {percentile(steps, 90):,.0f}, max {top:,.0f} (max / median {top / max(1.0, mid):.1f})",
+            ]
     if r.sample_errors:
         lines += ["", f"Reads that failed or took over 10 s while sampling: {r.sample_errors}"]
     lines += ["", "| idle, before and after | " + " | ".join(("baseline", "final")) + " |", "|---|---|---|"]
@@ -955,6 +970,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--churn-expires", type=int, default=d.churn_expires)
     ap.add_argument("--lifetime", type=float, default=d.lifetime, help="churn phones' mean lifetime, s")
     ap.add_argument("--leave-share", type=float, default=d.leave_share, help="share that De-REGISTER")
+    ap.add_argument("--etcd-hold", type=int, default=d.etcd_hold, help="the registrars' --etcd-hold, s")
     ap.add_argument("--workdir", type=Path, default=d.workdir, help="process logs and data")
     ap.add_argument("--out", type=Path, help="CSV of the samples (default bench/results/soak-<time>.csv)")
     ap.add_argument("--ramp", choices=["contact", "aor"], help="instead of the soak: find the mode's maximum")
@@ -967,7 +983,8 @@ def main(argv: list[str] | None = None) -> int:
         modes=tuple(m for m in args.modes.split(",") if m), processes=args.processes, users=args.users,
         expires=args.expires, warmup_rate=args.warmup_rate,
         chunk=args.chunk, join_rate=args.join_rate, churn_expires=args.churn_expires,
-        lifetime=args.lifetime, leave_share=args.leave_share, workdir=args.workdir, out=args.out,
+        lifetime=args.lifetime, leave_share=args.leave_share, etcd_hold=args.etcd_hold, workdir=args.workdir,
+        out=args.out,
     )  # fmt: skip
     command = " ".join(["python -m bench.soak_bench", *(argv if argv is not None else sys.argv[1:])])
     print(f"{command}: {json.dumps({k: str(v) for k, v in asdict(cfg).items()})}", flush=True)

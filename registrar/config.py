@@ -339,9 +339,10 @@ class Settings(BaseModel):
     etcd_hold: int = Field(
         600,
         ge=5,
-        description="How far past the phone's expiry a binding's etcd lease reaches: the owner rewrites a "
-        "binding only when that lease would lapse, so a refresh costs no etcd call; also how long a "
-        "binding can outlive a dead owner.",
+        description="How far past the phone's expiry a binding's etcd lease reaches at most: the owner "
+        "rewrites a binding only when that lease would lapse (each binding at its own point of a "
+        "--etcd-hold less 10 % cycle, so phones that came together do not renew together), so a refresh "
+        "costs no etcd call; also how long a binding can outlive a dead owner.",
     )
     member_ttl: int = Field(
         10, ge=2, description="TTL of this process's liveness lease in etcd (peers see it gone after that)."

@@ -2,13 +2,14 @@
 writing them to etcd (the write budget), and how its peers read what it did not write.
 
 A phone refreshes every minute or so; writing each refresh would cost one etcd transaction per REGISTER.
-The owner instead writes a binding with a ``hold`` (its expiry plus ``etcd_hold``) on a lease ending then,
-and answers later refreshes from memory while nothing its peers need has changed and the lease would not
-lapse before the new expiry. docs/architecture.md "Shared state in etcd" gives the staleness bound.
+The owner instead writes a binding with a ``hold`` (at most ``etcd_hold`` past its expiry) on a lease
+ending then, and answers later refreshes from memory while nothing its peers need has changed and the lease
+would not lapse before the new expiry. docs/architecture.md "Shared state in etcd" gives the staleness bound.
 
 :func:`plan_commit` is that rule as a pure function of the AoR before and after, what etcd holds, this
 member, the margin and the clock (no I/O, no time read), so that every branch is tested on plain numbers;
-:func:`foreign_expiry` is its reading side; :class:`Overlay` keeps what the owner did not write.
+:func:`renewal_hold` spreads the rewrites over time; :func:`foreign_expiry` is its reading side;
+:class:`Overlay` keeps what the owner did not write.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def plan_commit(
     """Decide a commit of ``new`` in place of ``old`` (the AoR as loaded; None: a create). It writes when a
     binding was added or removed, the meta changed, or a changed binding is new to etcd, owned there by
     another member, differs in anything but :data:`REFRESHED`, or would expire later than ``margin``
-    before its lease ends; a written binding's hold is ``hold`` after its expiry (after ``now`` when
+    before its lease ends; a written binding's hold is :func:`renewal_hold` of its expiry (of ``now`` when
     expired). ``old`` and ``new`` are left as they are."""
     before = old.bindings if old is not None else {}
     write = new.meta != (old.meta if old is not None else None) or any(c not in new.bindings for c in before)
@@ -85,10 +86,33 @@ def plan_commit(
         )
     if not write:
         return WritePlan(False, changed, {}, [], None)
-    holds = {b.ctid: max(b.expires_at, now) + hold for b in changed}
+    holds = {b.ctid: renewal_hold(b.ctid, max(b.expires_at, now), hold=hold, margin=margin) for b in changed}
     removed = [(c, held.mod_revision) for c, held in stored.items() if c not in new.bindings]
     kept = [holds[c] if c in holds else stored[c].hold for c in new.bindings]
     return WritePlan(True, changed, holds, removed, max(kept) if kept else None)
+
+
+_PHASE_MIX = 0x9E3779B97F4A7C15  # Fibonacci hashing: neighbouring contact ids land far apart on the grid
+
+
+def renewal_hold(ctid: int, base: float, *, hold: float, margin: float) -> float:
+    """The hold to write for binding ``ctid`` expiring at ``base``: the latest point on the binding's own
+    grid (period ``hold - margin``, phase drawn from the contact id) that is at most ``hold`` after ``base``,
+    so always more than ``margin`` after it.
+
+    A binding is rewritten when its expiry comes within ``margin`` of its hold. Were the hold simply
+    ``base + hold``, phones that registered together (after an outage, a restart of the SBC in front) would
+    renew together every ``hold - margin`` seconds for as long as they stay: one etcd write per phone within
+    a few seconds, every nine minutes. On the grid, each binding is rewritten every ``hold - margin``
+    seconds at its own phase, so renewals spread evenly over the period from the first one on, whenever
+    the phones came; a process that takes a binding over keeps its phase. The cost: a binding's first
+    renewal comes on average half a period early."""
+    period = hold - margin
+    top = base + hold
+    if period <= 0:
+        return top
+    phase = ((ctid * _PHASE_MIX) & 0xFFFFFFFFFFFFFFFF) / 2**64 * period
+    return top - (top - phase) % period
 
 
 def foreign_expiry(written: float, lifetime: int, hold: float, now: float) -> float:

@@ -430,7 +430,7 @@ def test_expired_phone_gives_exactly_one_deregister_from_its_owner(cluster: Clus
 
 def test_orphaned_binding_gives_exactly_one_deregister_from_a_survivor(cluster: Cluster) -> None:
     """T58 when the owner dies: carol registers through A, A is killed with SIGKILL, carol never refreshes.
-    Her binding stays routable until its lease ends (expiry + --etcd-hold 5 s); then exactly one of B and C
+    Her binding stays routable until its lease ends (at most --etcd-hold 5 s after expiry); then exactly one of B and C
     wins the claim and sends the one De-REGISTER."""
     hold = 5
     c = cluster.start("contact", extra=node_args(outgoing=60))
