@@ -30,12 +30,13 @@ from tests.support.e2e import (
     Kube,
     call_every_device,
     diagnostics,
+    midregistrar,
     pod_ready,
     wait_midreg_ready,
 )
 from tests.support.kamailio import KamailioMain
 from tests.support.netpol import PolicyAgent
-from tests.support.node import HOST_IP, LINK_PREFIX, PHONE_IPS, Node
+from tests.support.node import LINK_PREFIX, PHONE_IPS, Node
 from tests.support.phones import Fleet
 from tests.support.registrar import metric, parse_metrics
 from tests.support.sip import sip_request
@@ -127,25 +128,6 @@ def probe_pod(ns: str) -> dict[str, Any]:
     }
 
 
-def midregistrar(kamailio: KamailioMain, network_policy: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "apiVersion": "sip.midregistrar.io/v1alpha1",
-        "kind": "MidRegistrar",
-        "metadata": {"name": NAME, "namespace": NS},
-        "spec": {
-            "mainRegistrar": f"sip:{HOST_IP}:{kamailio.port}",
-            "mode": "contact",
-            "expires": {"min": 10, "default": 600, "max": 3600},
-            "transports": [{"protocol": "udp", "port": SIP_PORT}, {"protocol": "tcp", "port": SIP_PORT}],
-            "network": {"mode": "service", "serviceType": "ClusterIP"},
-            "etcd": {"endpoints": [ETCD_ENDPOINT]},
-            "replicas": 2,
-            "httpPort": HTTP_PORT,
-            "networkPolicy": network_policy,
-        },
-    }
-
-
 def set_policy(kube: Kube, network_policy: dict[str, Any]) -> None:
     patch = {"spec": {"networkPolicy": network_policy}}
     kube("patch", "midreg", "-n", NS, NAME, "--type=merge", "-p", json.dumps(patch))
@@ -191,7 +173,12 @@ def tier(kube: Kube, platform: dict[str, float], kamailio: KamailioMain) -> Iter
     """The MidRegistrar, its Service's cluster IP advertised (a second rollout: the address exists only once
     the Service does)."""
     metrics_from = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": MONITORING}}}]
-    mr = midregistrar(kamailio, {"metricsFrom": metrics_from})
+    mr = midregistrar(
+        NS, NAME, kamailio,
+        transports=[{"protocol": "udp", "port": SIP_PORT}, {"protocol": "tcp", "port": SIP_PORT}],
+        etcd={"endpoints": [ETCD_ENDPOINT]}, replicas=2, httpPort=HTTP_PORT,
+        networkPolicy={"metricsFrom": metrics_from},
+    )  # fmt: skip
     kube.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
     kube.apply(mr)
     wait_midreg_ready(kube, NS, NAME, 2)

@@ -15,9 +15,8 @@ from typing import Any
 
 import pytest
 
-from tests.support.e2e import SELECTOR, Kube, midreg, wait_midreg_ready
+from tests.support.e2e import SELECTOR, Kube, midreg, midregistrar, wait_midreg_ready
 from tests.support.kamailio import KamailioMain
-from tests.support.node import HOST_IP
 from tests.support.phones import DOMAIN
 from tests.support.pki import Pki
 from tests.support.registrar import metric, metrics
@@ -44,24 +43,6 @@ def secret(pki: Pki, name: str) -> dict[str, Any]:
         "type": "kubernetes.io/tls",
         "metadata": {"name": "sip-tls", "namespace": NS},
         "data": {"tls.crt": b64(crt), "tls.key": b64(key), "ca.crt": b64(pki.ca)},
-    }
-
-
-def midregistrar(kamailio: KamailioMain) -> dict[str, Any]:
-    return {
-        "apiVersion": "sip.midregistrar.io/v1alpha1",
-        "kind": "MidRegistrar",
-        "metadata": {"name": NAME, "namespace": NS},
-        "spec": {
-            "mainRegistrar": f"sip:{HOST_IP}:{kamailio.port}",
-            "mode": "contact",
-            "outgoingExpires": 7200,
-            "expires": {"min": 10, "default": 600, "max": 3600},
-            "transports": [{"protocol": "udp", "port": 5060}, {"protocol": "tls", "port": 5061}],
-            "tls": {"secretName": "sip-tls"},
-            "network": {"mode": "service", "serviceType": "ClusterIP"},
-            "replicas": 1,
-        },
     }
 
 
@@ -100,7 +81,11 @@ def test_tls_from_a_secret_and_renewed_without_a_restart(
     pki = Pki(tmp_path / "pki")
     kube.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
     kube.apply(secret(pki, "first"))
-    kube.apply(midregistrar(kamailio))
+    transports = [{"protocol": "udp", "port": 5060}, {"protocol": "tls", "port": 5061}]
+    tls = {"secretName": "sip-tls"}
+    kube.apply(
+        midregistrar(NS, NAME, kamailio, outgoingExpires=7200, replicas=1, tls=tls, transports=transports)
+    )
     wait_midreg_ready(kube, NS, NAME, 1)
     (pod,) = kube.ready_pods(NS, SELECTOR.format(NAME))
     mounts = {m["mountPath"] for c in pod["spec"]["containers"] for m in c.get("volumeMounts", [])}

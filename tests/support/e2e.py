@@ -172,6 +172,23 @@ def example(name: str) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all((EXAMPLES / name).read_text()) if d]
 
 
+def midregistrar(ns: str, name: str, kamailio: KamailioMain, **spec: Any) -> dict[str, Any]:
+    """A MidRegistrar in mode contact in front of ``kamailio`` on the host, reached through a ClusterIP
+    Service; ``spec`` adds or replaces fields (transports, replicas, tls, networkPolicy...)."""
+    return {
+        "apiVersion": "sip.midregistrar.io/v1alpha1",
+        "kind": "MidRegistrar",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {
+            "mainRegistrar": f"sip:{HOST_IP}:{kamailio.port}",
+            "mode": "contact",
+            "expires": {"min": 10, "default": 600, "max": 3600},
+            "network": {"mode": "service", "serviceType": "ClusterIP"},
+        }
+        | spec,
+    }
+
+
 def midreg(kube: Kube, ns: str, name: str) -> dict[str, Any]:
     return kube.json("get", "midreg", "-n", ns, name)
 
