@@ -61,6 +61,7 @@ import random
 import re
 import secrets
 import shlex
+import shutil
 import signal
 import statistics
 import sys
@@ -780,6 +781,9 @@ def run_soak(cfg: SoakConfig) -> SoakResult:
     gen = build_generator()
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     with _signals_stop(), contextlib.ExitStack() as stack:
+        # a fresh etcd: a run within the last one's leases would find its phones' bindings (same Call-IDs,
+        # higher CSeqs) and get 400 for every REGISTER
+        shutil.rmtree(cfg.workdir / "etcd", ignore_errors=True)
         etcd = EtcdServer(cfg.workdir / "etcd", extra_args=["--quota-backend-bytes", str(8 << 30)])
         stack.callback(etcd.stop)
         etcd.start()
@@ -824,6 +828,9 @@ def ramp(cfg: SoakConfig, mode: str, rates: list[float], seconds: float) -> list
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     cfg.modes, cfg.processes = (mode,), 1
     with _signals_stop(), contextlib.ExitStack() as stack:
+        # a fresh etcd: a run within the last one's leases would find its phones' bindings (same Call-IDs,
+        # higher CSeqs) and get 400 for every REGISTER
+        shutil.rmtree(cfg.workdir / "etcd", ignore_errors=True)
         etcd = EtcdServer(cfg.workdir / "etcd", extra_args=["--quota-backend-bytes", str(8 << 30)])
         stack.callback(etcd.stop)
         etcd.start()
