@@ -12,9 +12,10 @@ its connections stay open and nothing answers, like a hung member or a cut link)
 registrar's metrics are read every 0.25 s.
 
 Reported: the run's REGISTERs answered 200, 503 and not at all (within 2 s), its latency; how long etcd
-counted as unavailable (``midregistrar_etcd_up`` 0); the etcd data calls in the ``--after`` window (a process
-that forgot its cache on recovery fetches every phone's AoR again there); the largest number of asyncio tasks
-and the resident memory before and after. The same run without ``--stall`` is the reference.
+counted as unavailable (``midregistrar_etcd_up`` 0); the etcd data calls in the ``--after`` window, and the
+reads among them (a process that forgot its cache on recovery reads every phone's AoR again there); the
+largest number of asyncio tasks and the resident memory before and after. The same run without ``--stall``
+is the reference.
 """
 
 from __future__ import annotations
@@ -91,9 +92,17 @@ class StallResult:
     @property
     def calls_after(self) -> int:
         """etcd data calls from the end of the stall to the end of the run."""
+        return self._after("etcd_calls")
+
+    @property
+    def reads_after(self) -> int:
+        """Of those, reads of AoRs and contact ids memory did not hold (the rest are writes: renewals...)."""
+        return self._after("etcd_reads")
+
+    def _after(self, column: str) -> int:
         c = self.cfg
         start, end = self._at(c.before + c.stall), self._at(c.before + c.stall + c.after)
-        return int((end["etcd_calls"] or 0) - (start["etcd_calls"] or 0))
+        return int((end[column] or 0) - (start[column] or 0))
 
     @property
     def max_tasks(self) -> int:
@@ -116,6 +125,7 @@ class StallResult:
             "max_ms": lat.get("max", 0) / 1000,
             "etcd_unavailable_s": self.unavailable_s,
             "etcd_calls_after": self.calls_after,
+            "etcd_reads_after": self.reads_after,
             "max_tasks": self.max_tasks,
             "rss_mib_before_after": self.rss_mib,
         }
@@ -134,6 +144,7 @@ async def _sample(member: Member, t0: float, out: list[dict[str, float | None]],
             ("tasks", "midregistrar_asyncio_tasks"),
             ("etcd_up", "midregistrar_etcd_up"),
             ("etcd_calls", "midregistrar_etcd_calls"),
+            ("etcd_reads", "midregistrar_etcd_reads"),
             ("store_503s", "midregistrar_store_unavailable"),
             ("cached_aors", "midregistrar_aors"),
         ):

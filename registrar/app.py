@@ -214,6 +214,7 @@ class Registrar:
             len(etcd.members),
             etcd.registry.skew(),
             etcd.fetches_refused,
+            etcd.reads,
         )
 
     async def aor_view(self, aor: str) -> dict[str, Any] | None:

@@ -29,6 +29,7 @@ class StoreStats:
     members: int
     clock_skew: float = 0.0  # s: the largest clock offset to a live peer (registrar/store/members.py)
     reads_refused: int = 0  # AoR reads not queued (registrar/store/etcd.py FETCH_BACKLOG): answered 503
+    reads: int = 0  # of ``calls``, reads of AoRs and contact ids memory did not hold
 
 
 class EngineCollector(Collector):
@@ -222,6 +223,11 @@ class EngineCollector(Collector):
             st = self.store_stats()
             yield CounterMetricFamily(
                 "midregistrar_etcd_calls", "etcd requests made for data", value=st.calls
+            )
+            yield CounterMetricFamily(
+                "midregistrar_etcd_reads",
+                "etcd reads of AoRs and contact ids that memory did not hold (part of the calls)",
+                value=st.reads,
             )
             yield GaugeMetricFamily(
                 "midregistrar_etcd_up", "1 while etcd is reachable", value=int(st.available)

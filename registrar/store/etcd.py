@@ -141,6 +141,7 @@ class EtcdStore:
         self._alive_until = 0.0  # monotonic: this member's lease in etcd runs at least until then
         self.fetches_refused = 0  # reads not queued: FETCH_BACKLOG was reached
         self.calls = 0
+        self.reads = 0  # of those calls, reads of AoRs and contact ids that memory did not hold
         self.health_checks = 0
         self.health_interval = 1.0
         self.orphan_claims_won = 0
@@ -386,6 +387,7 @@ class EtcdStore:
         try:
             for _ in range(5):
                 self.calls += 1
+                self.reads += 1
                 async with self._limit:
                     result = await self.client.txn([], self._reads(aor))
                 if self._store_fetched(aor, result):
@@ -453,6 +455,7 @@ class EtcdStore:
             aor = self.cache.ctids.get(ctid)
             if aor is None:
                 self.calls += 1
+                self.reads += 1
                 kv = await self.client.get(self.keys.index(ctid))
                 aor = ""
                 if kv is not None:
@@ -490,7 +493,13 @@ class EtcdStore:
             old, record, entry.held(), self.member_id, margin=self.margin, hold=self.hold, now=now
         )
         if plan.write and not available:
-            raise StoreUnavailable("etcd unavailable: the change must be written")
+            # A renewal that comes due now can wait for etcd while the lease still covers the new expiry: that
+            # is what the margin is for. Anything else must be written.
+            plan = plan_commit(
+                old, record, entry.held(), self.member_id, margin=LEASE_MARGIN, hold=self.hold, now=now
+            )
+            if plan.write:
+                raise StoreUnavailable("etcd unavailable: the change must be written")
         for binding in plan.changed:
             record.bindings[binding.ctid] = binding
         if not plan.write:

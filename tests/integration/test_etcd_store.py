@@ -584,7 +584,8 @@ def test_a_stall_is_answered_from_memory_while_the_member_lease_runs(etcd_server
     """etcd paused (SIGSTOP) under a process that holds bindings: once a call misses its deadline the process
     is unavailable, yet until its member lease may have run out (peers still count it live, nothing it holds
     can have been taken over) it answers from memory what it would answer at steady state: cached AoRs and
-    contact ids, and the owner's refresh that needs no write. A new binding, a removal and an AoR not in memory
+    contact ids, and the owner's refresh that needs no write (a lease renewal that comes due waits while the
+    lease covers the new expiry). A new binding, a removal and an AoR not in memory
     raise ``StoreUnavailable`` (503), and past the lease everything does. When etcd is back, the cache is still
     there: no fetch of every AoR (before, recovery cleared it and every phone's next refresh was a fetch)."""
 
@@ -622,6 +623,21 @@ def test_a_stall_is_answered_from_memory_while_the_member_lease_runs(etcd_server
                 assert a.commit(refreshed, old, time.time()) is None
                 seen = a.load(aor)
                 assert seen is not None and seen.bindings[1].cseq == cur.cseq + 1
+                # a renewal that comes due waits for etcd while the lease covers the new expiry (the margin
+                # is for that); past the lease's end less 1 s it must be written
+                hold = renewal_hold(2, now + 60, hold=a.hold, margin=a.margin)
+                for expires, absorbed in ((hold - a.margin + 1, True), (hold - 2, True), (hold - 0.5, False)):
+                    old = a.load(aors[1])
+                    assert old is not None
+                    due = old.copy()
+                    due.bindings[2] = replace(
+                        old.bindings[2], expires_at=expires, cseq=old.bindings[2].cseq + 1
+                    )
+                    if absorbed:
+                        assert a.commit(due, old, time.time()) is None
+                    else:
+                        with pytest.raises(StoreUnavailable):
+                            a.commit(due, old, time.time())
                 # what must be written, or read from etcd, waits for etcd: 503
                 added = seen.copy()
                 added.bindings[99] = binding(99, now + 60)
