@@ -6,7 +6,7 @@ of every phone's AoR (the cache was cleared on recovery: 10,000 etcd calls, 6,65
 busy machine that storm made the next deadline miss and the process never recovered. Now:
 
 - a stall shorter than what remains of the process's member lease is answered from memory: every refresh
-  answered 200, none lost;
+  answered 200 but those of the few phones whose lease renewal was being written when etcd hung, none lost;
 - a renewal of a binding's lease that comes due during the stall waits for etcd while the lease still covers
   the phone's new expiry (the margin is for that), so it is answered from memory too;
 - a longer one is answered 503 past that point (never a guess), and neither costs a fetch storm afterwards:
@@ -63,7 +63,11 @@ def test_a_short_stall_is_answered_from_memory_and_costs_no_fetch_after(
         "the stall must be seen (etcd_up 0), or this test proves nothing\n" + detail
     )
     assert r.sent >= 0.9 * RATE * 19, detail
-    assert r.refused == 0, "within the member lease, a refresh is answered from memory\n" + detail
+    # Within the member lease a refresh is answered from memory. The exceptions are the few phones whose lease
+    # renewal was being written when etcd hung: that write's outcome is unknown, so their AoR is read again
+    # and they get 503 until etcd answers (17-24 in 19,000 here; renewals are spread over 540 s, so a few are
+    # always in flight). The stall without the fix answered 1,031.
+    assert r.refused <= RATE * 0.1, "within the member lease, a refresh is answered from memory\n" + detail
     _answered_without_a_storm(r, detail)
 
 
