@@ -189,7 +189,7 @@ def sync_webhook_configuration(webhook: Webhook) -> None:
 @kopf.on.mutate(
     "v1", "pods", id=sidecar.WEBHOOK_PATH, operations={"CREATE"}, labels={sidecar.SIDECAR_LABEL: kopf.PRESENT}
 )
-def inject_sidecar(
+async def inject_sidecar(
     *,
     body: kopf.Body,
     patch: kopf.Patch,
@@ -198,10 +198,14 @@ def inject_sidecar(
     logger: Logger,
     **_: Any,
 ) -> None:
-    """Add the registrar container to a PBX pod that names a sidecar MidRegistrar in its label."""
+    """Add the registrar container to a PBX pod that names a sidecar MidRegistrar in its label.
+
+    Asynchronous, with its one read in a thread of its own: kopf runs synchronous handlers on the workers that
+    reconciliation uses, and the API server gives admission 10 s. Queued behind reconciles that wait on an
+    unreachable etcd, the pod was refused (Fail) or created plain (Ignore)."""
     name = body.metadata.labels.get(sidecar.SIDECAR_LABEL, "")
     ns = namespace or body.metadata.namespace or ""
-    mr = kube().get(API_VERSION, KIND, ns, name)
+    mr = await asyncio.to_thread(kube().get, API_VERSION, KIND, ns, name)
     spec = parse_spec(mr.get("spec")) if mr is not None else None
     if mr is None or spec is None or spec.deployment != "sidecar":
         warnings.append(f"no sidecar MidRegistrar {ns}/{name}: pod created without a mid-registrar")

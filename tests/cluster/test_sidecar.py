@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
+import time
 from typing import Any
 
 import pytest
@@ -201,3 +203,44 @@ def test_an_untrusted_webhook_fails_closed_or_open_as_declared(
     assert cluster.create(pod).returncode == 0
     again = cluster.get("pod", "pbx-1", ns)
     assert again and [c["name"] for c in again["spec"]["containers"]] == ["pbx", "midregistrar"]
+
+
+def test_admission_does_not_wait_behind_reconciles(cluster: Cluster, operator: Any, ns: str) -> None:
+    """The API server gives the webhook 10 s; reconciles have no deadline. 24 MidRegistrars name etcd endpoints
+    that accept connections and never answer: each reconcile waits 3 s on each of three, every 2 s (the
+    resync here), which keeps all eight workers busy with more queued. A PBX pod is still injected at once
+    (before, its admission queued behind them and the pod was refused)."""
+    silent = [socket.create_server(("127.0.0.1", 0), backlog=1024) for _ in range(3)]  # never accepted
+    busy = [f"busy-{i}" for i in range(24)]
+    try:
+        endpoints = [f"127.0.0.1:{s.getsockname()[1]}" for s in silent]
+        for name in busy:
+            obj = midregistrar(name, ns, etcd={"endpoints": endpoints})
+            obj["metadata"]["annotations"] = {"sip.midregistrar.io/skip-etcd-cleanup": "true"}
+            cluster.apply(obj)
+        cluster.apply(sidecar_midregistrar("edge", ns))
+        assert poll(lambda: webhook_entry(cluster, "edge", ns), 60)
+
+        def unreachable() -> int:
+            objs = [cluster.get("midregistrar", name, ns) or {} for name in busy]
+            return sum("etcd unreachable" in json.dumps(o.get("status") or {}) for o in objs)
+
+        assert poll(lambda: unreachable() == len(busy), 120), unreachable()  # every worker has waited on one
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "pbx-0", "namespace": ns, "labels": {"app": "pbx", LABEL: "edge"}},
+            "spec": {"containers": [{"name": "pbx", "image": "kamailio:test"}]},
+        }
+        start = time.monotonic()
+        proc = cluster.create(pod)
+        took = time.monotonic() - start
+        assert proc.returncode == 0, f"{proc.stderr} (after {took:.1f} s)"
+        stored = cluster.get("pod", "pbx-0", ns)
+        assert stored and [c["name"] for c in stored["spec"]["containers"]] == ["pbx", "midregistrar"]
+        assert took < 5, took
+    finally:
+        for s in silent:
+            s.close()  # etcd calls now fail at once: the workers drain for the tests that follow
+        cluster.kubectl("delete", "midregistrar", "-n", ns, *busy, "--wait=false", check=False)
+        poll(lambda: not any(cluster.get("midregistrar", name, ns) for name in busy), 60)
