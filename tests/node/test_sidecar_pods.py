@@ -34,6 +34,7 @@ pytestmark = pytest.mark.node
 
 NS, MIDREG, APP = "voip-pbx", "pbx-edge", "pbx"
 LABEL = "sip.midregistrar.io/sidecar"
+OPERATOR = "app.kubernetes.io/component=operator"
 USERS = [f"s{i:03d}" for i in range(100)]
 EXPIRES, REFRESH_MS = 60, 5000
 
@@ -54,6 +55,23 @@ def rolled_out(kube: Kube, injected: bool, replicas: int = 2) -> bool:
     pods = pbx_pods(kube)
     want = ["pbx", "midregistrar"] if injected else ["pbx"]
     return len(pods) == replicas and all(pod_ready(p) and containers(p) == want for p in pods)
+
+
+def pbx_state(kube: Kube) -> str:
+    """What a failed wait on the PBX pods needs: each pod's containers and readiness, the namespace's latest
+    events, and what the operator logged about injection."""
+    lines = ["--- PBX pods ---"]
+    for p in kube.pods(NS, f"app={APP}"):
+        statuses = {c["name"]: c.get("ready") for c in p.get("status", {}).get("containerStatuses") or []}
+        gone = " (deleting)" if p["metadata"].get("deletionTimestamp") else ""
+        lines.append(f"{p['metadata']['name']}{gone}: {statuses or containers(p)}, pod ready {pod_ready(p)}")
+    lines.append("--- events ---")
+    events = kube("get", "events", "-n", NS, "--sort-by=.lastTimestamp", check=False).splitlines()
+    lines += events[-15:]
+    lines.append("--- operator ---")
+    log = kube("logs", "-n", SYSTEM_NS, "-l", OPERATOR, "--tail=400", check=False).splitlines()
+    lines += [ln for ln in log if re.search(r"inject|webhook|ERROR|Traceback|[Tt]imeout", ln)][-25:]
+    return "\n".join(lines)
 
 
 def pbx_registers(kube: Kube) -> int:
@@ -77,10 +95,7 @@ def set_failure_policy(kube: Kube, policy: str) -> None:
 def set_operator_replicas(kube: Kube, n: int) -> None:
     kube("scale", "deployment", RELEASE, "-n", SYSTEM_NS, f"--replicas={n}")
     kube.wait(
-        lambda: (
-            len(kube.ready_pods(SYSTEM_NS, "app.kubernetes.io/component=operator")) == n
-            and len(kube.pods(SYSTEM_NS, "app.kubernetes.io/component=operator")) == n
-        ),
+        lambda: len(kube.ready_pods(SYSTEM_NS, OPERATOR)) == n and len(kube.pods(SYSTEM_NS, OPERATOR)) == n,
         120,
         f"{n} operator pods",
     )
@@ -218,7 +233,10 @@ def test_an_unreachable_webhook_fails_closed_then_open_as_declared(kube: Kube, p
     finally:
         set_operator_replicas(kube, 1)
     kube.wait(
-        lambda: rolled_out(kube, injected=True), 120, "the replacement, injected once the webhook is back"
+        lambda: rolled_out(kube, injected=True),
+        120,
+        "the replacement, injected once the webhook is back",
+        lambda: pbx_state(kube),
     )
     # Ignore: declared on the MidRegistrar, carried to the webhook configuration by the operator.
     set_failure_policy(kube, "Ignore")
@@ -245,9 +263,9 @@ def test_an_unreachable_webhook_fails_closed_then_open_as_declared(kube: Kube, p
         )
         return status(kube).get("notInjectedPods") == 1 and "SidecarNotInjected" in events
 
-    kube.wait(reported, 90, "the operator reports the pod without its sidecar")
+    kube.wait(reported, 90, "the operator reports the pod without its sidecar", lambda: pbx_state(kube))
     kube("delete", "pod", plain, "-n", NS, "--wait=false")
-    kube.wait(lambda: rolled_out(kube, injected=True), 120, "injected again")
+    kube.wait(lambda: rolled_out(kube, injected=True), 120, "injected again", lambda: pbx_state(kube))
     set_failure_policy(kube, "Fail")
 
 

@@ -55,11 +55,13 @@ class Kube:
     def ready_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
         return [p for p in self.pods(namespace, selector) if pod_ready(p)]
 
-    def wait(self, fn: Any, timeout: float, what: str) -> None:
+    def wait(self, fn: Any, timeout: float, what: str, explain: Callable[[], str] | None = None) -> None:
+        """``fn`` true within ``timeout``; else fail with the node's logs and ``explain()`` (the objects)."""
         try:
             wait_for(fn, timeout, what)
         except WaitTimeout as exc:
-            raise AssertionError(f"{exc}\n{self.node.logs(8)}") from None
+            state = f"\n{explain()}" if explain is not None else ""
+            raise AssertionError(f"{exc}{state}\n{self.node.logs(8)}") from None
 
 
 def pod_ready(pod: dict[str, Any]) -> bool:
