@@ -5,7 +5,7 @@ The long runs, with more phones, are `python -m tests.faults.run` in `make bench
 Goals checked here: every property of the checker holds (no binding lost, no duplicate at main, no De-REGISTER
 of a live binding, exactly one for each expired one, no other user's binding in a 200), and REGISTERs fail only
 while etcd itself cannot answer (quorum lost, or this process cut from all of it): a fault that leaves a
-quorum reachable costs no failed REGISTER.
+quorum reachable costs no failed REGISTER (random packet loss only what the loss itself explains).
 """
 
 from __future__ import annotations
@@ -25,6 +25,13 @@ OUTAGE_ALLOWED = {"quorum-loss": 20.0, "cut-etcd": 10.0, "refuse-etcd": 10.0}
 # A's phones lose the REGISTER in flight when A is killed (they move to B at once).
 OUTAGE_ALLOWED |= {name: 4.0 for name in FAULTS if name.startswith("skew")}
 SLACK = 6.0  # s: detection (etcd deadline 1 s, member TTL 2 s) and the phones' retry interval (3 s)
+# Faults whose own packet loss may lose a REGISTER outright, and how many at most. A SIPp phone sends one at
+# most four times in its 4 s (T1 500 ms); the registrar answers each copy, and a copy succeeds when it and its
+# answer both pass: at 10 % each way, a REGISTER is lost with p = (1 - 0.9²)⁴ = 0.13 %, so about one run in
+# eight loses one of the ~100 sent during the fault (30 phones, every 3 s, 10 s; CI saw it once). Three lost
+# (p = 0.04 %) is the registrar's doing.
+LOST_TO_THE_NETWORK = {"loss-10": 2}
+LOST_OUTAGE = 7.0  # s: one REGISTER lost (the phone's 4-s timeout, then its 3-s pause before the next)
 
 CASES = [(name, "contact") for name in FAULTS] + [
     (name, "aor")
@@ -40,7 +47,10 @@ def test_fault_keeps_every_property(tmp_path: Path, fault: str, mode: str) -> No
     assert report.calls >= 30, f"every refreshing phone was called from main\n{info}"
     assert report.deregisters >= 12, f"every leaver's binding expired with a De-REGISTER\n{info}"
     allowed = OUTAGE_ALLOWED.get(fault)
-    if allowed is None:
+    if fault in LOST_TO_THE_NETWORK:
+        assert report.failed_registers <= LOST_TO_THE_NETWORK[fault], f"more than the loss explains\n{info}"
+        assert report.longest_outage <= LOST_OUTAGE + SLACK, f"more than one lost in a row\n{info}"
+    elif allowed is None:
         assert report.failed_registers == 0, f"a quorum stayed reachable: no REGISTER may fail\n{info}"
     else:
         assert report.longest_outage <= allowed + SLACK, info
