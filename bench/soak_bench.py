@@ -480,6 +480,16 @@ class Deployment:
     members: list[Member]
 
 
+def fresh_etcd(workdir: Path, stack: contextlib.ExitStack) -> EtcdServer:
+    """An etcd started on an empty data directory, stopped with ``stack``: a run within the last one's leases
+    would find its phones' bindings (same Call-IDs, higher CSeqs) and get 400 for every REGISTER."""
+    shutil.rmtree(workdir / "etcd", ignore_errors=True)
+    etcd = EtcdServer(workdir / "etcd", extra_args=["--quota-backend-bytes", str(8 << 30)])
+    stack.callback(etcd.stop)
+    etcd.start()
+    return etcd
+
+
 def start_deployments(cfg: SoakConfig, etcd: EtcdServer, stack: contextlib.ExitStack) -> list[Deployment]:
     key_file = cfg.workdir / "handoff.keys"
     key_file.write_text(secrets.token_hex(24) + "\n")
@@ -781,12 +791,7 @@ def run_soak(cfg: SoakConfig) -> SoakResult:
     gen = build_generator()
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     with _signals_stop(), contextlib.ExitStack() as stack:
-        # a fresh etcd: a run within the last one's leases would find its phones' bindings (same Call-IDs,
-        # higher CSeqs) and get 400 for every REGISTER
-        shutil.rmtree(cfg.workdir / "etcd", ignore_errors=True)
-        etcd = EtcdServer(cfg.workdir / "etcd", extra_args=["--quota-backend-bytes", str(8 << 30)])
-        stack.callback(etcd.stop)
-        etcd.start()
+        etcd = fresh_etcd(cfg.workdir, stack)
         deps = start_deployments(cfg, etcd, stack)
         result = asyncio.run(drive(cfg, etcd, deps, gen))
     result.csv_path = write_results(result)
@@ -828,12 +833,7 @@ def ramp(cfg: SoakConfig, mode: str, rates: list[float], seconds: float) -> list
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     cfg.modes, cfg.processes = (mode,), 1
     with _signals_stop(), contextlib.ExitStack() as stack:
-        # a fresh etcd: a run within the last one's leases would find its phones' bindings (same Call-IDs,
-        # higher CSeqs) and get 400 for every REGISTER
-        shutil.rmtree(cfg.workdir / "etcd", ignore_errors=True)
-        etcd = EtcdServer(cfg.workdir / "etcd", extra_args=["--quota-backend-bytes", str(8 << 30)])
-        stack.callback(etcd.stop)
-        etcd.start()
+        etcd = fresh_etcd(cfg.workdir, stack)
         (dep,) = start_deployments(cfg, etcd, stack)
         return asyncio.run(_ramp(cfg, dep.members[0], gen, rates, seconds))
 

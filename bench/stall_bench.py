@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import json
 import shlex
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -33,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.poisson_bench import build_generator
-from bench.soak_bench import Member, SoakConfig, Stable, rss_mib, start_deployments
+from bench.soak_bench import Member, SoakConfig, Stable, fresh_etcd, rss_mib, start_deployments
 from tests.support import REPO
 from tests.support.etcd import EtcdServer, find_etcd_binary
 from tests.support.registrar import metric, metrics
@@ -209,12 +208,8 @@ def run_stall(cfg: StallConfig) -> StallResult:
         workdir=cfg.workdir,
         quiet=True,
     )
-    # a fresh etcd: a previous run's bindings (same Call-IDs, higher CSeqs) would refuse these phones' 400
-    shutil.rmtree(cfg.workdir / "etcd", ignore_errors=True)
     with contextlib.ExitStack() as stack:
-        etcd = EtcdServer(cfg.workdir / "etcd")
-        stack.callback(etcd.stop)
-        etcd.start()
+        etcd = fresh_etcd(cfg.workdir, stack)
         deps = start_deployments(soak, etcd, stack)
         member = deps[0].members[0]
         return asyncio.run(_drive(cfg, soak, etcd, member, gen))
