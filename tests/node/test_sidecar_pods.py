@@ -6,7 +6,8 @@ Service. The tests run in order: the PBX pods come up with the sidecar; SIPp pho
 Service's SIP port and their refreshes are absorbed (the PBX logs only the trickle); a call sent to a PBX
 replica's trunk reaches the devices; a rollout of the PBX under load loses no registration; the webhook
 unreachable (operator scaled to 0) refuses new PBX pods (failurePolicy Fail) and then creates them plain
-(Ignore), which the operator reports once it is back; an expired webhook certificate is renewed when the
+(Ignore), which the operator reports once it is back; a restarted operator is Ready only once its webhook
+answers; an expired webhook certificate is renewed when the
 operator starts; removing the label and rolling takes the sidecar away.
 """
 
@@ -267,6 +268,27 @@ def test_an_unreachable_webhook_fails_closed_then_open_as_declared(kube: Kube, p
     kube("delete", "pod", plain, "-n", NS, "--wait=false")
     kube.wait(lambda: rolled_out(kube, injected=True), 120, "injected again", lambda: pbx_state(kube))
     set_failure_policy(kube, "Fail")
+
+
+def test_the_operator_is_ready_only_once_its_webhook_answers(kube: Kube, pbx: Addr) -> None:
+    """The webhook Service routes to Ready operator pods: the first moment the restarted operator is Ready, a PBX
+    pod admitted (a server-side dry run: the webhook is called, nothing is stored) gets its sidecar. Ready at
+    container start, as before the readiness probe, the API server found nothing listening for seconds and
+    refused the pod (failurePolicy Fail)."""
+    assert (webhook_entry(kube) or {}).get("failurePolicy") == "Fail"
+    set_operator_replicas(kube, 0)
+    set_operator_replicas(kube, 1)  # returns as soon as the new pod is Ready
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "pbx-dry-run", "namespace": NS, "labels": {"app": "pbx-probe", LABEL: MIDREG}},
+        "spec": {"containers": [{"name": "pbx", "image": "pbx:probe"}]},
+    }
+    proc = kube.node.kubectl(
+        "create", "--dry-run=server", "-o", "json", "-f", "-", input=json.dumps(pod), check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert containers(json.loads(proc.stdout)) == ["pbx", "midregistrar"]
 
 
 def test_an_expired_webhook_certificate_is_renewed_when_the_operator_starts(kube: Kube, pbx: Addr) -> None:
