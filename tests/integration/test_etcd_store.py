@@ -191,9 +191,7 @@ def test_fetch_commit_and_decoding(etcd_server: EtcdServer) -> None:
             assert peer_view.contact == own.contact
 
             stored = await raw(etcd_server, f"{prefix}aor/{aor}/ct/{ctid}")
-            hold = renewal_hold(
-                ctid, now + 60, hold=a.hold, margin=a.margin
-            )  # at most etcd_hold after expiry
+            hold = renewal_hold(ctid, now + 60, hold=a.hold, margin=a.margin)  # at most etcd_hold past expiry
             assert stored is not None and stored["hold"] == pytest.approx(hold) and hold <= now + 60 + a.hold
             head = await raw(etcd_server, f"{prefix}aor/{aor}")
             assert head == {"v": 1, "aor": aor, "meta": META.to_dict(), "ctids": [str(ctid)]}
