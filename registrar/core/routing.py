@@ -97,7 +97,15 @@ class Routing:
         state.stack.proxy(event.txn, branches, flows=flows)
 
     def ack(self, request: Request, peer: Peer, now: float) -> None:
-        """An ACK for a 2xx travels end to end: by its Route set, else by the contact id it targets."""
+        """An ACK for a 2xx travels end to end: by its Route set, else by the contact id it targets. One
+        that cannot be routed (a Route that does not parse or names no SIP URI) is dropped: an ACK is never
+        answered."""
+        try:
+            self._ack(request, peer, now)
+        except ParseError as exc:
+            log.debug("ACK dropped: %s", exc.reason)
+
+    def _ack(self, request: Request, peer: Peer, now: float) -> None:
         state = self.state
         routes = request.headers.values("route")
         if routes:
@@ -222,8 +230,13 @@ class Routing:
         return flow_of(uri.user)
 
     def _next_hop(self, request: Request) -> Peer:
+        """Where a pre-routed request goes next: its first Route that is not ours, else its Request-URI.
+        ParseError (416) when that is not a SIP URI: nothing tells where a ``tel:`` or a mangled scheme is."""
         routes = self.state.stack.pop_own_routes(request)
-        return peer_for_uri(parse_address(routes[0], "Route").uri if routes else request.uri)
+        uri = parse_address(routes[0], "Route").uri if routes else request.uri
+        if not isinstance(uri, SipURI):
+            raise ParseError(f"next hop {str(uri)[:40]!r} is not a SIP URI", status=416)
+        return peer_for_uri(uri)
 
 
 def over_flow(target: Target) -> bool:

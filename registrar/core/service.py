@@ -113,7 +113,7 @@ class MidRegistrar:
             else:
                 self.routing.route(event, now)
         except ParseError as exc:
-            self.state.stack.respond(event.txn, _bad_request(request, exc.reason))
+            self.state.stack.respond(event.txn, _bad_request(request, exc.reason, exc.status))
 
     def _unavailable(self, event: Event) -> None:
         """The store cannot be reached: 503 with Retry-After, never a guessed answer (architecture "Shared
@@ -180,7 +180,7 @@ class MidRegistrar:
         self.state.flows.pop(conn, None)
 
 
-def _bad_request(request: Request, reason: str) -> Response:
-    response = make_response(request, 400)
-    response.reason = f"Bad Request ({reason})"
+def _bad_request(request: Request, reason: str, status: int = 400) -> Response:
+    response = make_response(request, status)
+    response.reason = f"{response.reason} ({reason})"
     return response

@@ -3,8 +3,8 @@ one-line configuration error, or a skipped etcd value) out, never an exception.
 
 Before the fixes: ``str.isdigit`` let '²' or 5000 digits through to ``int()`` (ValueError out of the parser),
 a non-numeric ``rport`` reached ``int()`` when the response peer was chosen (out of ``Stack.receive``), a
-non-ASCII AoR in aor mode raised out of the core while relaying, an empty Via line above the real one raised
-ParseError out of ``Stack.receive``, four regexes took seconds on a run of blanks, a non-UTF-8 config file raised
+non-ASCII AoR in aor mode raised out of the core while relaying, so did a Route to a non-SIP URI (ValueError),
+an empty Via line above the real one raised ParseError out of ``Stack.receive``, four regexes took seconds on a run of blanks, a non-UTF-8 config file raised
 UnicodeDecodeError out of the CLI, a listen address read back as another, and etcd values of the wrong shape
 were decoded into bindings that failed later (or raised AttributeError/RecursionError out of the decoders).
 """
@@ -209,6 +209,32 @@ def test_empty_via_line_above_the_real_one_is_dropped() -> None:
     assert answers(register().replace(b"Via: ", b"v: ,\r\nVia: ", 1)) == []
     response = b"SIP/2.0 200 OK\r\nVia:\r\n" + register().partition(b"\r\n")[2]
     assert answers(response) == []
+
+
+def _routed(method: str, route: str) -> bytes:
+    return (
+        f"{method} sip:bob@example.org SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.10:5062;branch=z9hG4bK-r1\r\n"
+        f"Max-Forwards: 70\r\nRoute: {route}\r\nFrom: <sip:alice@example.com>;tag=1\r\n"
+        f"To: <sip:bob@example.org>\r\nCall-ID: r1\r\nCSeq: 1 {method}\r\nContent-Length: 0\r\n\r\n"
+    ).encode()
+
+
+@pytest.mark.parametrize("route", ["<si7.0.0.1:5080>", "<tel:+15551234567>", "<urn:uuid:1>;lr"])
+def test_a_route_to_a_non_sip_uri_gets_416(route: str) -> None:
+    """``Route: <si7.0.0.1:5080>`` on a MESSAGE: the next hop was looked up for a URI with no host, and
+    ValueError escaped the core (found by 10 million fuzz inputs through the UDP pipeline)."""
+    core = Core(mode="contact", outgoing_expires=3600)
+    core.feed(_routed("MESSAGE", route), PHONE)
+    assert [out[:30] for out, _ in core.rig.raw] == [b"SIP/2.0 416 Unsupported URI Sc"]
+
+
+@pytest.mark.parametrize("route", ["<tel:+15551234567>", "<sip:a@b", "<>"])
+def test_an_ack_routed_to_nowhere_is_dropped(route: str) -> None:
+    core = Core(mode="contact", outgoing_expires=3600)
+    core.feed(_routed("ACK", route), PHONE)
+    assert core.rig.raw == []
+    core.feed(register(), PHONE)  # and the engine goes on
+    assert core.to_main().method == "REGISTER"
 
 
 # Inputs that took quadratic time (a regex backtracking over a run of blanks): seconds for one message.
