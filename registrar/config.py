@@ -371,7 +371,7 @@ class Settings(BaseModel):
     def _parse_credentials(cls, value: Any) -> Any:
         if isinstance(value, str):
             value = [v for v in value.split(",") if v.strip()]
-        for item in value or []:
+        for item in value if isinstance(value, list) else []:  # (anything else: the type check says so)
             if isinstance(item, str) and item.count(":") < 2:
                 raise ValueError(f"credentials {item.split(':')[0]!r}… must look like realm:user:password")
         return value
@@ -577,6 +577,8 @@ def file_settings(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not UTF-8 text: {exc.reason} at byte {exc.start}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    except ValueError as exc:  # a scalar YAML reads but Python will not take: an integer of 5,000 digits
+        raise ConfigError(f"config file {path} holds a value that cannot be read: {str(exc)[:80]}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

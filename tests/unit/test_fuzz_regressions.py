@@ -4,8 +4,9 @@ one-line configuration error, or a skipped etcd value) out, never an exception.
 Before the fixes: ``str.isdigit`` let '²' or 5000 digits through to ``int()`` (ValueError out of the parser),
 a non-numeric ``rport`` reached ``int()`` when the response peer was chosen (out of ``Stack.receive``), a
 non-ASCII AoR in aor mode raised out of the core while relaying, so did a Route to a non-SIP URI (ValueError),
-an empty Via line above the real one raised ParseError out of ``Stack.receive``, four regexes took seconds on a run of blanks, a non-UTF-8 config file raised
-UnicodeDecodeError out of the CLI, a listen address read back as another, and etcd values of the wrong shape
+an empty Via line above the real one raised ParseError out of ``Stack.receive``, four regexes took seconds on a
+run of blanks, a non-UTF-8 config file, a 5,000-digit integer in it and a number where a list belongs raised out
+of the CLI, a listen address read back as another, and etcd values of the wrong shape
 were decoded into bindings that failed later (or raised AttributeError/RecursionError out of the decoders).
 """
 
@@ -106,6 +107,25 @@ def test_config_file_that_is_not_utf8(tmp_path: Path, capsys: pytest.CaptureFixt
         build_settings({}, environ={}, config_file=path)
     assert main(["run", "--config", str(path)]) == 2
     assert "not UTF-8" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        (f"max_expires: -{MANY_DIGITS}\n", "cannot be read"),  # ValueError out of the YAML loader's int()
+        ("main_credentials: 1\n", "invalid main-credentials"),  # TypeError: 'int' object is not iterable
+    ],
+)
+def test_config_values_python_cannot_take_are_refused(
+    text: str, error: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found by a million config inputs: both raised out of the loader instead of a configuration error."""
+    path = tmp_path / "bad.yaml"
+    path.write_text("main_registrar: sip:1.2.3.4\nlisten: udp:127.0.0.1:5060\n" + text)
+    with pytest.raises(ConfigError, match=error):
+        build_settings({}, environ={}, config_file=path)
+    assert main(["run", "--config", str(path)]) == 2
+    assert error in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
