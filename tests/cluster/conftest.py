@@ -98,7 +98,10 @@ def operator(rig: ControlPlane, operator_kubeconfig: Path) -> Iterator[KopfRunne
         line
         for line in runner.output.splitlines()
         if re.search(r'HTTP/1\.1" 403 |[Ff]orbidden', line)
-        and not any(f"/namespaces/{ns}/" in line or f"[{ns}/" in line for ns in terminating)
+        and not any(
+            f"/namespaces/{ns}/" in line or f"[{ns}/" in line or f"namespace {ns} is being terminated" in line
+            for ns in terminating
+        )
     ]
     assert not refused, "\n".join(refused[:10])
     assert "Timer 'resync' succeeded" in runner.output, "the operator's log was not captured"

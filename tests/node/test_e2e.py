@@ -45,7 +45,7 @@ from tests.support.kamailio import KamailioMain
 from tests.support.node import HOST_IP, NODE_IP, NODE_NAME, PHONE_IPS, Node
 from tests.support.phones import DOMAIN, Fleet
 from tests.support.registrar import http_get, metrics
-from tests.support.wait import poll
+from tests.support.wait import poll, wait_for
 
 pytestmark = pytest.mark.node
 
@@ -249,7 +249,12 @@ def test_scale_out_and_in_under_load_with_the_operator_replaced(
     kube("delete", "pod", "-n", SYSTEM_NS, op["metadata"]["name"], "--wait=false")
     wait_midreg_ready(kube, edge.ns, edge.name, 4, timeout=240)
     scale_out = time.monotonic() - t0
-    (new_op,) = [p for p in kube.pods(SYSTEM_NS, "app.kubernetes.io/component=operator") if pod_ready(p)]
+    # The new operator may reconcile a moment before it is Ready (its probe waits for the webhook to listen).
+    (new_op,) = wait_for(
+        lambda: [p for p in kube.pods(SYSTEM_NS, "app.kubernetes.io/component=operator") if pod_ready(p)],
+        60,
+        "the new operator Ready",
+    )
     assert new_op["metadata"]["name"] != op["metadata"]["name"]
     assert phones.wait_ok(phones.ok_counts(), 60), phones.describe()
     # The Service keeps each phone's flow on its pod (ClientIP affinity), so the new pods took no phone and
