@@ -251,7 +251,7 @@ def test_scale_out_and_in_under_load_with_the_operator_replaced(
     scale_out = time.monotonic() - t0
     # The new operator may reconcile a moment before it is Ready (its probe waits for the webhook to listen).
     (new_op,) = wait_for(
-        lambda: [p for p in kube.pods(SYSTEM_NS, "app.kubernetes.io/component=operator") if pod_ready(p)],
+        lambda: kube.ready_pods(SYSTEM_NS, "app.kubernetes.io/component=operator"),
         60,
         "the new operator Ready",
     )
