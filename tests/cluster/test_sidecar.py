@@ -31,6 +31,16 @@ def sidecar_midregistrar(name: str, ns: str, policy: str = "Fail") -> dict[str, 
     return obj
 
 
+def pbx_pod(name: str, ns: str, midreg: str) -> dict[str, Any]:
+    """A bare PBX pod labelled for ``midreg``'s sidecar."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns, "labels": {"app": "pbx", LABEL: midreg}},
+        "spec": {"containers": [{"name": "pbx", "image": "kamailio:test"}]},
+    }
+
+
 def pbx_deployment(name: str, ns: str, midreg: str, replicas: int = 1) -> dict[str, Any]:
     labels = {"app": name, LABEL: midreg}
     return {
@@ -159,12 +169,7 @@ def test_an_untrusted_webhook_fails_closed_or_open_as_declared(
     # The API server no longer trusts the webhook's certificate: another CA in the entry. The operator puts
     # its own back at its next resync (2 s here); when that came between the two steps, try again.
     stranger = base64.b64encode(new_ca()[0]).decode()
-    pod = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": "pbx-0", "namespace": ns, "labels": {"app": "pbx", LABEL: name}},
-        "spec": {"containers": [{"name": "pbx", "image": "kamailio:test"}]},
-    }
+    pod = pbx_pod("pbx-0", ns, name)
     for _ in range(5):
         conf = cluster.get("mutatingwebhookconfiguration", CONFIGURATION)
         assert conf is not None
@@ -226,12 +231,7 @@ def test_admission_does_not_wait_behind_reconciles(cluster: Cluster, operator: A
             return sum("etcd unreachable" in json.dumps(o.get("status") or {}) for o in objs)
 
         assert poll(lambda: unreachable() == len(busy), 120), unreachable()  # every worker has waited on one
-        pod = {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {"name": "pbx-0", "namespace": ns, "labels": {"app": "pbx", LABEL: "edge"}},
-            "spec": {"containers": [{"name": "pbx", "image": "kamailio:test"}]},
-        }
+        pod = pbx_pod("pbx-0", ns, "edge")
         start = time.monotonic()
         proc = cluster.create(pod)
         took = time.monotonic() - start
