@@ -113,7 +113,7 @@ class MidRegistrar:
             else:
                 self.routing.route(event, now)
         except ParseError as exc:
-            self.state.stack.respond(event.txn, _bad_request(request, exc.reason, exc.status))
+            self.state.stack.respond(event.txn, _parse_error_response(request, exc))
 
     def _unavailable(self, event: Event) -> None:
         """The store cannot be reached: 503 with Retry-After, never a guessed answer (architecture "Shared
@@ -180,7 +180,8 @@ class MidRegistrar:
         self.state.flows.pop(conn, None)
 
 
-def _bad_request(request: Request, reason: str, status: int = 400) -> Response:
-    response = make_response(request, status)
-    response.reason = f"{response.reason} ({reason})"
+def _parse_error_response(request: Request, exc: ParseError) -> Response:
+    """The answer to a request the core could not read (400) or route (416), naming what was wrong."""
+    response = make_response(request, exc.status)
+    response.reason = f"{response.reason} ({exc.reason})"
     return response
