@@ -97,15 +97,8 @@ class Routing:
         state.stack.proxy(event.txn, branches, flows=flows)
 
     def ack(self, request: Request, peer: Peer, now: float) -> None:
-        """An ACK for a 2xx travels end to end: by its Route set, else by the contact id it targets. One
-        that cannot be routed (a Route that does not parse or names no SIP URI) is dropped: an ACK is never
-        answered."""
-        try:
-            self._ack(request, peer, now)
-        except ParseError as exc:
-            log.debug("ACK dropped: %s", exc.reason)
-
-    def _ack(self, request: Request, peer: Peer, now: float) -> None:
+        """An ACK for a 2xx travels end to end: by its Route set, else by the contact id it targets.
+        ParseError when its Route does not parse or names no SIP URI."""
         state = self.state
         routes = request.headers.values("route")
         if routes:

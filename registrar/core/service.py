@@ -9,6 +9,7 @@ Nothing here touches a socket; the shell drains the stack after each call.
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Callable
 from functools import partial
@@ -28,6 +29,8 @@ from registrar.sip.stack import ClientResult, Event, IncomingRequest, ProxyFinal
 from registrar.sip.transport import Peer, peer_for_uri
 from registrar.sip.uri import parse_uri
 from registrar.store.base import Pending, Store, StoreUnavailable
+
+log = logging.getLogger("midregistrar.core")
 
 
 class MidRegistrar:
@@ -95,7 +98,7 @@ class MidRegistrar:
             elif isinstance(event, ProxyFinal):
                 self.registration.final(event, now)
             elif isinstance(event, StrayAck):
-                self.routing.ack(event.request, event.peer, now)
+                self._ack(event, now)
             elif isinstance(event, ClientResult):
                 self.expiry.client_result(event)
         except Pending as wait:
@@ -114,6 +117,13 @@ class MidRegistrar:
                 self.routing.route(event, now)
         except ParseError as exc:
             self.state.stack.respond(event.txn, _parse_error_response(request, exc))
+
+    def _ack(self, event: StrayAck, now: float) -> None:
+        """An ACK is never answered: one that cannot be routed is dropped."""
+        try:
+            self.routing.ack(event.request, event.peer, now)
+        except ParseError as exc:
+            log.debug("ACK dropped: %s", exc.reason)
 
     def _unavailable(self, event: Event) -> None:
         """The store cannot be reached: 503 with Retry-After, never a guessed answer (architecture "Shared
