@@ -89,8 +89,14 @@ def webhook_entry(kube: Kube) -> dict[str, Any] | None:
 
 
 def set_failure_policy(kube: Kube, policy: str) -> None:
+    """Declare ``policy`` on the MidRegistrar and wait until the operator carried it to the webhook configuration."""
     patch = json.dumps({"spec": {"sidecar": {"failurePolicy": policy}}})
     kube("patch", "midreg", MIDREG, "-n", NS, "--type=merge", "-p", patch)
+    kube.wait(
+        lambda: (webhook_entry(kube) or {}).get("failurePolicy") == policy,
+        60,
+        f"failurePolicy {policy} in the webhook configuration",
+    )
 
 
 def set_operator_replicas(kube: Kube, n: int) -> None:
@@ -241,12 +247,6 @@ def test_an_unreachable_webhook_fails_closed_then_open_as_declared(kube: Kube, p
     )
     # Ignore: declared on the MidRegistrar, carried to the webhook configuration by the operator.
     set_failure_policy(kube, "Ignore")
-
-    kube.wait(
-        lambda: (webhook_entry(kube) or {}).get("failurePolicy") == "Ignore",
-        60,
-        "failurePolicy Ignore in the webhook configuration",
-    )
     set_operator_replicas(kube, 0)
     try:
         victim = pbx_pods(kube)[0]["metadata"]["name"]
@@ -280,10 +280,8 @@ def test_the_operator_is_ready_only_once_its_webhook_answers(kube: Kube, pbx: Ad
     pod admitted (a server-side dry run: the webhook is called, nothing is stored) gets its sidecar. Ready at
     container start, as before the readiness probe, the API server found nothing listening for seconds and
     refused the pod (failurePolicy Fail)."""
-    set_failure_policy(
-        kube, "Fail"
-    )  # (the test before leaves it so; said again so that this one stands alone)
-    kube.wait(lambda: (webhook_entry(kube) or {}).get("failurePolicy") == "Fail", 60, "failurePolicy Fail")
+    # The test before leaves Fail; said again so that this one stands alone.
+    set_failure_policy(kube, "Fail")
     set_operator_replicas(kube, 0)
     set_operator_replicas(kube, 1)  # returns as soon as the new pod is Ready
     pod = {
