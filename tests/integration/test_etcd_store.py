@@ -354,11 +354,13 @@ def test_refresh_on_another_store_takes_ownership(etcd_server: EtcdServer) -> No
             assert moved.owner == "b" and not a.owns(moved) and moved.source.conn is None
             assert moved.expires_at == pytest.approx(now + 120)
             assert a.counts()[1] == 0
-            # b's refreshes are now absorbed in b's memory
+            # b's refreshes are now absorbed in b's memory while they end a margin before the lease b wrote
+            # (its own point of the renewal grid: one margin to one hold past now + 120, by the clock)
+            held = renewal_hold(5, now + 120, hold=b.hold, margin=b.margin)
             old = b.load(aor)
             assert old is not None
             new = old.copy()
-            new.bindings[5] = replace(old.bindings[5], expires_at=now + 180, cseq=3)
+            new.bindings[5] = replace(old.bindings[5], expires_at=(now + 120 + held - b.margin) / 2, cseq=3)
             assert b.commit(new, old, time.time()) is None
         finally:
             await stop_all(a, b)
