@@ -98,6 +98,14 @@ async def started(server: EtcdServer, prefix: str, name: str, **overrides: Any) 
     return store, rec
 
 
+def within_lease(store: EtcdStore, ctid: int, written: float) -> float:
+    """A later expiry for binding ``ctid``, written expiring at ``written``, that the lease its owner wrote
+    covers with the margin to spare: a refresh to it needs no write. The lease ends at the binding's point of
+    the renewal grid, one margin to one hold past ``written`` by the clock, so no fixed expiry is always inside."""
+    hold = renewal_hold(ctid, written, hold=store.hold, margin=store.margin)
+    return (written + hold - store.margin) / 2
+
+
 def new_prefix() -> str:
     return f"/t/store-{uuid.uuid4().hex[:8]}/"
 
@@ -354,13 +362,11 @@ def test_refresh_on_another_store_takes_ownership(etcd_server: EtcdServer) -> No
             assert moved.owner == "b" and not a.owns(moved) and moved.source.conn is None
             assert moved.expires_at == pytest.approx(now + 120)
             assert a.counts()[1] == 0
-            # b's refreshes are now absorbed in b's memory while they end a margin before the lease b wrote
-            # (its own point of the renewal grid: one margin to one hold past now + 120, by the clock)
-            held = renewal_hold(5, now + 120, hold=b.hold, margin=b.margin)
+            # b's refreshes are now absorbed in b's memory
             old = b.load(aor)
             assert old is not None
             new = old.copy()
-            new.bindings[5] = replace(old.bindings[5], expires_at=(now + 120 + held - b.margin) / 2, cseq=3)
+            new.bindings[5] = replace(old.bindings[5], expires_at=within_lease(b, 5, now + 120), cseq=3)
             assert b.commit(new, old, time.time()) is None
         finally:
             await stop_all(a, b)
@@ -619,7 +625,9 @@ def test_a_stall_is_answered_from_memory_while_the_member_lease_runs(etcd_server
                 assert old is not None
                 cur = old.bindings[1]
                 refreshed = old.copy()
-                refreshed.bindings[1] = replace(cur, expires_at=time.time() + 60, cseq=cur.cseq + 1)
+                refreshed.bindings[1] = replace(
+                    cur, expires_at=within_lease(a, 1, now + 60), cseq=cur.cseq + 1
+                )
                 assert a.commit(refreshed, old, time.time()) is None
                 seen = a.load(aor)
                 assert seen is not None and seen.bindings[1].cseq == cur.cseq + 1
