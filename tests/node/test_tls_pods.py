@@ -7,6 +7,7 @@ established connection keeps working. Certificates are made by the test (tests/s
 from __future__ import annotations
 
 import base64
+import errno
 import socket
 import ssl
 import time
@@ -21,7 +22,7 @@ from tests.support.phones import DOMAIN
 from tests.support.pki import Pki
 from tests.support.registrar import metric, metrics
 from tests.support.sip import read_sip_stream_message, sip_request, status_code
-from tests.support.wait import poll
+from tests.support.wait import poll, wait_for
 
 pytestmark = pytest.mark.node
 
@@ -55,6 +56,18 @@ def served_certificate(ctx: ssl.SSLContext, addr: tuple[str, int]) -> bytes:
         der = s.getpeercert(binary_form=True)
     assert der is not None
     return der
+
+
+def certificate_once_routed(ctx: ssl.SSLContext, addr: tuple[str, int]) -> bytes | None:
+    """``served_certificate``, or None while kube-proxy has not yet programmed a Service made a moment ago: the
+    pod is Ready before that, and until then this rig's node answers "network unreachable" (it has no route
+    for the service range; CI failed the test on that once), or "refused" while it knows no endpoint."""
+    try:
+        return served_certificate(ctx, addr)
+    except OSError as exc:
+        if exc.errno in (errno.ENETUNREACH, errno.ECONNREFUSED):
+            return None
+        raise
 
 
 def register(conn: ssl.SSLSocket, cseq: int) -> int | None:
@@ -95,7 +108,7 @@ def test_tls_from_a_secret_and_renewed_without_a_restart(
     assert tls_port["protocol"] == "TCP", svc["spec"]["ports"]
     addr = (svc["spec"]["clusterIP"], 5061)
     ctx = ssl.create_default_context(cafile=str(pki.ca))
-    first = served_certificate(ctx, addr)
+    first = wait_for(lambda: certificate_once_routed(ctx, addr), 30, "the TLS port through the new Service")
 
     with (
         socket.create_connection(addr, timeout=10) as raw,
