@@ -22,6 +22,7 @@ import pytest
 from tests.support.e2e import (
     ETCD_ENDPOINT,
     EXPIRES,
+    PHONES_BEHIND_NAT,
     REFRESH_MS,
     RELEASE,
     SELECTOR,
@@ -330,6 +331,7 @@ def test_mode_aor_on_the_node_address(
     spec["replicas"] = 1  # one node
     spec["transports"] = [{"protocol": "udp", "port": 5080}, {"protocol": "tcp", "port": 5080}]
     spec["httpPort"] = 9180
+    spec["limits"] = PHONES_BEHIND_NAT
     ns, name = mr["metadata"]["namespace"], mr["metadata"]["name"]
     kube("label", "node", NODE_NAME, "sip.midregistrar.io/pool=edge", "--overwrite")
     for d in docs:
