@@ -255,11 +255,15 @@ class ControlPlane:
             )
         )
 
+    def kubectl_command(self, *args: str, kubeconfig: Path | None = None) -> list[str]:
+        """The argv of a kubectl run against this control plane (for one left running, as a watch)."""
+        return [tool("kubectl"), f"--kubeconfig={kubeconfig or self.kubeconfig}", *args]
+
     def kubectl(
         self, *args: str, input: str | None = None, check: bool = True, kubeconfig: Path | None = None
     ) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
-            [tool("kubectl"), f"--kubeconfig={kubeconfig or self.kubeconfig}", *args],
+            self.kubectl_command(*args, kubeconfig=kubeconfig),
             input=input,
             capture_output=True,
             text=True,

@@ -8,6 +8,8 @@ import copy
 import json
 import os
 import re
+import subprocess
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -278,11 +280,11 @@ class Phones:
                     bad.append(f"{fleet.name} {o.user} cseq={o.sent} {o.code}")
         return bad
 
-    def longest_wait(self, since: int, until: int) -> float:
-        """The longest a phone waited for an answer to a REGISTER sent in [since, until], in seconds: from the
-        first send to the 200 (retransmissions included); a REGISTER left unanswered counts until the
-        phone's next 200."""
-        worst = 0
+    def waits(self, since: int, until: int) -> list[tuple[int, str]]:
+        """How long a phone waited for an answer to each REGISTER sent in [since, until], in ms, with what it
+        was (fleet, user, when sent after `since`, outcome): from the first send to the 200 (retransmissions
+        included); a REGISTER left unanswered counts until the phone's next 200."""
+        out = []
         for fleet in self.fleets:
             by_user: dict[str, list[Outcome]] = {}
             for o in outcomes(fleet):
@@ -291,12 +293,24 @@ class Phones:
                 for i, o in enumerate(seq):
                     if not since <= o.sent <= until:
                         continue
-                    if o.answered is not None:
-                        worst = max(worst, o.answered - o.sent)
-                        continue
-                    later = [n.answered for n in seq[i + 1 :] if n.answered is not None]
-                    worst = max(worst, (later[0] if later else until) - o.sent)
-        return worst / 1000
+                    end = o.answered
+                    if end is None:
+                        end = next((n.answered for n in seq[i + 1 :] if n.answered is not None), until)
+                    out.append(
+                        (
+                            end - o.sent,
+                            f"{fleet.name} {o.user} sent +{(o.sent - since) / 1000:.2f} s {o.code}",
+                        )
+                    )
+        return out
+
+    def longest_wait(self, since: int, until: int) -> float:
+        """The longest of `waits`, in seconds."""
+        return max((w for w, _ in self.waits(since, until)), default=0) / 1000
+
+    def slowest(self, since: int, until: int, n: int = 5) -> list[str]:
+        """The `n` longest of `waits`, described."""
+        return [f"{w / 1000:.2f} s: {what}" for w, what in sorted(self.waits(since, until), reverse=True)[:n]]
 
     def describe(self) -> str:
         return "\n".join(f.describe()[-3000:] for f in self.fleets)
@@ -435,6 +449,56 @@ def deploy_example(kube: Kube, kamailio: KamailioMain, replicas: int | None = No
         Addr("clusterip", svc["spec"]["clusterIP"], udp["port"]),
         Addr("nodeport", NODE_IP, udp["nodePort"]),
     )
+
+
+class EndpointWatch:
+    """`kubectl get endpointslices --watch` of one Service, each change stamped as it arrives: when a pod's
+    endpoint stopped being ready, the moment from which kube-proxy moves that pod's phones. It splits a phone's
+    wait after a lost pod into Kubernetes noticing and the rest."""
+
+    def __init__(self, kube: Kube, ns: str, service: str) -> None:
+        assert kube.node.cp is not None
+        argv = kube.node.cp.kubectl_command(
+            "get", "endpointslices", "-n", ns, "-l", f"kubernetes.io/service-name={service}", "--watch", "-o", "json"
+        )  # fmt: skip
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.changes: list[tuple[float, dict[str, Any]]] = []  # (unix time of arrival, EndpointSlice)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        wait_for(lambda: self.changes, 10, "the EndpointSlice watch to list the slices")
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        decoder, buf = json.JSONDecoder(), ""
+        for line in self.proc.stdout:  # one pretty-printed object per change
+            buf += line
+            try:
+                obj, end = decoder.raw_decode(buf.strip())
+            except ValueError:
+                continue
+            self.changes.append((time.time(), obj))
+            buf = buf.strip()[end:]
+
+    def not_ready_at(self, ip: str) -> float | None:
+        """When (unix s) a change first showed `ip` not ready, or gone, after one showed it ready."""
+        holding: set[str] = set()  # the slices that showed it ready
+        for at, eps in list(self.changes):
+            name = eps["metadata"]["name"]
+            ready = [
+                bool((e.get("conditions") or {}).get("ready"))
+                for e in eps.get("endpoints") or []
+                if ip in e.get("addresses", [])
+            ]
+            if any(ready):
+                holding.add(name)
+            elif name in holding:
+                return at
+        return None
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        self._reader.join(5)
 
 
 def owner_pod(kube: Kube, edge: Deployed, fleet: Fleet) -> dict[str, Any]:
