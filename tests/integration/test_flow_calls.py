@@ -20,6 +20,7 @@ from tests.support.registrar import Registrar
 from tests.support.sip import (
     LOOPBACK,
     in_dialog_request,
+    ok_to,
     read_sip_stream_message,
     sip_request,
     tcp_exchange_on,
@@ -43,18 +44,6 @@ def rig(tmp_path: Path) -> Iterator[tuple[KamailioMain, Registrar]]:
     finally:
         reg.stop()
         kam.stop()
-
-
-def _answer(invite: Request, contact: str) -> bytes:
-    """The phone's 200 OK: Vias, Record-Routes, From, Call-ID and CSeq copied, a To tag, its Contact."""
-    lines = ["SIP/2.0 200 OK"]
-    for h in invite.headers:
-        if h.key in ("via", "record-route", "from", "call-id", "cseq"):
-            lines.append(f"{h.name}: {h.value}")
-        elif h.key == "to":
-            lines.append(f"To: {h.value};tag=phone1")
-    lines += [f"Contact: {contact}", "Content-Length: 0"]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
 def test_a_tcp_phone_gets_the_ack_for_its_200_over_its_own_connection(
@@ -90,7 +79,7 @@ def test_a_tcp_phone_gets_the_ack_for_its_200_over_its_own_connection(
         got = parse_message(data)
         assert isinstance(got, Request) and got.method == "INVITE"
         assert any("fl-" in rr for rr in got.headers.values("record-route"))
-        phone.sendall(_answer(got, UNREACHABLE))
+        phone.sendall(ok_to(got, "phone1", UNREACHABLE))
 
         caller.settimeout(5)
         ok: Response | None = None

@@ -22,24 +22,13 @@ import pytest
 
 from registrar.sip.message import Request, parse_message
 from tests.support.phones import Fleet
-from tests.support.sip import LOOPBACK
+from tests.support.sip import LOOPBACK, ok_to
 from tests.support.sipp import ensure_sip_tools
 from tests.support.wait import poll
 
 pytestmark = pytest.mark.integration
 
 LATE_S = 5.5  # after the phone's 4-s timeout, inside its wait for a late answer
-
-
-def _ok(request: Request) -> bytes:
-    lines = ["SIP/2.0 200 OK"]
-    for h in request.headers:
-        if h.key in ("via", "from", "call-id", "cseq", "contact"):
-            lines.append(f"{h.name}: {h.value}")
-        elif h.key == "to":
-            lines.append(f"To: {h.value};tag=slow1")
-    lines.append("Content-Length: 0")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
 @dataclass
@@ -73,9 +62,9 @@ class SlowRegistrar:
             self.received[(user.group(1), cseq)] += 1
             held = first.setdefault(user.group(1), cseq) == cseq and user.group(1) in (self.late, self.never)
             if not held:
-                self.sock.sendto(_ok(request), peer)
+                self.sock.sendto(ok_to(request, "slow1"), peer)
             elif user.group(1) == self.late and self.received[(self.late, cseq)] == 1:
-                threading.Timer(LATE_S, self._late, (_ok(request), peer)).start()
+                threading.Timer(LATE_S, self._late, (ok_to(request, "slow1"), peer)).start()
 
     def _late(self, answer: bytes, peer: tuple[str, int]) -> None:
         self.sock.sendto(answer, peer)

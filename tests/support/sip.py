@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from registrar.sip.message import Response
+from registrar.sip.message import Request, Response
 from registrar.sip.transport import ip_reference
 from tests.support.process import Proc
 from tests.support.wait import wait_for
@@ -56,6 +56,22 @@ def udp_socket(toward: str) -> socket.socket:
     s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
     s.bind(("::1" if v6 else LOOPBACK, 0))
     return s
+
+
+def ok_to(request: Request, to_tag: str, contact: str | None = None) -> bytes:
+    """A UAS's 200 OK to `request`: its Vias, Record-Routes, From, Call-ID and CSeq copied, a tag on its To, and
+    `contact` as Contact (None: the request's own Contacts, as a registrar echoes them)."""
+    copied = ("via", "record-route", "from", "call-id", "cseq") + (("contact",) if contact is None else ())
+    lines = ["SIP/2.0 200 OK"]
+    for h in request.headers:
+        if h.key in copied:
+            lines.append(f"{h.name}: {h.value}")
+        elif h.key == "to":
+            lines.append(f"To: {h.value};tag={to_tag}")
+    if contact is not None:
+        lines.append(f"Contact: {contact}")
+    lines.append("Content-Length: 0")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
 def status_code(data: bytes | None) -> int | None:
